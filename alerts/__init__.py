@@ -1,0 +1,1 @@
+"""Alert rules, the alert engine and maintenance dispatch (consumers of the event log)."""

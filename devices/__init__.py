@@ -1,0 +1,1 @@
+"""Device simulators: elevators and building sensors that speak the iotgw MQTT contract."""

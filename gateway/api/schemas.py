@@ -1,0 +1,63 @@
+"""Response models: what the API promises, independent of the table layout."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class DevicePublic(BaseModel):
+    """A device and its last known state."""
+
+    device_id: str
+    type: str | None
+    site: str | None
+    online: bool
+    first_seen: datetime | None
+    last_seen: datetime | None
+    last_seq: int | None
+    state: dict[str, Any]
+
+
+class EventPublic(BaseModel):
+    """An event of the log: CloudEvents attributes plus its log position."""
+
+    position: int
+    id: str
+    source: str
+    type: str
+    time: datetime
+    subject: str
+    sequence: int | None
+    site: str | None
+    received_at: datetime
+    data: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    """One page of events; pass `next_cursor` as `cursor` for the next page (null at the end)."""
+
+    items: list[EventPublic]
+    next_cursor: str | None
+
+
+class DeadLetterPublic(BaseModel):
+    """A rejected message with its reason; `payload_b64` is the exact bytes received."""
+
+    id: int
+    received_at: datetime
+    topic: str
+    reason: str
+    detail: str
+    size: int
+    payload_b64: str
+    payload_preview: str
+
+
+class DeadLetterPage(BaseModel):
+    """One page of dead letters."""
+
+    items: list[DeadLetterPublic]
+    next_cursor: str | None

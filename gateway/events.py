@@ -1,0 +1,69 @@
+"""CloudEvents-shaped events, the unit of the durable log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Event types (the `type` attribute). Consumers match on these strings.
+DOOR_OPENED = "elevator.door.opened"
+DOOR_CLOSED = "elevator.door.closed"
+TRIP_STARTED = "elevator.trip.started"
+TRIP_COMPLETED = "elevator.trip.completed"
+FAULT_RAISED = "elevator.fault.raised"
+FAULT_CLEARED = "elevator.fault.cleared"
+MODE_CHANGED = "elevator.mode.changed"
+STUCK = "elevator.stuck"
+SENSOR_READING = "sensor.reading"
+DEVICE_ONLINE = "device.online"
+DEVICE_OFFLINE = "device.offline"
+DEVICE_DISCOVERED = "device.discovered"
+
+EVENT_TYPES = (
+    DOOR_OPENED,
+    DOOR_CLOSED,
+    TRIP_STARTED,
+    TRIP_COMPLETED,
+    FAULT_RAISED,
+    FAULT_CLEARED,
+    MODE_CHANGED,
+    STUCK,
+    SENSOR_READING,
+    DEVICE_ONLINE,
+    DEVICE_OFFLINE,
+    DEVICE_DISCOVERED,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """One event (CloudEvents 1.0 attribute names, plus `sequence` and `site` extensions).
+
+    `id` is deterministic (`{device}-{seq}-{part}`), so a redelivered message yields the same ids.
+    """
+
+    id: str
+    source: str
+    type: str
+    time: datetime
+    subject: str
+    data: dict[str, Any] = field(default_factory=dict)
+    sequence: int | None = None
+    part: int = 0
+    site: str | None = None
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        """The structured-mode CloudEvents JSON form."""
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time.isoformat().replace("+00:00", "Z"),
+            "subject": self.subject,
+            "datacontenttype": "application/json",
+            "data": self.data,
+            "sequence": self.sequence,
+            "site": self.site,
+        }

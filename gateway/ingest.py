@@ -1,0 +1,283 @@
+"""MQTT ingest: receive, validate, normalise, commit a batch, THEN acknowledge.
+
+gmqtt with `optimistic_acknowledgement=False` sends a message's PUBACK only when its
+`async on_message` returns; ours returns when the batch holding the message is committed.
+A crash before the commit leaves the message unacknowledged, and the broker redelivers it
+to the persistent session (fixed client id, clean start off) after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import gmqtt
+
+from gateway.config import Settings
+from gateway.errors import PayloadError, StoreError
+from gateway.events import Event
+from gateway.metrics import Metrics
+from gateway.normalize import Shadow, normalize
+from gateway.protocol import SUBSCRIPTION, Reason, parse
+from gateway.store import DeadLetter, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """The wall clock, in UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Pending:
+    topic: str
+    payload: bytes
+    received_at: datetime
+    done: asyncio.Future[int]
+
+
+@dataclass(slots=True, frozen=True)
+class _Prepared:
+    events: list[Event]
+    shadows: dict[str, Shadow]
+    dead: list[DeadLetter]
+    anomalies: Counter[str]
+    received: Counter[str]
+
+
+class Ingest:
+    """The MQTT subscriber and batch writer. One instance per gateway process."""
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics, *, clock: Clock = utcnow) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.connected = False
+        self.database_ok = True
+        self.subscribed = asyncio.Event()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._shadows: dict[str, Shadow] = {}
+        # One writer thread: SQLite allows one writer, and the shadow cache is touched only there.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-writer")
+        self._client: Any = None
+        self._writer: asyncio.Task[None] | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._delay = 0.5
+        self._pending = 0
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load shadows, start the batch writer and connect (retrying in the background)."""
+        loop = asyncio.get_running_loop()
+        self._shadows = await loop.run_in_executor(self._executor, self.store.load_shadows)
+        self._refresh_device_gauges()
+        self._writer = asyncio.create_task(self._write_loop(), name="iotgw-ingest-writer")
+        self._client = self._make_client()
+        self._connector = asyncio.create_task(self._connect_loop(), name="iotgw-ingest-connect")
+
+    async def stop(self) -> None:
+        """Commit and acknowledge what was received, then leave the broker (the session persists)."""
+        self._stopping = True
+        if self._connector:
+            self._connector.cancel()
+        deadline = asyncio.get_running_loop().time() + 10
+        while self._pending > 0 and self.database_ok:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        if self._client is not None and self.connected:
+            try:
+                await asyncio.wait_for(self._client.disconnect(), timeout=5)
+            except (TimeoutError, OSError) as exc:
+                log.warning("broker disconnect failed: %s", exc)
+        self.connected = False
+        self.metrics.broker_connected.set(0)
+        if self._writer:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped
+        s = self.settings
+        client = gmqtt.Client(
+            s.mqtt_client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=s.mqtt_session_expiry_s,
+            receive_maximum=s.mqtt_receive_maximum,
+            logger=logging.getLogger("iotgw.mqtt"),
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.reconnect_delay = self._delay
+        return client
+
+    async def _connect_loop(self) -> None:
+        s = self.settings
+        while True:
+            try:
+                await self._client.connect(s.mqtt_host, s.mqtt_port, keepalive=30)
+            except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+                log.warning("broker %s unreachable (%s); retrying in %.1fs", s.mqtt_url, exc, self._delay)
+                await asyncio.sleep(self._delay)
+                self._backoff()
+                continue
+            return
+
+    def _backoff(self) -> None:
+        # Exponential with jitter, capped; gmqtt's own reconnect uses the delay we set here.
+        self._delay = min(self._delay * 2, self.settings.mqtt_reconnect_max_s) * random.uniform(0.8, 1.0)  # noqa: S311
+        if self._client is not None:
+            self._client.reconnect_delay = self._delay
+
+    # -- gmqtt callbacks -----------------------------------------------------------------------
+
+    def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401, ARG002
+        log.info(
+            "connected to %s as %s (session present: %s)", self.settings.mqtt_url, self.settings.mqtt_client_id, flags
+        )
+        self.connected = True
+        self.metrics.broker_connected.set(1)
+        self._delay = 0.5
+        client.reconnect_delay = self._delay
+        client.subscribe(SUBSCRIPTION, qos=1)
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:  # noqa: ANN401, ARG002
+        if self.connected and not self._stopping:
+            log.warning("lost the broker %s; reconnecting with backoff", self.settings.mqtt_url)
+            self.metrics.broker_reconnects.inc()
+        self.connected = False
+        self.metrics.broker_connected.set(0)
+        self._backoff()
+
+    def _on_subscribe(self, client: Any, mid: int, qos: Any, properties: Any) -> None:  # noqa: ANN401, ARG002
+        self.subscribed.set()
+
+    async def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:  # noqa: ANN401, ARG002
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(topic, bytes(payload), self.clock(), done))
+        self._pending += 1
+        self.metrics.pending.inc()
+        # Returning lets gmqtt send the PUBACK: only after the commit resolves `done`.
+        return await done
+
+    # -- batch writer --------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.settings.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._commit_with_retry(loop, batch)
+            stored_at = self.clock()
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_result(0)
+                self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
+            self._pending -= len(batch)
+            self.metrics.pending.dec(len(batch))
+
+    async def _commit_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self._process, batch)
+            except StoreError as exc:
+                # Nothing is acknowledged: the broker keeps the messages until a commit succeeds.
+                if self.database_ok:
+                    log.error("cannot commit a batch of %d messages, holding acknowledgements: %s", len(batch), exc)  # noqa: TRY400 - one line, no traceback: this is an expected outage
+                self.database_ok = False
+                self.metrics.database_writable.set(0)
+                self.metrics.commit_failures.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not self.database_ok:
+                log.info("database writable again; committed the held batch")
+            self.database_ok = True
+            self.metrics.database_writable.set(1)
+            return
+
+    def _process(self, batch: list[_Pending]) -> None:
+        """Runs in the writer thread: parse, normalise, commit, then update the shadow cache."""
+        prepared = self._prepare(batch)
+        now = self.clock()
+        with self.metrics.commit_duration.time():
+            stored = self.store.append_batch(prepared.events, list(prepared.shadows.values()), prepared.dead, now=now)
+        # Only after the commit: a failed batch must leave the cache as the database has it.
+        self._shadows.update(prepared.shadows)
+        self._count(batch, prepared, stored.events_skipped, now)
+
+    def _prepare(self, batch: list[_Pending]) -> _Prepared:
+        s = self.settings
+        overlay: dict[str, Shadow] = {}
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        anomalies: Counter[str] = Counter()
+        received: Counter[str] = Counter()
+        for p in batch:
+            received[p.topic.rsplit("/", 1)[-1] if p.topic.count("/") == 2 else "other"] += 1
+            try:
+                msg = parse(p.topic, p.payload, max_bytes=s.max_message_bytes)
+                shadow = overlay.get(msg.device_id) or self._shadows.get(msg.device_id)
+                if msg.type is not None and shadow is not None and shadow.type not in (None, msg.type.value):
+                    raise PayloadError(  # noqa: TRY301 - handled with the parse errors below
+                        Reason.TYPE_MISMATCH,
+                        f"device {msg.device_id} is a {shadow.type}, message says {msg.type.value}",
+                        p.topic,
+                    )
+                out = normalize(msg, shadow, received_at=p.received_at, stuck_after_s=s.stuck_after_s)
+            except PayloadError as exc:
+                log.warning("rejected %s: %s", p.topic[:200], exc)
+                dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
+                continue
+            events.extend(out.events)
+            overlay[msg.device_id] = out.shadow
+            if out.anomaly is not None:
+                anomalies[out.anomaly.value] += 1
+        return _Prepared(events, overlay, dead, anomalies, received)
+
+    def _count(self, batch: list[_Pending], prepared: _Prepared, skipped: int, now: datetime) -> None:
+        m = self.metrics
+        m.batch_size.observe(len(batch))
+        for channel, n in prepared.received.items():
+            m.messages_received.labels(channel).inc(n)
+        for d in prepared.dead:
+            m.messages_rejected.labels(d.reason).inc()
+        for kind, n in prepared.anomalies.items():
+            m.seq_anomalies.labels(kind).inc(n)
+        if skipped:
+            m.events_duplicate.inc(skipped)
+        for e in prepared.events:
+            m.events.labels(e.type).inc()
+            m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
+        if prepared.shadows:
+            self._refresh_device_gauges()
+
+    def _refresh_device_gauges(self) -> None:
+        online: Counter[str] = Counter()
+        known: Counter[str] = Counter()
+        for sh in self._shadows.values():
+            t = sh.type or "unknown"
+            known[t] += 1
+            if sh.online:
+                online[t] += 1
+        for t, n in known.items():
+            self.metrics.devices_known.labels(t).set(n)
+            self.metrics.devices_online.labels(t).set(online.get(t, 0))

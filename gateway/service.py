@@ -1,0 +1,88 @@
+"""One gateway process: ingest, (later) the consumer router, and the HTTP API in one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Generator
+
+import uvicorn
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from gateway.api import AppState, create_app
+from gateway.config import Settings
+from gateway.errors import GatewayError
+from gateway.ingest import Ingest
+from gateway.metrics import Metrics
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    # The gateway owns SIGINT/SIGTERM; uvicorn must not take them over.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Gateway:
+    """Start with `await start()`, stop with `await stop()`; `ingest` and `store` are public for tests."""
+
+    def __init__(
+        self, settings: Settings, *, registry: CollectorRegistry | None = None, serve_http: bool = True
+    ) -> None:
+        self.settings = settings
+        registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(namespace="iotgw", registry=registry)
+        self.metrics = Metrics(registry)
+        self.store = Store(settings.database_url)
+        self.ingest = Ingest(settings, self.store, self.metrics)
+        self.app = create_app(
+            AppState(
+                store=self.store,
+                metrics=self.metrics,
+                broker_connected=lambda: self.ingest.connected,
+                database_writable=lambda: self.ingest.database_ok,
+            )
+        )
+        self.serve_http = serve_http
+        self._server: _EmbeddedServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Create the schema, start ingest and the API."""
+        await asyncio.to_thread(self.store.create_schema)
+        await self.ingest.start()
+        if self.serve_http:
+            config = uvicorn.Config(
+                self.app,
+                host=self.settings.http_host,
+                port=self.settings.http_port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+            self._server = _EmbeddedServer(config)
+            self._server_task = asyncio.create_task(self._server.serve(), name="iotgw-http")
+            while not self._server.started:
+                if self._server_task.done():
+                    msg = f"the API could not listen on {self.settings.http_host}:{self.settings.http_port}"
+                    raise GatewayError(msg)
+                await asyncio.sleep(0.02)
+        log.info(
+            "iotgw up: broker %s, database %s, API http://%s:%d",
+            self.settings.mqtt_url,
+            self.settings.database_url,
+            self.settings.http_host,
+            self.settings.http_port,
+        )
+
+    async def stop(self) -> None:
+        """Flush and acknowledge what was received, leave the broker, stop the API."""
+        await self.ingest.stop()
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._server_task, return_exceptions=True)
+        self.store.close()

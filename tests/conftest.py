@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Mosquitto per test (the project's mosquitto.conf on a free port)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.broker import Mosquitto, free_port
+from gateway.config import Settings
+from gateway.service import Gateway
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    """A fresh Mosquitto running the project's config (its own port and persistence dir)."""
+    # Not under pytest's 0700 tmp dirs: mosquitto drops to its own user and must reach the dir.
+    data_dir = Path(tempfile.mkdtemp(prefix="iotgw-mqtt-"))
+    mq = Mosquitto(data_dir, free_port())
+    mq.start()
+    yield mq
+    mq.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a gateway on `broker`, with its own database and client id."""
+
+    def make(broker: Mosquitto, **overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "mqtt_url": broker.url,
+            "database_url": f"sqlite:///{tmp_path / 'iotgw.db'}",
+            "mqtt_client_id": f"iotgw-test-{broker.port}",
+            "http_port": free_port(),
+        }
+        return Settings(**{**base, **overrides})
+
+    return make
+
+
+@asynccontextmanager
+async def running_gateway(settings: Settings, *, serve_http: bool = False) -> AsyncIterator[Gateway]:
+    """A started gateway, subscribed, stopped on exit."""
+    gw = Gateway(settings, registry=CollectorRegistry(), serve_http=serve_http)
+    await gw.start()
+    try:
+        await asyncio.wait_for(gw.ingest.subscribed.wait(), 10)
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `check` until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
