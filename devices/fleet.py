@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -186,6 +187,35 @@ class SimDevice:
         return json.dumps({"online": online, "type": self.type, "site": self.model.site}).encode()
 
 
+@contextlib.contextmanager
+def tolerate_closed_socket_race() -> Iterator[None]:
+    """Ignore one known, harmless aiomqtt race while the block runs.
+
+    When the broker drops a connection, aiomqtt may schedule `loop.add_writer` for the socket
+    from paho's callback just before paho closes it; the late callback then fails with EBADF.
+    The client has already seen the disconnect and reconnects, so the error is noise. Anything
+    else goes to the loop's previous exception handler.
+    """
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno == errno.EBADF and "add_writer" in repr(context.get("handle")):
+            log.debug("ignored a write registration on a socket closed by a disconnect")
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+
+
 class Fleet:
     """A whole simulated fleet: `await Fleet(cfg).run()` until duration/steps are done or `stop()`."""
 
@@ -220,10 +250,11 @@ class Fleet:
         ]
         ticker = asyncio.create_task(self._tick())
         try:
-            if self.cfg.duration is not None:
-                await asyncio.wait(tasks, timeout=self.cfg.duration)
-                self._stop.set()
-            await asyncio.gather(*tasks)
+            with tolerate_closed_socket_race():
+                if self.cfg.duration is not None:
+                    await asyncio.wait(tasks, timeout=self.cfg.duration)
+                    self._stop.set()
+                await asyncio.gather(*tasks)
         finally:
             self._stop.set()
             ticker.cancel()

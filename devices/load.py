@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from devices.fleet import iso_now
+from devices.fleet import iso_now, tolerate_closed_socket_race
 
 
 @dataclass(slots=True)
@@ -84,10 +84,11 @@ async def publish_numbered(  # noqa: PLR0913
 ) -> LoadStats:
     """`devices` connections each publishing seq 1..`per_device`; returns when all are acknowledged."""
     stats = LoadStats()
-    await asyncio.gather(
-        *(
-            publish_device(mqtt_url, f"{prefix}{i:05d}", per_device, stats, window=window, pad=pad)
-            for i in range(devices)
+    with tolerate_closed_socket_race():
+        await asyncio.gather(
+            *(
+                publish_device(mqtt_url, f"{prefix}{i:05d}", per_device, stats, window=window, pad=pad)
+                for i in range(devices)
+            )
         )
-    )
     return stats

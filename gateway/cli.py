@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,7 +193,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
     broker: Mosquitto | None = None
     if not port_open(settings.mqtt_host, settings.mqtt_port):
-        broker = Mosquitto(args.data_dir.resolve() / "mosquitto", settings.mqtt_port)
+        # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
+        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="iotgw-demo-mqtt-")), settings.mqtt_port)
         await asyncio.to_thread(broker.start)
         log.info("started Mosquitto with mosquitto.conf on port %d", settings.mqtt_port)
     else:
@@ -226,6 +229,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         await gw.stop()
         if broker is not None:
             await asyncio.to_thread(broker.stop)
+            shutil.rmtree(broker.data_dir, ignore_errors=True)
         print("\niotgw demo stopped.", file=sys.stderr)  # noqa: T201
     return 0
 

@@ -1,0 +1,156 @@
+"""The HTTP API through httpx against the real app on a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.api import AppState, create_app
+from gateway.events import Event
+from gateway.metrics import Metrics
+from gateway.normalize import Shadow
+from gateway.store import DeadLetter, Store
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+class Probe:
+    broker = True
+    database = True
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def client(tmp_path: Path, probe: Probe) -> AsyncIterator[httpx.AsyncClient]:
+    store = Store(f"sqlite:///{tmp_path / 'api.db'}")
+    store.create_schema()
+    events = [
+        Event(
+            id=f"e{i % 3}-{i}-0",
+            source=f"devices/e{i % 3}",
+            type="elevator.door.opened" if i % 2 else "sensor.reading",
+            time=T0 + timedelta(seconds=i),
+            subject=f"e{i % 3}",
+            data={"i": i},
+            sequence=i,
+            site="hq",
+        )
+        for i in range(1, 251)
+    ]
+    shadows = [Shadow(f"e{i}", type="elevator", site="hq" if i else "north", last_seq=i, online=True) for i in range(3)]
+    dead = [DeadLetter("devices/x/state", "bad_json", "Expecting value", b"{oops", T0)]
+    store.append_batch(events, shadows, dead, now=T0)
+    metrics = Metrics(CollectorRegistry())
+    metrics.messages_received.labels("state").inc(250)
+    app = create_app(AppState(store, metrics, lambda: probe.broker, lambda: probe.database))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        yield c
+    store.close()
+
+
+async def test_events_paginate_with_a_cursor_in_log_order(client: httpx.AsyncClient) -> None:
+    seen: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        r = await client.get("/api/events", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200
+        body = r.json()
+        seen.extend(e["position"] for e in body["items"])
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 250
+    assert seen == sorted(seen)
+    assert pages == 3
+
+
+async def test_event_filters(client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/events", params={"device_id": "e1", "type": "elevator.door.opened", "limit": 1000})
+    items = r.json()["items"]
+    assert items
+    assert all(e["subject"] == "e1" and e["type"] == "elevator.door.opened" for e in items)
+    r = await client.get("/api/events", params={"since": "2026-11-28T10:00:10Z", "until": "2026-11-28T10:00:20Z"})
+    assert [e["data"]["i"] for e in r.json()["items"]] == list(range(10, 20))
+    r = await client.get("/api/events", params={"type": "elevator.*", "limit": 1000})
+    assert len(r.json()["items"]) == 125
+    first = r.json()["items"][0]
+    assert first["source"] == "devices/e1"
+    assert first["id"] == "e1-1-0"
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"limit": 1001}, "limit"),
+        ({"limit": 0}, "limit"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"since": "not a time"}, "since"),
+        ({"since": "2026-11-28T10:00:00"}, "time zone"),
+        ({"device_id": "bad id!"}, "device_id"),
+    ],
+)
+async def test_bad_event_queries_get_a_clear_422(
+    client: httpx.AsyncClient, params: dict[str, object], fragment: str
+) -> None:
+    r = await client.get("/api/events", params=params)
+    assert r.status_code == 422
+    assert fragment in r.json()["detail"]
+
+
+async def test_devices_list_filter_and_404(client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/devices")
+    assert [d["device_id"] for d in r.json()] == ["e0", "e1", "e2"]
+    r = await client.get("/api/devices", params={"site": "north"})
+    assert [d["device_id"] for d in r.json()] == ["e0"]
+    r = await client.get("/api/devices/e2")
+    assert r.json()["last_seq"] == 2
+    r = await client.get("/api/devices/nope")
+    assert r.status_code == 404
+    assert "nope" in r.json()["detail"]
+
+
+async def test_dead_letters_show_reason_and_payload(client: httpx.AsyncClient) -> None:
+    (item,) = (await client.get("/api/dead-letters")).json()["items"]
+    assert item["reason"] == "bad_json"
+    assert item["payload_preview"] == "{oops"
+    assert (await client.get("/api/dead-letters", params={"reason": "schema"})).json()["items"] == []
+
+
+async def test_ready_reports_each_dependency(client: httpx.AsyncClient, probe: Probe) -> None:
+    assert (await client.get("/ready")).status_code == 200
+    probe.broker = False
+    r = await client.get("/ready")
+    assert r.status_code == 503
+    assert r.json()["checks"]["broker"] == "disconnected"
+    probe.broker, probe.database = True, False
+    r = await client.get("/ready")
+    assert r.status_code == 503
+    assert r.json()["checks"]["database"] == "not writable"
+    assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+async def test_metrics_are_exposed(client: httpx.AsyncClient) -> None:
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert 'iotgw_messages_received_total{channel="state"} 250.0' in r.text
+
+
+async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/api/events", "/api/devices", "/api/devices/{device_id}", "/api/dead-letters", "/ready"} <= set(
+        spec["paths"]
+    )
+    assert (await client.get("/docs")).status_code == 200

@@ -1,0 +1,85 @@
+"""The store: one transaction per batch, idempotent appends, shadows that survive a restart."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError, StoreError
+from gateway.events import Event
+from gateway.normalize import Shadow
+from gateway.store import DeadLetter, EventQuery, Store, list_dead_letters, list_events
+
+NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def ev(device: str, seq: int, part: int = 0, etype: str = "sensor.reading") -> Event:
+    return Event(
+        id=f"{device}-{seq}-{part}", source=f"devices/{device}", type=etype, time=NOW, subject=device,
+        data={"value": seq}, sequence=seq, part=part, site="hq",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    s.create_schema()
+    return s
+
+
+def test_redelivered_events_are_stored_once(store: Store) -> None:
+    first = store.append_batch([ev("a", 1), ev("a", 2), ev("a", 2, part=1)], [], [], now=NOW)
+    again = store.append_batch([ev("a", 2), ev("a", 3)], [], [], now=NOW)
+    assert (first.events_inserted, first.events_skipped) == (3, 0)
+    assert (again.events_inserted, again.events_skipped) == (1, 1)
+    rows = list_events(store, EventQuery(limit=100))
+    assert [(r.subject, r.sequence, r.part) for r in rows] == [("a", 1, 0), ("a", 2, 0), ("a", 2, 1), ("a", 3, 0)]
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+    assert rows[0].time == NOW  # time zones survive the round trip
+
+
+def test_shadows_are_upserted_and_reloaded(store: Store, tmp_path: Path) -> None:
+    store.append_batch([], [Shadow("a", type="elevator", last_seq=1, online=True, state={"floor": 1})], [], now=NOW)
+    store.append_batch([], [Shadow("a", type="elevator", last_seq=7, online=False, state={"floor": 4})], [], now=NOW)
+    store.close()
+    reopened = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    shadows = reopened.load_shadows()
+    assert shadows["a"].last_seq == 7
+    assert shadows["a"].state == {"floor": 4}
+    assert shadows["a"].online is False
+
+
+def test_dead_letters_keep_the_exact_bytes(store: Store) -> None:
+    raw = b"\xff\x00 not json"
+    store.append_batch([], [], [DeadLetter("devices/x/state", "not_utf8", "byte 0", raw, NOW)], now=NOW)
+    (row,) = list_dead_letters(store)
+    assert base64.b64decode(row.payload_b64) == raw
+    assert (row.reason, row.size) == ("not_utf8", len(raw))
+
+
+def test_event_filters_and_prefix_types(store: Store) -> None:
+    store.append_batch(
+        [ev("a", 1, etype="elevator.door.opened"), ev("a", 2, etype="elevator.door.closed"), ev("b", 1)],
+        [],
+        [],
+        now=NOW,
+    )
+    assert len(list_events(store, EventQuery(type="elevator.*"))) == 2
+    assert len(list_events(store, EventQuery(device_id="b"))) == 1
+    assert list_events(store, EventQuery(after=2))[0].subject == "b"
+
+
+def test_unwritable_database_raises_store_error(store: Store) -> None:
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("DROP TABLE events")
+        conn.commit()
+    with pytest.raises(StoreError):
+        store.append_batch([ev("a", 1)], [], [], now=NOW)
+
+
+def test_unsupported_database_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unsupported database_url"):
+        Store("mysql://localhost/x")
