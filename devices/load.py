@@ -27,25 +27,39 @@ class LoadStats:
     sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
-def telemetry_payload(seq: int, value: float, *, pad: int = 0) -> bytes:
-    """A realistic temperature reading (about 120 bytes, more with `pad` site characters)."""
+def telemetry_payload(seq: int, value: float, *, site: str = "hq") -> bytes:
+    """A temperature reading (about 110 bytes with a short site name)."""
     body = {
         "type": "temperature",
         "seq": seq,
         "ts": iso_now(),
-        "site": "hq" + "x" * pad,
+        "site": site,
         "data": {"value": value, "unit": "C"},
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def publish_device(  # noqa: PLR0913
-    mqtt_url: str, device_id: str, count: int, stats: LoadStats, *, window: int = 20, pad: int = 0
+    mqtt_url: str,
+    device_id: str,
+    count: int,
+    stats: LoadStats,
+    *,
+    window: int = 20,
+    site: str = "hq",
+    interval: float = 0.0,
 ) -> None:
-    """Publish seq 1..count as `device_id`, each until the broker acknowledges it."""
+    """Publish seq 1..count as `device_id`, each until the broker acknowledges it.
+
+    With `interval` > 0 the device publishes one message per interval (a paced, live stream).
+    """
     parts = urlsplit(mqtt_url)
     pending = list(range(1, count + 1))
     topic = f"devices/{device_id}/telemetry"
+    if interval > 0:
+        window = 1
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
     while pending:
         try:
             async with aiomqtt.Client(
@@ -58,12 +72,15 @@ async def publish_device(  # noqa: PLR0913
                 # A window of publishes in flight is the point here, not a warning sign.
                 client.pending_calls_threshold = window + 1
                 while pending:
+                    if interval > 0:
+                        next_at += interval
+                        await asyncio.sleep(max(0.0, next_at - loop.time()))
                     chunk = pending[:window]
                     for seq in chunk:
                         stats.sent_at.setdefault((device_id, seq), time.monotonic())
                     results = await asyncio.gather(
                         *(
-                            client.publish(topic, telemetry_payload(seq, 20 + seq % 10, pad=pad), qos=1)
+                            client.publish(topic, telemetry_payload(seq, 20 + seq % 10, site=site), qos=1)
                             for seq in chunk
                         ),
                         return_exceptions=True,
@@ -80,14 +97,27 @@ async def publish_device(  # noqa: PLR0913
 
 
 async def publish_numbered(  # noqa: PLR0913
-    mqtt_url: str, devices: int, per_device: int, *, prefix: str = "load-", window: int = 20, pad: int = 0
+    mqtt_url: str,
+    devices: int,
+    per_device: int,
+    *,
+    prefix: str = "load-",
+    window: int = 20,
+    site: str = "hq",
+    rate: float | None = None,
 ) -> LoadStats:
-    """`devices` connections each publishing seq 1..`per_device`; returns when all are acknowledged."""
+    """`devices` connections each publishing seq 1..`per_device`; returns when all are acknowledged.
+
+    `rate` (messages per second, all devices together) paces the stream; None means flat out.
+    """
     stats = LoadStats()
+    interval = devices / rate if rate else 0.0
     with tolerate_closed_socket_race():
         await asyncio.gather(
             *(
-                publish_device(mqtt_url, f"{prefix}{i:05d}", per_device, stats, window=window, pad=pad)
+                publish_device(
+                    mqtt_url, f"{prefix}{i:05d}", per_device, stats, window=window, site=site, interval=interval
+                )
                 for i in range(devices)
             )
         )

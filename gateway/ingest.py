@@ -1,9 +1,9 @@
 """MQTT ingest: receive, validate, normalise, commit a batch, THEN acknowledge.
 
-gmqtt with `optimistic_acknowledgement=False` sends a message's PUBACK only when its
-`async on_message` returns; ours returns when the batch holding the message is committed.
-A crash before the commit leaves the message unacknowledged, and the broker redelivers it
-to the persistent session (fixed client id, clean start off) after the restart.
+Messages arrive through `AckAfterCommitClient` (gateway/mqtt.py) with their packet ids; the
+writer commits a batch and only then sends the batch's PUBACKs. A crash before the commit
+leaves the messages unacknowledged, and the broker redelivers them to the persistent session
+(fixed client id, clean start off) after the restart.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gateway.config import Settings
 from gateway.errors import PayloadError, StoreError
 from gateway.events import Event
 from gateway.metrics import Metrics
+from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
 from gateway.protocol import SUBSCRIPTION, Reason, parse
 from gateway.store import DeadLetter, Store
@@ -43,7 +44,8 @@ class _Pending:
     topic: str
     payload: bytes
     received_at: datetime
-    done: asyncio.Future[int]
+    mid: int | None  # MQTT packet id, None for QoS 0
+    connection: object  # the connection it arrived on: only that one may acknowledge it
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,10 +114,10 @@ class Ingest:
 
     def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped
         s = self.settings
-        client = gmqtt.Client(
+        client = AckAfterCommitClient(
             s.mqtt_client_id,
+            self._receive,
             clean_session=False,
-            optimistic_acknowledgement=False,
             session_expiry_interval=s.mqtt_session_expiry_s,
             receive_maximum=s.mqtt_receive_maximum,
             logger=logging.getLogger("iotgw.mqtt"),
@@ -123,7 +125,6 @@ class Ingest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
         client.reconnect_delay = self._delay
         return client
 
@@ -168,13 +169,10 @@ class Ingest:
     def _on_subscribe(self, client: Any, mid: int, qos: Any, properties: Any) -> None:  # noqa: ANN401, ARG002
         self.subscribed.set()
 
-    async def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:  # noqa: ANN401, ARG002
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(topic, bytes(payload), self.clock(), done))
+    def _receive(self, topic: str, payload: bytes, mid: int | None, connection: object) -> None:
+        self._queue.put_nowait(_Pending(topic, bytes(payload), self.clock(), mid, connection))
         self._pending += 1
         self.metrics.pending.inc()
-        # Returning lets gmqtt send the PUBACK: only after the commit resolves `done`.
-        return await done
 
     # -- batch writer --------------------------------------------------------------------------
 
@@ -185,13 +183,21 @@ class Ingest:
             while len(batch) < self.settings.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._commit_with_retry(loop, batch)
+            self._acknowledge(batch)
             stored_at = self.clock()
             for p in batch:
-                if not p.done.done():
-                    p.done.set_result(0)
                 self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
             self._pending -= len(batch)
             self.metrics.pending.dec(len(batch))
+
+    def _acknowledge(self, batch: list[_Pending]) -> None:
+        # Usually one connection per batch; group in case the broker reconnected mid-batch.
+        by_connection: dict[int, tuple[object, list[int]]] = {}
+        for p in batch:
+            if p.mid is not None:
+                by_connection.setdefault(id(p.connection), (p.connection, []))[1].append(p.mid)
+        for connection, mids in by_connection.values():
+            self._client.ack(connection, mids)
 
     async def _commit_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         delay = 0.1

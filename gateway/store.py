@@ -8,6 +8,7 @@ SQLAlchemy errors are translated to `StoreError` here and never leak into the co
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Engine, Index, String, Table, UniqueConstraint, event, func, text
 from sqlalchemy import insert as sa_insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -131,6 +131,21 @@ _SHADOW_FIELDS = (
 )  # fmt: skip
 
 
+def _insert_sql(table: str, columns: Sequence[str], mark: str, conflict: str) -> str:
+    marks = ", ".join([mark] * len(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {conflict}"  # noqa: S608 - fixed names
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC).replace(tzinfo=None) if value is not None and value.tzinfo else value
+
+
+def _sqlite_dt(value: datetime | None) -> str | None:
+    # The text form SQLAlchemy's SQLite DateTime writes and reads back.
+    naive = _naive_utc(value)
+    return None if naive is None else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 def _table(model: type[SQLModel]) -> Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, Table)  # noqa: S101 - every table=True model has one
@@ -176,7 +191,20 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        dialect = self.engine.dialect
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        # SQLite keeps datetimes as text in SQLAlchemy's format; other drivers take datetimes.
+        self._dt_param = _sqlite_dt if dialect.name == "sqlite" else _naive_utc
+        self._sql_events = _insert_sql(
+            "events",
+            ("ce_id", "source", "type", "subject", "time", "received_at", "sequence", "part", "site", "data"),
+            mark,
+            "ON CONFLICT (subject, sequence, part) DO NOTHING",
+        )
+        shadow_cols = ("device_id", *_SHADOW_FIELDS, "first_seen")
+        # first_seen is kept from the first insert; everything else is the new shadow.
+        update = ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_FIELDS)
+        self._sql_devices = _insert_sql("devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}")
 
     def create_schema(self) -> None:
         """Create missing tables (idempotent)."""
@@ -213,18 +241,31 @@ class Store:
     def append_batch(
         self, events: Sequence[Event], shadows: Sequence[Shadow], dead: Sequence[DeadLetter], *, now: datetime
     ) -> Stored:
-        """Append events, upsert shadows and store dead letters in ONE transaction."""
-        event_rows = [_event_row(e, now) for e in events]
+        """Append events, upsert shadows and store dead letters in ONE transaction.
+
+        Events and shadows go through the DB-API's executemany with values converted here:
+        measured on a 30,000-message drain, SQLAlchemy's per-parameter processing was a third
+        of the writer's time. Dead letters are rare and take the ordinary path.
+        """
+        dt = self._dt_param
+        event_rows = [
+            (e.id, e.source, e.type, e.subject, dt(e.time), dt(now), e.sequence, e.part, e.site, json.dumps(e.data))
+            for e in events
+        ]
+        device_rows = [
+            (
+                sh.device_id, sh.type, sh.site, sh.last_seq, sh.online, dt(sh.last_seen), json.dumps(sh.state),
+                sh.trip_from, dt(sh.trip_started), dt(sh.fault_since), dt(sh.floor_since), sh.stuck, dt(now),
+            )
+            for sh in shadows
+        ]  # fmt: skip
         try:
             with self.engine.begin() as conn:
                 inserted = 0
                 if event_rows:
-                    stmt = self._insert(_table(EventRow)).on_conflict_do_nothing(
-                        index_elements=["subject", "sequence", "part"]
-                    )
-                    inserted = conn.execute(stmt, event_rows).rowcount
-                if shadows:
-                    conn.execute(self._upsert_devices(), [_device_row(s, now) for s in shadows])
+                    inserted = conn.exec_driver_sql(self._sql_events, event_rows).rowcount
+                if device_rows:
+                    conn.exec_driver_sql(self._sql_devices, device_rows)
                 if dead:
                     conn.execute(sa_insert(_table(DeadLetterRow)), [_dead_row(d) for d in dead])
         except SQLAlchemyError as exc:
@@ -233,40 +274,10 @@ class Store:
         inserted = max(inserted, 0)
         return Stored(inserted, len(event_rows) - inserted, len(dead))
 
-    def _upsert_devices(self) -> Any:  # noqa: ANN401 - dialect-specific Insert
-        table = _table(DeviceRow)
-        stmt = self._insert(table)
-        # first_seen is kept from the first insert; everything else is the new shadow.
-        return stmt.on_conflict_do_update(
-            index_elements=["device_id"], set_={f: stmt.excluded[f] for f in _SHADOW_FIELDS}
-        )
-
     def count_events(self) -> int:
         """How many events the log holds."""
         with self.session() as s:
             return int(s.exec(select(func.count()).select_from(EventRow)).one())
-
-
-def _event_row(e: Event, now: datetime) -> dict[str, Any]:
-    return {
-        "ce_id": e.id,
-        "source": e.source,
-        "type": e.type,
-        "subject": e.subject,
-        "time": e.time,
-        "received_at": now,
-        "sequence": e.sequence,
-        "part": e.part,
-        "site": e.site,
-        "data": e.data,
-    }
-
-
-def _device_row(s: Shadow, now: datetime) -> dict[str, Any]:
-    row = {f: getattr(s, f) for f in _SHADOW_FIELDS}
-    row["device_id"] = s.device_id
-    row["first_seen"] = now
-    return row
 
 
 def _dead_row(d: DeadLetter) -> dict[str, Any]:
