@@ -270,8 +270,9 @@ class Ingest:
             m.seq_anomalies.labels(kind).inc(n)
         if skipped:
             m.events_duplicate.inc(skipped)
+        for etype, n in Counter(e.type for e in prepared.events).items():
+            m.events.labels(etype).inc(n)
         for e in prepared.events:
-            m.events.labels(e.type).inc()
             m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
         if prepared.shadows:
             self._refresh_device_gauges()

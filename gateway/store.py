@@ -143,7 +143,7 @@ def _naive_utc(value: datetime | None) -> datetime | None:
 def _sqlite_dt(value: datetime | None) -> str | None:
     # The text form SQLAlchemy's SQLite DateTime writes and reads back.
     naive = _naive_utc(value)
-    return None if naive is None else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return None if naive is None else naive.isoformat(" ", "microseconds")
 
 
 def _table(model: type[SQLModel]) -> Table:
