@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from gateway.events import Event
 from gateway.metrics import Metrics
 from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
-from gateway.protocol import SUBSCRIPTION, Reason, parse
+from gateway.protocol import CHANNELS, SUBSCRIPTION, Reason, parse
 from gateway.store import DeadLetter, Store
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,50 @@ class _Prepared:
     received: Counter[str]
 
 
+class _Census:
+    """Devices known and online by type, kept up to date shadow by shadow (no full scans)."""
+
+    def __init__(self) -> None:
+        self.known: Counter[str] = Counter()
+        self.online: Counter[str] = Counter()
+        self._dirty: set[str] = set()
+
+    def move(self, old: Shadow | None, new: Shadow) -> None:
+        for sh, sign in ((old, -1), (new, 1)):
+            if sh is None:
+                continue
+            t = sh.type or "unknown"
+            self.known[t] += sign
+            self.online[t] += sign if sh.online else 0
+            self._dirty.add(t)
+
+    def publish(self, metrics: Metrics) -> None:
+        for t in self._dirty:
+            metrics.devices_known.labels(t).set(self.known[t])
+            metrics.devices_online.labels(t).set(self.online[t])
+        self._dirty.clear()
+
+
+class _QuietLog:
+    """At most one warning per key every `every_s` seconds, saying how many were held back."""
+
+    def __init__(self, logger: logging.Logger, every_s: float) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+
+    def warn(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every_s) < self.every_s:
+            self._held[key] += 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        suffix = f" (and {held} more {key} since the last report)" if held else ""
+        self.logger.warning(msg + "%s", *args, suffix)
+
+
 class Ingest:
     """The MQTT subscriber and batch writer. One instance per gateway process."""
 
@@ -78,6 +123,8 @@ class Ingest:
         self._delay = 0.5
         self._pending = 0
         self._stopping = False
+        self._census = _Census()
+        self._rejections = _QuietLog(log, every_s=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,7 +132,9 @@ class Ingest:
         """Load shadows, start the batch writer and connect (retrying in the background)."""
         loop = asyncio.get_running_loop()
         self._shadows = await loop.run_in_executor(self._executor, self.store.load_shadows)
-        self._refresh_device_gauges()
+        for sh in self._shadows.values():
+            self._census.move(None, sh)
+        self._census.publish(self.metrics)
         self._writer = asyncio.create_task(self._write_loop(), name="iotgw-ingest-writer")
         self._client = self._make_client()
         self._connector = asyncio.create_task(self._connect_loop(), name="iotgw-ingest-connect")
@@ -227,6 +276,8 @@ class Ingest:
         with self.metrics.commit_duration.time():
             stored = self.store.append_batch(prepared.events, list(prepared.shadows.values()), prepared.dead, now=now)
         # Only after the commit: a failed batch must leave the cache as the database has it.
+        for device_id, new in prepared.shadows.items():
+            self._census.move(self._shadows.get(device_id), new)
         self._shadows.update(prepared.shadows)
         self._count(batch, prepared, stored.events_skipped, now)
 
@@ -238,7 +289,8 @@ class Ingest:
         anomalies: Counter[str] = Counter()
         received: Counter[str] = Counter()
         for p in batch:
-            received[p.topic.rsplit("/", 1)[-1] if p.topic.count("/") == 2 else "other"] += 1
+            channel = p.topic.rsplit("/", 1)[-1]
+            received[channel if channel in CHANNELS else "other"] += 1  # bounded label values
             try:
                 msg = parse(p.topic, p.payload, max_bytes=s.max_message_bytes)
                 shadow = overlay.get(msg.device_id) or self._shadows.get(msg.device_id)
@@ -250,8 +302,14 @@ class Ingest:
                     )
                 out = normalize(msg, shadow, received_at=p.received_at, stuck_after_s=s.stuck_after_s)
             except PayloadError as exc:
-                log.warning("rejected %s: %s", p.topic[:200], exc)
+                self._rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
                 dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
+                continue
+            except Exception as exc:
+                # A bug must not stop ingestion or lose the message: keep it, with the error.
+                log.exception("internal error on %s; message kept as a dead letter", p.topic[:200])
+                detail = f"{type(exc).__name__}: {exc}"
+                dead.append(DeadLetter(p.topic, Reason.INTERNAL_ERROR, detail, p.payload, p.received_at))
                 continue
             events.extend(out.events)
             overlay[msg.device_id] = out.shadow
@@ -274,17 +332,4 @@ class Ingest:
             m.events.labels(etype).inc(n)
         for e in prepared.events:
             m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
-        if prepared.shadows:
-            self._refresh_device_gauges()
-
-    def _refresh_device_gauges(self) -> None:
-        online: Counter[str] = Counter()
-        known: Counter[str] = Counter()
-        for sh in self._shadows.values():
-            t = sh.type or "unknown"
-            known[t] += 1
-            if sh.online:
-                online[t] += 1
-        for t, n in known.items():
-            self.metrics.devices_known.labels(t).set(n)
-            self.metrics.devices_online.labels(t).set(online.get(t, 0))
+        self._census.publish(m)

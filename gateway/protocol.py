@@ -35,6 +35,7 @@ class Reason(StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     CHANNEL_MISMATCH = "channel_mismatch"
     TYPE_MISMATCH = "type_mismatch"
+    INTERNAL_ERROR = "internal_error"  # the gateway failed on this message; kept for a replay
 
 
 class DeviceType(StrEnum):

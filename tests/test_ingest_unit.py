@@ -1,0 +1,75 @@
+"""The ingest writer without a broker: batches in, rows and metrics out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import gateway.ingest
+from gateway.config import Settings
+from gateway.ingest import Ingest, _Pending, _QuietLog, utcnow
+from gateway.metrics import Metrics
+from gateway.store import Store, list_dead_letters
+
+
+@pytest.fixture
+def ingest(tmp_path: Path) -> Ingest:
+    store = Store(f"sqlite:///{tmp_path / 'i.db'}")
+    store.create_schema()
+    return Ingest(Settings(database_url=store.url), store, Metrics(CollectorRegistry()))
+
+
+def pending(topic: str, body: dict[str, object]) -> _Pending:
+    return _Pending(topic, json.dumps(body).encode(), utcnow(), 1, None)
+
+
+def reading(device: str, seq: int) -> _Pending:
+    body = {"type": "power", "seq": seq, "ts": 1764324000000, "data": {"value": 900, "unit": "W"}}
+    return pending(f"devices/{device}/telemetry", body)
+
+
+def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
+    ingest: Ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = gateway.ingest.normalize
+
+    def flaky(msg, shadow, **kw):  # type: ignore[no-untyped-def]
+        if msg.device_id == "broken":
+            raise ZeroDivisionError("oops")
+        return real(msg, shadow, **kw)
+
+    monkeypatch.setattr(gateway.ingest, "normalize", flaky)
+    ingest._process([reading("ok-1", 1), reading("broken", 1), reading("ok-1", 2)])
+    assert ingest.store.count_events() == 2
+    (dead,) = list_dead_letters(ingest.store)
+    assert (dead.reason, dead.topic) == ("internal_error", "devices/broken/telemetry")
+    assert "ZeroDivisionError" in dead.detail
+
+
+def test_devices_online_gauge_follows_status_without_full_scans(ingest: Ingest) -> None:
+    reg = ingest.metrics.registry
+    ingest._process([reading("p1", 1), reading("p2", 1)])
+    assert reg.get_sample_value("iotgw_devices_online", {"type": "power"}) == 2
+    ingest._process([pending("devices/p1/status", {"online": False})])
+    assert reg.get_sample_value("iotgw_devices_online", {"type": "power"}) == 1
+    assert reg.get_sample_value("iotgw_devices_known", {"type": "power"}) == 2
+
+
+def test_odd_channel_names_do_not_become_metric_labels(ingest: Ingest) -> None:
+    ingest._process([pending("devices/p1/whatever-an-attacker-likes", {"online": True})])
+    reg = ingest.metrics.registry
+    assert reg.get_sample_value("iotgw_messages_received_total", {"channel": "other"}) == 1
+    assert reg.get_sample_value("iotgw_messages_rejected_total", {"reason": "bad_topic"}) == 1
+
+
+def test_repeated_rejections_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    quiet = _QuietLog(logging.getLogger("test.quiet"), every_s=3600)
+    with caplog.at_level(logging.WARNING, logger="test.quiet"):
+        for i in range(100):
+            quiet.warn("bad_json", "rejected %s", i)
+        quiet.warn("schema", "rejected %s", "x")
+    assert [r.getMessage() for r in caplog.records] == ["rejected 0", "rejected x"]
