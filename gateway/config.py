@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     batch_max: int = Field(default=1000, ge=1, le=10000)
     stuck_after_s: float = Field(default=60.0, gt=0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # Consumers to run, by entry point name, comma-separated; "*" runs every registered one.
+    consumers: str = Field(default="*", pattern=r"^\s*(\*|[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*)?\s*$")
+    consumer_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # Per-elevator analytics series exist only while the fleet has at most this many elevators.
+    analytics_device_series_max: int = Field(default=100, ge=0)
 
     @field_validator("mqtt_url")
     @classmethod
@@ -59,6 +64,11 @@ class Settings(BaseSettings):
             msg = f"database_url must be an SQLAlchemy URL such as sqlite:///iotgw.db, got {value!r}"
             raise ValueError(msg)
         return value
+
+    @property
+    def consumer_names(self) -> list[str]:
+        """`consumers` as a list of names."""
+        return [n.strip() for n in self.consumers.split(",") if n.strip()]
 
     @property
     def mqtt_host(self) -> str:

@@ -52,6 +52,7 @@ class Event:
     sequence: int | None = None
     part: int = 0
     site: str | None = None
+    position: int = 0  # place in the log once stored (0 before)
 
     def to_cloudevent(self) -> dict[str, Any]:
         """The structured-mode CloudEvents JSON form."""

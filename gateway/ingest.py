@@ -105,8 +105,17 @@ class _QuietLog:
 class Ingest:
     """The MQTT subscriber and batch writer. One instance per gateway process."""
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics,
+        *,
+        clock: Clock = utcnow,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.on_commit = on_commit
         self.store = store
         self.metrics = metrics
         self.clock = clock
@@ -233,6 +242,8 @@ class Ingest:
                 batch.append(self._queue.get_nowait())
             await self._commit_with_retry(loop, batch)
             self._acknowledge(batch)
+            if self.on_commit is not None:
+                self.on_commit()  # wake the consumers: the log has grown
             stored_at = self.clock()
             for p in batch:
                 self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))

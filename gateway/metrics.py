@@ -67,3 +67,47 @@ class Metrics:
         self.database_writable = Gauge(
             "iotgw_database_writable", "1 while the last batch commit succeeded.", registry=r
         )
+        # Consumers (one series per consumer: their number is fixed by configuration).
+        self.consumer_events = Counter(
+            "iotgw_consumer_events_total", "Events handled by a consumer.", ["consumer"], registry=r
+        )
+        self.consumer_failures = Counter(
+            "iotgw_consumer_failures_total", "Consumer handler failures.", ["consumer"], registry=r
+        )
+        self.consumer_retries = Counter(
+            "iotgw_consumer_retries_total", "Retries after a consumer failure.", ["consumer"], registry=r
+        )
+        self.consumer_parked = Counter(
+            "iotgw_consumer_parked_total", "Events parked after too many failed attempts.", ["consumer"], registry=r
+        )
+        self.consumer_lag_events = Gauge(
+            "iotgw_consumer_lag_events", "Events in the log a consumer has not handled yet.", ["consumer"], registry=r
+        )
+        self.consumer_lag_seconds = Gauge(
+            "iotgw_consumer_lag_seconds",
+            "Age of the oldest event a consumer has not handled.",
+            ["consumer"],
+            registry=r,
+        )
+        self.consumer_handler_seconds = Histogram(
+            "iotgw_consumer_handler_seconds", "Time a consumer takes for one batch.", ["consumer"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Analytics, as gauges: a replay rebuilds them, so they may go down.
+        figures = {
+            "trips": "Trips completed.",
+            "door_cycles": "Door openings.",
+            "faults": "Faults raised.",
+            "entrapments": "Stuck with load inside.",
+            "availability_ratio": "Share of observed time in normal service.",
+            "mtbf_seconds": "Time in service per fault.",
+            "mttr_seconds": "Mean time from fault raised to cleared.",
+        }
+        self.site_figures = {
+            k: Gauge(f"iotgw_site_elevator_{k}", doc + " Per site.", ["site"], registry=r) for k, doc in figures.items()
+        }
+        # Per elevator only while the fleet is within IOTGW_ANALYTICS_DEVICE_SERIES_MAX.
+        self.elevator_figures = {
+            k: Gauge(f"iotgw_elevator_{k}", doc + " Per elevator.", ["device", "site"], registry=r)
+            for k, doc in figures.items()
+        }

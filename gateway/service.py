@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gateway.api import AppState, create_app
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
+from gateway.router import Consumer, Router, load_consumers
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -31,30 +32,47 @@ class Gateway:
     """Start with `await start()`, stop with `await stop()`; `ingest` and `store` are public for tests."""
 
     def __init__(
-        self, settings: Settings, *, registry: CollectorRegistry | None = None, serve_http: bool = True
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        serve_http: bool = True,
+        extra_consumers: Sequence[Consumer] = (),
     ) -> None:
         self.settings = settings
         registry = registry if registry is not None else CollectorRegistry()
         ProcessCollector(namespace="iotgw", registry=registry)
         self.metrics = Metrics(registry)
         self.store = Store(settings.database_url)
-        self.ingest = Ingest(settings, self.store, self.metrics)
+        # Loaded before the schema is created, so their tables are created with it.
+        self.router = Router(
+            self.store,
+            self.metrics,
+            [*load_consumers(settings.consumer_names), *extra_consumers],
+            poll_s=settings.consumer_poll_s,
+        )
+        self.ingest = Ingest(settings, self.store, self.metrics, on_commit=self.router.notify)
         self.app = create_app(
             AppState(
                 store=self.store,
                 metrics=self.metrics,
                 broker_connected=lambda: self.ingest.connected,
                 database_writable=lambda: self.ingest.database_ok,
+                router=self.router,
             )
         )
         self.serve_http = serve_http
         self._server: _EmbeddedServer | None = None
         self._server_task: asyncio.Task[None] | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
         await asyncio.to_thread(self.store.create_schema)
+        await self.router.start()
         await self.ingest.start()
+        if "analytics" in self.router.runners:
+            self._metrics_task = asyncio.create_task(self._publish_analytics(), name="iotgw-analytics-metrics")
         if self.serve_http:
             config = uvicorn.Config(
                 self.app,
@@ -82,7 +100,26 @@ class Gateway:
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""
         await self.ingest.stop()
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            await asyncio.gather(self._metrics_task, return_exceptions=True)
+        await self.router.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             await asyncio.gather(self._server_task, return_exceptions=True)
         self.store.close()
+
+    async def _publish_analytics(self) -> None:
+        from gateway.analytics import publish_metrics  # noqa: PLC0415 - only with the analytics consumer
+
+        while True:
+            try:
+                await asyncio.to_thread(
+                    publish_metrics,
+                    self.store,
+                    self.metrics,
+                    max_device_series=self.settings.analytics_device_series_max,
+                )
+            except StoreError as exc:
+                log.debug("analytics metrics not refreshed: %s", exc)
+            await asyncio.sleep(10.0)

@@ -91,6 +91,34 @@ class DeviceRow(SQLModel, table=True):
     stuck: bool = False
 
 
+class ConsumerCursorRow(SQLModel, table=True):
+    """Where a consumer is in the log (the last position it handled), and whether it is paused."""
+
+    __tablename__ = "consumer_cursors"
+
+    name: str = Field(primary_key=True)
+    position: int = 0
+    paused: bool = False
+    updated_at: datetime | None = _dt()
+
+
+class ConsumerDeadLetterRow(SQLModel, table=True):
+    """An event a consumer failed on `attempts` times; parked so the consumer could move on."""
+
+    __tablename__ = "consumer_dead_letters"
+
+    id: int | None = Field(default=None, primary_key=True)
+    consumer: str = Field(index=True)
+    position: int
+    event_type: str
+    subject: str
+    error: str
+    attempts: int
+    parked_at: datetime = _dt(nullable=False)
+    status: str = "parked"  # parked | retried
+    retried_at: datetime | None = _dt()
+
+
 class DeadLetterRow(SQLModel, table=True):
     """A rejected message, kept whole with the reason it was rejected."""
 
@@ -150,6 +178,22 @@ def _table(model: type[SQLModel]) -> Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, Table)  # noqa: S101 - every table=True model has one
     return table
+
+
+def event_from_row(row: EventRow) -> Event:
+    """The stored event as consumers see it, with its log position."""
+    return Event(
+        id=row.ce_id,
+        source=row.source,
+        type=row.type,
+        time=row.time,
+        subject=row.subject,
+        data=row.data,
+        sequence=row.sequence,
+        part=row.part,
+        site=row.site,
+        position=row.id or 0,
+    )
 
 
 def shadow_from_row(row: DeviceRow) -> Shadow:

@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
+from gateway.router import Consumer
 from gateway.service import Gateway
 
 
@@ -53,9 +54,11 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings, *, serve_http: bool = False) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    settings: Settings, *, serve_http: bool = False, consumers: Sequence[Consumer] = ()
+) -> AsyncIterator[Gateway]:
     """A started gateway, subscribed, stopped on exit."""
-    gw = Gateway(settings, registry=CollectorRegistry(), serve_http=serve_http)
+    gw = Gateway(settings, registry=CollectorRegistry(), serve_http=serve_http, extra_consumers=consumers)
     await gw.start()
     try:
         await asyncio.wait_for(gw.ingest.subscribed.wait(), 10)

@@ -10,9 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gateway import __version__
-from gateway.api.routes import dead_letters, devices, events, health
+from gateway.api.routes import analytics, consumers, dead_letters, devices, events, health
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
+from gateway.router import ConsumerError, Router, UnknownConsumerError
 from gateway.store import Store
 
 
@@ -24,6 +25,7 @@ class AppState:
     metrics: Metrics
     broker_connected: Callable[[], bool]
     database_writable: Callable[[], bool]
+    router: Router | None = None
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -34,12 +36,20 @@ def create_app(state: AppState) -> FastAPI:
         description="IoT event gateway: devices, the event log and dead letters.",
     )
     app.state.iotgw = state
-    for module in (health, devices, events, dead_letters):
+    for module in (health, devices, events, dead_letters, consumers, analytics):
         app.include_router(module.router)
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": f"database unavailable: {exc}"})
+
+    @app.exception_handler(UnknownConsumerError)
+    async def _unknown_consumer(_request: Request, exc: UnknownConsumerError) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(ConsumerError)
+    async def _consumer_error(_request: Request, exc: ConsumerError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from gateway.metrics import Metrics
+from gateway.router import Router
 from gateway.store import Store
 
 
@@ -22,5 +23,14 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+def get_router(request: Request) -> Router:
+    """The consumer router (503 when this process runs none)."""
+    router: Router | None = request.app.state.iotgw.router
+    if router is None:
+        raise HTTPException(status_code=503, detail="this gateway runs no consumers")
+    return router
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
+RouterDep = Annotated[Router, Depends(get_router)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -1,0 +1,319 @@
+"""The analytics consumer: trips, door cycles, availability, MTBF/MTTR, entrapments, sensor windows.
+
+Its tables are derived state: `Analytics.reset` empties them and a replay from the start of the
+log rebuilds the same figures (the router commits these writes together with the cursor).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, delete, text
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from gateway import events as ev
+from gateway.events import Event
+from gateway.metrics import Metrics
+from gateway.router import BaseConsumer
+from gateway.store import Store, UTCDateTime
+
+UNIT_TYPES = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
+WINDOWS = {"1h": 60, "24h": 24 * 60}  # minutes
+
+
+def _dt() -> Any:  # noqa: ANN401 - SQLModel Field
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class AnalyticsDeviceRow(SQLModel, table=True):
+    """Running figures for one device."""
+
+    __tablename__ = "analytics_devices"
+
+    device_id: str = Field(primary_key=True)
+    type: str | None = None
+    site: str | None = Field(default=None, index=True)
+    trips: int = 0
+    floors: int = 0
+    door_cycles: int = 0
+    faults: int = 0
+    faults_by_code: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    faults_cleared: int = 0
+    fault_seconds: float = 0.0
+    entrapments: int = 0
+    mode: str | None = None
+    mode_since: datetime | None = _dt()
+    mode_seconds: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    first_time: datetime | None = _dt()
+    last_time: datetime | None = _dt()
+
+
+class AnalyticsSensorMinuteRow(SQLModel, table=True):
+    """One minute of one sensor's readings (for rolling windows)."""
+
+    __tablename__ = "analytics_sensor_minutes"
+
+    device_id: str = Field(primary_key=True)
+    minute: int = Field(primary_key=True)  # epoch minutes of the reading's device time
+    count: int = 0
+    total: float = 0.0
+    vmin: float = 0.0
+    vmax: float = 0.0
+
+
+_MINUTE_UPSERT = text(
+    "INSERT INTO analytics_sensor_minutes (device_id, minute, count, total, vmin, vmax) "
+    "VALUES (:device_id, :minute, :count, :total, :vmin, :vmax) "
+    "ON CONFLICT (device_id, minute) DO UPDATE SET count = analytics_sensor_minutes.count + excluded.count, "
+    "total = analytics_sensor_minutes.total + excluded.total, "
+    "vmin = CASE WHEN excluded.vmin < analytics_sensor_minutes.vmin THEN excluded.vmin "
+    "ELSE analytics_sensor_minutes.vmin END, "
+    "vmax = CASE WHEN excluded.vmax > analytics_sensor_minutes.vmax THEN excluded.vmax "
+    "ELSE analytics_sensor_minutes.vmax END"
+)
+
+
+class Analytics(BaseConsumer):
+    """Elevator KPIs and sensor aggregates, per device (sites are summed at query time)."""
+
+    name = "analytics"
+    types = ("device.discovered", "elevator.*", "sensor.reading")
+    replay_resets_state = True
+    batch_size = 1000
+
+    def reset(self, tx: Session) -> None:
+        """Forget every figure; a replay from the start rebuilds them."""
+        tx.exec(delete(AnalyticsDeviceRow))
+        tx.exec(delete(AnalyticsSensorMinuteRow))
+
+    def handle(self, events: Sequence[Event], tx: Session) -> None:
+        """Fold a batch of events into the figures."""
+        subjects = {e.subject for e in events if e.type != ev.SENSOR_READING}
+        rows: dict[str, AnalyticsDeviceRow] = {}
+        if subjects:
+            found = tx.exec(select(AnalyticsDeviceRow).where(col(AnalyticsDeviceRow.device_id).in_(subjects)))
+            rows = {r.device_id: r for r in found}
+        minutes: dict[tuple[str, int], list[float]] = {}
+        sensors: dict[str, Event] = {}
+        for e in events:
+            if e.type == ev.SENSOR_READING:
+                value = float(e.data["value"])
+                key = (e.subject, int(e.time.timestamp()) // 60)
+                agg = minutes.get(key)
+                minutes[key] = [1, value, value, value] if agg is None else [
+                    agg[0] + 1, agg[1] + value, min(agg[2], value), max(agg[3], value),
+                ]  # fmt: skip
+                sensors[e.subject] = e
+                continue
+            row = rows.get(e.subject)
+            if row is None:
+                row = rows[e.subject] = AnalyticsDeviceRow(device_id=e.subject, type="elevator", site=e.site)
+            _apply(row, e)
+        for row in rows.values():
+            # JSON columns are replaced, not mutated in place, so SQLAlchemy writes them.
+            row.faults_by_code = dict(row.faults_by_code)
+            row.mode_seconds = dict(row.mode_seconds)
+            tx.add(row)
+        if minutes:
+            tx.execute(
+                _MINUTE_UPSERT,
+                [
+                    {"device_id": d, "minute": m, "count": a[0], "total": a[1], "vmin": a[2], "vmax": a[3]}
+                    for (d, m), a in minutes.items()
+                ],
+            )
+        self._touch_sensors(tx, sensors)
+
+    @staticmethod
+    def _touch_sensors(tx: Session, latest: dict[str, Event]) -> None:
+        if not latest:
+            return
+        known = {
+            r.device_id: r
+            for r in tx.exec(select(AnalyticsDeviceRow).where(col(AnalyticsDeviceRow.device_id).in_(latest)))
+        }
+        for device_id, e in latest.items():
+            row = known.get(device_id) or AnalyticsDeviceRow(
+                device_id=device_id,
+                type=UNIT_TYPES.get(str(e.data.get("unit")), "sensor"),
+                site=e.site,
+                first_time=e.time,
+            )
+            if row.last_time is None or e.time > row.last_time:
+                row.last_time = e.time
+            tx.add(row)
+
+
+def _apply(row: AnalyticsDeviceRow, e: Event) -> None:
+    t = e.time
+    row.site = e.site or row.site
+    if row.first_time is None:
+        row.first_time = t
+    if row.last_time is None or t > row.last_time:
+        row.last_time = t
+    if e.type == ev.DEVICE_DISCOVERED:
+        state = e.data.get("state", {})
+        if row.mode is None:
+            row.mode, row.mode_since = state.get("mode"), t
+    elif e.type == ev.TRIP_COMPLETED:
+        row.trips += 1
+        row.floors += int(e.data.get("floors", 0))
+    elif e.type == ev.DOOR_OPENED:
+        row.door_cycles += 1
+    elif e.type == ev.FAULT_RAISED:
+        code = str(e.data.get("code"))
+        row.faults += 1
+        row.faults_by_code[code] = row.faults_by_code.get(code, 0) + 1
+    elif e.type == ev.FAULT_CLEARED:
+        row.faults_cleared += 1
+        row.fault_seconds += float(e.data.get("duration_s") or 0.0)
+    elif e.type == ev.STUCK:
+        if float(e.data.get("load_kg") or 0) > 0:
+            row.entrapments += 1
+    elif e.type == ev.MODE_CHANGED:
+        if row.mode is not None and row.mode_since is not None:
+            spent = max((t - row.mode_since).total_seconds(), 0.0)
+            row.mode_seconds[row.mode] = row.mode_seconds.get(row.mode, 0.0) + spent
+        row.mode, row.mode_since = e.data.get("to"), t
+
+
+@dataclass(slots=True, frozen=True)
+class ElevatorFigures:
+    """KPIs of one elevator or a group of them."""
+
+    elevators: int
+    trips: int
+    floors: int
+    door_cycles: int
+    door_openings_per_trip: float | None
+    faults: int
+    faults_by_code: dict[str, int]
+    entrapments: int
+    mode_seconds: dict[str, float]
+    availability: float | None  # share of observed time in normal service
+    mtbf_s: float | None  # time in service per fault
+    mttr_s: float | None  # mean fault duration (raised -> cleared)
+
+
+def _mode_seconds(row: AnalyticsDeviceRow) -> dict[str, float]:
+    out = dict(row.mode_seconds)
+    if row.mode and row.mode_since and row.last_time:
+        out[row.mode] = out.get(row.mode, 0.0) + max((row.last_time - row.mode_since).total_seconds(), 0.0)
+    return out
+
+
+def figures(rows: Sequence[AnalyticsDeviceRow]) -> ElevatorFigures:
+    """Sum the figures of elevator rows (one row: that elevator)."""
+    modes: dict[str, float] = defaultdict(float)
+    by_code: dict[str, int] = defaultdict(int)
+    cleared, fault_s = 0, 0.0
+    for r in rows:
+        for m, sec in _mode_seconds(r).items():
+            modes[m] += sec
+        for c, n in r.faults_by_code.items():
+            by_code[c] += n
+        cleared += r.faults_cleared
+        fault_s += r.fault_seconds
+    trips = sum(r.trips for r in rows)
+    faults = sum(r.faults for r in rows)
+    observed = sum(modes.values())
+    in_service = modes.get("normal", 0.0)
+    return ElevatorFigures(
+        elevators=len(rows),
+        trips=trips,
+        floors=sum(r.floors for r in rows),
+        door_cycles=sum(r.door_cycles for r in rows),
+        door_openings_per_trip=round(sum(r.door_cycles for r in rows) / trips, 3) if trips else None,
+        faults=faults,
+        faults_by_code=dict(sorted(by_code.items())),
+        entrapments=sum(r.entrapments for r in rows),
+        mode_seconds={k: round(v, 3) for k, v in sorted(modes.items())},
+        availability=round(in_service / observed, 4) if observed > 0 else None,
+        mtbf_s=round(in_service / faults, 3) if faults else None,
+        mttr_s=round(fault_s / cleared, 3) if cleared else None,
+    )
+
+
+def fleet(store: Store) -> dict[str, Any]:
+    """Figures per site and for the whole fleet (elevators), plus device counts by type."""
+    with store.session() as tx:
+        rows = list(tx.exec(select(AnalyticsDeviceRow)))
+    elevators = [r for r in rows if r.type == "elevator"]
+    by_site: dict[str, list[AnalyticsDeviceRow]] = defaultdict(list)
+    for r in elevators:
+        by_site[r.site or "unknown"].append(r)
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r.type or "unknown"] += 1
+    return {
+        "devices_by_type": dict(sorted(counts.items())),
+        "total": figures(elevators),
+        "sites": {site: figures(rs) for site, rs in sorted(by_site.items())},
+    }
+
+
+def device(store: Store, device_id: str) -> dict[str, Any] | None:
+    """One device's figures: elevator KPIs, or min/max/mean of a sensor over 1 h and 24 h."""
+    with store.session() as tx:
+        row = tx.get(AnalyticsDeviceRow, device_id)
+        if row is None:
+            return None
+        out: dict[str, Any] = {"device_id": row.device_id, "type": row.type, "site": row.site}
+        if row.type == "elevator":
+            out["figures"] = figures([row])
+            return out
+        last = tx.exec(
+            select(AnalyticsSensorMinuteRow.minute)
+            .where(col(AnalyticsSensorMinuteRow.device_id) == device_id)
+            .order_by(col(AnalyticsSensorMinuteRow.minute).desc())
+        ).first()
+        windows: dict[str, Any] = {}
+        for label, span in WINDOWS.items():
+            buckets = list(
+                tx.exec(
+                    select(AnalyticsSensorMinuteRow).where(
+                        col(AnalyticsSensorMinuteRow.device_id) == device_id,
+                        col(AnalyticsSensorMinuteRow.minute) > (last or 0) - span,
+                    )
+                )
+            )
+            n = sum(b.count for b in buckets)
+            windows[label] = {
+                "count": n,
+                "min": min((b.vmin for b in buckets), default=None),
+                "max": max((b.vmax for b in buckets), default=None),
+                "mean": round(sum(b.total for b in buckets) / n, 4) if n else None,
+            }
+        out["windows"] = windows
+        return out
+
+
+def publish_metrics(store: Store, metrics: Metrics, *, max_device_series: int) -> None:
+    """Set the analytics gauges: per site always, per elevator while the fleet is small enough."""
+    data = fleet(store)
+    for site, f in data["sites"].items():
+        _set(metrics, "site", {"site": site}, f)
+    if data["total"].elevators <= max_device_series:
+        with store.session() as tx:
+            for r in tx.exec(select(AnalyticsDeviceRow).where(col(AnalyticsDeviceRow.type) == "elevator")):
+                _set(metrics, "elevator", {"device": r.device_id, "site": r.site or "unknown"}, figures([r]))
+
+
+def _set(metrics: Metrics, level: str, labels: dict[str, str], f: ElevatorFigures) -> None:
+    g = metrics.site_figures if level == "site" else metrics.elevator_figures
+    values = {
+        "trips": f.trips,
+        "door_cycles": f.door_cycles,
+        "faults": f.faults,
+        "entrapments": f.entrapments,
+        "availability_ratio": f.availability,
+        "mtbf_seconds": f.mtbf_s,
+        "mttr_seconds": f.mttr_s,
+    }
+    for name, value in values.items():
+        if value is not None:
+            g[name].labels(**labels).set(value)

@@ -1,0 +1,457 @@
+"""The consumer runtime: every consumer reads the durable log from its own cursor.
+
+One asyncio task and one worker thread per consumer. A consumer gets batches of the events it
+asked for plus the database session its cursor is committed in, so its own writes and its
+cursor commit together (at-least-once delivery, exactly-once effects). A consumer that raises
+is retried with backoff, event by event, and an event that keeps failing is parked in
+`consumer_dead_letters` so the consumer can move on. Nothing here can slow ingestion: the
+router only reads the log, and each consumer waits in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+from sqlalchemy import func
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col, select
+
+from gateway.errors import ConfigError, GatewayError, StoreError
+from gateway.events import Event
+from gateway.metrics import Metrics
+from gateway.store import ConsumerCursorRow, ConsumerDeadLetterRow, EventRow, Store, event_from_row
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "iotgw.consumers"
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """A reader of the event log.
+
+    `types` are patterns (`elevator.*`, `sensor.reading`, `*`). `handle` gets the matching events
+    of one batch, in log order, and `tx`: write with it and the writes commit together with the
+    cursor. Optional attributes (see `BaseConsumer`): `max_attempts`, `batch_size`,
+    `replay_resets_state` and `reset(tx)`.
+    """
+
+    name: str
+    types: tuple[str, ...]
+
+    def handle(self, events: Sequence[Event], tx: Session) -> None:
+        """Handle one batch; raise to have it retried."""
+
+
+class BaseConsumer:
+    """Defaults for a consumer; subclass and set `name`, `types` and `handle`."""
+
+    name = ""
+    types: tuple[str, ...] = ("*",)
+    max_attempts = 5  # attempts per event before it is parked
+    retry_base_s = 0.05  # first retry waits up to this, doubling each attempt (full jitter, 30 s cap)
+    batch_size = 500
+    replay_resets_state = False  # True: a replay starts from scratch, after reset(tx)
+
+    def reset(self, tx: Session) -> None:
+        """Forget all derived state (called before a full replay when replay_resets_state)."""
+
+    def handle(self, events: Sequence[Event], tx: Session) -> None:
+        """Handle one batch of matching events."""
+        raise NotImplementedError
+
+
+class ConsumerError(GatewayError):
+    """An operation on a consumer could not be done (unknown name, bad replay point...)."""
+
+
+class UnknownConsumerError(ConsumerError):
+    """No consumer of that name is running."""
+
+
+def available_consumers() -> dict[str, Callable[[], Any]]:
+    """Loaders of the consumer classes registered under the `iotgw.consumers` entry point group."""
+    found: dict[str, Callable[[], Any]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load
+    return found
+
+
+def load_consumers(names: Sequence[str]) -> list[Consumer]:
+    """Instantiate the named consumers (`*` = every registered one)."""
+    registry = available_consumers()
+    wanted = sorted(registry) if "*" in names else list(dict.fromkeys(names))
+    missing = [n for n in wanted if n not in registry]
+    if missing:
+        msg = f"unknown consumer(s) {', '.join(missing)}; registered: {', '.join(sorted(registry)) or 'none'}"
+        raise ConfigError(msg)
+    consumers = []
+    for name in wanted:
+        try:
+            consumer_class = registry[name]()
+            consumer = consumer_class()
+        except Exception as exc:
+            msg = f"consumer {name!r} could not be loaded: {exc}"
+            raise ConfigError(msg) from exc
+        if not isinstance(consumer, Consumer):
+            msg = f"consumer {name!r} does not have name, types and handle(events, tx)"
+            raise ConfigError(msg)
+        consumers.append(consumer)
+    return consumers
+
+
+def matches(patterns: Sequence[str], event_type: str) -> bool:
+    """True when `event_type` matches one of the fnmatch-style patterns."""
+    return any(p == "*" or fnmatch.fnmatchcase(event_type, p) for p in patterns)
+
+
+@dataclass(slots=True, frozen=True)
+class ConsumerStatus:
+    """What the API reports for one consumer."""
+
+    name: str
+    state: str  # running | paused | failing
+    position: int
+    lag_events: int
+    lag_seconds: float
+    parked: int
+    last_error: str | None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Poison(Exception):
+    def __init__(self, event: Event, cause: BaseException, last: int) -> None:
+        super().__init__(str(cause))
+        self.event = event
+        self.cause = cause
+        self.last = last  # the last position the failed batch covered
+
+
+class ConsumerRunner:
+    """Runs one consumer: wake on new events, handle batches, retry, park, pause, replay."""
+
+    def __init__(self, consumer: Consumer, store: Store, metrics: Metrics, *, poll_s: float = 1.0) -> None:
+        self.consumer = consumer
+        self.name = consumer.name
+        self.store = store
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.max_attempts = int(getattr(consumer, "max_attempts", 5))
+        self.batch_size = int(getattr(consumer, "batch_size", 500))
+        self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
+        self.position = 0
+        self.paused = False
+        self.failing = False
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # Its own thread: a slow or stuck handler holds up this consumer only.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"iotgw-consumer-{self.name}")
+        self._single_until = 0  # after a failed batch, go event by event up to this position
+        self._attempts = 0
+
+    async def start(self) -> None:
+        """Load (or create) the cursor and start the task."""
+        row = await self._call(self._load_cursor)
+        self.position, self.paused = row
+        self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop after the batch in hand (its commit is atomic, so stopping mid-way loses nothing)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def notify(self) -> None:
+        """New events were committed."""
+        self._wake.set()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            # The slow poll: a missed wake-up costs at most poll_s.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+            while not self.paused:
+                try:
+                    handled = await self._step()
+                except StoreError as exc:
+                    log.warning("consumer %s: database error, retrying: %s", self.name, exc)
+                    await asyncio.sleep(1.0)
+                    break
+                if handled == 0:
+                    break
+
+    async def _step(self) -> int:
+        single = self.position < self._single_until
+        started = time.perf_counter()
+        try:
+            handled, position, matched = await self._call(self._handle_next, 1 if single else self.batch_size)
+        except _Poison as poison:
+            await self._failed(poison, single=single)
+            return 1
+        if matched:
+            self.metrics.consumer_handler_seconds.labels(self.name).observe(time.perf_counter() - started)
+            self.metrics.consumer_events.labels(self.name).inc(matched)
+        if handled:
+            self.position = position
+            if self.failing:
+                log.info("consumer %s recovered at position %d", self.name, position)
+            self.failing, self._attempts = False, 0
+        return int(handled)
+
+    async def _failed(self, poison: _Poison, *, single: bool) -> None:
+        self.metrics.consumer_failures.labels(self.name).inc()
+        self.failing = True
+        self.last_error = f"{type(poison.cause).__name__}: {poison.cause}"[:500]
+        if not single:
+            # Find the event at fault: go one by one through what that batch covered.
+            self._single_until = poison.last
+            self._attempts = 0
+            return
+        self._attempts += 1
+        ev = poison.event
+        if self._attempts == 1:
+            log.warning(
+                "consumer %s failed on event %d (%s from %s): %s; retrying up to %d times",
+                self.name, ev.position, ev.type, ev.subject, self.last_error, self.max_attempts,
+            )  # fmt: skip
+        if self._attempts >= self.max_attempts:
+            await self._call(self._park, ev, self.last_error, self._attempts)
+            self.metrics.consumer_parked.labels(self.name).inc()
+            log.error(
+                "consumer %s parked event %d after %d attempts: %s",
+                self.name,
+                ev.position,
+                self._attempts,
+                self.last_error,
+            )
+            self.position = ev.position
+            self._attempts = 0
+            return
+        self.metrics.consumer_retries.labels(self.name).inc()
+        # Exponential backoff with full jitter, capped.
+        await asyncio.sleep(random.uniform(0, min(self.retry_base_s * 2**self._attempts, 30.0)))  # noqa: S311
+
+    # -- in the consumer's thread ------------------------------------------------------------
+
+    def _load_cursor(self) -> tuple[int, bool]:
+        with self.store.session() as tx:
+            row = tx.get(ConsumerCursorRow, self.name)
+            if row is None:
+                row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=_utcnow())
+                tx.add(row)
+                tx.commit()
+            return row.position, row.paused
+
+    def _handle_next(self, limit: int) -> tuple[int, int, int]:
+        """Handle the next `limit` events; returns (events read, new position, events matched)."""
+        with self.store.session() as tx:
+            cursor = tx.get(ConsumerCursorRow, self.name)
+            assert cursor is not None  # noqa: S101 - created at start
+            rows = tx.exec(
+                select(EventRow).where(col(EventRow.id) > cursor.position).order_by(col(EventRow.id)).limit(limit)
+            ).all()
+            if not rows:
+                return 0, cursor.position, 0
+            events = [event_from_row(r) for r in rows if matches(self.consumer.types, r.type)]
+            if events:
+                try:
+                    self.consumer.handle(events, tx)
+                except Exception as exc:
+                    tx.rollback()
+                    raise _Poison(events[0], exc, rows[-1].id or 0) from exc
+            cursor.position = rows[-1].id or cursor.position
+            cursor.updated_at = _utcnow()
+            tx.add(cursor)
+            tx.commit()
+            return len(rows), cursor.position, len(events)
+
+    def _park(self, ev: Event, error: str, attempts: int) -> None:
+        with self.store.session() as tx:
+            tx.add(
+                ConsumerDeadLetterRow(
+                    consumer=self.name, position=ev.position, event_type=ev.type, subject=ev.subject,
+                    error=error, attempts=attempts, parked_at=_utcnow(),
+                )
+            )  # fmt: skip
+            cursor = tx.get(ConsumerCursorRow, self.name)
+            assert cursor is not None  # noqa: S101
+            cursor.position = max(cursor.position, ev.position)
+            cursor.updated_at = _utcnow()
+            tx.add(cursor)
+            tx.commit()
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def set_paused(self, paused: bool) -> None:  # noqa: FBT001
+        """Pause or resume; persisted, so it survives a restart."""
+
+        def write() -> None:
+            with self.store.session() as tx:
+                cursor = tx.get(ConsumerCursorRow, self.name)
+                assert cursor is not None  # noqa: S101
+                cursor.paused = paused
+                tx.add(cursor)
+                tx.commit()
+
+        await self._call(write)
+        self.paused = paused
+        if not paused:
+            self._wake.set()
+
+    async def replay(self, *, from_position: int | None = None, from_time: datetime | None = None) -> int:
+        """Move the cursor back so events from that point are handled again; returns the new cursor."""
+        resets = bool(getattr(self.consumer, "replay_resets_state", False))
+
+        def write() -> int:
+            with self.store.session() as tx:
+                if resets:
+                    target = 0  # derived state is rebuilt from the start of the log
+                    self.consumer.reset(tx)  # type: ignore[attr-defined]
+                elif from_time is not None:
+                    first = tx.exec(select(func.min(EventRow.id)).where(col(EventRow.time) >= from_time)).one()
+                    target = (first - 1) if first is not None else self._head(tx)
+                else:
+                    target = max((from_position or 1) - 1, 0)
+                cursor = tx.get(ConsumerCursorRow, self.name)
+                assert cursor is not None  # noqa: S101
+                cursor.position = target
+                cursor.updated_at = _utcnow()
+                tx.add(cursor)
+                tx.commit()
+                return target
+
+        self.position = await self._call(write)
+        self._single_until = 0
+        self._wake.set()
+        return self.position
+
+    @staticmethod
+    def _head(tx: Session) -> int:
+        return int(tx.exec(select(func.max(EventRow.id))).one() or 0)
+
+    async def retry_parked(self, dead_letter_id: int) -> None:
+        """Hand one parked event to the consumer again; on success it is marked retried."""
+
+        def run() -> None:
+            with self.store.session() as tx:
+                row = tx.get(ConsumerDeadLetterRow, dead_letter_id)
+                if row is None or row.consumer != self.name:
+                    msg = f"consumer {self.name} has no parked event {dead_letter_id}"
+                    raise ConsumerError(msg)
+                if row.status != "parked":
+                    msg = f"parked event {dead_letter_id} was already {row.status}"
+                    raise ConsumerError(msg)
+                event_row = tx.get(EventRow, row.position)
+                if event_row is None:
+                    msg = f"event {row.position} is no longer in the log"
+                    raise ConsumerError(msg)
+                try:
+                    self.consumer.handle([event_from_row(event_row)], tx)
+                except Exception as exc:
+                    tx.rollback()
+                    msg = f"consumer {self.name} failed again: {type(exc).__name__}: {exc}"
+                    raise ConsumerError(msg) from exc
+                row.status, row.retried_at = "retried", _utcnow()
+                tx.add(row)
+                tx.commit()
+
+        await self._call(run)
+
+    def status_sync(self, head: int, head_time: datetime | None) -> ConsumerStatus:
+        """Lag and counts, read in the caller's thread (the API's)."""
+        with self.store.session() as tx:
+            parked = tx.exec(
+                select(func.count())
+                .select_from(ConsumerDeadLetterRow)
+                .where(col(ConsumerDeadLetterRow.consumer) == self.name, col(ConsumerDeadLetterRow.status) == "parked")
+            ).one()
+            oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == self.position + 1)).first()
+        lag_events = max(head - self.position, 0)
+        lag_seconds = (head_time - oldest).total_seconds() if lag_events and oldest and head_time else 0.0
+        state = "paused" if self.paused else "failing" if self.failing else "running"
+        self.metrics.consumer_lag_events.labels(self.name).set(lag_events)
+        self.metrics.consumer_lag_seconds.labels(self.name).set(max(lag_seconds, 0.0))
+        return ConsumerStatus(
+            self.name, state, self.position, lag_events, max(lag_seconds, 0.0), int(parked), self.last_error
+        )
+
+
+class Router:
+    """All consumer runners of one gateway process."""
+
+    def __init__(self, store: Store, metrics: Metrics, consumers: Sequence[Consumer], *, poll_s: float = 1.0) -> None:
+        names = [c.name for c in consumers]
+        if len(set(names)) != len(names) or not all(names):
+            msg = f"consumer names must be unique and non-empty: {names}"
+            raise ConfigError(msg)
+        self.store = store
+        self.metrics = metrics
+        self.runners = {c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s) for c in consumers}
+        self._lag_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start every consumer, each from its committed cursor."""
+        for runner in self.runners.values():
+            await runner.start()
+        self._lag_task = asyncio.create_task(self._refresh_lag(), name="iotgw-router-lag")
+
+    async def stop(self) -> None:
+        """Stop every consumer."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+        for runner in self.runners.values():
+            await runner.stop()
+
+    def notify(self) -> None:
+        """Wake every consumer: the log has grown."""
+        for runner in self.runners.values():
+            runner.notify()
+
+    def get(self, name: str) -> ConsumerRunner:
+        """The runner of one consumer, or `UnknownConsumerError`."""
+        try:
+            return self.runners[name]
+        except KeyError:
+            msg = f"no consumer {name!r}; running: {', '.join(self.runners) or 'none'}"
+            raise UnknownConsumerError(msg) from None
+
+    def status(self) -> list[ConsumerStatus]:
+        """Every consumer's state and lag (blocking: call from a thread)."""
+        try:
+            with self.store.session() as tx:
+                head = ConsumerRunner._head(tx)  # noqa: SLF001
+                head_time = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == head)).first()
+        except SQLAlchemyError as exc:  # pragma: no cover - session() translates already
+            raise StoreError(str(exc)) from exc
+        return [r.status_sync(head, head_time) for r in self.runners.values()]
+
+    async def _refresh_lag(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await asyncio.to_thread(self.status)
+            except StoreError as exc:
+                log.debug("lag refresh failed: %s", exc)
