@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import gmqtt
 from gateway.config import Settings
 from gateway.errors import PayloadError, StoreError
 from gateway.events import Event
+from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
@@ -82,26 +82,6 @@ class _Census:
         self._dirty.clear()
 
 
-class _QuietLog:
-    """At most one warning per key every `every_s` seconds, saying how many were held back."""
-
-    def __init__(self, logger: logging.Logger, every_s: float) -> None:
-        self.logger = logger
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-
-    def warn(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -self.every_s) < self.every_s:
-            self._held[key] += 1
-            return
-        held = self._held.pop(key, 0)
-        self._last[key] = now
-        suffix = f" (and {held} more {key} since the last report)" if held else ""
-        self.logger.warning(msg + "%s", *args, suffix)
-
-
 class Ingest:
     """The MQTT subscriber and batch writer. One instance per gateway process."""
 
@@ -133,7 +113,7 @@ class Ingest:
         self._pending = 0
         self._stopping = False
         self._census = _Census()
-        self._rejections = _QuietLog(log, every_s=10.0)
+        self._rejections = QuietLog(log, every_s=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from sqlmodel import Session, col, select
 
 from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.events import Event
+from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.store import ConsumerCursorRow, ConsumerDeadLetterRow, EventRow, Store, event_from_row
 
@@ -163,6 +164,7 @@ class ConsumerRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"iotgw-consumer-{self.name}")
         self._single_until = 0  # after a failed batch, go event by event up to this position
         self._attempts = 0
+        self._quiet = QuietLog(log, every_s=10.0)
 
     async def start(self) -> None:
         """Load (or create) the cursor and start the task."""
@@ -199,6 +201,11 @@ class ConsumerRunner:
                     log.warning("consumer %s: database error, retrying: %s", self.name, exc)
                     await asyncio.sleep(1.0)
                     break
+                except Exception:
+                    # A bug in the runtime must not end the consumer for good.
+                    log.exception("consumer %s: unexpected error; retrying in 1 s", self.name)
+                    await asyncio.sleep(1.0)
+                    break
                 if handled == 0:
                     break
 
@@ -232,20 +239,19 @@ class ConsumerRunner:
         self._attempts += 1
         ev = poison.event
         if self._attempts == 1:
-            log.warning(
+            self._quiet.warn(
+                "failed",
                 "consumer %s failed on event %d (%s from %s): %s; retrying up to %d times",
                 self.name, ev.position, ev.type, ev.subject, self.last_error, self.max_attempts,
             )  # fmt: skip
         if self._attempts >= self.max_attempts:
             await self._call(self._park, ev, self.last_error, self._attempts)
             self.metrics.consumer_parked.labels(self.name).inc()
-            log.error(
+            self._quiet.warn(
+                "parked",
                 "consumer %s parked event %d after %d attempts: %s",
-                self.name,
-                ev.position,
-                self._attempts,
-                self.last_error,
-            )
+                self.name, ev.position, self._attempts, self.last_error,
+            )  # fmt: skip
             self.position = ev.position
             self._attempts = 0
             return

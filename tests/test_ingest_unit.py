@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 
 import gateway.ingest
 from gateway.config import Settings
-from gateway.ingest import Ingest, _Pending, _QuietLog, utcnow
+from gateway.ingest import Ingest, _Pending, utcnow
+from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.store import Store, list_dead_letters
 
@@ -67,7 +68,7 @@ def test_odd_channel_names_do_not_become_metric_labels(ingest: Ingest) -> None:
 
 
 def test_repeated_rejections_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    quiet = _QuietLog(logging.getLogger("test.quiet"), every_s=3600)
+    quiet = QuietLog(logging.getLogger("test.quiet"), every_s=3600)
     with caplog.at_level(logging.WARNING, logger="test.quiet"):
         for i in range(100):
             quiet.warn("bad_json", "rejected %s", i)
