@@ -114,9 +114,6 @@ class Analytics(BaseConsumer):
                 row = rows[e.subject] = AnalyticsDeviceRow(device_id=e.subject, type="elevator", site=e.site)
             _apply(row, e)
         for row in rows.values():
-            # JSON columns are replaced, not mutated in place, so SQLAlchemy writes them.
-            row.faults_by_code = dict(row.faults_by_code)
-            row.mode_seconds = dict(row.mode_seconds)
             tx.add(row)
         if minutes:
             tx.execute(
@@ -167,7 +164,8 @@ def _apply(row: AnalyticsDeviceRow, e: Event) -> None:
     elif e.type == ev.FAULT_RAISED:
         code = str(e.data.get("code"))
         row.faults += 1
-        row.faults_by_code[code] = row.faults_by_code.get(code, 0) + 1
+        # JSON columns: assign a new dict (in-place changes are invisible to SQLAlchemy).
+        row.faults_by_code = {**row.faults_by_code, code: row.faults_by_code.get(code, 0) + 1}
     elif e.type == ev.FAULT_CLEARED:
         row.faults_cleared += 1
         row.fault_seconds += float(e.data.get("duration_s") or 0.0)
@@ -177,7 +175,7 @@ def _apply(row: AnalyticsDeviceRow, e: Event) -> None:
     elif e.type == ev.MODE_CHANGED:
         if row.mode is not None and row.mode_since is not None:
             spent = max((t - row.mode_since).total_seconds(), 0.0)
-            row.mode_seconds[row.mode] = row.mode_seconds.get(row.mode, 0.0) + spent
+            row.mode_seconds = {**row.mode_seconds, row.mode: row.mode_seconds.get(row.mode, 0.0) + spent}
         row.mode, row.mode_since = e.data.get("to"), t
 
 
