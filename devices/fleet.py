@@ -133,15 +133,16 @@ class SimDevice:
         backoff = 0.2
         period = 1.0 / self.cfg.rate
         while not stop.is_set():
+            client = aiomqtt.Client(
+                parts.hostname or "localhost",
+                parts.port or 1883,
+                identifier=self.model.device_id,
+                will=will,
+                keepalive=30,
+                timeout=5,
+            )
             try:
-                async with aiomqtt.Client(
-                    parts.hostname or "localhost",
-                    parts.port or 1883,
-                    identifier=self.model.device_id,
-                    will=will,
-                    keepalive=30,
-                    timeout=5,
-                ) as client:
+                async with client:
                     self.stats.connected += 1
                     try:
                         await client.publish(self.topic_status, self._status(online=True), qos=1, retain=True)
@@ -152,6 +153,7 @@ class SimDevice:
                     finally:
                         self.stats.connected -= 1
             except (aiomqtt.MqttError, TimeoutError) as exc:
+                settle(client)
                 self.stats.reconnects += 1
                 log.debug("%s: %s; reconnecting in %.1fs", self.model.device_id, exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -185,6 +187,18 @@ class SimDevice:
 
     def _status(self, *, online: bool) -> bytes:
         return json.dumps({"online": online, "type": self.type, "site": self.model.site}).encode()
+
+
+def settle(client: aiomqtt.Client) -> None:
+    """Mark a lost connection's error as seen.
+
+    On a lost connection aiomqtt's `__aexit__` returns without retrieving the error it stored,
+    and asyncio later reports "Future exception was never retrieved" for it. We have handled
+    the loss (by reconnecting), so we retrieve it here.
+    """
+    fut = client._disconnected  # noqa: SLF001 - no public accessor
+    if fut.done() and not fut.cancelled():
+        fut.exception()
 
 
 @contextlib.contextmanager

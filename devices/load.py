@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from devices.fleet import iso_now, tolerate_closed_socket_race
+from devices.fleet import iso_now, settle, tolerate_closed_socket_race
 
 
 @dataclass(slots=True)
@@ -62,13 +62,14 @@ async def publish_device(  # noqa: PLR0913
     next_at = loop.time()
     while pending:
         try:
-            async with aiomqtt.Client(
+            client = aiomqtt.Client(
                 parts.hostname or "localhost",
                 parts.port or 1883,
                 identifier=device_id,
                 timeout=10,
                 max_inflight_messages=window,
-            ) as client:
+            )
+            async with client:
                 # A window of publishes in flight is the point here, not a warning sign.
                 client.pending_calls_threshold = window + 1
                 while pending:
@@ -91,6 +92,7 @@ async def publish_device(  # noqa: PLR0913
                     if failed:
                         raise aiomqtt.MqttError(f"{len(failed)} publishes not acknowledged")  # noqa: TRY301
         except (aiomqtt.MqttError, TimeoutError):
+            settle(client)
             stats.reconnects += 1
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0.2)
