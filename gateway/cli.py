@@ -33,6 +33,7 @@ _SETTING_FLAGS = {
     "http_host": "--http-host",
     "http_port": "--http-port",
     "log_level": "--log-level",
+    "consumers": "--consumers",
 }
 
 
@@ -245,6 +246,8 @@ iotgw demo is running (Ctrl-C to stop)
   events      {base}/api/events?limit=20
   faults      {base}/api/events?type=elevator.fault.raised
   dead letters {base}/api/dead-letters
+  consumers   {base}/api/consumers
+  analytics   {base}/api/analytics/fleet
   metrics     {base}/metrics
   readiness   {base}/ready
 """,

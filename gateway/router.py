@@ -31,11 +31,19 @@ from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.events import Event
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.store import ConsumerCursorRow, ConsumerDeadLetterRow, EventRow, Store, event_from_row
+from gateway.store import (
+    ConsumerCursorRow,
+    ConsumerDeadLetterRow,
+    EventRow,
+    Store,
+    event_from_row,
+    read_events_after,
+)
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "iotgw.consumers"
+CURSOR_IDLE_WRITE_S = 5.0  # how long a cursor may trail in the database when nothing matched
 
 
 @runtime_checkable
@@ -62,6 +70,7 @@ class BaseConsumer:
     types: tuple[str, ...] = ("*",)
     max_attempts = 5  # attempts per event before it is parked
     retry_base_s = 0.05  # first retry waits up to this, doubling each attempt (full jitter, 30 s cap)
+    linger_s = 0.05  # after a wake-up, wait this long for more events (larger batches, less contention)
     batch_size = 500
     replay_resets_state = False  # True: a replay starts from scratch, after reset(tx)
 
@@ -154,6 +163,9 @@ class ConsumerRunner:
         self.max_attempts = int(getattr(consumer, "max_attempts", 5))
         self.batch_size = int(getattr(consumer, "batch_size", 500))
         self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
+        self.linger_s = float(getattr(consumer, "linger_s", 0.05))
+        self._wanted: dict[str, bool] = {}  # event type -> matches the consumer's patterns
+        self._cursor_written = 0.0
         self.position = 0
         self.paused = False
         self.failing = False
@@ -168,8 +180,7 @@ class ConsumerRunner:
 
     async def start(self) -> None:
         """Load (or create) the cursor and start the task."""
-        row = await self._call(self._load_cursor)
-        self.position, self.paused = row
+        self.paused = await self._call(self._load_cursor)
         self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
 
     async def stop(self) -> None:
@@ -177,6 +188,10 @@ class ConsumerRunner:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self._call(self._flush_cursor)
+        except StoreError as exc:
+            log.warning("consumer %s: cursor not saved on stop (it resumes a little earlier): %s", self.name, exc)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def notify(self) -> None:
@@ -194,6 +209,8 @@ class ConsumerRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             self._wake.clear()
+            # Let a few commits pile up: fewer, larger batches cost ingestion less.
+            await asyncio.sleep(self.linger_s)
             while not self.paused:
                 try:
                     handled = await self._step()
@@ -213,7 +230,7 @@ class ConsumerRunner:
         single = self.position < self._single_until
         started = time.perf_counter()
         try:
-            handled, position, matched = await self._call(self._handle_next, 1 if single else self.batch_size)
+            handled, matched = await self._call(self._handle_next, 1 if single else self.batch_size)
         except _Poison as poison:
             await self._failed(poison, single=single)
             return 1
@@ -221,9 +238,8 @@ class ConsumerRunner:
             self.metrics.consumer_handler_seconds.labels(self.name).observe(time.perf_counter() - started)
             self.metrics.consumer_events.labels(self.name).inc(matched)
         if handled:
-            self.position = position
             if self.failing:
-                log.info("consumer %s recovered at position %d", self.name, position)
+                log.info("consumer %s recovered at position %d", self.name, self.position)
             self.failing, self._attempts = False, 0
         return int(handled)
 
@@ -252,7 +268,6 @@ class ConsumerRunner:
                 "consumer %s parked event %d after %d attempts: %s",
                 self.name, ev.position, self._attempts, self.last_error,
             )  # fmt: skip
-            self.position = ev.position
             self._attempts = 0
             return
         self.metrics.consumer_retries.labels(self.name).inc()
@@ -261,52 +276,72 @@ class ConsumerRunner:
 
     # -- in the consumer's thread ------------------------------------------------------------
 
-    def _load_cursor(self) -> tuple[int, bool]:
-        with self.store.session() as tx:
+    def _load_cursor(self) -> bool:
+        with self.store.session(consumer=True) as tx:
             row = tx.get(ConsumerCursorRow, self.name)
             if row is None:
                 row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=_utcnow())
                 tx.add(row)
                 tx.commit()
-            return row.position, row.paused
+            self.position = row.position
+            return row.paused
 
-    def _handle_next(self, limit: int) -> tuple[int, int, int]:
-        """Handle the next `limit` events; returns (events read, new position, events matched)."""
-        with self.store.session() as tx:
-            cursor = tx.get(ConsumerCursorRow, self.name)
-            assert cursor is not None  # noqa: S101 - created at start
-            rows = tx.exec(
-                select(EventRow).where(col(EventRow.id) > cursor.position).order_by(col(EventRow.id)).limit(limit)
-            ).all()
-            if not rows:
-                return 0, cursor.position, 0
-            events = [event_from_row(r) for r in rows if matches(self.consumer.types, r.type)]
-            if events:
+    def _handle_next(self, limit: int) -> tuple[int, int]:
+        """Handle the next `limit` events after the cursor; returns (events read, events matched).
+
+        Runs in the consumer's thread, like every change of `self.position`.
+        """
+        with self.store.session(consumer=True) as tx:
+            events = read_events_after(tx, self.position, limit)
+            if not events:
+                return 0, 0
+            mine = [e for e in events if self._wants(e.type)]
+            last = events[-1].position
+            if mine:
                 try:
-                    self.consumer.handle(events, tx)
+                    self.consumer.handle(mine, tx)
                 except Exception as exc:
                     tx.rollback()
-                    raise _Poison(events[0], exc, rows[-1].id or 0) from exc
-            cursor.position = rows[-1].id or cursor.position
-            cursor.updated_at = _utcnow()
-            tx.add(cursor)
+                    raise _Poison(mine[0], exc, last) from exc
+            now = time.monotonic()
+            # With nothing of ours in the batch the stored cursor may trail for a few seconds:
+            # after a restart that costs a re-read of events this consumer ignores, nothing more.
+            if mine or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
+                self._write_cursor(tx, last)
+                tx.commit()
+                self._cursor_written = now
+            self.position = last
+            return len(events), len(mine)
+
+    def _wants(self, event_type: str) -> bool:
+        wanted = self._wanted.get(event_type)
+        if wanted is None:
+            wanted = self._wanted[event_type] = matches(self.consumer.types, event_type)
+        return wanted
+
+    def _write_cursor(self, tx: Session, position: int) -> None:
+        cursor = tx.get(ConsumerCursorRow, self.name)
+        assert cursor is not None  # noqa: S101 - created at start
+        cursor.position = position
+        cursor.updated_at = _utcnow()
+        tx.add(cursor)
+
+    def _flush_cursor(self) -> None:
+        with self.store.session(consumer=True) as tx:
+            self._write_cursor(tx, self.position)
             tx.commit()
-            return len(rows), cursor.position, len(events)
 
     def _park(self, ev: Event, error: str, attempts: int) -> None:
-        with self.store.session() as tx:
+        with self.store.session(consumer=True) as tx:
             tx.add(
                 ConsumerDeadLetterRow(
                     consumer=self.name, position=ev.position, event_type=ev.type, subject=ev.subject,
                     error=error, attempts=attempts, parked_at=_utcnow(),
                 )
             )  # fmt: skip
-            cursor = tx.get(ConsumerCursorRow, self.name)
-            assert cursor is not None  # noqa: S101
-            cursor.position = max(cursor.position, ev.position)
-            cursor.updated_at = _utcnow()
-            tx.add(cursor)
+            self._write_cursor(tx, max(self.position, ev.position))
             tx.commit()
+            self.position = max(self.position, ev.position)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -314,7 +349,7 @@ class ConsumerRunner:
         """Pause or resume; persisted, so it survives a restart."""
 
         def write() -> None:
-            with self.store.session() as tx:
+            with self.store.session(consumer=True) as tx:
                 cursor = tx.get(ConsumerCursorRow, self.name)
                 assert cursor is not None  # noqa: S101
                 cursor.paused = paused
@@ -331,7 +366,7 @@ class ConsumerRunner:
         resets = bool(getattr(self.consumer, "replay_resets_state", False))
 
         def write() -> int:
-            with self.store.session() as tx:
+            with self.store.session(consumer=True) as tx:
                 if resets:
                     target = 0  # derived state is rebuilt from the start of the log
                     self.consumer.reset(tx)  # type: ignore[attr-defined]
@@ -340,16 +375,13 @@ class ConsumerRunner:
                     target = (first - 1) if first is not None else self._head(tx)
                 else:
                     target = max((from_position or 1) - 1, 0)
-                cursor = tx.get(ConsumerCursorRow, self.name)
-                assert cursor is not None  # noqa: S101
-                cursor.position = target
-                cursor.updated_at = _utcnow()
-                tx.add(cursor)
+                self._write_cursor(tx, target)
                 tx.commit()
+                self.position = target
+                self._single_until = 0
                 return target
 
-        self.position = await self._call(write)
-        self._single_until = 0
+        await self._call(write)
         self._wake.set()
         return self.position
 
@@ -361,7 +393,7 @@ class ConsumerRunner:
         """Hand one parked event to the consumer again; on success it is marked retried."""
 
         def run() -> None:
-            with self.store.session() as tx:
+            with self.store.session(consumer=True) as tx:
                 row = tx.get(ConsumerDeadLetterRow, dead_letter_id)
                 if row is None or row.consumer != self.name:
                     msg = f"consumer {self.name} has no parked event {dead_letter_id}"

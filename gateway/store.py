@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Engine, Index, String, Table, UniqueConstraint, event, func, text
 from sqlalchemy import insert as sa_insert
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -180,6 +181,27 @@ def _table(model: type[SQLModel]) -> Table:
     return table
 
 
+_EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data")
+
+
+def read_events_after(tx: Session, position: int, limit: int) -> list[Event]:
+    """The next `limit` events after `position`, in log order.
+
+    Read as plain columns, not ORM objects: building a validated SQLModel object per row was
+    most of a consumer's time in the benchmark.
+    """
+    table = _table(EventRow)
+    cols = [table.c[name] for name in _EVENT_COLUMNS]
+    stmt = sa_select(*cols).where(table.c.id > position).order_by(table.c.id).limit(limit)
+    return [
+        Event(
+            id=ce_id, source=source, type=etype, time=time, subject=subject, data=data,
+            sequence=sequence, part=part, site=site, position=pos,
+        )
+        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in tx.execute(stmt)
+    ]  # fmt: skip
+
+
 def event_from_row(row: EventRow) -> Event:
     """The stored event as consumers see it, with its log position."""
     return Event(
@@ -201,23 +223,30 @@ def shadow_from_row(row: DeviceRow) -> Shadow:
     return Shadow(device_id=row.device_id, **{f: getattr(row, f) for f in _SHADOW_FIELDS})
 
 
-def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL: readers (API, consumers) never block the writer. synchronous=FULL: a commit we
-    # acknowledge to the broker survives a power cut, not only a process crash.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
+    def apply(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (API, consumers) never block the writer
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL mode. Only SQLite and PostgreSQL are supported."""
+def make_engine(url: str, *, durable: bool = True) -> Engine:
+    """An engine for `url`; SQLite gets WAL mode. Only SQLite and PostgreSQL are supported.
+
+    `durable` (SQLite): synchronous=FULL, so a commit survives a power cut; ingest needs that,
+    because it acknowledges to the broker after the commit. Consumers use NORMAL (still atomic,
+    and safe against a process crash): a power cut can at worst undo their last commits, effects
+    and cursor together, and they redo that work from the log.
+    """
     try:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
-            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "connect", _sqlite_pragmas("FULL" if durable else "NORMAL"))
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_pre_ping=True)
         else:
@@ -235,6 +264,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        # Consumers' own engine (see make_engine); on PostgreSQL simply the same one.
+        self.consumer_engine = make_engine(url, durable=False) if url.startswith("sqlite") else self.engine
         dialect = self.engine.dialect
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         # SQLite keeps datetimes as text in SQLAlchemy's format; other drivers take datetimes.
@@ -261,12 +292,13 @@ class Store:
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
+        self.consumer_engine.dispose()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose SQLAlchemy errors surface as `StoreError`."""
+    def session(self, *, consumer: bool = False) -> Iterator[Session]:
+        """A session whose SQLAlchemy errors surface as `StoreError` (`consumer`: on the consumers' engine)."""
         try:
-            with Session(self.engine) as s:
+            with Session(self.consumer_engine if consumer else self.engine) as s:
                 yield s
         except SQLAlchemyError as exc:
             msg = f"database error: {exc}"
