@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, delete, text
+from sqlalchemy import JSON, Column, delete, func, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from gateway import events as ev
@@ -197,20 +197,28 @@ class ElevatorFigures:
     mttr_s: float | None  # mean fault duration (raised -> cleared)
 
 
-def _mode_seconds(row: AnalyticsDeviceRow) -> dict[str, float]:
+def _mode_seconds(row: AnalyticsDeviceRow, horizon: datetime | None) -> dict[str, float]:
     out = dict(row.mode_seconds)
-    if row.mode and row.mode_since and row.last_time:
-        out[row.mode] = out.get(row.mode, 0.0) + max((row.last_time - row.mode_since).total_seconds(), 0.0)
+    end = horizon or row.last_time
+    if row.mode and row.mode_since and end:
+        out[row.mode] = out.get(row.mode, 0.0) + max((end - row.mode_since).total_seconds(), 0.0)
     return out
 
 
-def figures(rows: Sequence[AnalyticsDeviceRow]) -> ElevatorFigures:
-    """Sum the figures of elevator rows (one row: that elevator)."""
+def _horizon(tx: Session) -> datetime | None:
+    # The current mode lasts until the newest event of the whole fleet: an elevator stuck in a
+    # fault publishes nothing, yet its fault goes on. Taken from the log, not the clock, so a
+    # replay gives the same figures.
+    return tx.exec(select(func.max(AnalyticsDeviceRow.last_time))).one()
+
+
+def figures(rows: Sequence[AnalyticsDeviceRow], horizon: datetime | None = None) -> ElevatorFigures:
+    """Sum the figures of elevator rows (one row: that elevator); open modes last until `horizon`."""
     modes: dict[str, float] = defaultdict(float)
     by_code: dict[str, int] = defaultdict(int)
     cleared, fault_s = 0, 0.0
     for r in rows:
-        for m, sec in _mode_seconds(r).items():
+        for m, sec in _mode_seconds(r, horizon).items():
             modes[m] += sec
         for c, n in r.faults_by_code.items():
             by_code[c] += n
@@ -240,6 +248,7 @@ def fleet(store: Store) -> dict[str, Any]:
     """Figures per site and for the whole fleet (elevators), plus device counts by type."""
     with store.session() as tx:
         rows = list(tx.exec(select(AnalyticsDeviceRow)))
+        horizon = _horizon(tx)
     elevators = [r for r in rows if r.type == "elevator"]
     by_site: dict[str, list[AnalyticsDeviceRow]] = defaultdict(list)
     for r in elevators:
@@ -249,8 +258,8 @@ def fleet(store: Store) -> dict[str, Any]:
         counts[r.type or "unknown"] += 1
     return {
         "devices_by_type": dict(sorted(counts.items())),
-        "total": figures(elevators),
-        "sites": {site: figures(rs) for site, rs in sorted(by_site.items())},
+        "total": figures(elevators, horizon),
+        "sites": {site: figures(rs, horizon) for site, rs in sorted(by_site.items())},
     }
 
 
@@ -262,7 +271,7 @@ def device(store: Store, device_id: str) -> dict[str, Any] | None:
             return None
         out: dict[str, Any] = {"device_id": row.device_id, "type": row.type, "site": row.site}
         if row.type == "elevator":
-            out["figures"] = figures([row])
+            out["figures"] = figures([row], _horizon(tx))
             return out
         last = tx.exec(
             select(AnalyticsSensorMinuteRow.minute)
@@ -297,8 +306,10 @@ def publish_metrics(store: Store, metrics: Metrics, *, max_device_series: int) -
         _set(metrics, "site", {"site": site}, f)
     if data["total"].elevators <= max_device_series:
         with store.session() as tx:
+            horizon = _horizon(tx)
             for r in tx.exec(select(AnalyticsDeviceRow).where(col(AnalyticsDeviceRow.type) == "elevator")):
-                _set(metrics, "elevator", {"device": r.device_id, "site": r.site or "unknown"}, figures([r]))
+                labels = {"device": r.device_id, "site": r.site or "unknown"}
+                _set(metrics, "elevator", labels, figures([r], horizon))
 
 
 def _set(metrics: Metrics, level: str, labels: dict[str, str], f: ElevatorFigures) -> None:

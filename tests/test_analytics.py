@@ -175,3 +175,20 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(broker:
     for k, v in after_crash["total"].items():
         assert rebuilt_figures["total"][k] == v, k
     assert rebuilt_figures == after_crash
+
+
+def test_an_open_fault_counts_until_the_newest_event_of_the_fleet(store: Store) -> None:
+    feed(
+        store,
+        [
+            e("device.discovered", 0, state={"mode": "normal"}),
+            e("elevator.mode.changed", 60, **{"from": "normal", "to": "fault"}),
+            e("elevator.fault.raised", 60, code="DOOR_JAM"),
+            # The jammed car says nothing more; the rest of the fleet goes on.
+            e("elevator.trip.completed", 300, subject="el-2", floors=1),
+        ],
+    )
+    out = device(store, "el-1")
+    assert out is not None
+    assert out["figures"].mode_seconds == {"fault": 240.0, "normal": 60.0}
+    assert out["figures"].availability == 0.2
