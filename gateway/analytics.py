@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, delete, func, text
+from sqlalchemy import JSON, Column, delete, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from gateway import events as ev
@@ -65,9 +65,9 @@ class AnalyticsSensorMinuteRow(SQLModel, table=True):
     vmax: float = 0.0
 
 
-_MINUTE_UPSERT = text(
+_MINUTE_UPSERT = (
     "INSERT INTO analytics_sensor_minutes (device_id, minute, count, total, vmin, vmax) "
-    "VALUES (:device_id, :minute, :count, :total, :vmin, :vmax) "
+    "VALUES ({m}, {m}, {m}, {m}, {m}, {m}) "
     "ON CONFLICT (device_id, minute) DO UPDATE SET count = analytics_sensor_minutes.count + excluded.count, "
     "total = analytics_sensor_minutes.total + excluded.total, "
     "vmin = CASE WHEN excluded.vmin < analytics_sensor_minutes.vmin THEN excluded.vmin "
@@ -116,12 +116,10 @@ class Analytics(BaseConsumer):
         for row in rows.values():
             tx.add(row)
         if minutes:
-            tx.execute(
-                _MINUTE_UPSERT,
-                [
-                    {"device_id": d, "minute": m, "count": a[0], "total": a[1], "vmin": a[2], "vmax": a[3]}
-                    for (d, m), a in minutes.items()
-                ],
+            conn = tx.connection()
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            conn.exec_driver_sql(
+                _MINUTE_UPSERT.format(m=mark), [(d, m, a[0], a[1], a[2], a[3]) for (d, m), a in minutes.items()]
             )
         self._touch_sensors(tx, sensors)
 
