@@ -19,7 +19,7 @@ from gateway import events as ev
 from gateway.events import Event
 from gateway.metrics import Metrics
 from gateway.router import BaseConsumer
-from gateway.store import Store, UTCDateTime
+from gateway.store import Store, UTCDateTime, read_events
 
 UNIT_TYPES = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 WINDOWS = {"1h": 60, "24h": 24 * 60}  # minutes
@@ -77,13 +77,34 @@ _MINUTE_UPSERT = (
 )
 
 
+_READINGS = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
+_SQLITE_MINUTES_FROM_LOG = (
+    "INSERT INTO analytics_sensor_minutes (device_id, minute, count, total, vmin, vmax) "  # noqa: S608 - constants
+    "SELECT subject, minute, count(*), sum(v), min(v), max(v) FROM ("
+    "SELECT subject, CAST(strftime('%s', time) AS INTEGER) / 60 AS minute, "
+    f"CAST(json_extract(data, '$.value') AS REAL) AS v {_READINGS}) WHERE true GROUP BY subject, minute "
+    + _MINUTE_UPSERT[_MINUTE_UPSERT.index("ON CONFLICT") :]
+)
+_SQLITE_SENSORS_FROM_LOG = (
+    "INSERT INTO analytics_devices (device_id, type, site, trips, floors, door_cycles, faults, faults_by_code, "
+    "faults_cleared, fault_seconds, entrapments, mode_seconds, first_time, last_time) "
+    "SELECT subject, max(CASE json_extract(data, '$.unit') WHEN 'C' THEN 'temperature' WHEN 'mm/s' THEN 'vibration' "
+    "WHEN '%RH' THEN 'humidity' WHEN 'W' THEN 'power' ELSE 'sensor' END), max(site), 0, 0, 0, 0, '{}', 0, 0, 0, '{}', "
+    f"min(time), max(time) {_READINGS} GROUP BY subject "
+    "ON CONFLICT (device_id) DO UPDATE SET site = coalesce(excluded.site, analytics_devices.site), "
+    "last_time = CASE WHEN analytics_devices.last_time IS NULL OR excluded.last_time > analytics_devices.last_time "
+    "THEN excluded.last_time ELSE analytics_devices.last_time END"
+)
+
+
 class Analytics(BaseConsumer):
     """Elevator KPIs and sensor aggregates, per device (sites are summed at query time)."""
 
     name = "analytics"
-    types = ("device.discovered", "elevator.*", "sensor.reading")
+    # Sensor readings, most of the log, are not read row by row: handle_span aggregates them.
+    types = ("device.discovered", "elevator.*")
     replay_resets_state = True
-    batch_size = 1000
+    batch_size = 2000
 
     def reset(self, tx: Session) -> None:
         """Forget every figure; a replay from the start rebuilds them."""
@@ -122,6 +143,21 @@ class Analytics(BaseConsumer):
                 _MINUTE_UPSERT.format(m=mark), [(d, m, a[0], a[1], a[2], a[3]) for (d, m), a in minutes.items()]
             )
         self._touch_sensors(tx, sensors)
+
+    def handle_span(self, tx: Session, after: int, upto: int) -> None:
+        """Fold the sensor readings with after < position <= upto into the minute buckets.
+
+        On SQLite in one INSERT ... SELECT (JSON1, in C): reading each row into Python cost
+        ingestion a quarter of its rate in the benchmark. Elsewhere, the rows go through `handle`.
+        """
+        conn = tx.connection()
+        if conn.dialect.name != "sqlite":
+            readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
+            if readings:
+                self.handle(readings, tx)
+            return
+        conn.exec_driver_sql(_SQLITE_MINUTES_FROM_LOG, (after, upto))
+        conn.exec_driver_sql(_SQLITE_SENSORS_FROM_LOG, (after, upto))
 
     @staticmethod
     def _touch_sensors(tx: Session, latest: dict[str, Event]) -> None:

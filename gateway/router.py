@@ -36,8 +36,9 @@ from gateway.store import (
     ConsumerDeadLetterRow,
     EventRow,
     Store,
+    batch_end,
     event_from_row,
-    read_events_after,
+    read_events,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class Consumer(Protocol):
     `types` are patterns (`elevator.*`, `sensor.reading`, `*`). `handle` gets the matching events
     of one batch, in log order, and `tx`: write with it and the writes commit together with the
     cursor. Optional attributes (see `BaseConsumer`): `max_attempts`, `batch_size`,
-    `replay_resets_state` and `reset(tx)`.
+    `replay_resets_state` and `reset(tx)`, `linger_s`, `retry_base_s`, and
+    `handle_span(tx, after, upto)`, called for every batch with the range of positions it
+    covers (after < position <= upto), for consumers that aggregate in SQL.
     """
 
     name: str
@@ -165,6 +168,7 @@ class ConsumerRunner:
         self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
         self.linger_s = float(getattr(consumer, "linger_s", 0.05))
         self._wanted: dict[str, bool] = {}  # event type -> matches the consumer's patterns
+        self._span: Callable[[Session, int, int], None] | None = getattr(consumer, "handle_span", None)
         self._cursor_written = 0.0
         self.position = 0
         self.paused = False
@@ -287,31 +291,36 @@ class ConsumerRunner:
             return row.paused
 
     def _handle_next(self, limit: int) -> tuple[int, int]:
-        """Handle the next `limit` events after the cursor; returns (events read, events matched).
+        """Handle the next `limit` events after the cursor; returns (positions covered, events handled).
 
+        Only events of the consumer's types are read; a consumer with `handle_span` is also
+        told the whole span, to aggregate in SQL what it would not want to read row by row.
         Runs in the consumer's thread, like every change of `self.position`.
         """
         with self.store.session(consumer=True) as tx:
-            events = read_events_after(tx, self.position, limit)
-            if not events:
+            after = self.position
+            upto = batch_end(tx, after, limit)
+            if upto is None:
                 return 0, 0
-            mine = [e for e in events if self._wants(e.type)]
-            last = events[-1].position
-            if mine:
-                try:
+            mine = [e for e in read_events(tx, after, upto, self.consumer.types) if self._wants(e.type)]
+            try:
+                if self._span is not None:
+                    self._span(tx, after, upto)
+                if mine:
                     self.consumer.handle(mine, tx)
-                except Exception as exc:
-                    tx.rollback()
-                    raise _Poison(mine[0], exc, last) from exc
+            except Exception as exc:
+                tx.rollback()
+                culprit = mine[0] if mine else read_events(tx, after, upto)[0]
+                raise _Poison(culprit, exc, upto) from exc
             now = time.monotonic()
-            # With nothing of ours in the batch the stored cursor may trail for a few seconds:
+            # With nothing of ours in the span the stored cursor may trail for a few seconds:
             # after a restart that costs a re-read of events this consumer ignores, nothing more.
-            if mine or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
-                self._write_cursor(tx, last)
+            if mine or self._span is not None or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
+                self._write_cursor(tx, upto)
                 tx.commit()
                 self._cursor_written = now
-            self.position = last
-            return len(events), len(mine)
+            self.position = upto
+            return upto - after, len(mine)
 
     def _wants(self, event_type: str) -> bool:
         wanted = self._wanted.get(event_type)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Engine, Index, String, Table, UniqueConstraint, event, func, text
+from sqlalchemy import JSON, Column, DateTime, Engine, Index, String, Table, UniqueConstraint, event, func, or_, text
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -184,23 +184,61 @@ def _table(model: type[SQLModel]) -> Table:
 _EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data")
 
 
-def read_events_after(tx: Session, position: int, limit: int) -> list[Event]:
-    """The next `limit` events after `position`, in log order.
+def batch_end(tx: Session, position: int, limit: int) -> int | None:
+    """Position of the `limit`-th event after `position` (or of the last one); None when none."""
+    table = _table(EventRow)
+    ids = sa_select(table.c.id).where(table.c.id > position).order_by(table.c.id).limit(limit).subquery()
+    end = tx.execute(sa_select(func.max(ids.c.id))).scalar()
+    return int(end) if end is not None else None
+
+
+def type_filter(patterns: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """(exact types, LIKE prefixes) selecting at least the types `patterns` match; None = all.
+
+    A LIKE prefix can select more than the pattern ('_' is a LIKE wildcard), so callers filter
+    the rows again with the patterns themselves.
+    """
+    exact: list[str] = []
+    prefixes: list[str] = []
+    for p in patterns:
+        if not any(c in p for c in "*?["):
+            exact.append(p)
+        elif p.endswith("*") and not any(c in p[:-1] for c in "*?["):
+            prefixes.append(p[:-1] + "%")
+        else:
+            return None  # "*" or a pattern SQL cannot express: read everything
+    return exact, prefixes
+
+
+def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("*",)) -> list[Event]:
+    """Events with after < position <= upto whose type may match `patterns`, in log order.
 
     On SQLite the rows come straight from the driver and are converted here (fromisoformat and
     json.loads, both in C): validated ORM objects, then SQLAlchemy's per-column processing, were
     most of a consumer's time in the benchmark.
     """
     conn = tx.connection()
-    if conn.dialect.name != "sqlite":
-        table = _table(EventRow)
-        stmt = sa_select(*[table.c[n] for n in _EVENT_COLUMNS]).where(table.c.id > position)
-        rows: Iterable[Any] = conn.execute(stmt.order_by(table.c.id).limit(limit))
-        parse_time: Callable[[Any], datetime] = _as_utc
-        parse_data: Callable[[Any], dict[str, Any]] = dict
+    wanted = type_filter(patterns)
+    if conn.dialect.name == "sqlite":
+        sql = _SQL_EVENTS_BETWEEN
+        params: list[object] = [after, upto]
+        if wanted is not None:
+            exact, prefixes = wanted
+            terms = [f"type IN ({', '.join('?' * len(exact))})"] if exact else []
+            terms += ["type LIKE ?"] * len(prefixes)
+            sql += " AND (" + " OR ".join(terms or ["0"]) + ")"
+            params += exact + prefixes
+        rows: Iterable[Any] = conn.exec_driver_sql(sql + " ORDER BY id", tuple(params)).fetchall()
+        parse_time: Callable[[Any], datetime] = _sqlite_time
+        parse_data: Callable[[Any], dict[str, Any]] = json.loads
     else:
-        rows = conn.exec_driver_sql(_SQL_EVENTS_AFTER, (position, limit)).fetchall()
-        parse_time, parse_data = _sqlite_time, json.loads
+        table = _table(EventRow)
+        stmt = sa_select(*[table.c[n] for n in _EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
+        if wanted is not None:
+            exact, prefixes = wanted
+            stmt = stmt.where(or_(table.c.type.in_(exact), *[table.c.type.like(p) for p in prefixes]))
+        rows = conn.execute(stmt.order_by(table.c.id))
+        parse_time, parse_data = _as_utc, dict
     return [
         Event(
             id=ce_id, source=source, type=etype, time=parse_time(time), subject=subject,
@@ -210,7 +248,7 @@ def read_events_after(tx: Session, position: int, limit: int) -> list[Event]:
     ]  # fmt: skip
 
 
-_SQL_EVENTS_AFTER = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608
+_SQL_EVENTS_BETWEEN = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events WHERE id > ? AND id <= ?"  # noqa: S608
 
 
 def _sqlite_time(text_value: str) -> datetime:

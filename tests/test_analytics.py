@@ -192,3 +192,38 @@ def test_an_open_fault_counts_until_the_newest_event_of_the_fleet(store: Store) 
     assert out is not None
     assert out["figures"].mode_seconds == {"fault": 240.0, "normal": 60.0}
     assert out["figures"].availability == 0.2
+
+
+def test_sql_aggregation_of_readings_equals_the_python_path(tmp_path: Path) -> None:
+    units = {"s-0": "C", "s-1": "W", "s-2": "%RH"}
+    readings = [
+        e(
+            "sensor.reading",
+            sec,
+            subject=f"s-{i % 3}",
+            site=f"site-{i % 3}",
+            value=float(sec % 17) - 3.5,
+            unit=units[f"s-{i % 3}"],
+        )
+        for i, sec in enumerate(range(0, 7200, 7))
+    ]
+    via_sql = Store(f"sqlite:///{tmp_path / 'sql.db'}")
+    via_sql.create_schema()
+    numbered = [
+        Event(f"r-{i}", r.source, r.type, r.time, r.subject, r.data, i, 0, r.site) for i, r in enumerate(readings)
+    ]
+    via_sql.append_batch(numbered, [], [], now=T0)
+    with via_sql.session() as tx:
+        Analytics().handle_span(tx, 0, len(readings))
+        tx.commit()
+    via_python = Store(f"sqlite:///{tmp_path / 'py.db'}")
+    via_python.create_schema()
+    feed(via_python, readings)
+    for device_id in units:
+        out = device(via_sql, device_id)
+        assert out is not None
+        assert out["windows"]["24h"]["count"] == len(readings) // 3
+        assert out == device(via_python, device_id)
+    assert fleet(via_sql)["devices_by_type"] == fleet(via_python)["devices_by_type"] == {
+        "humidity": 1, "power": 1, "temperature": 1,
+    }  # fmt: skip
