@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,9 @@ from gateway import __version__
 from gateway.broker import Mosquitto, port_open
 from gateway.config import Settings
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from devices.fleet import FleetConfig
 
 log = logging.getLogger("iotgw")
 
@@ -147,21 +150,9 @@ async def _run(settings: Settings) -> int:
 
 
 async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from devices.fleet import Fleet, FleetConfig, Progress, summary  # noqa: PLC0415
+    from devices.fleet import Fleet, Progress, summary  # noqa: PLC0415
 
-    cfg = FleetConfig(
-        mqtt_url=settings.mqtt_url,
-        elevators=args.elevators,
-        sensors=args.sensors,
-        rate=args.rate,
-        fault_rate=args.fault_rate,
-        seed=args.seed,
-        duration=args.duration,
-        steps=args.steps,
-        sites=args.sites,
-        prefix=args.prefix,
-    )
-    _check_fleet(cfg.elevators, cfg.sensors, cfg.rate, cfg.fault_rate)
+    cfg = _fleet_config(args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix)
     fleet = Fleet(cfg, on_tick=Progress())
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())
@@ -172,6 +163,23 @@ async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         watcher.cancel()
     print("\n" + json.dumps(summary(stats)), file=sys.stderr)  # noqa: T201
     return 0
+
+
+def _fleet_config(args: argparse.Namespace, settings: Settings, **extra: Any) -> FleetConfig:  # noqa: ANN401
+    """The fleet the command line describes (validated)."""
+    from devices.fleet import FleetConfig  # noqa: PLC0415
+
+    _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
+    return FleetConfig(
+        mqtt_url=settings.mqtt_url,
+        elevators=args.elevators,
+        sensors=args.sensors,
+        rate=args.rate,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+        sites=args.sites,
+        **extra,
+    )
 
 
 def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -> None:
@@ -187,11 +195,11 @@ def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from devices.fleet import Fleet, FleetConfig  # noqa: PLC0415
+    from devices.fleet import Fleet  # noqa: PLC0415
     from devices.misbehave import publish_bad  # noqa: PLC0415
     from gateway.service import Gateway  # noqa: PLC0415
 
-    _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
+    fleet_cfg = _fleet_config(args, settings, prefix="demo-")
     broker: Mosquitto | None = None
     if not port_open(settings.mqtt_host, settings.mqtt_port):
         # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
@@ -206,17 +214,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     fleet_task: asyncio.Task[Any] | None = None
     try:
         await gw.start()
-        cfg = FleetConfig(
-            mqtt_url=settings.mqtt_url,
-            elevators=args.elevators,
-            sensors=args.sensors,
-            rate=args.rate,
-            fault_rate=args.fault_rate,
-            seed=args.seed,
-            sites=args.sites,
-            prefix="demo-",
-        )
-        fleet = Fleet(cfg)
+        fleet = Fleet(fleet_cfg)
         fleet_task = asyncio.create_task(fleet.run())
         base = f"http://{settings.http_host}:{settings.http_port}"
         _print_banner(base, settings)
