@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--steps", type=int, default=None, help="stop each device after this many steps")
     sim.add_argument("--prefix", default="", help="prefix for device ids (several fleets on one broker)")
 
+    rules = sub.add_parser("rules", help="alert rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate a rules file; errors name their line")
+    check.add_argument("file", type=Path)
+
     demo = sub.add_parser("demo", help="everything on one machine: Mosquitto, gateway, API and a fleet with faults")
     _add_settings(demo)
     _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.01)
@@ -101,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = _settings(args)
             _logging(settings.log_level)
             return asyncio.run(_run(settings))
+        if args.command == "rules":
+            return _rules_check(args.file)
         if args.command == "simulate":
             settings = _settings(args)
             _logging(settings.log_level)
@@ -118,6 +125,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"iotgw: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _rules_check(path: Path) -> int:
+    from alerts.rules import RulesError, load_rules_file  # noqa: PLC0415
+
+    try:
+        ruleset = load_rules_file(path)
+    except RulesError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return 1
+    kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
+    print(f"{path}: {len(ruleset.rules)} rules OK ({kinds})")  # noqa: T201
+    return 0
 
 
 def _logging(level: str) -> None:

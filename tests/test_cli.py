@@ -57,3 +57,12 @@ def test_broker_config_rendering_keeps_the_project_settings() -> None:
     assert "max_queued_messages 1000000" in out
     with pytest.raises(BrokerError):
         render_config("persistence true\n", port=1, data_dir=Path("/tmp"))
+
+
+def test_rules_check_reports_ok_and_errors_with_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "check", str(ROOT / "alerts" / "rules.yaml")]) == 0
+    assert "rules OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: a\n    severity: loud\n    summary: s\n    absence: {heartbeat: 1m}\n")
+    assert main(["rules", "check", str(bad)]) == 1
+    assert f"{bad}:3: rules.0.severity" in capsys.readouterr().err

@@ -1,0 +1,432 @@
+"""Alert rules: the models, loading from YAML with line numbers, and pure evaluation.
+
+A rule watches one device at a time (the key is rule + device). `step()` is a pure function of
+the rule, the key's state, one observation (an event with the device's current state) or none
+(a timer tick), and `now`; it returns the new state and a signal: FIRE, CLEAR or nothing. The
+alert engine owns the lifecycle (acknowledge, flapping, silences) and the clock.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import GatewayError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `90`, `90s`, `5m`, `1.5h`, `2d` or `250ms`."""
+    if isinstance(value, bool):
+        msg = "a duration is a number of seconds or a string like 90s, 5m, 1h"
+        raise TypeError(msg)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        msg = f"{value!r} is not a duration (use seconds or 90s, 5m, 1h, 2d)"
+        raise ValueError(msg)
+    if seconds < 0:
+        msg = "a duration cannot be negative"
+        raise ValueError(msg)
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Severity(StrEnum):
+    """How bad it is, most severe first."""
+
+    CRITICAL = "critical"
+    MAJOR = "major"
+    MINOR = "minor"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Selector(_Strict):
+    """Which devices a rule applies to; every given field must match."""
+
+    type: list[str] | None = None
+    site: list[str] | None = None
+    ids: list[str] | None = None  # fnmatch patterns, e.g. "elev-*"
+    labels: dict[str, str] | None = None
+
+    def matches(self, device: DeviceInfo) -> bool:
+        """True when `device` is selected."""
+        if self.type is not None and device.type not in self.type:
+            return False
+        if self.site is not None and device.site not in self.site:
+            return False
+        if self.ids is not None and not any(fnmatch.fnmatchcase(device.device_id, p) for p in self.ids):
+            return False
+        return self.labels is None or all(device.labels.get(k) == v for k, v in self.labels.items())
+
+
+class EventMatch(_Strict):
+    """An event type (fnmatch pattern) and data fields that must be equal."""
+
+    type: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def matches(self, event_type: str, data: Mapping[str, Any]) -> bool:
+        """True when the event is of that type and carries those data values."""
+        return fnmatch.fnmatchcase(event_type, self.type) and all(data.get(k) == v for k, v in self.data.items())
+
+
+class EventCondition(EventMatch):
+    """Fires on a matching event; clears on `clear` (an event) or after `clear_after`."""
+
+    clear: EventMatch | None = None
+    clear_after: Duration | None = None
+
+    @model_validator(mode="after")
+    def _needs_an_end(self) -> EventCondition:
+        if self.clear is None and self.clear_after is None:
+            msg = "an event condition needs `clear` (an event) or `clear_after` (a duration) to resolve"
+            raise ValueError(msg)
+        return self
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+}  # fmt: skip
+
+
+class StateCondition(_Strict):
+    """A field of the device state compared with a value (`door == open`)."""
+
+    field: str
+    op: Literal["==", "!=", ">", ">=", "<", "<="] = "=="
+    value: Any
+
+
+class ThresholdCondition(_Strict):
+    """A reading above/below a limit, with a separate clear limit (hysteresis)."""
+
+    field: str = "value"
+    above: float | None = None
+    below: float | None = None
+    clear_below: float | None = None  # for `above`; defaults to `above`
+    clear_above: float | None = None  # for `below`; defaults to `below`
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> ThresholdCondition:
+        if (self.above is None) == (self.below is None):
+            msg = "a threshold has exactly one of `above` and `below`"
+            raise ValueError(msg)
+        if self.above is not None and self.clear_below is not None and self.clear_below > self.above:
+            msg = "clear_below must not be above `above` (it is the hysteresis band's lower edge)"
+            raise ValueError(msg)
+        if self.below is not None and self.clear_above is not None and self.clear_above < self.below:
+            msg = "clear_above must not be below `below` (it is the hysteresis band's upper edge)"
+            raise ValueError(msg)
+        return self
+
+
+class AbsenceCondition(_Strict):
+    """No message from the device for longer than its heartbeat."""
+
+    heartbeat: Duration = Field(gt=0)
+
+
+class RateCondition(_Strict):
+    """More than `above` matching events within a sliding `window`."""
+
+    event: EventMatch
+    window: Duration = Field(gt=0)
+    above: int = Field(ge=0)
+
+
+class Rule(_Strict):
+    """One alert rule: which devices, how severe, what to say, and exactly one condition."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    severity: Severity
+    summary: str = Field(min_length=1, max_length=500)
+    select: Selector = Field(default_factory=Selector)
+    event: EventCondition | None = None
+    state: StateCondition | None = None
+    threshold: ThresholdCondition | None = None
+    absence: AbsenceCondition | None = None
+    rate: RateCondition | None = None
+    # Anti-flap: N consecutive breaching observations and/or `for` seconds to fire,
+    # `clear_for` seconds of the condition being false to clear.
+    consecutive: int = Field(default=1, ge=1, le=1000)
+    for_: Duration = Field(default=0.0, alias="for")
+    clear_for: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _exactly_one_condition(self) -> Rule:
+        given = [k for k in ("event", "state", "threshold", "absence", "rate") if getattr(self, k) is not None]
+        if len(given) != 1:
+            msg = f"a rule has exactly one condition (event, state, threshold, absence or rate); got {given or 'none'}"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which condition the rule has."""
+        for k in ("event", "state", "threshold", "absence", "rate"):
+            if getattr(self, k) is not None:
+                return k
+        raise AssertionError  # pragma: no cover - validated at construction
+
+    def render(self, device: DeviceInfo, values: Mapping[str, Any]) -> str:
+        """The summary with {device}, {site}, {type} and state/event fields filled in."""
+        fields = {**values, "device": device.device_id, "site": device.site or "", "type": device.type or ""}
+        try:
+            return self.summary.format_map(_Missing(fields))
+        except (ValueError, IndexError):
+            return self.summary
+
+
+class _Missing(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+class RuleSet(_Strict):
+    """A rules file: `rules: [...]` with unique names."""
+
+    rules: list[Rule]
+
+    @model_validator(mode="after")
+    def _unique(self) -> RuleSet:
+        seen: set[str] = set()
+        for r in self.rules:
+            if r.name in seen:
+                msg = f"rule name {r.name!r} is used twice"
+                raise ValueError(msg)
+            seen.add(r.name)
+        return self
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+class RulesError(GatewayError):
+    """A rules file is invalid; `problems` are (line, message) pairs."""
+
+    def __init__(self, path: str, problems: list[tuple[int | None, str]]) -> None:
+        lines = [f"{path}:{line}: {msg}" if line else f"{path}: {msg}" for line, msg in problems]
+        super().__init__("\n".join(lines))
+        self.problems = problems
+
+
+def load_rules(text: str, path: str = "<rules>") -> RuleSet:
+    """Parse and validate a rules file; every problem is reported with its line number."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RulesError(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict) or "rules" not in data:
+        raise RulesError(path, [(1, "the file must be a mapping with a `rules:` list")])
+    try:
+        return RuleSet.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            (_line_of(node, err["loc"]), f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+            for err in exc.errors()
+        ]
+        raise RulesError(path, problems) from None
+
+
+def load_rules_file(path: Path) -> RuleSet:
+    """`load_rules` on a file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
+    return load_rules(text, str(path))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the deepest YAML node on the error's path."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            key = "for" if part == "for_" else part
+            child = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        else:
+            child = None
+        if child is None:
+            break
+        node = child
+        line = node.start_mark.line + 1
+    return line
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceInfo:
+    """What a selector and a summary need to know of a device."""
+
+    device_id: str
+    type: str | None = None
+    site: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Observation:
+    """One event of a device, with the device's state after it."""
+
+    time: datetime
+    event_type: str
+    data: Mapping[str, Any]
+    state: Mapping[str, Any]
+
+
+class Signal(StrEnum):
+    """What a step asks of the alert lifecycle."""
+
+    FIRE = "fire"
+    CLEAR = "clear"
+
+
+@dataclass(slots=True, frozen=True)
+class KeyState:
+    """Evaluation state of one (rule, device) key."""
+
+    breaching: bool = False
+    since: datetime | None = None  # when the condition last became true
+    clear_since: datetime | None = None  # when it last became false while firing
+    breaches: int = 0  # consecutive breaching observations
+    firing: bool = False
+    last_seen: datetime | None = None
+    fired_at: datetime | None = None
+    hits: tuple[datetime, ...] = ()
+
+
+def _breach(rule: Rule, ks: KeyState, obs: Observation) -> bool | None:  # noqa: PLR0911 - one exit per case
+    """Whether this observation breaches (True), clears (False) or says nothing (None)."""
+    if rule.state is not None:
+        c = rule.state
+        if c.field not in obs.state:
+            return None
+        try:
+            return bool(_OPS[c.op](obs.state[c.field], c.value))
+        except TypeError:
+            return False
+    if rule.threshold is not None:
+        t = rule.threshold
+        raw = obs.data.get(t.field, obs.state.get(t.field))
+        if not isinstance(raw, int | float) or isinstance(raw, bool):
+            return None
+        v = float(raw)
+        if t.above is not None:
+            clear_at = t.clear_below if t.clear_below is not None else t.above
+            return True if v > t.above else (False if v <= clear_at else ks.breaching)
+        assert t.below is not None  # noqa: S101 - validated
+        clear_at = t.clear_above if t.clear_above is not None else t.below
+        return True if v < t.below else (False if v >= clear_at else ks.breaching)
+    if rule.event is not None:
+        if rule.event.matches(obs.event_type, obs.data):
+            return True
+        if rule.event.clear is not None and rule.event.clear.matches(obs.event_type, obs.data):
+            return False
+        return None
+    return None
+
+
+def step(rule: Rule, ks: KeyState, obs: Observation | None, now: datetime) -> tuple[KeyState, Signal | None]:
+    """Advance one key by an observation (or by time alone when `obs` is None)."""
+    if obs is not None:
+        ks = replace(ks, last_seen=obs.time if ks.last_seen is None else max(ks.last_seen, obs.time))
+    if rule.absence is not None:
+        return _absence(rule.absence, ks, now)
+    if rule.rate is not None:
+        return _rate(rule, rule.rate, ks, obs, now)
+    if obs is not None:
+        verdict = _breach(rule, ks, obs)
+        if verdict is True:
+            ks = replace(
+                ks, breaching=True, since=ks.since if ks.breaching else obs.time, clear_since=None,
+                breaches=ks.breaches + 1,
+            )  # fmt: skip
+            if rule.event is not None and ks.firing:
+                ks = replace(ks, fired_at=obs.time)  # a repeat of the event extends clear_after
+        elif verdict is False:
+            ks = replace(
+                ks, breaching=False, since=None, breaches=0,
+                clear_since=ks.clear_since if (ks.clear_since and not ks.breaching) else obs.time,
+            )  # fmt: skip
+    return _decide(rule, ks, now)
+
+
+def _decide(rule: Rule, ks: KeyState, now: datetime) -> tuple[KeyState, Signal | None]:
+    if not ks.firing:
+        held = ks.since is not None and (now - ks.since) >= timedelta(seconds=rule.for_)
+        if ks.breaching and ks.breaches >= rule.consecutive and held:
+            return replace(ks, firing=True, fired_at=now, clear_since=None), Signal.FIRE
+        return ks, None
+    ev = rule.event
+    expired = (
+        ev is not None
+        and ev.clear_after is not None
+        and ks.fired_at is not None
+        and (now - ks.fired_at >= timedelta(seconds=ev.clear_after))
+    )
+    settled = (
+        not ks.breaching and ks.clear_since is not None and (now - ks.clear_since >= timedelta(seconds=rule.clear_for))
+    )
+    return (_cleared(ks), Signal.CLEAR) if expired or settled else (ks, None)
+
+
+def _cleared(ks: KeyState) -> KeyState:
+    return replace(ks, firing=False, breaching=False, since=None, clear_since=None, breaches=0, fired_at=None)
+
+
+def _absence(c: AbsenceCondition, ks: KeyState, now: datetime) -> tuple[KeyState, Signal | None]:
+    if ks.last_seen is None:
+        return ks, None
+    silent = now - ks.last_seen > timedelta(seconds=c.heartbeat)
+    if silent and not ks.firing:
+        return replace(ks, firing=True, fired_at=now), Signal.FIRE
+    if not silent and ks.firing:
+        return _cleared(ks), Signal.CLEAR
+    return ks, None
+
+
+def _rate(
+    rule: Rule, c: RateCondition, ks: KeyState, obs: Observation | None, now: datetime
+) -> tuple[KeyState, Signal | None]:
+    horizon = now - timedelta(seconds=c.window)
+    hits = tuple(t for t in ks.hits if t > horizon)
+    if obs is not None and c.event.matches(obs.event_type, obs.data) and obs.time > horizon:
+        hits = (*hits, obs.time)
+    over = len(hits) > c.above
+    ks = replace(ks, hits=hits)
+    if over and not ks.firing:
+        return replace(ks, firing=True, fired_at=now), Signal.FIRE
+    if not over and ks.firing:
+        clear_since = ks.clear_since or now
+        if now - clear_since >= timedelta(seconds=rule.clear_for):
+            return _cleared(replace(ks, hits=hits)), Signal.CLEAR
+        return replace(ks, clear_since=clear_since), None
+    return replace(ks, clear_since=None) if over else ks, None
