@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Consumers to run, by entry point name, comma-separated; "*" runs every registered one.
     consumers: str = Field(default="*", pattern=r"^\s*(\*|[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*)?\s*$")
     consumer_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # Alert rules; empty: the rules shipped in alerts/rules.yaml.
+    rules_file: str = ""
+    # Whether a device in maintenance mode raises alerts (by default it does not).
+    alerts_in_maintenance: bool = False
     # Per-elevator analytics series exist only while the fleet has at most this many elevators.
     analytics_device_series_max: int = Field(default=100, ge=0)
 

@@ -80,6 +80,9 @@ class BaseConsumer:
     def reset(self, tx: Session) -> None:
         """Forget all derived state (called before a full replay when replay_resets_state)."""
 
+    def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
+        """Take what the consumer needs from the gateway's settings (called once, after __init__)."""
+
     def handle(self, events: Sequence[Event], tx: Session) -> None:
         """Handle one batch of matching events."""
         raise NotImplementedError
@@ -101,8 +104,8 @@ def available_consumers() -> dict[str, Callable[[], Any]]:
     return found
 
 
-def load_consumers(names: Sequence[str]) -> list[Consumer]:
-    """Instantiate the named consumers (`*` = every registered one)."""
+def load_consumers(names: Sequence[str], settings: Any = None) -> list[Consumer]:  # noqa: ANN401 - Settings
+    """Instantiate the named consumers (`*` = every registered one); `configure(settings)` if they have it."""
     registry = available_consumers()
     wanted = sorted(registry) if "*" in names else list(dict.fromkeys(names))
     missing = [n for n in wanted if n not in registry]
@@ -114,6 +117,8 @@ def load_consumers(names: Sequence[str]) -> list[Consumer]:
         try:
             consumer_class = registry[name]()
             consumer = consumer_class()
+            if settings is not None and hasattr(consumer, "configure"):
+                consumer.configure(settings)
         except Exception as exc:
             msg = f"consumer {name!r} could not be loaded: {exc}"
             raise ConfigError(msg) from exc
@@ -169,6 +174,10 @@ class ConsumerRunner:
         self.linger_s = float(getattr(consumer, "linger_s", 0.05))
         self._wanted: dict[str, bool] = {}  # event type -> matches the consumer's patterns
         self._span: Callable[[Session, int, int], None] | None = getattr(consumer, "handle_span", None)
+        # Consumers whose conditions become true by the passing of time get ticks, in their thread.
+        self._tick: Callable[[Session, datetime], None] | None = getattr(consumer, "tick", None)
+        self.tick_s = float(getattr(consumer, "tick_s", 1.0))
+        self._ticker: asyncio.Task[None] | None = None
         self._cursor_written = 0.0
         self.position = 0
         self.paused = False
@@ -186,12 +195,15 @@ class ConsumerRunner:
         """Load (or create) the cursor and start the task."""
         self.paused = await self._call(self._load_cursor)
         self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
+        if self._tick is not None:
+            self._ticker = asyncio.create_task(self._run_ticks(), name=f"iotgw-ticks-{self.name}")
 
     async def stop(self) -> None:
         """Stop after the batch in hand (its commit is atomic, so stopping mid-way loses nothing)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             await self._call(self._flush_cursor)
         except StoreError as exc:
@@ -229,6 +241,23 @@ class ConsumerRunner:
                     break
                 if handled == 0:
                     break
+
+    async def _run_ticks(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if self.paused:
+                continue
+            try:
+                await self._call(self._tick_once)
+            except Exception as exc:
+                self.metrics.consumer_failures.labels(self.name).inc()
+                self._quiet.warn("tick", "consumer %s: tick failed: %s", self.name, exc)
+
+    def _tick_once(self) -> None:
+        assert self._tick is not None  # noqa: S101
+        with self.store.session(consumer=True) as tx:
+            self._tick(tx, _utcnow())
+            tx.commit()
 
     async def _step(self) -> int:
         single = self.position < self._single_until

@@ -48,7 +48,7 @@ class Gateway:
         self.router = Router(
             self.store,
             self.metrics,
-            [*load_consumers(settings.consumer_names), *extra_consumers],
+            [*load_consumers(settings.consumer_names, settings), *extra_consumers],
             poll_s=settings.consumer_poll_s,
         )
         self.ingest = Ingest(settings, self.store, self.metrics, on_commit=self.router.notify)

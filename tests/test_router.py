@@ -205,7 +205,7 @@ async def test_bad_consumer_operations_get_clear_errors(
 def test_unknown_consumer_names_fail_fast_with_the_registered_ones() -> None:
     from gateway.errors import ConfigError  # noqa: PLC0415
 
-    with pytest.raises(ConfigError, match="registered: analytics"):
+    with pytest.raises(ConfigError, match="registered: alerts, analytics"):
         load_consumers(["analytics", "nonesuch"])
 
 

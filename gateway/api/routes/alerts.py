@@ -1,0 +1,160 @@
+"""Alerts: list, detail with history, acknowledge, resolve; and the rules in force."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from sqlmodel import col, select
+
+from alerts.engine import OPEN, AlertRow, AlertStatus, AlertTransitionRow, acknowledge, resolve, utcnow
+from gateway.api.deps import StoreDep
+
+router = APIRouter(prefix="/api", tags=["alerts"])
+
+
+class AlertPublic(BaseModel):
+    """An alert and its current status."""
+
+    id: int
+    rule: str
+    device_id: str
+    site: str | None
+    severity: str
+    status: str
+    summary: str
+    fired_at: datetime
+    updated_at: datetime
+    acked_at: datetime | None
+    acked_by: str | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    note: str | None
+
+
+class TransitionPublic(BaseModel):
+    """One change of status."""
+
+    at: datetime
+    from_status: str | None
+    to_status: str
+    by: str
+    note: str | None
+
+
+class AlertDetail(AlertPublic):
+    """An alert with its full history."""
+
+    history: list[TransitionPublic]
+
+
+class Action(BaseModel):
+    """Who does it, and why (a note is required to resolve by hand)."""
+
+    by: str = Field(min_length=1, max_length=100)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+def _public(row: AlertRow) -> AlertPublic:
+    return AlertPublic.model_validate(row, from_attributes=True)
+
+
+@router.get("/alerts")
+async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
+    store: StoreDep,
+    status: Annotated[str | None, Query(pattern="^(open|firing|acknowledged|resolved)$")] = None,
+    severity: Annotated[str | None, Query(pattern="^(critical|major|minor|warning|info)$")] = None,
+    device_id: str | None = None,
+    site: str | None = None,
+    rule: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AlertPublic]:
+    """Alerts, newest first; `status=open` means firing or acknowledged."""
+
+    def read() -> list[AlertRow]:
+        stmt = select(AlertRow)
+        if status == "open":
+            stmt = stmt.where(col(AlertRow.status).in_(OPEN))
+        elif status:
+            stmt = stmt.where(col(AlertRow.status) == status)
+        for column, value in (
+            (AlertRow.severity, severity),
+            (AlertRow.device_id, device_id),
+            (AlertRow.site, site),
+            (AlertRow.rule, rule),
+        ):
+            if value:
+                stmt = stmt.where(col(column) == value)
+        with store.session() as tx:
+            return list(tx.exec(stmt.order_by(col(AlertRow.id).desc()).limit(limit)))
+
+    return [_public(r) for r in await asyncio.to_thread(read)]
+
+
+def _detail(store: Any, alert_id: int) -> AlertDetail:  # noqa: ANN401 - Store
+    with store.session() as tx:
+        row = tx.get(AlertRow, alert_id)
+        if row is None:
+            raise HTTPException(status_code=404, detail=f"no alert {alert_id}")
+        history = tx.exec(
+            select(AlertTransitionRow)
+            .where(col(AlertTransitionRow.alert_id) == alert_id)
+            .order_by(col(AlertTransitionRow.id))
+        ).all()
+        return AlertDetail(
+            **_public(row).model_dump(),
+            history=[TransitionPublic.model_validate(h, from_attributes=True) for h in history],
+        )
+
+
+@router.get("/alerts/{alert_id}", responses={404: {"description": "no such alert"}})
+async def alert(store: StoreDep, alert_id: int) -> AlertDetail:
+    """One alert with its history."""
+    return await asyncio.to_thread(_detail, store, alert_id)
+
+
+def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDetail:  # noqa: ANN401 - Store
+    with store.session() as tx:
+        row = tx.get(AlertRow, alert_id)
+        if row is None:
+            raise HTTPException(status_code=404, detail=f"no alert {alert_id}")
+        if to is AlertStatus.ACKNOWLEDGED:
+            if row.status != AlertStatus.FIRING.value:
+                raise HTTPException(status_code=409, detail=f"alert {alert_id} is {row.status}, not firing")
+            acknowledge(tx, row, utcnow(), body.by, body.note)
+        else:
+            if row.status not in OPEN:
+                raise HTTPException(status_code=409, detail=f"alert {alert_id} is already {row.status}")
+            if not body.note:
+                raise HTTPException(status_code=422, detail="note: say why it is resolved")
+            resolve(tx, row, utcnow(), body.by, body.note)
+        tx.commit()
+    return _detail(store, alert_id)
+
+
+@router.post(
+    "/alerts/{alert_id}/ack", responses={404: {"description": "no such alert"}, 409: {"description": "not firing"}}
+)
+async def ack(store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+    """Acknowledge a firing alert (who, and an optional note)."""
+    return await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.ACKNOWLEDGED)
+
+
+@router.post(
+    "/alerts/{alert_id}/resolve", responses={404: {"description": "no such alert"}, 409: {"description": "not open"}}
+)
+async def resolve_alert(store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+    """Resolve an open alert by hand (who, and a required note)."""
+    return await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.RESOLVED)
+
+
+@router.get("/rules")
+async def rules(request: Request) -> list[dict[str, Any]]:
+    """The alert rules in force (empty when the alerts consumer is not running)."""
+    runner = getattr(request.app.state.iotgw.router, "runners", {}).get("alerts")
+    if runner is None:
+        return []
+    return [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in runner.consumer.rules]
