@@ -178,6 +178,7 @@ class ConsumerRunner:
         self._tick: Callable[[Session, datetime], None] | None = getattr(consumer, "tick", None)
         self.tick_s = float(getattr(consumer, "tick_s", 1.0))
         self._ticker: asyncio.Task[None] | None = None
+        self._caught_up = False
         self._cursor_written = 0.0
         self.position = 0
         self.paused = False
@@ -245,7 +246,9 @@ class ConsumerRunner:
     async def _run_ticks(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            if self.paused:
+            # While catching up a backlog, "now" is far ahead of the events in hand: a tick
+            # would see every device as silent. Ticks wait until the consumer is current.
+            if self.paused or not self._caught_up:
                 continue
             try:
                 await self._call(self._tick_once)
@@ -270,6 +273,7 @@ class ConsumerRunner:
         if matched:
             self.metrics.consumer_handler_seconds.labels(self.name).observe(time.perf_counter() - started)
             self.metrics.consumer_events.labels(self.name).inc(matched)
+        self._caught_up = handled == 0
         if handled:
             if self.failing:
                 log.info("consumer %s recovered at position %d", self.name, self.position)

@@ -1,0 +1,169 @@
+"""The alert engine through the real pipeline: device messages in, alerts and transitions out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+import pytest
+
+from gateway.broker import Mosquitto
+from gateway.config import Settings
+from gateway.service import Gateway
+from tests.conftest import running_gateway, wait_for
+
+pytestmark = pytest.mark.anyio
+
+RULES = """
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {device} at floor {floor}"
+    select: {type: [elevator]}
+    event:
+      type: elevator.fault.raised
+      data: {code: DOOR_JAM}
+      clear: {type: elevator.fault.cleared, data: {code: DOOR_JAM}}
+  - name: hot
+    severity: minor
+    summary: "{device} reads {value} C"
+    select: {type: [temperature]}
+    threshold: {above: 30, clear_below: 28}
+  - name: silent
+    severity: warning
+    summary: "{device} is silent"
+    select: {type: [humidity]}
+    absence: {heartbeat: 2s}
+"""
+
+IDLE = {"floor": 2, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0, "fault": None}
+
+
+@pytest.fixture
+def alert_settings(tmp_path: Path, settings_for: Callable[..., Settings]) -> Callable[[Mosquitto], Settings]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules))
+
+
+def state(seq: int, **data: Any) -> bytes:
+    return json.dumps({"type": "elevator", "seq": seq, "ts": 1764324000000 + seq * 1000, "site": "hq",
+                       "data": {**IDLE, **data}}).encode()  # fmt: skip
+
+
+def reading(kind: str, unit: str, seq: int, value: float) -> bytes:
+    return json.dumps({"type": kind, "seq": seq, "ts": 1764324000000 + seq * 1000, "site": "hq",
+                       "data": {"value": value, "unit": unit}}).encode()  # fmt: skip
+
+
+async def alerts_of(gw: Gateway, **params: Any) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as c:
+        r = await c.get("/api/alerts", params=params)
+        assert r.status_code == 200, r.text
+        return list(r.json())
+
+
+async def caught_up(gw: Gateway, device: str, seq: int) -> None:
+    """Wait until `device`'s message `seq` is stored and every consumer has handled the log."""
+
+    async def check() -> bool:
+        shadow = (await asyncio.to_thread(gw.store.load_shadows)).get(device)
+        if shadow is None or shadow.last_seq != seq:
+            return False
+        status = await asyncio.to_thread(gw.router.status)
+        return all(s.lag_events == 0 for s in status)
+
+    await wait_for(check, what="the alert engine to catch up")
+
+
+async def test_repeated_and_redelivered_door_jam_gives_exactly_one_alert(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-1") as c:
+            topic = "devices/el-1/state"
+            await c.publish(topic, state(1), qos=1)
+            jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening"}
+            await c.publish(topic, state(2, **jam), qos=1)
+            await c.publish(topic, state(2, **jam), qos=1)  # redelivered
+            await c.publish(topic, state(3, **jam, load_kg=75), qos=1)  # repeated fault, new seq
+            await caught_up(gw, "el-1", 3)
+            (alert,) = await alerts_of(gw, status="open")
+            assert (alert["rule"], alert["status"], alert["device_id"]) == ("door-jam", "firing", "el-1")
+            assert alert["summary"] == "Door jammed on el-1 at floor 2"
+            await c.publish(topic, state(4, door="closing"), qos=1)
+        await caught_up(gw, "el-1", 4)
+        (alert,) = await alerts_of(gw)
+        assert alert["status"] == "resolved"
+        assert alert["resolved_by"] == "engine"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            detail = (await client.get(f"/api/alerts/{alert['id']}")).json()
+        assert [(h["from_status"], h["to_status"]) for h in detail["history"]] == [
+            (None, "firing"),
+            ("firing", "resolved"),
+        ]
+
+
+async def test_hysteresis_band_gives_no_alert_and_crossing_gives_one(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="t-1") as c:
+            for seq, v in enumerate([29, 29.9, 28.5, 30, 29.5], start=1):
+                await c.publish("devices/t-1/telemetry", reading("temperature", "C", seq, v), qos=1)
+            await caught_up(gw, "t-1", 5)
+            assert await alerts_of(gw) == []
+            for seq, v in enumerate([31, 29, 31, 29.5, 27], start=10):
+                await c.publish("devices/t-1/telemetry", reading("temperature", "C", seq, v), qos=1)
+        await caught_up(gw, "t-1", 14)
+        (alert,) = await alerts_of(gw)
+        assert alert["rule"] == "hot"
+        assert alert["status"] == "resolved"
+        assert alert["summary"] == "t-1 reads 31.0 C"
+
+
+async def test_silent_device_alerts_after_its_heartbeat_by_the_passing_of_time(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="h-1") as c:
+            await c.publish("devices/h-1/telemetry", reading("humidity", "%RH", 1, 40), qos=1)
+        await caught_up(gw, "h-1", 1)
+        # The reading's device time is in the past, so the 2 s heartbeat has long passed by the first tick.
+
+        async def fired() -> bool:
+            return any(a["rule"] == "silent" for a in await alerts_of(gw, status="open"))
+
+        await wait_for(fired, timeout=10, what="the absence alert from a tick")
+
+
+async def test_people_acknowledge_and_resolve_with_clear_errors(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-2") as c:
+            await c.publish("devices/el-2/state", state(1), qos=1)
+            await c.publish("devices/el-2/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+        await caught_up(gw, "el-2", 2)
+        (alert,) = await alerts_of(gw, rule="door-jam")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            url = f"/api/alerts/{alert['id']}"
+            r = await client.post(f"{url}/ack", json={"by": "ana", "note": "on my way"})
+            assert r.status_code == 200
+            assert (r.json()["status"], r.json()["acked_by"]) == ("acknowledged", "ana")
+            assert (await client.post(f"{url}/ack", json={"by": "ana"})).status_code == 409
+            r = await client.post(f"{url}/resolve", json={"by": "ana"})
+            assert r.status_code == 422
+            assert "note" in r.json()["detail"]
+            r = await client.post(f"{url}/resolve", json={"by": "ana", "note": "door track cleaned"})
+            assert r.json()["status"] == "resolved"
+            assert [h["to_status"] for h in r.json()["history"]] == ["firing", "acknowledged", "resolved"]
+            assert (await client.post("/api/alerts/99999/ack", json={"by": "x"})).status_code == 404
+            assert (await client.get("/api/alerts", params={"status": "bogus"})).status_code == 422
+            rules = (await client.get("/api/rules")).json()
+            assert [r["name"] for r in rules] == ["door-jam", "hot", "silent"]
