@@ -8,15 +8,16 @@ it commits with the router's cursor, so a crash or a redelivery never duplicates
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, delete
+from sqlalchemy import JSON, Column, Index, delete, event
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from alerts.rules import DeviceInfo, KeyState, Observation, Rule, RuleSet, Signal, load_rules_file, step
@@ -102,11 +103,14 @@ class AlertDeviceRow(SQLModel, table=True):
     state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+_KEY_FIELDS = ("breaching", "since", "clear_since", "breaches", "firing", "last_seen", "fired_at")
+
+
 def _encode(ks: KeyState) -> dict[str, Any]:
-    out = asdict(ks)
-    for k, v in out.items():
-        if isinstance(v, datetime):
-            out[k] = v.isoformat()
+    out: dict[str, Any] = {}
+    for k in _KEY_FIELDS:
+        v = getattr(ks, k)
+        out[k] = v.isoformat() if isinstance(v, datetime) else v
     out["hits"] = [t.isoformat() for t in ks.hits]
     return out
 
@@ -140,94 +144,157 @@ _STATE_FROM_EVENT = {
 _TYPE_FROM_UNIT = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 
 
+@dataclass(slots=True)
+class _Device:
+    type: str | None = None
+    site: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool:
+    """True when an absence key only advanced last_seen by less than a quarter heartbeat.
+
+    Such keys are not written on every reading: after a crash the last_seen read back can be
+    at most a quarter heartbeat old, which cannot make a device look silent.
+    """
+    if rule.absence is None or old is None or old.last_seen is None or new.last_seen is None:
+        return False
+    if replace(old, last_seen=new.last_seen) != new:
+        return False
+    return (new.last_seen - old.last_seen).total_seconds() < rule.absence.heartbeat / 4
+
+
 class AlertEngine(BaseConsumer):
-    """Runs the alert rules over the log and keeps alerts (consumer `alerts`)."""
+    """Runs the alert rules over the log and keeps alerts (consumer `alerts`).
+
+    Device views and key states live in memory (loaded once, all of them, so that silent
+    devices tick too); a batch works on copies, writes only what changed, and the copies become
+    the new memory after the commit: a rolled-back batch leaves memory as the database has it.
+    """
 
     name = "alerts"
     types = ("*",)
     replay_resets_state = True
-    linger_s = 0.01  # alerts are real-time: do not wait for more events
+    linger_s = 0.02  # alerts are real-time: wait only briefly for more events
     tick_s = 1.0
 
     def __init__(self, rules: RuleSet | None = None, *, alerts_in_maintenance: bool = False) -> None:
         self.rules: list[Rule] = list((rules or load_rules_file(SHIPPED_RULES)).rules)
         self.alerts_in_maintenance = alerts_in_maintenance
+        self._forget()
 
     def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
         """Load the configured rules file (or the shipped one)."""
         path = Path(settings.rules_file) if settings.rules_file else SHIPPED_RULES
         self.rules = list(load_rules_file(path).rules)
         self.alerts_in_maintenance = bool(settings.alerts_in_maintenance)
+        self._forget()
         log.info("alert engine: %d rules from %s", len(self.rules), path)
+
+    def _forget(self) -> None:
+        self._loaded = False
+        self._devices: dict[str, _Device] = {}
+        self._keys: dict[tuple[str, str], KeyState] = {}  # as stored (or as good: see _absence_only_moved)
+        self._by_type: dict[tuple[str, str, str | None, str | None], list[Rule]] = {}
+        self._by_name = {r.name: r for r in self.rules}
 
     def reset(self, tx: Session) -> None:
         """Forget everything derived (alerts included) before a replay from the start."""
         for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
             tx.exec(delete(table))
+        self._forget()
+        self._loaded = True  # the tables are empty now
+
+    def _load(self, tx: Session) -> None:
+        if self._loaded:
+            return
+        for d in tx.exec(select(AlertDeviceRow)):
+            self._devices[d.device_id] = _Device(d.type, d.site, dict(d.state))
+        for k in tx.exec(select(AlertKeyRow)):
+            if k.rule in self._by_name:
+                self._keys[(k.rule, k.device_id)] = _decode(dict(k.state))
+        self._loaded = True
+
+    def _rules_for(self, event_type: str, device_id: str, dev: _Device) -> list[Rule]:
+        """The rules that select this device and that an event of this type can affect (cached)."""
+        cache_key = (event_type, device_id, dev.type, dev.site)
+        rules = self._by_type.get(cache_key)
+        if rules is None:
+            info = DeviceInfo(device_id, dev.type, dev.site)
+            rules = [r for r in self.rules if _may_change(r, event_type) and r.select.matches(info)]
+            self._by_type[cache_key] = rules
+        return rules
 
     def handle(self, events: Sequence[Event], tx: Session) -> None:
-        """Update each device's view, then step every selected rule with the event."""
-        devices: dict[str, AlertDeviceRow] = {}
-        keys: dict[tuple[str, str], AlertKeyRow] = {}
+        """Update each device's view, then step the rules an event can affect."""
+        self._load(tx)
+        devices: dict[str, _Device] = {}
+        keys: dict[tuple[str, str], KeyState] = {}
         for e in events:
-            dev = devices.get(e.subject) or tx.get(AlertDeviceRow, e.subject) or AlertDeviceRow(device_id=e.subject)
-            devices[e.subject] = dev
-            self._project(dev, e)
-            info = DeviceInfo(dev.device_id, dev.type, dev.site)
+            dev = devices.get(e.subject)
+            if dev is None:
+                known = self._devices.get(e.subject)
+                dev = devices[e.subject] = _Device(known.type, known.site, dict(known.state)) if known else _Device()
+            _project(dev, e)
             obs = Observation(e.time, e.type, e.data, dev.state)
-            for rule in self.rules:
-                if not rule.select.matches(info):
-                    continue
-                key = keys.get((rule.name, e.subject)) or self._key(tx, rule.name, e.subject)
-                keys[(rule.name, e.subject)] = key
-                new, signal = step(rule, _decode(key.state), obs, e.time)
-                key.state = _encode(new)
+            for rule in self._rules_for(e.type, e.subject, dev):
+                k = (rule.name, e.subject)
+                before = keys.get(k) or self._keys.get(k) or KeyState()
+                new, signal = step(rule, before, obs, e.time)
+                keys[k] = new
                 if signal is not None:
-                    self._transition(tx, rule, dev, signal, e.time, {**dev.state, **e.data})
-        for row in (*devices.values(), *keys.values()):
-            tx.add(row)
+                    self._transition(tx, rule, e.subject, dev, signal, e.time, {**dev.state, **e.data})
+        self._write(tx, devices, keys)
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
-        timed = {r.name: r for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
-        if not timed:
-            return
-        rows = tx.exec(select(AlertKeyRow).where(col(AlertKeyRow.rule).in_(timed))).all()
-        for key in rows:
-            rule = timed[key.rule]
-            new, signal = step(rule, _decode(key.state), None, now)
-            encoded = _encode(new)
-            if encoded != key.state:
-                key.state = encoded
-                tx.add(key)
+        self._load(tx)
+        timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
+        keys: dict[tuple[str, str], KeyState] = {}
+        for (rule_name, device_id), old in self._keys.items():
+            if rule_name not in timed:
+                continue
+            rule = self._by_name[rule_name]
+            new, signal = step(rule, old, None, now)
+            if new != old:
+                keys[(rule_name, device_id)] = new
             if signal is not None:
-                dev = tx.get(AlertDeviceRow, key.device_id) or AlertDeviceRow(device_id=key.device_id)
-                self._transition(tx, rule, dev, signal, now, dict(dev.state))
+                dev = self._devices.get(device_id) or _Device()
+                self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state))
+        self._write(tx, {}, keys)
 
-    @staticmethod
-    def _key(tx: Session, rule: str, device_id: str) -> AlertKeyRow:
-        return tx.get(AlertKeyRow, (rule, device_id)) or AlertKeyRow(rule=rule, device_id=device_id, state={})
+    def _write(self, tx: Session, devices: dict[str, _Device], keys: dict[tuple[str, str], KeyState]) -> None:
+        changed_devices = {d: dev for d, dev in devices.items() if self._devices.get(d) != dev}
+        changed_keys = {
+            k: v for k, v in keys.items()
+            if v != self._keys.get(k) and not _absence_only_moved(self._by_name[k[0]], self._keys.get(k), v)
+        }  # fmt: skip
+        for device_id, dev in changed_devices.items():
+            tx.merge(AlertDeviceRow(device_id=device_id, type=dev.type, site=dev.site, state=dev.state))
+        for (rule_name, device_id), ks in changed_keys.items():
+            tx.merge(AlertKeyRow(rule=rule_name, device_id=device_id, state=_encode(ks)))
 
-    @staticmethod
-    def _project(dev: AlertDeviceRow, e: Event) -> None:
-        dev.site = e.site or dev.site
-        if e.type == ev.DEVICE_DISCOVERED:
-            dev.type = str(e.data.get("type") or dev.type or "")
-        elif e.type.startswith("elevator.") and dev.type is None:
-            dev.type = "elevator"
-        elif e.type == ev.SENSOR_READING and dev.type is None:
-            dev.type = _TYPE_FROM_UNIT.get(str(e.data.get("unit")), "sensor")
-        change = _STATE_FROM_EVENT.get(e.type)
-        if change is not None:
-            dev.state = change(dict(dev.state), e.data)  # a new dict: JSON columns are compared by value
+        def remember(_session: Session) -> None:
+            self._devices.update(devices)
+            self._keys.update(changed_keys)
+
+        # Memory follows the database: only what committed is remembered.
+        event.listen(tx, "after_commit", remember, once=True)
 
     def _transition(  # noqa: PLR0913, PLR0917
-        self, tx: Session, rule: Rule, dev: AlertDeviceRow, signal: Signal, at: datetime, values: dict[str, Any]
+        self,
+        tx: Session,
+        rule: Rule,
+        device_id: str,
+        dev: _Device,
+        signal: Signal,
+        at: datetime,
+        values: dict[str, Any],
     ) -> None:
         open_alert = tx.exec(
             select(AlertRow).where(
                 col(AlertRow.rule) == rule.name,
-                col(AlertRow.device_id) == dev.device_id,
+                col(AlertRow.device_id) == device_id,
                 col(AlertRow.status).in_(OPEN),
             )
         ).first()
@@ -236,9 +303,9 @@ class AlertEngine(BaseConsumer):
                 return  # exactly one open alert per (rule, device)
             if dev.state.get("mode") == "maintenance" and not self.alerts_in_maintenance:
                 return  # planned work: no alerts
-            info = DeviceInfo(dev.device_id, dev.type, dev.site)
+            info = DeviceInfo(device_id, dev.type, dev.site)
             alert = AlertRow(
-                rule=rule.name, device_id=dev.device_id, site=dev.site, severity=rule.severity.value,
+                rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,
                 status=AlertStatus.FIRING.value, summary=rule.render(info, values)[:500], fired_at=at, updated_at=at,
             )  # fmt: skip
             tx.add(alert)
@@ -246,6 +313,33 @@ class AlertEngine(BaseConsumer):
             record(tx, alert, None, AlertStatus.FIRING, at, "engine")
         elif open_alert is not None:
             resolve(tx, open_alert, at, "engine", "condition cleared")
+
+
+def _project(dev: _Device, e: Event) -> None:
+    dev.site = e.site or dev.site
+    if e.type == ev.DEVICE_DISCOVERED:
+        dev.type = str(e.data.get("type") or dev.type or "")
+    elif e.type.startswith("elevator.") and dev.type is None:
+        dev.type = "elevator"
+    elif e.type == ev.SENSOR_READING and dev.type is None:
+        dev.type = _TYPE_FROM_UNIT.get(str(e.data.get("unit")), "sensor")
+    change = _STATE_FROM_EVENT.get(e.type)
+    if change is not None:
+        dev.state = change(dev.state, e.data)
+
+
+def _may_change(rule: Rule, event_type: str) -> bool:
+    """Whether an event of this type can change the rule's key (a cheap prefilter)."""
+    if rule.absence is not None:
+        return True  # every message says the device is alive
+    if rule.event is not None:
+        clear = rule.event.clear
+        return fnmatch.fnmatchcase(event_type, rule.event.type) or (
+            clear is not None and fnmatch.fnmatchcase(event_type, clear.type)
+        )
+    if rule.rate is not None:
+        return fnmatch.fnmatchcase(event_type, rule.rate.event.type)
+    return event_type in _STATE_FROM_EVENT  # state and threshold rules read the device view
 
 
 def _clears_later(rule: Rule) -> bool:

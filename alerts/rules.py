@@ -356,9 +356,9 @@ def _breach(rule: Rule, ks: KeyState, obs: Observation) -> bool | None:  # noqa:
 
 def step(rule: Rule, ks: KeyState, obs: Observation | None, now: datetime) -> tuple[KeyState, Signal | None]:
     """Advance one key by an observation (or by time alone when `obs` is None)."""
-    if obs is not None:
-        ks = replace(ks, last_seen=obs.time if ks.last_seen is None else max(ks.last_seen, obs.time))
     if rule.absence is not None:
+        if obs is not None:
+            ks = replace(ks, last_seen=obs.time if ks.last_seen is None else max(ks.last_seen, obs.time))
         return _absence(rule.absence, ks, now)
     if rule.rate is not None:
         return _rate(rule, rule.rate, ks, obs, now)
@@ -371,7 +371,8 @@ def step(rule: Rule, ks: KeyState, obs: Observation | None, now: datetime) -> tu
             )  # fmt: skip
             if rule.event is not None and ks.firing:
                 ks = replace(ks, fired_at=obs.time)  # a repeat of the event extends clear_after
-        elif verdict is False:
+        elif verdict is False and (ks.breaching or ks.since is not None or ks.breaches or ks.clear_since is None):
+            # (A clear observation on a key that is already clear changes nothing: no new object.)
             ks = replace(
                 ks, breaching=False, since=None, breaches=0,
                 clear_since=ks.clear_since if (ks.clear_since and not ks.breaching) else obs.time,
