@@ -175,7 +175,7 @@ class AlertEngine(BaseConsumer):
     name = "alerts"
     types = ("*",)
     replay_resets_state = True
-    linger_s = 0.02  # alerts are real-time: wait only briefly for more events
+    linger_s = 0.05  # alerts are real-time: wait only briefly for more events
     tick_s = 1.0
 
     def __init__(self, rules: RuleSet | None = None, *, alerts_in_maintenance: bool = False) -> None:
@@ -264,7 +264,7 @@ class AlertEngine(BaseConsumer):
         self._write(tx, {}, keys)
 
     def _write(self, tx: Session, devices: dict[str, _Device], keys: dict[tuple[str, str], KeyState]) -> None:
-        changed_devices = {d: dev for d, dev in devices.items() if self._devices.get(d) != dev}
+        changed_devices = {d: dev for d, dev in devices.items() if _lasting(self._devices.get(d)) != _lasting(dev)}
         changed_keys = {
             k: v for k, v in keys.items()
             if v != self._keys.get(k) and not _absence_only_moved(self._by_name[k[0]], self._keys.get(k), v)
@@ -313,6 +313,16 @@ class AlertEngine(BaseConsumer):
             record(tx, alert, None, AlertStatus.FIRING, at, "engine")
         elif open_alert is not None:
             resolve(tx, open_alert, at, "engine", "condition cleared")
+
+
+_VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
+
+
+def _lasting(dev: _Device | None) -> tuple[str | None, str | None, dict[str, Any]] | None:
+    """What is persisted of a device view: a sensor's latest value is not (it comes again)."""
+    if dev is None:
+        return None
+    return dev.type, dev.site, {k: v for k, v in dev.state.items() if k not in _VOLATILE}
 
 
 def _project(dev: _Device, e: Event) -> None:
