@@ -266,6 +266,7 @@ iotgw demo is running (Ctrl-C to stop)
   dead letters {base}/api/dead-letters
   consumers   {base}/api/consumers
   analytics   {base}/api/analytics/fleet
+  alerts      {base}/api/alerts?status=open
   metrics     {base}/metrics
   readiness   {base}/ready
 """,
