@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index, delete, event
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from alerts.rules import DeviceInfo, KeyState, Observation, Rule, RuleSet, Signal, load_rules_file, step
+from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
 from gateway import events as ev
 from gateway.events import Event
 from gateway.router import BaseConsumer
@@ -80,6 +80,40 @@ class AlertTransitionRow(SQLModel, table=True):
     to_status: str
     by: str  # "engine" or the person
     note: str | None = None
+
+
+class NotificationRow(SQLModel, table=True):
+    """The outbox: one row per alert transition, written in the transition's transaction.
+
+    The sender (alerts/notify.py) fans it out to the receivers and delivers with retries; the
+    key is the idempotency key receivers see, the same on every retry.
+    """
+
+    __tablename__ = "notifications"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    alert_id: int = Field(index=True)
+    transition_id: int
+    status: str  # the alert status this notification announces
+    created_at: datetime = _dt(nullable=False)
+    fanned_out: bool = Field(default=False, index=True)
+
+
+class DeliveryRow(SQLModel, table=True):
+    """One notification to one receiver."""
+
+    __tablename__ = "notification_deliveries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    notification_id: int = Field(index=True)
+    alert_id: int = Field(index=True)
+    receiver: str
+    status: str = Field(default="pending", index=True)  # pending | delivered | skipped
+    attempts: int = 0
+    next_at: datetime = _dt(nullable=False, index=True)
+    last_error: str | None = None
+    delivered_at: datetime | None = _dt()
 
 
 class AlertKeyRow(SQLModel, table=True):
@@ -179,14 +213,18 @@ class AlertEngine(BaseConsumer):
     tick_s = 1.0
 
     def __init__(self, rules: RuleSet | None = None, *, alerts_in_maintenance: bool = False) -> None:
-        self.rules: list[Rule] = list((rules or load_rules_file(SHIPPED_RULES)).rules)
+        ruleset = rules or load_rules_file(SHIPPED_RULES)
+        self.rules: list[Rule] = list(ruleset.rules)
+        self.receivers: list[Receiver] = list(ruleset.receivers)
         self.alerts_in_maintenance = alerts_in_maintenance
         self._forget()
 
     def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
         """Load the configured rules file (or the shipped one)."""
         path = Path(settings.rules_file) if settings.rules_file else SHIPPED_RULES
-        self.rules = list(load_rules_file(path).rules)
+        ruleset = load_rules_file(path)
+        self.rules = list(ruleset.rules)
+        self.receivers = list(ruleset.receivers)
         self.alerts_in_maintenance = bool(settings.alerts_in_maintenance)
         self._forget()
         log.info("alert engine: %d rules from %s", len(self.rules), path)
@@ -200,7 +238,7 @@ class AlertEngine(BaseConsumer):
 
     def reset(self, tx: Session) -> None:
         """Forget everything derived (alerts included) before a replay from the start."""
-        for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
+        for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow, NotificationRow, DeliveryRow):
             tx.exec(delete(table))
         self._forget()
         self._loaded = True  # the tables are empty now
@@ -359,9 +397,14 @@ def _clears_later(rule: Rule) -> bool:
 def record(  # noqa: PLR0913, PLR0917
     tx: Session, alert: AlertRow, old: str | None, new: AlertStatus, at: datetime, by: str, note: str | None = None
 ) -> None:
-    """Write one transition of `alert`."""
+    """Write one transition of `alert`, and its notification to the outbox (same transaction)."""
     assert alert.id is not None  # noqa: S101 - flushed before
-    tx.add(AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note))
+    transition = AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note)
+    tx.add(transition)
+    tx.flush()
+    assert transition.id is not None  # noqa: S101 - flushed
+    key = f"iotgw-alert-{alert.id}-{transition.id}"
+    tx.add(NotificationRow(key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at))
 
 
 def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:

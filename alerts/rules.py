@@ -204,10 +204,29 @@ class _Missing(dict[str, Any]):
         return "{" + key + "}"
 
 
+class Receiver(_Strict):
+    """Where notifications go: a generic webhook (CloudEvents JSON), Alertmanager v4, or PagerDuty v2."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["webhook", "alertmanager", "pagerduty"] = "webhook"
+    url: str = Field(pattern=r"^https?://")
+    severities: list[Severity] | None = None  # only these (default: all)
+    routing_key: str | None = None  # PagerDuty integration key
+    timeout_s: Duration = 5.0
+
+    @model_validator(mode="after")
+    def _pagerduty_key(self) -> Receiver:
+        if self.kind == "pagerduty" and not self.routing_key:
+            msg = "a pagerduty receiver needs routing_key"
+            raise ValueError(msg)
+        return self
+
+
 class RuleSet(_Strict):
-    """A rules file: `rules: [...]` with unique names."""
+    """A rules file: `rules: [...]` with unique names, and optional `receivers: [...]`."""
 
     rules: list[Rule]
+    receivers: list[Receiver] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> RuleSet:

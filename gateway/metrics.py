@@ -111,3 +111,13 @@ class Metrics:
             k: Gauge(f"iotgw_elevator_{k}", doc + " Per elevator.", ["device", "site"], registry=r)
             for k, doc in figures.items()
         }
+        # Notifications (one series per configured receiver).
+        self.notifications_sent = Counter(
+            "iotgw_notifications_sent_total", "Notifications delivered, by receiver.", ["receiver"], registry=r
+        )
+        self.notifications_failed = Counter(
+            "iotgw_notifications_failed_total", "Failed delivery attempts (each is retried).", ["receiver"], registry=r
+        )
+        self.notifications_pending = Gauge(
+            "iotgw_notifications_pending", "Deliveries not yet acknowledged by their receiver.", registry=r
+        )

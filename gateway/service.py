@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Generator, Sequence
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -65,12 +66,16 @@ class Gateway:
         self._server: _EmbeddedServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
+        self._notifier_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
         await asyncio.to_thread(self.store.create_schema)
         await self.router.start()
         await self.ingest.start()
+        alerts = self.router.runners.get("alerts")
+        if alerts is not None:
+            self._start_notifier(alerts.consumer)
         if "analytics" in self.router.runners:
             self._metrics_task = asyncio.create_task(self._publish_analytics(), name="iotgw-analytics-metrics")
         if self.serve_http:
@@ -100,9 +105,10 @@ class Gateway:
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""
         await self.ingest.stop()
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            await asyncio.gather(self._metrics_task, return_exceptions=True)
+        for task in (self._metrics_task, self._notifier_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.router.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
@@ -123,3 +129,12 @@ class Gateway:
             except StoreError as exc:
                 log.debug("analytics metrics not refreshed: %s", exc)
             await asyncio.sleep(10.0)
+
+    def _start_notifier(self, engine: Any) -> None:  # noqa: ANN401 - alerts.engine.AlertEngine
+        from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine
+
+        receivers = list(getattr(engine, "receivers", []))
+        if receivers:
+            notifier = Notifier(self.store, receivers, self.metrics)
+            self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
+            log.info("notifications to %s", ", ".join(r.name for r in receivers))

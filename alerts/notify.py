@@ -1,0 +1,176 @@
+"""The notification sender: delivers the outbox to receivers, with retries, never losing one.
+
+Each notification (one per alert transition, written with the transition) is fanned out to the
+receivers whose severity filter admits it, as one delivery each. A delivery is retried with
+exponential backoff (capped at 5 minutes) until the receiver answers 2xx: a receiver that is
+down for a while gets everything when it is back. Every request carries the notification's
+`Idempotency-Key` (the same on every retry), so a receiver can drop a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlmodel import Session, col, select
+
+from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.rules import Receiver
+from gateway.errors import StoreError
+from gateway.logs import QuietLog
+from gateway.metrics import Metrics
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 300.0
+PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
+PD_ACTION = {"firing": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTransitionRow) -> dict[str, Any] | None:
+    """The request body for `receiver`, or None when the receiver has no such transition."""
+    facts = {
+        "alert_id": alert.id, "rule": alert.rule, "device_id": alert.device_id, "site": alert.site,
+        "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": _iso(alert.fired_at),
+        "by": tr.by, "note": tr.note, "from_status": tr.from_status,
+    }  # fmt: skip
+    if receiver.kind == "webhook":
+        return {
+            "specversion": "1.0", "id": n.key, "source": "iotgw/alerts", "type": f"iotgw.alert.{n.status}",
+            "time": _iso(tr.at), "subject": alert.device_id, "datacontenttype": "application/json", "data": facts,
+        }  # fmt: skip
+    if receiver.kind == "alertmanager":
+        if n.status == "acknowledged":
+            return None  # Alertmanager knows only firing and resolved
+        labels = {
+            "alertname": alert.rule,
+            "device": alert.device_id,
+            "site": alert.site or "",
+            "severity": alert.severity,
+        }
+        return {
+            "version": "4", "groupKey": f"{alert.rule}:{alert.device_id}", "truncatedAlerts": 0,
+            "status": n.status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
+            "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": "",
+            "alerts": [{
+                "status": n.status, "labels": labels, "annotations": {"summary": alert.summary},
+                "startsAt": _iso(alert.fired_at), "endsAt": _iso(alert.resolved_at) or "0001-01-01T00:00:00Z",
+                "generatorURL": "", "fingerprint": f"iotgw-{alert.id}",
+            }],
+        }  # fmt: skip
+    body: dict[str, Any] = {
+        "routing_key": receiver.routing_key,
+        "event_action": PD_ACTION[n.status],
+        "dedup_key": f"iotgw-{alert.rule}-{alert.device_id}-{alert.id}",
+    }
+    if n.status == "firing":
+        body["payload"] = {
+            "summary": alert.summary, "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
+            "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site, "custom_details": facts,
+        }  # fmt: skip
+    return body
+
+
+class Notifier:
+    """Fans the outbox out to receivers and delivers it; run with `await run()`."""
+
+    def __init__(
+        self, store: Store, receivers: Sequence[Receiver], metrics: Metrics, *, interval_s: float = 0.5
+    ) -> None:
+        self.store = store
+        self.receivers = {r.name: r for r in receivers}
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self._quiet = QuietLog(log, every_s=30.0)
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        with httpx.Client(follow_redirects=False) as client:
+            while True:
+                try:
+                    busy = await asyncio.to_thread(self.deliver_due, client)
+                except StoreError as exc:
+                    self._quiet.warn("store", "notifications: database error: %s", exc)
+                    busy = False
+                if not busy:
+                    await asyncio.sleep(self.interval_s)
+
+    def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
+        """Fan out new notifications and try every delivery that is due; True if any was tried."""
+        now = now or datetime.now(UTC)
+        with self.store.session() as tx:
+            self._fan_out(tx, now)
+            pending = tx.exec(
+                select(DeliveryRow).where(col(DeliveryRow.status) == "pending").order_by(col(DeliveryRow.id)).limit(200)
+            ).all()
+            # In order per (receiver, alert): a "resolve" must not overtake the "trigger" it ends.
+            blocked: set[tuple[str, int]] = set()
+            due = []
+            for d in pending:
+                pair = (d.receiver, d.alert_id)
+                if pair in blocked:
+                    continue
+                if d.next_at > now:
+                    blocked.add(pair)
+                    continue
+                due.append(d)
+                self._attempt(tx, client, d, now)
+                tx.commit()  # one delivery's outcome at a time: a crash repeats at most one request
+                if d.status == "pending":
+                    blocked.add(pair)
+            self.metrics.notifications_pending.set(
+                len(tx.exec(select(DeliveryRow.id).where(col(DeliveryRow.status) == "pending")).all())
+            )
+            return bool(due)
+
+    def _fan_out(self, tx: Session, now: datetime) -> None:
+        fresh = tx.exec(select(NotificationRow).where(col(NotificationRow.fanned_out).is_(False)).limit(500)).all()
+        for n in fresh:
+            alert = tx.get(AlertRow, n.alert_id)
+            for r in self.receivers.values():
+                if alert is None or (r.severities is not None and alert.severity not in r.severities):
+                    continue
+                tx.add(DeliveryRow(notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now))
+            n.fanned_out = True
+            tx.add(n)
+        if fresh:
+            tx.commit()
+
+    def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> None:
+        receiver = self.receivers.get(d.receiver)
+        n = tx.get(NotificationRow, d.notification_id)
+        alert = tx.get(AlertRow, n.alert_id) if n else None
+        tr = tx.get(AlertTransitionRow, n.transition_id) if n else None
+        if receiver is None or n is None or alert is None or tr is None:
+            d.status, d.last_error = "skipped", "receiver or alert no longer configured"
+            tx.add(d)
+            return
+        body = build(receiver, n, alert, tr)
+        if body is None:
+            d.status = "skipped"
+            tx.add(d)
+            return
+        d.attempts += 1
+        try:
+            r = client.post(receiver.url, json=body, headers={"Idempotency-Key": n.key}, timeout=receiver.timeout_s)
+            ok, error = r.is_success, None if r.is_success else f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"[:300]
+        if ok:
+            d.status, d.delivered_at, d.last_error = "delivered", now, None
+            self.metrics.notifications_sent.labels(receiver.name).inc()
+        else:
+            d.last_error = error
+            d.next_at = now + timedelta(seconds=min(0.5 * 2 ** (d.attempts - 1), MAX_BACKOFF_S))
+            self.metrics.notifications_failed.labels(receiver.name).inc()
+            self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", n.key, receiver.name, error)
+        tx.add(d)

@@ -1,0 +1,126 @@
+"""Notifications: the outbox reaches a real (tiny) HTTP receiver, once per key, despite outages."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+import pytest
+
+from gateway.broker import Mosquitto, free_port
+from gateway.config import Settings
+from tests.conftest import running_gateway, wait_for
+from tests.test_alerts import alerts_of, caught_up, state
+
+pytestmark = pytest.mark.anyio
+
+
+class Hooks(ThreadingHTTPServer):
+    """Records every request; answers 503 to the first `fail_first` of them."""
+
+    def __init__(self, port: int, fail_first: int) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.fail_first = fail_first
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", port), _Handler)
+
+    def ok(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["code"] == 200]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Hooks
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            code = 503 if len(self.server.requests) < self.server.fail_first else 200
+            self.server.requests.append(
+                {"path": self.path, "key": self.headers.get("Idempotency-Key"), "body": body, "code": code}
+            )
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # quiet test output
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    server = Hooks(free_port(), fail_first=4)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+async def test_each_transition_reaches_every_receiver_once_after_an_outage(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, hooks: Hooks
+) -> None:
+    base = f"http://127.0.0.1:{hooks.server_address[1]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {{device}}"
+    event:
+      type: elevator.fault.raised
+      data: {{code: DOOR_JAM}}
+      clear: {{type: elevator.fault.cleared, data: {{code: DOOR_JAM}}}}
+receivers:
+  - {{name: hook, kind: webhook, url: "{base}/hook"}}
+  - {{name: am, kind: alertmanager, url: "{base}/am"}}
+  - {{name: pd, kind: pagerduty, url: "{base}/pd", routing_key: rk-123}}
+  - {{name: pager-critical-only, kind: webhook, url: "{base}/critical", severities: [critical]}}
+""")
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+    async with running_gateway(settings) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-9") as c:
+            await c.publish("devices/el-9/state", state(1), qos=1)
+            await c.publish("devices/el-9/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+            await caught_up(gw, "el-9", 2)
+            (alert,) = await alerts_of(gw)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+                r = await client.post(f"/api/alerts/{alert['id']}/ack", json={"by": "ana"})
+                assert r.status_code == 200
+            await c.publish("devices/el-9/state", state(3), qos=1)
+            await caught_up(gw, "el-9", 3)
+
+        async def delivered() -> bool:
+            return len(hooks.ok()) >= 8
+
+        await wait_for(delivered, timeout=30, what="8 deliveries after the receiver's outage")
+        metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw").get(
+            "/metrics")).text  # fmt: skip
+    ok = hooks.ok()
+    assert len(ok) == 8  # 3 transitions x (webhook + pagerduty) + 2 for Alertmanager (no acknowledge there)
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        by_path.setdefault(r["path"], []).append(r)
+    assert sorted(by_path) == ["/am", "/hook", "/pd"]  # nothing to the critical-only receiver
+    for path, rows in by_path.items():
+        keys = [r["key"] for r in rows]
+        assert len(keys) == len(set(keys)), f"{path} got a key twice"
+    failed_keys = {r["key"] for r in hooks.requests if r["code"] == 503}
+    assert failed_keys, "the outage really happened"
+    assert failed_keys <= {r["key"] for r in ok}, "every failed request was retried with its key until it got through"
+    assert [r["body"]["type"] for r in by_path["/hook"]] == [
+        "iotgw.alert.firing", "iotgw.alert.acknowledged", "iotgw.alert.resolved",
+    ]  # fmt: skip
+    pd = by_path["/pd"]
+    assert [r["body"]["event_action"] for r in pd] == ["trigger", "acknowledge", "resolve"]
+    assert len({r["body"]["dedup_key"] for r in pd}) == 1
+    assert pd[0]["body"]["routing_key"] == "rk-123"
+    assert pd[0]["body"]["payload"]["severity"] == "error"
+    assert [r["body"]["status"] for r in by_path["/am"]] == ["firing", "resolved"]
+    assert by_path["/am"][0]["body"]["alerts"][0]["labels"]["alertname"] == "door-jam"
+    assert "iotgw_notifications_failed_total{receiver=" in metrics
