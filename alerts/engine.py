@@ -430,3 +430,35 @@ def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str |
 def utcnow() -> datetime:
     """Wall-clock time for people's actions."""
     return datetime.now(UTC)
+
+
+class AlertMetrics:
+    """Alert gauges and histograms, read from the alerts tables (the engine stays metric-free)."""
+
+    def __init__(self) -> None:
+        self.last_transition = 0
+        self.seen_open: set[tuple[str, str, str]] = set()
+
+    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - gateway.metrics.Metrics
+        """Observe the transitions written since the last call, and set the open-alert gauges."""
+        rows = tx.exec(
+            select(AlertTransitionRow, AlertRow)
+            .join(AlertRow, col(AlertRow.id) == col(AlertTransitionRow.alert_id))
+            .where(col(AlertTransitionRow.id) > self.last_transition)
+            .order_by(col(AlertTransitionRow.id))
+        ).all()
+        for tr, alert in rows:
+            metrics.alert_transitions.labels(tr.to_status).inc()
+            spent = (tr.at - alert.fired_at).total_seconds()
+            if tr.to_status == AlertStatus.ACKNOWLEDGED.value:
+                metrics.alert_time_to_ack.observe(max(spent, 0.0))
+            elif tr.to_status == AlertStatus.RESOLVED.value:
+                metrics.alert_time_to_resolve.observe(max(spent, 0.0))
+            self.last_transition = tr.id or self.last_transition
+        counts: dict[tuple[str, str, str], int] = {}
+        for a in tx.exec(select(AlertRow).where(col(AlertRow.status).in_(OPEN))):
+            k = (a.severity, a.rule, a.status)
+            counts[k] = counts.get(k, 0) + 1
+        for k in self.seen_open | set(counts):
+            metrics.alerts_open.labels(*k).set(counts.get(k, 0))
+        self.seen_open |= set(counts)

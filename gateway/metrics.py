@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -120,4 +121,17 @@ class Metrics:
         )
         self.notifications_pending = Gauge(
             "iotgw_notifications_pending", "Deliveries not yet acknowledged by their receiver.", registry=r
+        )
+        # Alerts (label values bounded by the rules file and the five severities).
+        self.alerts_open = Gauge(
+            "iotgw_alerts_open", "Open alerts (firing or acknowledged).", ["severity", "rule", "status"], registry=r
+        )
+        self.alert_transitions = Counter(
+            "iotgw_alert_transitions_total", "Alert status changes, by new status.", ["status"], registry=r
+        )
+        self.alert_time_to_ack = Histogram(
+            "iotgw_alert_time_to_acknowledge_seconds", "Fired to acknowledged.", buckets=_HUMAN_BUCKETS, registry=r
+        )
+        self.alert_time_to_resolve = Histogram(
+            "iotgw_alert_time_to_resolve_seconds", "Fired to resolved.", buckets=_HUMAN_BUCKETS, registry=r
         )

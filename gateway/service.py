@@ -67,6 +67,7 @@ class Gateway:
         self._server_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._notifier_task: asyncio.Task[None] | None = None
+        self._alert_metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
@@ -76,6 +77,7 @@ class Gateway:
         alerts = self.router.runners.get("alerts")
         if alerts is not None:
             self._start_notifier(alerts.consumer)
+            self._alert_metrics_task = asyncio.create_task(self._publish_alert_metrics(), name="iotgw-alert-metrics")
         if "analytics" in self.router.runners:
             self._metrics_task = asyncio.create_task(self._publish_analytics(), name="iotgw-analytics-metrics")
         if self.serve_http:
@@ -105,7 +107,7 @@ class Gateway:
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""
         await self.ingest.stop()
-        for task in (self._metrics_task, self._notifier_task):
+        for task in (self._metrics_task, self._notifier_task, self._alert_metrics_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -138,3 +140,19 @@ class Gateway:
             notifier = Notifier(self.store, receivers, self.metrics)
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(r.name for r in receivers))
+
+    async def _publish_alert_metrics(self) -> None:
+        from alerts.engine import AlertMetrics  # noqa: PLC0415 - only with the alert engine
+
+        publisher = AlertMetrics()
+
+        def once() -> None:
+            with self.store.session() as tx:
+                publisher.publish(tx, self.metrics)
+
+        while True:
+            try:
+                await asyncio.to_thread(once)
+            except StoreError as exc:
+                log.debug("alert metrics not refreshed: %s", exc)
+            await asyncio.sleep(2.0)

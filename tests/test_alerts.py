@@ -167,3 +167,12 @@ async def test_people_acknowledge_and_resolve_with_clear_errors(
             assert (await client.get("/api/alerts", params={"status": "bogus"})).status_code == 422
             rules = (await client.get("/api/rules")).json()
             assert [r["name"] for r in rules] == ["door-jam", "hot", "silent"]
+
+            async def counted() -> bool:
+                text = (await client.get("/metrics")).text
+                return "iotgw_alert_time_to_resolve_seconds_count 1.0" in text
+
+            await wait_for(counted, timeout=10, what="alert metrics from the transitions")
+            text = (await client.get("/metrics")).text
+            assert 'iotgw_alert_transitions_total{status="acknowledged"} 1.0' in text
+            assert "iotgw_alert_time_to_acknowledge_seconds_count 1.0" in text
