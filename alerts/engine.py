@@ -116,6 +116,31 @@ class DeliveryRow(SQLModel, table=True):
     delivered_at: datetime | None = _dt()
 
 
+class SilenceRow(SQLModel, table=True):
+    """A silence: notifications of matching alerts are not sent while it lasts (alerts still fire)."""
+
+    __tablename__ = "silences"
+
+    id: int | None = Field(default=None, primary_key=True)
+    matchers: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_by: str
+    comment: str
+    starts_at: datetime = _dt(nullable=False)
+    ends_at: datetime = _dt(nullable=False, index=True)
+
+    def matches(self, alert: AlertRow, at: datetime) -> bool:
+        """True when `alert` falls under this silence at `at` (matchers are fnmatch patterns)."""
+        if not self.starts_at <= at < self.ends_at:
+            return False
+        fields = {
+            "rule": alert.rule,
+            "device_id": alert.device_id,
+            "site": alert.site or "",
+            "severity": alert.severity,
+        }
+        return all(fnmatch.fnmatchcase(fields.get(k, ""), v) for k, v in self.matchers.items())
+
+
 class AlertKeyRow(SQLModel, table=True):
     """Evaluation state of one (rule, device) key."""
 

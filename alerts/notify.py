@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from sqlmodel import Session, col, select
 
-from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from alerts.rules import Receiver
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
@@ -134,12 +134,20 @@ class Notifier:
 
     def _fan_out(self, tx: Session, now: datetime) -> None:
         fresh = tx.exec(select(NotificationRow).where(col(NotificationRow.fanned_out).is_(False)).limit(500)).all()
+        silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now))) if fresh else []
         for n in fresh:
             alert = tx.get(AlertRow, n.alert_id)
+            # A silence applies to what would be sent while it lasts (transition times are device times).
+            silenced = alert is not None and any(s.matches(alert, now) for s in silences)
             for r in self.receivers.values():
                 if alert is None or (r.severities is not None and alert.severity not in r.severities):
                     continue
-                tx.add(DeliveryRow(notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now))
+                tx.add(
+                    DeliveryRow(
+                        notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now,
+                        status="silenced" if silenced else "pending",
+                    )
+                )  # fmt: skip
             n.fanned_out = True
             tx.add(n)
         if fresh:

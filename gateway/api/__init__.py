@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gateway import __version__
-from gateway.api.routes import alerts, analytics, consumers, dead_letters, devices, events, health
+from gateway.api.routes import alerts, analytics, consumers, dead_letters, devices, events, health, silences
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.router import ConsumerError, Router, UnknownConsumerError
@@ -36,7 +36,7 @@ def create_app(state: AppState) -> FastAPI:
         description="IoT event gateway: devices, the event log and dead letters.",
     )
     app.state.iotgw = state
-    for module in (health, devices, events, dead_letters, consumers, analytics, alerts):
+    for module in (health, devices, events, dead_letters, consumers, analytics, alerts, silences):
         app.include_router(module.router)
 
     @app.exception_handler(StoreError)

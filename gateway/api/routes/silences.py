@@ -1,0 +1,118 @@
+"""Silences: stop notifications for matching alerts for a while (the alerts themselves still fire)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, Field, field_validator, model_validator
+from sqlmodel import col, select
+
+from alerts.engine import SilenceRow
+from alerts.rules import parse_duration
+from gateway.api.deps import StoreDep
+
+router = APIRouter(prefix="/api/silences", tags=["silences"])
+MATCHER_FIELDS = ("rule", "device_id", "site", "severity")
+
+
+class SilenceCreate(BaseModel):
+    """Matchers (fnmatch patterns on rule, device_id, site, severity), until when, who and why."""
+
+    matchers: dict[str, str] = Field(min_length=1)
+    duration: str | None = Field(default=None, description="e.g. 2h; or give ends_at")
+    ends_at: datetime | None = None
+    by: str = Field(min_length=1, max_length=100)
+    comment: str = Field(min_length=1, max_length=1000)
+
+    @field_validator("matchers")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(MATCHER_FIELDS))
+        if unknown:
+            msg = f"unknown matcher field(s) {unknown}; use {', '.join(MATCHER_FIELDS)}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _one_end(self) -> SilenceCreate:
+        if (self.duration is None) == (self.ends_at is None):
+            msg = "give exactly one of duration and ends_at"
+            raise ValueError(msg)
+        if self.duration is not None:
+            parse_duration(self.duration)
+        if self.ends_at is not None and self.ends_at.tzinfo is None:
+            msg = "ends_at needs a time zone"
+            raise ValueError(msg)
+        return self
+
+
+class SilencePublic(BaseModel):
+    """A silence."""
+
+    id: int
+    matchers: dict[str, str]
+    created_by: str
+    comment: str
+    starts_at: datetime
+    ends_at: datetime
+    active: bool
+
+
+def _public(row: SilenceRow, now: datetime) -> SilencePublic:
+    return SilencePublic(**row.model_dump(exclude={"matchers"}), matchers=row.matchers, active=row.ends_at > now)
+
+
+@router.get("")
+async def silences(store: StoreDep, *, active: Annotated[bool, Query()] = True) -> list[SilencePublic]:
+    """Silences, active ones by default."""
+    now = datetime.now(UTC)
+
+    def read() -> list[SilenceRow]:
+        stmt = select(SilenceRow).order_by(col(SilenceRow.id))
+        if active:
+            stmt = stmt.where(col(SilenceRow.ends_at) > now)
+        with store.session() as tx:
+            return list(tx.exec(stmt))
+
+    return [_public(r, now) for r in await asyncio.to_thread(read)]
+
+
+@router.post("", status_code=201)
+async def create(store: StoreDep, body: SilenceCreate) -> SilencePublic:
+    """Create a silence starting now."""
+    now = datetime.now(UTC)
+    ends = body.ends_at or now + timedelta(seconds=parse_duration(body.duration))
+    if ends <= now:
+        raise HTTPException(status_code=422, detail="ends_at: the silence would already be over")
+    row = SilenceRow(matchers=body.matchers, created_by=body.by, comment=body.comment, starts_at=now, ends_at=ends)
+
+    def write() -> SilenceRow:
+        with store.session() as tx:
+            tx.add(row)
+            tx.commit()
+            tx.refresh(row)
+            return row
+
+    return _public(await asyncio.to_thread(write), now)
+
+
+@router.delete("/{silence_id}", responses={404: {"description": "no such silence"}})
+async def expire(store: StoreDep, silence_id: int) -> dict[str, Any]:
+    """End a silence now."""
+
+    def write() -> bool:
+        with store.session() as tx:
+            row = tx.get(SilenceRow, silence_id)
+            if row is None:
+                return False
+            row.ends_at = min(row.ends_at, datetime.now(UTC))
+            tx.add(row)
+            tx.commit()
+            return True
+
+    if not await asyncio.to_thread(write):
+        raise HTTPException(status_code=404, detail=f"no silence {silence_id}")
+    return {"id": silence_id, "active": False}
