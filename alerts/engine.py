@@ -12,7 +12,7 @@ import fnmatch
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,15 @@ SHIPPED_RULES = Path(__file__).resolve().parent / "rules.yaml"
 
 
 class AlertStatus(StrEnum):
-    """The lifecycle: firing -> acknowledged -> resolved (or firing -> resolved)."""
+    """The lifecycle: firing -> acknowledged -> resolved; flapping when it keeps toggling."""
 
     FIRING = "firing"
     ACKNOWLEDGED = "acknowledged"
+    FLAPPING = "flapping"
     RESOLVED = "resolved"
 
 
-OPEN = (AlertStatus.FIRING.value, AlertStatus.ACKNOWLEDGED.value)
+OPEN = (AlertStatus.FIRING.value, AlertStatus.ACKNOWLEDGED.value, AlertStatus.FLAPPING.value)
 
 
 def _dt(*, nullable: bool = True, index: bool = False) -> Any:  # noqa: ANN401 - SQLModel Field
@@ -312,6 +313,7 @@ class AlertEngine(BaseConsumer):
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
         self._load(tx)
+        self._settle_flapping(tx, now)
         timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
         keys: dict[tuple[str, str], KeyState] = {}
         for (rule_name, device_id), old in self._keys.items():
@@ -325,6 +327,16 @@ class AlertEngine(BaseConsumer):
                 dev = self._devices.get(device_id) or _Device()
                 self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state))
         self._write(tx, {}, keys)
+
+    def _settle_flapping(self, tx: Session, now: datetime) -> None:
+        """Resolve a flapping alert once its condition has been clear for the whole flap window."""
+        for alert in tx.exec(select(AlertRow).where(col(AlertRow.status) == AlertStatus.FLAPPING.value)).all():
+            rule = self._by_name.get(alert.rule)
+            ks = self._keys.get((alert.rule, alert.device_id))
+            if rule is None or (ks is not None and ks.firing):
+                continue
+            if now - alert.updated_at >= timedelta(seconds=rule.flap_window):
+                resolve(tx, alert, now, "engine", "stopped flapping")
 
     def _write(self, tx: Session, devices: dict[str, _Device], keys: dict[tuple[str, str], KeyState]) -> None:
         changed_devices = {d: dev for d, dev in devices.items() if _lasting(self._devices.get(d)) != _lasting(dev)}
@@ -361,11 +373,33 @@ class AlertEngine(BaseConsumer):
                 col(AlertRow.status).in_(OPEN),
             )
         ).first()
+        if open_alert is not None and open_alert.status == AlertStatus.FLAPPING.value:
+            # While flapping, toggles only move the quiet-period clock (see tick); no notifications.
+            open_alert.updated_at = at
+            tx.add(open_alert)
+            return
         if signal is Signal.FIRE:
             if open_alert is not None:
                 return  # exactly one open alert per (rule, device)
             if dev.state.get("mode") == "maintenance" and not self.alerts_in_maintenance:
                 return  # planned work: no alerts
+            recent = tx.exec(
+                select(AlertRow)
+                .where(
+                    col(AlertRow.rule) == rule.name,
+                    col(AlertRow.device_id) == device_id,
+                    col(AlertRow.fired_at) >= at - timedelta(seconds=rule.flap_window),
+                )
+                .order_by(col(AlertRow.id))
+            ).all()
+            if recent and len(recent) + 1 >= rule.flap_count:
+                # Firing again and again within the window: reopen the first one, as flapping.
+                alert = recent[0]
+                old = alert.status
+                alert.status, alert.updated_at, alert.resolved_at, alert.resolved_by = "flapping", at, None, None
+                tx.add(alert)
+                record(tx, alert, old, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
+                return
             info = DeviceInfo(device_id, dev.type, dev.site)
             alert = AlertRow(
                 rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,

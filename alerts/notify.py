@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
 PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
-PD_ACTION = {"firing": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
+PD_ACTION = {"firing": "trigger", "flapping": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -51,6 +51,7 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
     if receiver.kind == "alertmanager":
         if n.status == "acknowledged":
             return None  # Alertmanager knows only firing and resolved
+        am_status = "resolved" if n.status == "resolved" else "firing"
         labels = {
             "alertname": alert.rule,
             "device": alert.device_id,
@@ -59,10 +60,10 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
         }
         return {
             "version": "4", "groupKey": f"{alert.rule}:{alert.device_id}", "truncatedAlerts": 0,
-            "status": n.status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
+            "status": am_status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
             "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": "",
             "alerts": [{
-                "status": n.status, "labels": labels, "annotations": {"summary": alert.summary},
+                "status": am_status, "labels": labels, "annotations": {"summary": alert.summary},
                 "startsAt": _iso(alert.fired_at), "endsAt": _iso(alert.resolved_at) or "0001-01-01T00:00:00Z",
                 "generatorURL": "", "fingerprint": f"iotgw-{alert.id}",
             }],
@@ -72,7 +73,7 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
         "event_action": PD_ACTION[n.status],
         "dedup_key": f"iotgw-{alert.rule}-{alert.device_id}-{alert.id}",
     }
-    if n.status == "firing":
+    if n.status in ("firing", "flapping"):
         body["payload"] = {
             "summary": alert.summary, "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
             "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site, "custom_details": facts,

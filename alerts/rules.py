@@ -173,6 +173,10 @@ class Rule(_Strict):
     consecutive: int = Field(default=1, ge=1, le=1000)
     for_: Duration = Field(default=0.0, alias="for")
     clear_for: Duration = 0.0
+    # Firing this many times within flap_window makes the alert `flapping`: one notification,
+    # then quiet until the condition has stayed clear for flap_window.
+    flap_count: int = Field(default=3, ge=2, le=1000)
+    flap_window: Duration = 900.0
 
     @model_validator(mode="after")
     def _exactly_one_condition(self) -> Rule:

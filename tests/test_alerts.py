@@ -34,6 +34,8 @@ rules:
     summary: "{device} reads {value} C"
     select: {type: [temperature]}
     threshold: {above: 30, clear_below: 28}
+    flap_count: 2
+    flap_window: 1h
   - name: silent
     severity: warning
     summary: "{device} is silent"
@@ -176,3 +178,24 @@ async def test_people_acknowledge_and_resolve_with_clear_errors(
             text = (await client.get("/metrics")).text
             assert 'iotgw_alert_transitions_total{status="acknowledged"} 1.0' in text
             assert "iotgw_alert_time_to_acknowledge_seconds_count 1.0" in text
+
+
+async def test_a_value_crossing_both_limits_again_and_again_gives_one_flapping_alert(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="t-2") as c:
+            for seq, v in enumerate([31, 27] * 5, start=1):
+                await c.publish("devices/t-2/telemetry", reading("temperature", "C", seq, v), qos=1)
+        await caught_up(gw, "t-2", 10)
+        (alert,) = await alerts_of(gw)
+        assert alert["status"] == "flapping"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            detail = (await client.get(f"/api/alerts/{alert['id']}")).json()
+        # Five crossings, three transitions: fired, resolved, then flapping (and quiet from there).
+        assert [h["to_status"] for h in detail["history"]] == ["firing", "resolved", "flapping"]
+        with gw.store.session() as tx:
+            from sqlalchemy import text  # noqa: PLC0415
+
+            notifications = tx.exec(text("select count(*) from notifications")).scalar_one()  # type: ignore[call-overload]
+        assert notifications == 3

@@ -65,7 +65,7 @@ def _public(row: AlertRow) -> AlertPublic:
 @router.get("/alerts")
 async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
     store: StoreDep,
-    status: Annotated[str | None, Query(pattern="^(open|firing|acknowledged|resolved)$")] = None,
+    status: Annotated[str | None, Query(pattern="^(open|firing|acknowledged|flapping|resolved)$")] = None,
     severity: Annotated[str | None, Query(pattern="^(critical|major|minor|warning|info)$")] = None,
     device_id: str | None = None,
     site: str | None = None,
@@ -122,7 +122,7 @@ def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDe
         if row is None:
             raise HTTPException(status_code=404, detail=f"no alert {alert_id}")
         if to is AlertStatus.ACKNOWLEDGED:
-            if row.status != AlertStatus.FIRING.value:
+            if row.status not in (AlertStatus.FIRING.value, AlertStatus.FLAPPING.value):
                 raise HTTPException(status_code=409, detail=f"alert {alert_id} is {row.status}, not firing")
             acknowledge(tx, row, utcnow(), body.by, body.note)
         else:
