@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -243,6 +243,9 @@ class AlertEngine(BaseConsumer):
         self.rules: list[Rule] = list(ruleset.rules)
         self.receivers: list[Receiver] = list(ruleset.receivers)
         self.alerts_in_maintenance = alerts_in_maintenance
+        # Set by the gateway: whether it holds its broker session (inhibits absence alerts).
+        self.broker_connected: Callable[[], bool] | None = None
+        self._absence_quiet_until: datetime | None = None
         self._forget()
 
     def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
@@ -306,8 +309,10 @@ class AlertEngine(BaseConsumer):
                 before = keys.get(k) or self._keys.get(k) or KeyState()
                 new, signal = step(rule, before, obs, e.time)
                 keys[k] = new
-                if signal is not None:
-                    self._transition(tx, rule, e.subject, dev, signal, e.time, {**dev.state, **e.data})
+                if signal is not None and not self._transition(
+                    tx, rule, e.subject, dev, signal, e.time, {**dev.state, **e.data}
+                ):
+                    keys[k] = before  # held back for now: the key fires again when it may
         self._write(tx, devices, keys)
 
     def tick(self, tx: Session, now: datetime) -> None:
@@ -325,8 +330,27 @@ class AlertEngine(BaseConsumer):
                 keys[(rule_name, device_id)] = new
             if signal is not None:
                 dev = self._devices.get(device_id) or _Device()
-                self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state))
+                if not self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state)):
+                    keys.pop((rule_name, device_id), None)  # held back: the next tick tries again
         self._write(tx, {}, keys)
+
+    def _inhibited(self, tx: Session, rule: Rule, dev: _Device, at: datetime) -> str | None:
+        """Why this rule may not fire now: "broker" (lost; absence rules), "site" (an inhibiting alert)."""
+        if rule.absence is not None and self.broker_connected is not None:
+            if not self.broker_connected():
+                self._absence_quiet_until = at + timedelta(seconds=rule.absence.heartbeat)
+                return "broker"  # the gateway hears nothing: silence says nothing about the devices
+            if self._absence_quiet_until is not None and at < self._absence_quiet_until:
+                return "broker"  # after the broker came back, give every device one heartbeat
+        inhibitors = [r.name for r in self.rules if rule.name in r.inhibits]
+        if not inhibitors or dev.site is None:
+            return None
+        blocking = tx.exec(
+            select(AlertRow.id).where(
+                col(AlertRow.rule).in_(inhibitors), col(AlertRow.site) == dev.site, col(AlertRow.status).in_(OPEN)
+            )
+        ).first()
+        return "site" if blocking is not None else None
 
     def _settle_flapping(self, tx: Session, now: datetime) -> None:
         """Resolve a flapping alert once its condition has been clear for the whole flap window."""
@@ -365,7 +389,8 @@ class AlertEngine(BaseConsumer):
         signal: Signal,
         at: datetime,
         values: dict[str, Any],
-    ) -> None:
+    ) -> bool:
+        """Apply a signal to the alert of (rule, device); False when a FIRE must wait (broker lost)."""
         open_alert = tx.exec(
             select(AlertRow).where(
                 col(AlertRow.rule) == rule.name,
@@ -377,12 +402,15 @@ class AlertEngine(BaseConsumer):
             # While flapping, toggles only move the quiet-period clock (see tick); no notifications.
             open_alert.updated_at = at
             tx.add(open_alert)
-            return
+            return True
         if signal is Signal.FIRE:
             if open_alert is not None:
-                return  # exactly one open alert per (rule, device)
+                return True  # exactly one open alert per (rule, device)
             if dev.state.get("mode") == "maintenance" and not self.alerts_in_maintenance:
-                return  # planned work: no alerts
+                return True  # planned work: no alerts
+            inhibited = self._inhibited(tx, rule, dev, at)
+            if inhibited:
+                return inhibited != "broker"
             recent = tx.exec(
                 select(AlertRow)
                 .where(
@@ -399,7 +427,7 @@ class AlertEngine(BaseConsumer):
                 alert.status, alert.updated_at, alert.resolved_at, alert.resolved_by = "flapping", at, None, None
                 tx.add(alert)
                 record(tx, alert, old, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
-                return
+                return True
             info = DeviceInfo(device_id, dev.type, dev.site)
             alert = AlertRow(
                 rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,
@@ -410,6 +438,7 @@ class AlertEngine(BaseConsumer):
             record(tx, alert, None, AlertStatus.FIRING, at, "engine")
         elif open_alert is not None:
             resolve(tx, open_alert, at, "engine", "condition cleared")
+        return True
 
 
 _VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time

@@ -177,6 +177,9 @@ class Rule(_Strict):
     # then quiet until the condition has stayed clear for flap_window.
     flap_count: int = Field(default=3, ge=2, le=1000)
     flap_window: Duration = 900.0
+    # While an alert of this rule is open at a site, these rules raise no alerts at that site
+    # (e.g. a mains failure inhibits the offline alerts it causes).
+    inhibits: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _exactly_one_condition(self) -> Rule:
@@ -240,6 +243,11 @@ class RuleSet(_Strict):
                 msg = f"rule name {r.name!r} is used twice"
                 raise ValueError(msg)
             seen.add(r.name)
+        for r in self.rules:
+            unknown = [n for n in r.inhibits if n not in seen]
+            if unknown:
+                msg = f"rule {r.name!r} inhibits unknown rule(s) {unknown}"
+                raise ValueError(msg)
         return self
 
 

@@ -76,6 +76,7 @@ class Gateway:
         await self.ingest.start()
         alerts = self.router.runners.get("alerts")
         if alerts is not None:
+            alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
             self._start_notifier(alerts.consumer)
             self._alert_metrics_task = asyncio.create_task(self._publish_alert_metrics(), name="iotgw-alert-metrics")
         if "analytics" in self.router.runners:

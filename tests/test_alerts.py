@@ -199,3 +199,87 @@ async def test_a_value_crossing_both_limits_again_and_again_gives_one_flapping_a
 
             notifications = tx.exec(text("select count(*) from notifications")).scalar_one()  # type: ignore[call-overload]
         assert notifications == 3
+
+
+INHIBIT_RULES = """
+rules:
+  - name: device-offline
+    severity: warning
+    summary: "{device} offline"
+    event: {type: device.offline, clear: {type: device.online}}
+  - name: site-power-lost
+    severity: critical
+    summary: "power lost at {site}"
+    select: {type: [power]}
+    threshold: {below: 50, clear_above: 500}
+    inhibits: [device-offline]
+  - name: silent
+    severity: warning
+    summary: "{device} silent"
+    absence: {heartbeat: 60s}
+"""
+
+
+def _engine_store(tmp_path: Path) -> tuple[Any, Any]:
+    from alerts.engine import AlertEngine  # noqa: PLC0415
+    from alerts.rules import load_rules  # noqa: PLC0415
+    from gateway.store import Store  # noqa: PLC0415
+
+    store = Store(f"sqlite:///{tmp_path / 'alerts.db'}")
+    store.create_schema()
+    return AlertEngine(load_rules(INHIBIT_RULES)), store
+
+
+def _event(etype: str, subject: str, site: str, t: Any, **data: Any) -> Any:
+    from gateway.events import Event  # noqa: PLC0415
+
+    return Event(id=f"{subject}-{etype}-{t}", source=f"devices/{subject}", type=etype, time=t, subject=subject,
+                 data=data, site=site)  # fmt: skip
+
+
+def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(tmp_path: Path) -> None:
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from alerts.engine import AlertRow  # noqa: PLC0415
+
+    engine, store = _engine_store(tmp_path)
+    t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    with store.session() as tx:
+        engine.handle([_event("sensor.reading", "pwr-1", "hq", t, value=3.0, unit="W")], tx)
+        engine.handle([_event("device.offline", "el-1", "hq", t), _event("device.offline", "el-2", "north", t)], tx)
+        tx.commit()
+    with store.session() as tx:
+        fired = sorted((a.rule, a.device_id) for a in tx.exec(select_alerts(AlertRow)))
+    assert fired == [("device-offline", "el-2"), ("site-power-lost", "pwr-1")]
+
+
+def test_no_absence_alerts_while_the_broker_is_lost_and_one_heartbeat_after(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from alerts.engine import AlertRow  # noqa: PLC0415
+
+    engine, store = _engine_store(tmp_path)
+    connected = {"up": True}
+    engine.broker_connected = lambda: connected["up"]
+    t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    with store.session() as tx:
+        engine.handle([_event("sensor.reading", "hum-1", "hq", t, value=40.0, unit="%RH")], tx)
+        tx.commit()
+
+    def tick(at: datetime) -> list[str]:
+        with store.session() as tx:
+            engine.tick(tx, at)
+            tx.commit()
+            return [a.rule for a in tx.exec(select_alerts(AlertRow))]
+
+    connected["up"] = False
+    assert tick(t + timedelta(seconds=300)) == []  # silent, but the gateway hears nothing at all
+    connected["up"] = True
+    assert tick(t + timedelta(seconds=330)) == []  # back: every device gets one heartbeat
+    assert tick(t + timedelta(seconds=400)) == ["silent"]
+
+
+def select_alerts(row: Any) -> Any:
+    from sqlmodel import select  # noqa: PLC0415
+
+    return select(row)
