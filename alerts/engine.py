@@ -260,6 +260,8 @@ class AlertEngine(BaseConsumer):
 
     def _forget(self) -> None:
         self._loaded = False
+        self._flapping: dict[tuple[str, str], datetime] = {}  # key -> last toggle of its flapping alert
+        self._flap_pending: dict[tuple[str, str], datetime | None] = {}
         self._devices: dict[str, _Device] = {}
         self._keys: dict[tuple[str, str], KeyState] = {}  # as stored (or as good: see _absence_only_moved)
         self._by_type: dict[tuple[str, str, str | None, str | None], list[Rule]] = {}
@@ -280,6 +282,8 @@ class AlertEngine(BaseConsumer):
         for k in tx.exec(select(AlertKeyRow)):
             if k.rule in self._by_name:
                 self._keys[(k.rule, k.device_id)] = _decode(dict(k.state))
+        for a in tx.exec(select(AlertRow).where(col(AlertRow.status) == AlertStatus.FLAPPING.value)):
+            self._flapping[(a.rule, a.device_id)] = a.updated_at
         self._loaded = True
 
     def _rules_for(self, event_type: str, device_id: str, dev: _Device) -> list[Rule]:
@@ -295,6 +299,7 @@ class AlertEngine(BaseConsumer):
     def handle(self, events: Sequence[Event], tx: Session) -> None:
         """Update each device's view, then step the rules an event can affect."""
         self._load(tx)
+        self._flap_pending.clear()
         devices: dict[str, _Device] = {}
         keys: dict[tuple[str, str], KeyState] = {}
         for e in events:
@@ -313,12 +318,14 @@ class AlertEngine(BaseConsumer):
                     tx, rule, e.subject, dev, signal, e.time, {**dev.state, **e.data}
                 ):
                     keys[k] = before  # held back for now: the key fires again when it may
+                elif signal is None:
+                    self._settle_flapping(tx, k, new, e.time)
         self._write(tx, devices, keys)
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
         self._load(tx)
-        self._settle_flapping(tx, now)
+        self._flap_pending.clear()
         timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
         keys: dict[tuple[str, str], KeyState] = {}
         for (rule_name, device_id), old in self._keys.items():
@@ -352,15 +359,25 @@ class AlertEngine(BaseConsumer):
         ).first()
         return "site" if blocking is not None else None
 
-    def _settle_flapping(self, tx: Session, now: datetime) -> None:
-        """Resolve a flapping alert once its condition has been clear for the whole flap window."""
-        for alert in tx.exec(select(AlertRow).where(col(AlertRow.status) == AlertStatus.FLAPPING.value)).all():
-            rule = self._by_name.get(alert.rule)
-            ks = self._keys.get((alert.rule, alert.device_id))
-            if rule is None or (ks is not None and ks.firing):
-                continue
-            if now - alert.updated_at >= timedelta(seconds=rule.flap_window):
-                resolve(tx, alert, now, "engine", "stopped flapping")
+    def _settle_flapping(self, tx: Session, key: tuple[str, str], ks: KeyState, at: datetime) -> None:
+        """Resolve a flapping alert once an event shows its condition clear for a whole flap window.
+
+        Decided on event times only, so a replay or a restart decides it the same way.
+        """
+        since = self._flap_pending.get(key, self._flapping.get(key))
+        rule = self._by_name.get(key[0])
+        if since is None or rule is None or ks.firing or at - since < timedelta(seconds=rule.flap_window):
+            return
+        alert = tx.exec(
+            select(AlertRow).where(
+                col(AlertRow.rule) == key[0],
+                col(AlertRow.device_id) == key[1],
+                col(AlertRow.status) == AlertStatus.FLAPPING.value,
+            )
+        ).first()
+        if alert is not None:
+            resolve(tx, alert, at, "engine", "stopped flapping")
+        self._flap_pending[key] = None
 
     def _write(self, tx: Session, devices: dict[str, _Device], keys: dict[tuple[str, str], KeyState]) -> None:
         changed_devices = {d: dev for d, dev in devices.items() if _lasting(self._devices.get(d)) != _lasting(dev)}
@@ -373,9 +390,17 @@ class AlertEngine(BaseConsumer):
         for (rule_name, device_id), ks in changed_keys.items():
             tx.merge(AlertKeyRow(rule=rule_name, device_id=device_id, state=_encode(ks)))
 
+        flaps = dict(self._flap_pending)
+        self._flap_pending.clear()
+
         def remember(_session: Session) -> None:
             self._devices.update(devices)
             self._keys.update(changed_keys)
+            for key, since in flaps.items():
+                if since is None:
+                    self._flapping.pop(key, None)
+                else:
+                    self._flapping[key] = since
 
         # Memory follows the database: only what committed is remembered.
         event.listen(tx, "after_commit", remember, once=True)
@@ -402,6 +427,7 @@ class AlertEngine(BaseConsumer):
             # While flapping, toggles only move the quiet-period clock (see tick); no notifications.
             open_alert.updated_at = at
             tx.add(open_alert)
+            self._flap_pending[(rule.name, device_id)] = at
             return True
         if signal is Signal.FIRE:
             if open_alert is not None:
@@ -425,6 +451,7 @@ class AlertEngine(BaseConsumer):
                 alert = recent[0]
                 old = alert.status
                 alert.status, alert.updated_at, alert.resolved_at, alert.resolved_by = "flapping", at, None, None
+                self._flap_pending[(rule.name, device_id)] = at
                 tx.add(alert)
                 record(tx, alert, old, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
                 return True
