@@ -104,8 +104,13 @@ receivers:
             return len(hooks.ok()) >= 8
 
         await wait_for(delivered, timeout=30, what="8 deliveries after the receiver's outage")
-        metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw").get(
-            "/metrics")).text  # fmt: skip
+        async with client_of(gw) as client:
+            metrics = (await client.get("/metrics")).text
+            detail = (await client.get(f"/api/alerts/{alert['id']}")).json()
+    deliveries = {(n["receiver"], n["status"]): n["delivery"] for n in detail["notifications"]}
+    assert deliveries[("am", "acknowledged")] == "skipped"
+    assert deliveries[("pd", "resolved")] == "delivered"
+    assert len(detail["notifications"]) == 9  # 3 transitions x 3 receivers (the critical-only one gets none)
     ok = hooks.ok()
     assert len(ok) == 8  # 3 transitions x (webhook + pagerduty) + 2 for Alertmanager (no acknowledge there)
     by_path: dict[str, list[dict[str, Any]]] = {}

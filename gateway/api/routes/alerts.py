@@ -10,7 +10,17 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
-from alerts.engine import OPEN, AlertRow, AlertStatus, AlertTransitionRow, acknowledge, resolve, utcnow
+from alerts.engine import (
+    OPEN,
+    AlertRow,
+    AlertStatus,
+    AlertTransitionRow,
+    DeliveryRow,
+    NotificationRow,
+    acknowledge,
+    resolve,
+    utcnow,
+)
 from gateway.api.deps import StoreDep
 
 router = APIRouter(prefix="/api", tags=["alerts"])
@@ -45,10 +55,23 @@ class TransitionPublic(BaseModel):
     note: str | None
 
 
+class DeliveryPublic(BaseModel):
+    """One notification of this alert to one receiver."""
+
+    key: str
+    status: str  # the alert status it announces
+    receiver: str
+    delivery: str  # pending | delivered | skipped | silenced
+    attempts: int
+    last_error: str | None
+    delivered_at: datetime | None
+
+
 class AlertDetail(AlertPublic):
-    """An alert with its full history."""
+    """An alert with its full history and its notifications."""
 
     history: list[TransitionPublic]
+    notifications: list[DeliveryPublic]
 
 
 class Action(BaseModel):
@@ -104,10 +127,23 @@ def _detail(store: Any, alert_id: int) -> AlertDetail:  # noqa: ANN401 - Store
             .where(col(AlertTransitionRow.alert_id) == alert_id)
             .order_by(col(AlertTransitionRow.id))
         ).all()
+        deliveries = tx.exec(
+            select(NotificationRow, DeliveryRow)
+            .join(DeliveryRow, col(DeliveryRow.notification_id) == col(NotificationRow.id))
+            .where(col(NotificationRow.alert_id) == alert_id)
+            .order_by(col(DeliveryRow.id))
+        ).all()
         return AlertDetail(
             **_public(row).model_dump(),
             history=[TransitionPublic.model_validate(h, from_attributes=True) for h in history],
-        )
+            notifications=[
+                DeliveryPublic(
+                    key=n.key, status=n.status, receiver=d.receiver, delivery=d.status, attempts=d.attempts,
+                    last_error=d.last_error, delivered_at=d.delivered_at,
+                )
+                for n, d in deliveries
+            ],
+        )  # fmt: skip
 
 
 @router.get("/alerts/{alert_id}", responses={404: {"description": "no such alert"}})
