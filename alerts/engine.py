@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -24,7 +24,7 @@ from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, Rule
 from gateway import events as ev
 from gateway.events import Event
 from gateway.router import BaseConsumer
-from gateway.store import UTCDateTime
+from gateway.store import EVENT_COLUMNS, UTCDateTime, read_events, read_sql_events
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,17 @@ def _absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool
     return (new.last_seen - old.last_seen).total_seconds() < rule.absence.heartbeat / 4
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Working copies for one transaction; they become the engine's memory when it commits."""
+
+    tx: Session
+    devices: dict[str, _Device] = field(default_factory=dict)
+    keys: dict[tuple[str, str], KeyState] = field(default_factory=dict)
+    written: dict[tuple[str, str], KeyState] = field(default_factory=dict)
+    flaps: dict[tuple[str, str], datetime | None] = field(default_factory=dict)
+
+
 class AlertEngine(BaseConsumer):
     """Runs the alert rules over the log and keeps alerts (consumer `alerts`).
 
@@ -233,7 +244,8 @@ class AlertEngine(BaseConsumer):
     """
 
     name = "alerts"
-    types = ("*",)
+    # Sensor readings (most of the log) come through handle_span; everything else one by one.
+    types = ("device.*", "elevator.*")
     replay_resets_state = True
     linger_s = 0.05  # alerts are real-time: wait only briefly for more events
     tick_s = 1.0
@@ -261,7 +273,7 @@ class AlertEngine(BaseConsumer):
     def _forget(self) -> None:
         self._loaded = False
         self._flapping: dict[tuple[str, str], datetime] = {}  # key -> last toggle of its flapping alert
-        self._flap_pending: dict[tuple[str, str], datetime | None] = {}
+        self._current: _Batch | None = None
         self._devices: dict[str, _Device] = {}
         self._keys: dict[tuple[str, str], KeyState] = {}  # as stored (or as good: see _absence_only_moved)
         self._by_type: dict[tuple[str, str, str | None, str | None], list[Rule]] = {}
@@ -296,50 +308,140 @@ class AlertEngine(BaseConsumer):
             self._by_type[cache_key] = rules
         return rules
 
+    def _batch(self, tx: Session) -> _Batch:
+        b = self._current
+        if b is None or b.tx is not tx:
+            b = self._current = _Batch(tx)
+            # Memory follows the database: only what commits is remembered.
+            event.listen(tx, "after_commit", lambda _s: self._remember(b), once=True)
+            event.listen(tx, "after_rollback", lambda _s: self._discard(b), once=True)
+        return b
+
+    def _remember(self, b: _Batch) -> None:
+        self._devices.update(b.devices)
+        self._keys.update(b.written)
+        for key, since in b.flaps.items():
+            if since is None:
+                self._flapping.pop(key, None)
+            else:
+                self._flapping[key] = since
+        self._discard(b)
+
+    def _discard(self, b: _Batch) -> None:
+        if self._current is b:
+            self._current = None
+
+    def _device(self, b: _Batch, device_id: str) -> _Device:
+        dev = b.devices.get(device_id)
+        if dev is None:
+            known = self._devices.get(device_id)
+            dev = b.devices[device_id] = _Device(known.type, known.site, dict(known.state)) if known else _Device()
+        return dev
+
     def handle(self, events: Sequence[Event], tx: Session) -> None:
         """Update each device's view, then step the rules an event can affect."""
         self._load(tx)
-        self._flap_pending.clear()
-        devices: dict[str, _Device] = {}
-        keys: dict[tuple[str, str], KeyState] = {}
+        b = self._batch(tx)
         for e in events:
-            dev = devices.get(e.subject)
-            if dev is None:
-                known = self._devices.get(e.subject)
-                dev = devices[e.subject] = _Device(known.type, known.site, dict(known.state)) if known else _Device()
+            dev = self._device(b, e.subject)
             _project(dev, e)
-            obs = Observation(e.time, e.type, e.data, dev.state)
-            for rule in self._rules_for(e.type, e.subject, dev):
-                k = (rule.name, e.subject)
-                before = keys.get(k) or self._keys.get(k) or KeyState()
-                new, signal = step(rule, before, obs, e.time)
-                keys[k] = new
-                if signal is not None and not self._transition(
-                    tx, rule, e.subject, dev, signal, e.time, {**dev.state, **e.data}
-                ):
-                    keys[k] = before  # held back for now: the key fires again when it may
-                elif signal is None:
-                    self._settle_flapping(tx, k, new, e.time)
-        self._write(tx, devices, keys)
+            self._observe(tx, b, e.subject, dev, Observation(e.time, e.type, e.data, dev.state), e.data)
+        self._write(tx, b)
+
+    def _observe(  # noqa: PLR0913, PLR0917
+        self, tx: Session, b: _Batch, device_id: str, dev: _Device, obs: Observation, data: Mapping[str, Any]
+    ) -> None:
+        for rule in self._rules_for(obs.event_type, device_id, dev):
+            k = (rule.name, device_id)
+            before = b.keys.get(k) or self._keys.get(k) or KeyState()
+            new, signal = step(rule, before, obs, obs.time)
+            b.keys[k] = new
+            if signal is not None and not self._transition(
+                tx, rule, device_id, dev, signal, obs.time, {**dev.state, **data}
+            ):
+                b.keys[k] = before  # held back for now: the key fires again when it may
+            elif signal is None:
+                self._settle_flapping(tx, k, new, obs.time)
+
+    def handle_span(self, tx: Session, after: int, upto: int) -> None:
+        """Sensor readings of the span, without reading most of them into Python.
+
+        Every reading says its device is alive (one aggregate row per device is enough for that),
+        but only readings that can move a threshold key matter one by one: values beyond the
+        rules' limits, and all readings of devices whose keys are breaching or firing.
+        """
+        self._load(tx)
+        b = self._batch(tx)
+        conn = tx.connection()
+        if conn.dialect.name != "sqlite" or self._reading_limits() is None:
+            readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
+        else:
+            for subject, last, site, unit in conn.exec_driver_sql(_SQL_READERS, (after, upto)).fetchall():
+                dev = self._device(b, subject)
+                dev.site = site or dev.site
+                dev.type = dev.type or _TYPE_FROM_UNIT.get(str(unit), "sensor")
+                at = datetime.fromisoformat(last).replace(tzinfo=UTC)
+                for rule in self._rules_for(ev.SENSOR_READING, subject, dev):
+                    if rule.absence is None:
+                        continue
+                    k = (rule.name, subject)
+                    before = b.keys.get(k) or self._keys.get(k) or KeyState()
+                    new, signal = step(rule, before, Observation(at, ev.SENSOR_READING, {}, dev.state), at)
+                    b.keys[k] = new
+                    if signal is not None and not self._transition(tx, rule, subject, dev, signal, at, dev.state):
+                        b.keys[k] = before
+            lo, hi = self._reading_limits() or (0.0, 0.0)
+            value_rules = {r.name for r in self.rules if r.threshold is not None}
+            merged = {**self._keys, **b.keys}
+            hot = sorted({d for (r, d), ks in merged.items() if r in value_rules and (ks.breaching or ks.firing)})
+            # Devices with a reading beyond a limit, or already breaching: all their readings, in order.
+            beyond = {row[0] for row in conn.exec_driver_sql(_SQL_BEYOND, (after, upto, lo, hi)).fetchall()}
+            wanted = sorted(beyond | set(hot))
+            readings = []
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                sql = f"{_SQL_READINGS_OF} ({', '.join('?' * len(chunk))}) ORDER BY id"
+                readings += read_sql_events(conn, sql, (after, upto, *chunk))
+            readings.sort(key=lambda e: e.position)
+        for e in readings:
+            dev = self._device(b, e.subject)
+            _project(dev, e)
+            self._observe(tx, b, e.subject, dev, Observation(e.time, e.type, e.data, dev.state), e.data)
+        self._write(tx, b)
+
+    def _reading_limits(self) -> tuple[float, float] | None:
+        """(lowest `above`, highest `below`) over the rules readings can move; None: read them all."""
+        lo, hi = float("inf"), float("-inf")
+        for r in self.rules:
+            if r.absence is not None or not _may_change(r, ev.SENSOR_READING):
+                continue
+            t = r.threshold
+            if t is None or t.field != "value":
+                return None  # a rule that needs every reading
+            if t.above is not None:
+                lo = min(lo, t.above)
+            if t.below is not None:
+                hi = max(hi, t.below)
+        return lo, hi
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
         self._load(tx)
-        self._flap_pending.clear()
+        b = self._batch(tx)
         timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
-        keys: dict[tuple[str, str], KeyState] = {}
-        for (rule_name, device_id), old in self._keys.items():
+        for (rule_name, device_id), stored in list(self._keys.items()):
             if rule_name not in timed:
                 continue
             rule = self._by_name[rule_name]
+            old = b.keys.get((rule_name, device_id), stored)
             new, signal = step(rule, old, None, now)
             if new != old:
-                keys[(rule_name, device_id)] = new
+                b.keys[(rule_name, device_id)] = new
             if signal is not None:
                 dev = self._devices.get(device_id) or _Device()
                 if not self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state)):
-                    keys.pop((rule_name, device_id), None)  # held back: the next tick tries again
-        self._write(tx, {}, keys)
+                    b.keys[(rule_name, device_id)] = old  # held back: the next tick tries again
+        self._write(tx, b)
 
     def _inhibited(self, tx: Session, rule: Rule, dev: _Device, at: datetime) -> str | None:
         """Why this rule may not fire now: "broker" (lost; absence rules), "site" (an inhibiting alert)."""
@@ -364,7 +466,8 @@ class AlertEngine(BaseConsumer):
 
         Decided on event times only, so a replay or a restart decides it the same way.
         """
-        since = self._flap_pending.get(key, self._flapping.get(key))
+        flaps = self._batch(tx).flaps
+        since = flaps.get(key, self._flapping.get(key))
         rule = self._by_name.get(key[0])
         if since is None or rule is None or ks.firing or at - since < timedelta(seconds=rule.flap_window):
             return
@@ -377,33 +480,18 @@ class AlertEngine(BaseConsumer):
         ).first()
         if alert is not None:
             resolve(tx, alert, at, "engine", "stopped flapping")
-        self._flap_pending[key] = None
+        flaps[key] = None
 
-    def _write(self, tx: Session, devices: dict[str, _Device], keys: dict[tuple[str, str], KeyState]) -> None:
-        changed_devices = {d: dev for d, dev in devices.items() if _lasting(self._devices.get(d)) != _lasting(dev)}
-        changed_keys = {
-            k: v for k, v in keys.items()
-            if v != self._keys.get(k) and not _absence_only_moved(self._by_name[k[0]], self._keys.get(k), v)
-        }  # fmt: skip
-        for device_id, dev in changed_devices.items():
-            tx.merge(AlertDeviceRow(device_id=device_id, type=dev.type, site=dev.site, state=dev.state))
-        for (rule_name, device_id), ks in changed_keys.items():
-            tx.merge(AlertKeyRow(rule=rule_name, device_id=device_id, state=_encode(ks)))
-
-        flaps = dict(self._flap_pending)
-        self._flap_pending.clear()
-
-        def remember(_session: Session) -> None:
-            self._devices.update(devices)
-            self._keys.update(changed_keys)
-            for key, since in flaps.items():
-                if since is None:
-                    self._flapping.pop(key, None)
-                else:
-                    self._flapping[key] = since
-
-        # Memory follows the database: only what committed is remembered.
-        event.listen(tx, "after_commit", remember, once=True)
+    def _write(self, tx: Session, b: _Batch) -> None:
+        """Merge what changed (compared with memory); may run several times in one transaction."""
+        for device_id, dev in b.devices.items():
+            if _lasting(self._devices.get(device_id)) != _lasting(dev):
+                tx.merge(AlertDeviceRow(device_id=device_id, type=dev.type, site=dev.site, state=dev.state))
+        for k, v in b.keys.items():
+            old = self._keys.get(k)
+            if v != old and not _absence_only_moved(self._by_name[k[0]], old, v) and b.written.get(k) != v:
+                tx.merge(AlertKeyRow(rule=k[0], device_id=k[1], state=_encode(v)))
+                b.written[k] = v
 
     def _transition(  # noqa: PLR0913, PLR0917
         self,
@@ -427,7 +515,7 @@ class AlertEngine(BaseConsumer):
             # While flapping, toggles only move the quiet-period clock (see tick); no notifications.
             open_alert.updated_at = at
             tx.add(open_alert)
-            self._flap_pending[(rule.name, device_id)] = at
+            self._batch(tx).flaps[(rule.name, device_id)] = at
             return True
         if signal is Signal.FIRE:
             if open_alert is not None:
@@ -451,7 +539,7 @@ class AlertEngine(BaseConsumer):
                 alert = recent[0]
                 old = alert.status
                 alert.status, alert.updated_at, alert.resolved_at, alert.resolved_by = "flapping", at, None, None
-                self._flap_pending[(rule.name, device_id)] = at
+                self._batch(tx).flaps[(rule.name, device_id)] = at
                 tx.add(alert)
                 record(tx, alert, old, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
                 return True
@@ -467,6 +555,16 @@ class AlertEngine(BaseConsumer):
             resolve(tx, open_alert, at, "engine", "condition cleared")
         return True
 
+
+_READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
+_SQL_READERS = (
+    f"SELECT subject, max(time), max(site), max(json_extract(data, '$.unit')) {_READINGS_SPAN} GROUP BY subject"
+)
+_SQL_BEYOND = (
+    f"SELECT DISTINCT subject {_READINGS_SPAN} AND ("
+    "CAST(json_extract(data, '$.value') AS REAL) > ? OR CAST(json_extract(data, '$.value') AS REAL) < ?)"
+)
+_SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"
 
 _VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
 
@@ -502,6 +600,8 @@ def _may_change(rule: Rule, event_type: str) -> bool:
         )
     if rule.rate is not None:
         return fnmatch.fnmatchcase(event_type, rule.rate.event.type)
+    if rule.state is not None and event_type == ev.SENSOR_READING:
+        return rule.state.field in ("value", "unit")  # a reading changes nothing else of the view
     return event_type in _STATE_FROM_EVENT  # state and threshold rules read the device view
 
 

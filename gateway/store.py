@@ -181,7 +181,7 @@ def _table(model: type[SQLModel]) -> Table:
     return table
 
 
-_EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data")
+EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data")
 
 
 def batch_end(tx: Session, position: int, limit: int) -> int | None:
@@ -233,7 +233,7 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
         parse_data: Callable[[Any], dict[str, Any]] = json.loads
     else:
         table = _table(EventRow)
-        stmt = sa_select(*[table.c[n] for n in _EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
+        stmt = sa_select(*[table.c[n] for n in EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
         if wanted is not None:
             exact, prefixes = wanted
             stmt = stmt.where(or_(table.c.type.in_(exact), *[table.c.type.like(p) for p in prefixes]))
@@ -248,7 +248,20 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
     ]  # fmt: skip
 
 
-_SQL_EVENTS_BETWEEN = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events WHERE id > ? AND id <= ?"  # noqa: S608
+_SQL_EVENTS_BETWEEN = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE id > ? AND id <= ?"  # noqa: S608
+
+
+def read_sql_events(conn: Any, sql: str, params: Sequence[object]) -> list[Event]:  # noqa: ANN401 - Connection
+    """Events from a SQLite query that selects EVENT_COLUMNS (for consumers' own filters)."""
+    return [
+        Event(
+            id=ce_id, source=source, type=etype, time=_sqlite_time(time), subject=subject,
+            data=json.loads(data), sequence=sequence, part=part, site=site, position=pos,
+        )
+        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in conn.exec_driver_sql(
+            sql, tuple(params)
+        ).fetchall()
+    ]  # fmt: skip
 
 
 def _sqlite_time(text_value: str) -> datetime:
