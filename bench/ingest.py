@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 target_db = solo_db if mode == "solo" else db
                 gw = _gateway(
                     broker.port, target_db, http_port, log,
-                    consumers="" if mode == "solo" else "*",
+                    consumers="" if mode == "solo" else args.consumers,
                     client_id=f"{GW_ID}-{mode}",
                 )  # fmt: skip
                 _wait_ready(http_port, gw)
@@ -281,6 +281,7 @@ def main() -> None:
     p.add_argument("--site", default=SITE, help="site name in every message (sets the message size)")
     p.add_argument("--live-rate", type=float, default=1000.0, help="offered load for the latency phase, msg/s")
     p.add_argument("--live-seconds", type=float, default=10.0)
+    p.add_argument("--consumers", default="*", help="consumers of the 'all consumers' runs (default: every one)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each live gateway phase (medians reported)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up on a phase after this many seconds")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
