@@ -23,6 +23,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
 from gateway import events as ev
 from gateway.events import Event
+from gateway.protocol import SENSOR_UNITS, DeviceType
 from gateway.router import BaseConsumer
 from gateway.store import EVENT_COLUMNS, UTCDateTime, read_events, read_sql_events
 
@@ -390,12 +391,13 @@ class AlertEngine(BaseConsumer):
                     b.keys[k] = new
                     if signal is not None and not self._transition(tx, rule, subject, dev, signal, at, dev.state):
                         b.keys[k] = before
-            lo, hi = self._reading_limits() or (0.0, 0.0)
+            beyond_sql, beyond_params = self._reading_limits() or ("0", [])
             value_rules = {r.name for r in self.rules if r.threshold is not None}
             merged = {**self._keys, **b.keys}
             hot = sorted({d for (r, d), ks in merged.items() if r in value_rules and (ks.breaching or ks.firing)})
             # Devices with a reading beyond a limit, or already breaching: all their readings, in order.
-            beyond = {row[0] for row in conn.exec_driver_sql(_SQL_BEYOND, (after, upto, lo, hi)).fetchall()}
+            query = f"{_SQL_BEYOND}({beyond_sql})"
+            beyond = {row[0] for row in conn.exec_driver_sql(query, (after, upto, *beyond_params)).fetchall()}
             wanted = sorted(beyond | set(hot))
             readings = []
             for i in range(0, len(wanted), 500):
@@ -409,20 +411,28 @@ class AlertEngine(BaseConsumer):
             self._observe(tx, b, e.subject, dev, Observation(e.time, e.type, e.data, dev.state), e.data)
         self._write(tx, b)
 
-    def _reading_limits(self) -> tuple[float, float] | None:
-        """(lowest `above`, highest `below`) over the rules readings can move; None: read them all."""
-        lo, hi = float("inf"), float("-inf")
+    def _reading_limits(self) -> tuple[str, list[object]] | None:
+        """SQL condition (and its parameters) for readings beyond some rule's limit; None: read all.
+
+        Each threshold rule counts only for the units of the sensor types it selects: a power
+        meter's `below: 50` says nothing about a thermometer reading 21.
+        """
+        terms: list[str] = []
+        params: list[object] = []
         for r in self.rules:
             if r.absence is not None or not _may_change(r, ev.SENSOR_READING):
                 continue
             t = r.threshold
             if t is None or t.field != "value":
                 return None  # a rule that needs every reading
-            if t.above is not None:
-                lo = min(lo, t.above)
-            if t.below is not None:
-                hi = max(hi, t.below)
-        return lo, hi
+            units = [SENSOR_UNITS[DeviceType(x)] for x in r.select.type or () if x in _SENSOR_TYPES]
+            if r.select.type is not None and not units:
+                continue  # selects no sensor type at all
+            unit_sql = f"json_extract(data, '$.unit') IN ({', '.join('?' * len(units))}) AND " if units else ""
+            op, limit = (">", t.above) if t.above is not None else ("<", t.below)
+            terms.append(f"({unit_sql}CAST(json_extract(data, '$.value') AS REAL) {op} ?)")
+            params += [*units, limit]
+        return (" OR ".join(terms) or "0"), params
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
@@ -560,12 +570,10 @@ _READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.readin
 _SQL_READERS = (
     f"SELECT subject, max(time), max(site), max(json_extract(data, '$.unit')) {_READINGS_SPAN} GROUP BY subject"
 )
-_SQL_BEYOND = (
-    f"SELECT DISTINCT subject {_READINGS_SPAN} AND ("
-    "CAST(json_extract(data, '$.value') AS REAL) > ? OR CAST(json_extract(data, '$.value') AS REAL) < ?)"
-)
+_SQL_BEYOND = f"SELECT DISTINCT subject {_READINGS_SPAN} AND "
 _SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"
 
+_SENSOR_TYPES = {t.value for t in SENSOR_UNITS}
 _VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
 
 

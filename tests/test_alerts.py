@@ -283,3 +283,45 @@ def select_alerts(row: Any) -> Any:
     from sqlmodel import select  # noqa: PLC0415
 
     return select(row)
+
+
+def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_path: Path) -> None:
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from alerts.engine import _SQL_BEYOND, AlertEngine  # noqa: PLC0415
+    from alerts.rules import load_rules  # noqa: PLC0415
+    from gateway.events import Event  # noqa: PLC0415
+    from gateway.store import Store  # noqa: PLC0415
+
+    engine = AlertEngine(load_rules(RULES_WITH_TWO_LIMITS))
+    store = Store(f"sqlite:///{tmp_path / 'limits.db'}")
+    store.create_schema()
+    t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    readings = [("t-cool", 21.0, "C"), ("t-hot", 35.0, "C"), ("p-ok", 1500.0, "W"), ("p-dead", 3.0, "W")]
+    store.append_batch(
+        [Event(f"{d}-1-0", f"devices/{d}", "sensor.reading", t, d, {"value": v, "unit": u}, 1, 0, "hq")
+         for d, v, u in readings],
+        [], [], now=t,
+    )  # fmt: skip
+    limits = engine._reading_limits()
+    assert limits is not None
+    sql, params = limits
+    with store.session() as tx:
+        rows = tx.connection().exec_driver_sql(f"{_SQL_BEYOND}({sql})", (0, 10, *params)).fetchall()
+    # A thermometer at 21 C is not "below 50" just because the power rule says so.
+    assert sorted(r[0] for r in rows) == ["p-dead", "t-hot"]
+
+
+RULES_WITH_TWO_LIMITS = """
+rules:
+  - name: hot
+    severity: minor
+    summary: hot
+    select: {type: [temperature]}
+    threshold: {above: 30, clear_below: 28}
+  - name: power-lost
+    severity: critical
+    summary: dead
+    select: {type: [power]}
+    threshold: {below: 50, clear_above: 500}
+"""
