@@ -547,11 +547,8 @@ class AlertEngine(BaseConsumer):
             if recent and len(recent) + 1 >= rule.flap_count:
                 # Firing again and again within the window: reopen the first one, as flapping.
                 alert = recent[0]
-                old = alert.status
-                alert.status, alert.updated_at, alert.resolved_at, alert.resolved_by = "flapping", at, None, None
                 self._batch(tx).flaps[(rule.name, device_id)] = at
-                tx.add(alert)
-                record(tx, alert, old, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
+                change_status(tx, alert, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
                 return True
             info = DeviceInfo(device_id, dev.type, dev.site)
             alert = AlertRow(
@@ -630,24 +627,32 @@ def record(  # noqa: PLR0913, PLR0917
     tx.add(NotificationRow(key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at))
 
 
-def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
-    """Resolve an open alert."""
+def change_status(  # noqa: PLR0913, PLR0917
+    tx: Session, alert: AlertRow, new: AlertStatus, at: datetime, by: str, note: str | None = None
+) -> None:
+    """Move an alert to `new` (with who, when and why) and record the transition."""
     old = alert.status
-    alert.status, alert.resolved_at, alert.resolved_by, alert.updated_at = AlertStatus.RESOLVED.value, at, by, at
-    if note:
+    alert.status, alert.updated_at = new.value, at
+    if new is AlertStatus.ACKNOWLEDGED:
+        alert.acked_at, alert.acked_by = at, by
+    elif new is AlertStatus.RESOLVED:
+        alert.resolved_at, alert.resolved_by = at, by
+    else:  # firing again, or flapping: open once more
+        alert.resolved_at, alert.resolved_by = None, None
+    if note and new is not AlertStatus.FLAPPING:
         alert.note = note
     tx.add(alert)
-    record(tx, alert, old, AlertStatus.RESOLVED, at, by, note)
+    record(tx, alert, old, new, at, by, note)
+
+
+def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
+    """Resolve an open alert."""
+    change_status(tx, alert, AlertStatus.RESOLVED, at, by, note)
 
 
 def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
     """Acknowledge a firing alert."""
-    old = alert.status
-    alert.status, alert.acked_at, alert.acked_by, alert.updated_at = AlertStatus.ACKNOWLEDGED.value, at, by, at
-    if note:
-        alert.note = note
-    tx.add(alert)
-    record(tx, alert, old, AlertStatus.ACKNOWLEDGED, at, by, note)
+    change_status(tx, alert, AlertStatus.ACKNOWLEDGED, at, by, note)
 
 
 def utcnow() -> datetime:

@@ -238,7 +238,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         fleet_task = asyncio.create_task(fleet.run())
         base = f"http://{settings.http_host}:{settings.http_port}"
         _print_banner(base, settings)
-        await asyncio.sleep(2)
+        # The rogue device's messages must find the gateway subscribed, or the demo shows none.
+        await asyncio.wait_for(gw.ingest.subscribed.wait(), 30)
         await publish_bad(settings.mqtt_url, "demo-rogue-001", seq=int(time.time()))
         await _demo_status(gw, fleet, stop, args.duration)
     finally:

@@ -10,6 +10,7 @@ router only reads the log, and each consumer waits in its own thread.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import fnmatch
@@ -66,7 +67,7 @@ class Consumer(Protocol):
         """Handle one batch; raise to have it retried."""
 
 
-class BaseConsumer:
+class BaseConsumer(abc.ABC):
     """Defaults for a consumer; subclass and set `name`, `types` and `handle`."""
 
     name = ""
@@ -77,15 +78,15 @@ class BaseConsumer:
     batch_size = 500
     replay_resets_state = False  # True: a replay starts from scratch, after reset(tx)
 
-    def reset(self, tx: Session) -> None:
+    def reset(self, tx: Session) -> None:  # noqa: B027 - an optional hook; most consumers keep no state
         """Forget all derived state (called before a full replay when replay_resets_state)."""
 
-    def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
+    def configure(self, settings: Any) -> None:  # noqa: ANN401, B027 - an optional hook
         """Take what the consumer needs from the gateway's settings (called once, after __init__)."""
 
+    @abc.abstractmethod
     def handle(self, events: Sequence[Event], tx: Session) -> None:
-        """Handle one batch of matching events."""
-        raise NotImplementedError
+        """Handle one batch of matching events (every consumer must say what it does)."""
 
 
 class ConsumerError(GatewayError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,9 +36,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ANN401, ARG002
-        if value is None:
-            return None
-        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+        return _naive_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ANN401, ARG002
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
@@ -228,23 +226,20 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
             terms += ["type LIKE ?"] * len(prefixes)
             sql += " AND (" + " OR ".join(terms or ["0"]) + ")"
             params += exact + prefixes
-        rows: Iterable[Any] = conn.exec_driver_sql(sql + " ORDER BY id", tuple(params)).fetchall()
-        parse_time: Callable[[Any], datetime] = _sqlite_time
-        parse_data: Callable[[Any], dict[str, Any]] = json.loads
-    else:
-        table = _table(EventRow)
-        stmt = sa_select(*[table.c[n] for n in EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
-        if wanted is not None:
-            exact, prefixes = wanted
-            stmt = stmt.where(or_(table.c.type.in_(exact), *[table.c.type.like(p) for p in prefixes]))
-        rows = conn.execute(stmt.order_by(table.c.id))
-        parse_time, parse_data = _as_utc, dict
+        return read_sql_events(conn, sql + " ORDER BY id", params)
+    table = _table(EventRow)
+    stmt = sa_select(*[table.c[n] for n in EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
+    if wanted is not None:
+        exact, prefixes = wanted
+        stmt = stmt.where(or_(table.c.type.in_(exact), *[table.c.type.like(p) for p in prefixes]))
     return [
         Event(
-            id=ce_id, source=source, type=etype, time=parse_time(time), subject=subject,
-            data=parse_data(data), sequence=sequence, part=part, site=site, position=pos,
+            id=ce_id, source=source, type=etype, time=_as_utc(time), subject=subject,
+            data=dict(data), sequence=sequence, part=part, site=site, position=pos,
         )
-        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in rows
+        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in conn.execute(
+            stmt.order_by(table.c.id)
+        )
     ]  # fmt: skip
 
 

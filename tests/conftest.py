@@ -67,6 +67,15 @@ async def running_gateway(
         await gw.stop()
 
 
+async def settled(gw: Gateway) -> None:
+    """Wait until everything the gateway received is committed (nothing pending)."""
+
+    async def idle() -> bool:
+        return gw.metrics.registry.get_sample_value("iotgw_ingest_pending_messages") == 0
+
+    await wait_for(idle, what="the gateway to commit everything it received")
+
+
 async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll `check` until true; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import running_gateway, wait_for
+from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -86,7 +86,14 @@ async def test_kill_9_mid_stream_loses_and_duplicates_nothing(broker: Mosquitto,
             return _count(db)[0] >= total
 
         await wait_for(all_stored, timeout=60, what=f"{total} events after the restart")
-        await asyncio.sleep(0.5)  # let any duplicate redelivery land, so the assertion can see it
+
+        async def nothing_pending() -> bool:
+            # Redelivered duplicates, if any, are received and committed by now.
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            return "iotgw_ingest_pending_messages 0.0" in text
+
+        await wait_for(nothing_pending, what="the restarted gateway to commit everything it received")
         assert killed_at < total, "the kill came too late to prove anything"
         assert _count(db) == (total, total)
     finally:
@@ -112,7 +119,7 @@ async def test_broker_restart_while_devices_publish_loses_nothing(
             return await asyncio.to_thread(gw.store.count_events) >= 10 * 300
 
         await wait_for(complete, timeout=60, what="every reading after the broker restart")
-        await asyncio.sleep(0.3)
+        await settled(gw)
         with gw.store.session() as s:
             from sqlalchemy import text  # noqa: PLC0415
 

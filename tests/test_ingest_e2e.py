@@ -16,7 +16,7 @@ from devices.misbehave import publish_bad
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.store import EventQuery, list_events
-from tests.conftest import running_gateway, wait_for
+from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -111,7 +111,7 @@ async def test_duplicate_seq_is_stored_once_and_bad_input_is_dead_lettered(
             return len(rows) >= 11
 
         await wait_for(stored, what="11 readings from temp-dup")
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would land by now
+        await settled(gw)  # the duplicate, too, was received and committed (as nothing)
         transport = httpx.ASGITransport(app=gw.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             readings = await _all_events(client, device_id="temp-dup", type="sensor.reading")

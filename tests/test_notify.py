@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
+from sqlalchemy import text
 
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
@@ -180,7 +180,14 @@ receivers:
             return len(hooks.ok()) >= 1
 
         await wait_for(one_sent, what="the unsilenced alert's notification")
-        await asyncio.sleep(1.5)  # the sender runs every 0.5 s: a silenced one would be there by now
+
+        async def silenced_handled() -> bool:
+            with gw.store.session() as tx:
+                return bool(
+                    tx.exec(text("select count(*) from notification_deliveries where status = 'silenced'")).one()[0]
+                )  # type: ignore[call-overload]
+
+        await wait_for(silenced_handled, what="the silenced alert's notification to be held back")
         assert [r["body"]["subject"] for r in hooks.ok()] == ["el-z1"]
         assert (await client.delete(f"/api/silences/{silence['id']}")).status_code == 200
         assert (await client.get("/api/silences")).json() == []
