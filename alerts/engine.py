@@ -25,7 +25,7 @@ from gateway import events as ev
 from gateway.events import Event
 from gateway.protocol import SENSOR_UNITS, DeviceType
 from gateway.router import BaseConsumer
-from gateway.store import EVENT_COLUMNS, UTCDateTime, read_events, read_sql_events
+from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,14 @@ class NotificationRow(SQLModel, table=True):
     key: str = Field(unique=True)
     alert_id: int = Field(index=True)
     transition_id: int
-    status: str  # the alert status this notification announces
+    status: str  # the alert status this notification announces (or the work order's step)
     created_at: datetime = _dt(nullable=False)
     fanned_out: bool = Field(default=False, index=True)
+    # Work-order notifications (alerts/dispatch.py) page one person: their contact receiver.
+    # alert_id is then the alert that opened the order, transition_id 0.
+    work_order_id: int | None = Field(default=None, index=True)
+    entry_id: int | None = None
+    receiver: str | None = None
 
 
 class DeliveryRow(SQLModel, table=True):
@@ -557,7 +562,9 @@ class AlertEngine(BaseConsumer):
             )  # fmt: skip
             tx.add(alert)
             tx.flush()
-            record(tx, alert, None, AlertStatus.FIRING, at, "engine")
+            # What dispatch needs to decide (an entrapment is a stuck car with load inside).
+            context = {"device_type": dev.type, "state": {k: v for k, v in values.items() if k not in _VOLATILE}}
+            record(tx, alert, None, AlertStatus.FIRING, at, "engine", context=context)
         elif open_alert is not None:
             resolve(tx, open_alert, at, "engine", "condition cleared")
         return True
@@ -614,10 +621,25 @@ def _clears_later(rule: Rule) -> bool:
     return rule.event is not None and rule.event.clear_after is not None
 
 
+ALERT_SOURCE = "iotgw/alerts"
+
+
 def record(  # noqa: PLR0913, PLR0917
-    tx: Session, alert: AlertRow, old: str | None, new: AlertStatus, at: datetime, by: str, note: str | None = None
+    tx: Session,
+    alert: AlertRow,
+    old: str | None,
+    new: AlertStatus,
+    at: datetime,
+    by: str,
+    note: str | None = None,
+    *,
+    context: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write one transition of `alert`, and its notification to the outbox (same transaction)."""
+    """Write one transition of `alert`, its notification to the outbox and its event to the log.
+
+    All in `tx`: the event (`alert.firing`, `alert.acknowledged`, ...) is how other consumers
+    (dispatch) learn of alerts, through the log like everything else.
+    """
     assert alert.id is not None  # noqa: S101 - flushed before
     transition = AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note)
     tx.add(transition)
@@ -625,6 +647,14 @@ def record(  # noqa: PLR0913, PLR0917
     assert transition.id is not None  # noqa: S101 - flushed
     key = f"iotgw-alert-{alert.id}-{transition.id}"
     tx.add(NotificationRow(key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at))
+    data = {
+        "alert_id": alert.id, "rule": alert.rule, "severity": alert.severity, "status": new.value,
+        "from_status": old, "summary": alert.summary, "by": by, "note": note, **(context or {}),
+    }  # fmt: skip
+    append_event(
+        tx, ce_id=key, source=ALERT_SOURCE, type=f"alert.{new.value}", subject=alert.device_id, time=at,
+        site=alert.site, data=data,
+    )  # fmt: skip
 
 
 def change_status(  # noqa: PLR0913, PLR0917

@@ -5,19 +5,24 @@ receivers whose severity filter admits it, as one delivery each. A delivery is r
 exponential backoff (capped at 5 minutes) until the receiver answers 2xx: a receiver that is
 down for a while gets everything when it is back. Every request carries the notification's
 `Idempotency-Key` (the same on every retry), so a receiver can drop a duplicate.
+
+Work-order notifications (alerts/dispatch.py) go through the same outbox but page one person:
+they name their receiver, and silences do not apply to them (a trapped passenger is never quiet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from sqlmodel import Session, col, select
 
+from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
 from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from alerts.rules import Receiver
 from gateway.errors import StoreError
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 300.0
 PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
 PD_ACTION = {"firing": "trigger", "flapping": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
+PD_PRIORITY = {"P1": "critical", "P2": "error", "P3": "warning"}
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -43,7 +49,7 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
         "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": _iso(alert.fired_at),
         "by": tr.by, "note": tr.note, "from_status": tr.from_status,
     }  # fmt: skip
-    if receiver.kind == "webhook":
+    if receiver.kind in ("webhook", "log"):
         return {
             "specversion": "1.0", "id": n.key, "source": "iotgw/alerts", "type": f"iotgw.alert.{n.status}",
             "time": _iso(tr.at), "subject": alert.device_id, "datacontenttype": "application/json", "data": facts,
@@ -81,14 +87,45 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
     return body
 
 
+def build_page(receiver: Receiver, n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow) -> dict[str, Any]:
+    """The request body paging a person about a work order."""
+    facts = {
+        "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
+        "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
+        "level": (entry.level or 0) + 1, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
+    }  # fmt: skip
+    if receiver.kind == "pagerduty":
+        return {
+            "routing_key": receiver.routing_key, "event_action": "trigger", "dedup_key": f"iotgw-workorder-{order.id}",
+            "payload": {
+                "summary": f"[{order.priority}] {order.summary}"[:1024], "source": order.device_id,
+                "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": _iso(entry.at),
+                "component": "work-order", "group": order.site, "custom_details": facts,
+            },
+        }  # fmt: skip
+    return {
+        "specversion": "1.0", "id": n.key, "source": "iotgw/dispatch", "type": f"iotgw.workorder.{entry.kind}",
+        "time": _iso(entry.at), "subject": order.device_id, "datacontenttype": "application/json", "data": facts,
+    }  # fmt: skip
+
+
 class Notifier:
-    """Fans the outbox out to receivers and delivers it; run with `await run()`."""
+    """Fans the outbox out to receivers and delivers it; run with `await run()`.
+
+    `receivers` is read on every round, so a roster edited through the API takes effect at once.
+    """
 
     def __init__(
-        self, store: Store, receivers: Sequence[Receiver], metrics: Metrics, *, interval_s: float = 0.5
+        self,
+        store: Store,
+        receivers: Callable[[], Sequence[Receiver]],
+        metrics: Metrics,
+        *,
+        interval_s: float = 0.5,
     ) -> None:
         self.store = store
-        self.receivers = {r.name: r for r in receivers}
+        self._receivers = receivers
+        self.receivers: dict[str, Receiver] = {}
         self.metrics = metrics
         self.interval_s = interval_s
         self._quiet = QuietLog(log, every_s=30.0)
@@ -108,6 +145,7 @@ class Notifier:
     def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
         """Fan out new notifications and try every delivery that is due; True if any was tried."""
         now = now or datetime.now(UTC)
+        self.receivers = {r.name: r for r in self._receivers()}
         with self.store.session() as tx:
             self._fan_out(tx, now)
             pending = tx.exec(
@@ -137,6 +175,11 @@ class Notifier:
         fresh = tx.exec(select(NotificationRow).where(col(NotificationRow.fanned_out).is_(False)).limit(500)).all()
         silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now))) if fresh else []
         for n in fresh:
+            if n.receiver is not None:  # a page for one person (dispatch): no fan-out, no silences
+                tx.add(DeliveryRow(notification_id=n.id or 0, alert_id=n.alert_id, receiver=n.receiver, next_at=now))
+                n.fanned_out = True
+                tx.add(n)
+                continue
             alert = tx.get(AlertRow, n.alert_id)
             # A silence applies to what would be sent while it lasts (transition times are device times).
             silenced = alert is not None and any(s.matches(alert, now) for s in silences)
@@ -154,21 +197,39 @@ class Notifier:
         if fresh:
             tx.commit()
 
+    def _body(self, tx: Session, receiver: Receiver, n: NotificationRow) -> dict[str, Any] | str | None:
+        """The body to send; None: nothing for this receiver; a string: why it cannot be built."""
+        if n.work_order_id is not None:
+            order = tx.get(WorkOrderRow, n.work_order_id)
+            entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
+            return (
+                "work order no longer there"
+                if order is None or entry is None
+                else build_page(receiver, n, order, entry)
+            )
+        alert = tx.get(AlertRow, n.alert_id)
+        tr = tx.get(AlertTransitionRow, n.transition_id)
+        return "alert no longer there" if alert is None or tr is None else build(receiver, n, alert, tr)
+
     def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> None:
         receiver = self.receivers.get(d.receiver)
         n = tx.get(NotificationRow, d.notification_id)
-        alert = tx.get(AlertRow, n.alert_id) if n else None
-        tr = tx.get(AlertTransitionRow, n.transition_id) if n else None
-        if receiver is None or n is None or alert is None or tr is None:
-            d.status, d.last_error = "skipped", "receiver or alert no longer configured"
+        body = (
+            self._body(tx, receiver, n) if receiver is not None and n is not None else "receiver no longer configured"
+        )
+        if body is None or isinstance(body, str):
+            d.status, d.last_error = "skipped", body
             tx.add(d)
             return
-        body = build(receiver, n, alert, tr)
-        if body is None:
-            d.status = "skipped"
-            tx.add(d)
-            return
+        assert receiver is not None and n is not None  # noqa: PT018, S101 - body was built from them
         d.attempts += 1
+        if receiver.kind == "log":
+            log.info("notify %s [%s]: %s", receiver.name, n.key, json.dumps(body, default=str)[:500])
+            d.status, d.delivered_at, d.last_error = "delivered", now, None
+            self.metrics.notifications_sent.labels(receiver.name).inc()
+            tx.add(d)
+            return
+        assert receiver.url is not None  # noqa: S101 - validated: every kind but log has one
         try:
             r = client.post(receiver.url, json=body, headers={"Idempotency-Key": n.key}, timeout=receiver.timeout_s)
             ok, error = r.is_success, None if r.is_success else f"HTTP {r.status_code}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -58,11 +58,11 @@ class Severity(StrEnum):
     INFO = "info"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class Selector(_Strict):
+class Selector(StrictModel):
     """Which devices a rule applies to; every given field must match."""
 
     type: list[str] | None = None
@@ -81,7 +81,7 @@ class Selector(_Strict):
         return self.labels is None or all(device.labels.get(k) == v for k, v in self.labels.items())
 
 
-class EventMatch(_Strict):
+class EventMatch(StrictModel):
     """An event type (fnmatch pattern) and data fields that must be equal."""
 
     type: str
@@ -111,7 +111,7 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 }  # fmt: skip
 
 
-class StateCondition(_Strict):
+class StateCondition(StrictModel):
     """A field of the device state compared with a value (`door == open`)."""
 
     field: str
@@ -119,7 +119,7 @@ class StateCondition(_Strict):
     value: Any
 
 
-class ThresholdCondition(_Strict):
+class ThresholdCondition(StrictModel):
     """A reading above/below a limit, with a separate clear limit (hysteresis)."""
 
     field: str = "value"
@@ -142,13 +142,13 @@ class ThresholdCondition(_Strict):
         return self
 
 
-class AbsenceCondition(_Strict):
+class AbsenceCondition(StrictModel):
     """No message from the device for longer than its heartbeat."""
 
     heartbeat: Duration = Field(gt=0)
 
 
-class RateCondition(_Strict):
+class RateCondition(StrictModel):
     """More than `above` matching events within a sliding `window`."""
 
     event: EventMatch
@@ -156,7 +156,7 @@ class RateCondition(_Strict):
     above: int = Field(ge=0)
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     """One alert rule: which devices, how severe, what to say, and exactly one condition."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -211,12 +211,13 @@ class _Missing(dict[str, Any]):
         return "{" + key + "}"
 
 
-class Receiver(_Strict):
-    """Where notifications go: a generic webhook (CloudEvents JSON), Alertmanager v4, or PagerDuty v2."""
+class Receiver(StrictModel):
+    """Where notifications go: a generic webhook (CloudEvents JSON), Alertmanager v4, PagerDuty v2,
+    or `log` (the gateway's own log, for trying things out: no URL)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    kind: Literal["webhook", "alertmanager", "pagerduty"] = "webhook"
-    url: str = Field(pattern=r"^https?://")
+    kind: Literal["webhook", "alertmanager", "pagerduty", "log"] = "webhook"
+    url: str | None = Field(default=None, pattern=r"^https?://")
     severities: list[Severity] | None = None  # only these (default: all)
     routing_key: str | None = None  # PagerDuty integration key
     timeout_s: Duration = 5.0
@@ -226,10 +227,13 @@ class Receiver(_Strict):
         if self.kind == "pagerduty" and not self.routing_key:
             msg = "a pagerduty receiver needs routing_key"
             raise ValueError(msg)
+        if (self.kind == "log") != (self.url is None):
+            msg = "a log receiver has no url; every other kind needs one (http:// or https://)"
+            raise ValueError(msg)
         return self
 
 
-class RuleSet(_Strict):
+class RuleSet(StrictModel):
     """A rules file: `rules: [...]` with unique names, and optional `receivers: [...]`."""
 
     rules: list[Rule]
@@ -254,8 +258,8 @@ class RuleSet(_Strict):
 # -- loading ---------------------------------------------------------------------------------
 
 
-class RulesError(GatewayError):
-    """A rules file is invalid; `problems` are (line, message) pairs."""
+class FileProblemsError(GatewayError):
+    """A YAML configuration file is invalid; `problems` are (line, message) pairs."""
 
     def __init__(self, path: str, problems: list[tuple[int | None, str]]) -> None:
         lines = [f"{path}:{line}: {msg}" if line else f"{path}: {msg}" for line, msg in problems]
@@ -263,33 +267,49 @@ class RulesError(GatewayError):
         self.problems = problems
 
 
-def load_rules(text: str, path: str = "<rules>") -> RuleSet:
-    """Parse and validate a rules file; every problem is reported with its line number."""
+class RulesError(FileProblemsError):
+    """A rules file is invalid."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(text: str, path: str, model: type[M], required: str, error: type[FileProblemsError]) -> M:
+    """Parse YAML and validate it as `model`; every problem is reported with its line number."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise RulesError(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict) or "rules" not in data:
-        raise RulesError(path, [(1, "the file must be a mapping with a `rules:` list")])
+        raise error(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict) or required not in data:
+        raise error(path, [(1, f"the file must be a mapping with a `{required}:` list")])
     try:
-        return RuleSet.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = [
             (_line_of(node, err["loc"]), f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
             for err in exc.errors()
         ]
-        raise RulesError(path, problems) from None
+        raise error(path, problems) from None
+
+
+def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
+    """The text of a configuration file, or `error` saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
+
+
+def load_rules(text: str, path: str = "<rules>") -> RuleSet:
+    """Parse and validate a rules file; every problem is reported with its line number."""
+    return load_yaml_model(text, path, RuleSet, "rules", RulesError)
 
 
 def load_rules_file(path: Path) -> RuleSet:
     """`load_rules` on a file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RulesError(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
-    return load_rules(text, str(path))
+    return load_rules(read_config_file(path, RulesError), str(path))
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     consumer_poll_s: float = Field(default=1.0, gt=0, le=60)
     # Alert rules; empty: the rules shipped in alerts/rules.yaml.
     rules_file: str = ""
+    # The maintenance roster for dispatch (empty: the shipped alerts/roster.yaml).
+    roster_file: str = ""
     # Whether a device in maintenance mode raises alerts (by default it does not).
     alerts_in_maintenance: bool = False
     # Per-elevator analytics series exist only while the fleet has at most this many elevators.

@@ -135,3 +135,30 @@ class Metrics:
         self.alert_time_to_resolve = Histogram(
             "iotgw_alert_time_to_resolve_seconds", "Fired to resolved.", buckets=_HUMAN_BUCKETS, registry=r
         )
+        self.work_orders_open = Gauge(
+            "iotgw_work_orders_open", "Open work orders, by priority and status.", ["priority", "status"], registry=r
+        )
+        self.work_order_time_to_assign = Histogram(
+            "iotgw_work_order_time_to_assign_seconds",
+            "Work order created to first assigned.",
+            buckets=(0.1, 0.5, 1, *_HUMAN_BUCKETS),
+            registry=r,
+        )
+        self.work_order_time_to_ack = Histogram(
+            "iotgw_work_order_time_to_acknowledge_seconds",
+            "Work order created to acknowledged by a technician.",
+            buckets=_HUMAN_BUCKETS,
+            registry=r,
+        )
+        self.work_order_time_to_resolve = Histogram(
+            "iotgw_work_order_time_to_resolve_seconds",
+            "Work order created to resolved.",
+            buckets=_HUMAN_BUCKETS,
+            registry=r,
+        )
+        self.work_order_escalations = Counter(
+            "iotgw_work_order_escalations_total",
+            "Work orders escalated to a further level (or re-notified at the last), by the level reached.",
+            ["level"],
+            registry=r,
+        )

@@ -33,6 +33,7 @@ from gateway.events import Event
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.store import (
+    LOG_GREW,
     ConsumerCursorRow,
     ConsumerDeadLetterRow,
     EventRow,
@@ -57,7 +58,9 @@ class Consumer(Protocol):
     cursor. Optional attributes (see `BaseConsumer`): `max_attempts`, `batch_size`,
     `replay_resets_state` and `reset(tx)`, `linger_s`, `retry_base_s`, and
     `handle_span(tx, after, upto)`, called for every batch with the range of positions it
-    covers (after < position <= upto), for consumers that aggregate in SQL.
+    covers (after < position <= upto), for consumers that aggregate in SQL; `prepare(tx)`,
+    called once at start in the consumer's thread; `tick(tx, now)` every `tick_s` once caught
+    up, with `now` from the consumer's own `clock()` if it has one.
     """
 
     name: str
@@ -178,6 +181,11 @@ class ConsumerRunner:
         # Consumers whose conditions become true by the passing of time get ticks, in their thread.
         self._tick: Callable[[Session, datetime], None] | None = getattr(consumer, "tick", None)
         self.tick_s = float(getattr(consumer, "tick_s", 1.0))
+        # A consumer may bring its own clock for ticks (tests run escalations in simulated time).
+        self._clock: Callable[[], datetime] = getattr(consumer, "clock", None) or _utcnow
+        # Called (in the event loop) after a commit of this consumer appended events to the log.
+        self.on_log_grew: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._caught_up = False
         self._cursor_written = 0.0
@@ -195,6 +203,7 @@ class ConsumerRunner:
 
     async def start(self) -> None:
         """Load (or create) the cursor and start the task."""
+        self._loop = asyncio.get_running_loop()
         self.paused = await self._call(self._load_cursor)
         self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
         if self._tick is not None:
@@ -260,8 +269,14 @@ class ConsumerRunner:
     def _tick_once(self) -> None:
         assert self._tick is not None  # noqa: S101
         with self.store.session(consumer=True) as tx:
-            self._tick(tx, _utcnow())
+            self._tick(tx, self._clock())
             tx.commit()
+            self._committed(tx)
+
+    def _committed(self, tx: Session) -> None:
+        """After a commit (in the consumer's thread): if it appended to the log, say so."""
+        if tx.info.pop(LOG_GREW, False) and self.on_log_grew is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_log_grew)
 
     async def _step(self) -> int:
         single = self.position < self._single_until
@@ -322,7 +337,12 @@ class ConsumerRunner:
                 tx.add(row)
                 tx.commit()
             self.position = row.position
-            return row.paused
+            paused = row.paused
+        prepare = getattr(self.consumer, "prepare", None)
+        if prepare is not None:
+            with self.store.session(consumer=True) as tx:
+                prepare(tx)
+        return paused
 
     def _handle_next(self, limit: int) -> tuple[int, int]:
         """Handle the next `limit` events after the cursor; returns (positions covered, events handled).
@@ -352,6 +372,7 @@ class ConsumerRunner:
             if mine or self._span is not None or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
                 self._write_cursor(tx, upto)
                 tx.commit()
+                self._committed(tx)
                 self._cursor_written = now
             self.position = upto
             return upto - after, len(mine)
@@ -457,6 +478,7 @@ class ConsumerRunner:
                 row.status, row.retried_at = "retried", _utcnow()
                 tx.add(row)
                 tx.commit()
+                self._committed(tx)
 
         await self._call(run)
 
@@ -479,6 +501,32 @@ class ConsumerRunner:
         )
 
 
+class Changes:
+    """A version number that grows whenever the gateway derived something new (alerts, work orders).
+
+    Live views (the staff page's server-sent events) wait on it instead of polling the database.
+    Use from the event loop; threads go through `Router.log_grew_threadsafe`.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def bump(self) -> None:
+        """Something changed: wake every waiter."""
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, seen: int, timeout: float) -> bool:
+        """Until the version differs from `seen` (True) or `timeout` seconds pass (False)."""
+        if self.version != seen:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        return self.version != seen
+
+
 class Router:
     """All consumer runners of one gateway process."""
 
@@ -490,10 +538,15 @@ class Router:
         self.store = store
         self.metrics = metrics
         self.runners = {c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s) for c in consumers}
+        for runner in self.runners.values():
+            runner.on_log_grew = self.log_grew
+        self.changes = Changes()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lag_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start every consumer, each from its committed cursor."""
+        self._loop = asyncio.get_running_loop()
         for runner in self.runners.values():
             await runner.start()
         self._lag_task = asyncio.create_task(self._refresh_lag(), name="iotgw-router-lag")
@@ -510,6 +563,16 @@ class Router:
         """Wake every consumer: the log has grown."""
         for runner in self.runners.values():
             runner.notify()
+
+    def log_grew(self) -> None:
+        """The gateway appended derived events (alerts, work orders): wake consumers and live views."""
+        self.notify()
+        self.changes.bump()
+
+    def log_grew_threadsafe(self) -> None:
+        """`log_grew` from another thread (an API action's worker thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.log_grew)
 
     def get(self, name: str) -> ConsumerRunner:
         """The runner of one consumer, or `UnknownConsumerError`."""

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gateway.api import AppState, create_app
 from gateway.config import Settings
-from gateway.errors import GatewayError, StoreError
+from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
@@ -77,7 +77,8 @@ class Gateway:
         alerts = self.router.runners.get("alerts")
         if alerts is not None:
             alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
-            self._start_notifier(alerts.consumer)
+        if alerts is not None or "dispatch" in self.router.runners:
+            self._start_notifier()
             self._alert_metrics_task = asyncio.create_task(self._publish_alert_metrics(), name="iotgw-alert-metrics")
         if "analytics" in self.router.runners:
             self._metrics_task = asyncio.create_task(self._publish_analytics(), name="iotgw-analytics-metrics")
@@ -133,23 +134,43 @@ class Gateway:
                 log.debug("analytics metrics not refreshed: %s", exc)
             await asyncio.sleep(10.0)
 
-    def _start_notifier(self, engine: Any) -> None:  # noqa: ANN401 - alerts.engine.AlertEngine
-        from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine
+    def receivers(self) -> list[Any]:
+        """Where notifications go: the rules file's receivers and the roster's (read afresh each time)."""
+        found: list[Any] = []
+        for name, attribute in (("alerts", "receivers"), ("dispatch", "roster")):
+            runner = self.router.runners.get(name)
+            if runner is None:
+                continue
+            owner = getattr(runner.consumer, attribute, None)
+            found += list((owner if name == "alerts" else getattr(owner, "receivers", None)) or [])
+        return found
 
-        receivers = list(getattr(engine, "receivers", []))
-        if receivers:
-            notifier = Notifier(self.store, receivers, self.metrics)
+    def _start_notifier(self) -> None:
+        from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine or dispatch
+
+        names = [r.name for r in self.receivers()]
+        if len(set(names)) != len(names):
+            msg = f"receiver names must be unique across the rules file and the roster: {sorted(names)}"
+            raise ConfigError(msg)
+        if names:
+            notifier = Notifier(self.store, self.receivers, self.metrics)
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
-            log.info("notifications to %s", ", ".join(r.name for r in receivers))
+            log.info("notifications to %s", ", ".join(names))
 
     async def _publish_alert_metrics(self) -> None:
-        from alerts.engine import AlertMetrics  # noqa: PLC0415 - only with the alert engine
+        from alerts.dispatch import WorkOrderMetrics  # noqa: PLC0415 - only with the alert engine or dispatch
+        from alerts.engine import AlertMetrics  # noqa: PLC0415
 
-        publisher = AlertMetrics()
+        publishers: list[Any] = []
+        if "alerts" in self.router.runners:
+            publishers.append(AlertMetrics())
+        if "dispatch" in self.router.runners:
+            publishers.append(WorkOrderMetrics())
 
         def once() -> None:
             with self.store.session() as tx:
-                publisher.publish(tx, self.metrics)
+                for publisher in publishers:
+                    publisher.publish(tx, self.metrics)
 
         while True:
             try:

@@ -15,7 +15,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Engine, Index, String, Table, UniqueConstraint, event, func, or_, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    String,
+    Table,
+    UniqueConstraint,
+    event,
+    func,
+    inspect,
+    or_,
+    text,
+)
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -283,6 +297,35 @@ def event_from_row(row: EventRow) -> Event:
     )
 
 
+LOG_GREW = "iotgw_log_grew"  # Session.info flag: this transaction appended events to the log
+
+
+def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
+    tx: Session,
+    *,
+    ce_id: str,
+    source: str,
+    type: str,  # noqa: A002 - the CloudEvents name
+    subject: str,
+    time: datetime,
+    site: str | None,
+    data: dict[str, Any],
+) -> None:
+    """Append an event the gateway itself derived (an alert, a work order) to the log, in `tx`.
+
+    Such events have no device sequence (NULL never collides in the idempotency key); they
+    commit with whatever caused them, and the flag on the session tells the router to wake the
+    consumers after the commit.
+    """  # fmt: skip
+    tx.add(
+        EventRow(
+            ce_id=ce_id[:200], source=source, type=type, subject=subject, time=time,
+            received_at=datetime.now(UTC), sequence=None, part=0, site=site, data=data,
+        )
+    )  # fmt: skip
+    tx.info[LOG_GREW] = True
+
+
 def shadow_from_row(row: DeviceRow) -> Shadow:
     """The normaliser's view of a stored device."""
     return Shadow(device_id=row.device_id, **{f: getattr(row, f) for f in _SHADOW_FIELDS})
@@ -350,9 +393,27 @@ class Store:
         """Create missing tables (idempotent)."""
         try:
             SQLModel.metadata.create_all(self.engine)
+            self._add_missing_columns()
         except SQLAlchemyError as exc:
             msg = f"cannot create the schema in {self.url}: {exc}"
             raise StoreError(msg) from exc
+
+    def _add_missing_columns(self) -> None:
+        """Add the nullable columns a newer version brought to tables an older one created."""
+        existing = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                if not existing.has_table(table.name):
+                    continue
+                have = {c["name"] for c in existing.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in have:
+                        continue
+                    if not column.nullable:
+                        msg = f"table {table.name} lacks column {column.name}: this database needs a migration"
+                        raise StoreError(msg)
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
     def close(self) -> None:
         """Release every pooled connection."""
