@@ -317,7 +317,8 @@ class Dispatch(BaseConsumer):
     def _person(self, tech_id: str | None) -> Technician | None:
         return self.roster.technician(tech_id) if tech_id else None
 
-    def _open_counts(self, tx: Session) -> dict[str, int]:
+    def open_counts(self, tx: Session) -> dict[str, int]:
+        """Open work orders per assignee."""
         rows = tx.exec(
             select(WorkOrderRow.assignee, func.count())
             .where(col(WorkOrderRow.status).in_(OPEN_ORDER), col(WorkOrderRow.assignee).is_not(None))
@@ -334,7 +335,7 @@ class Dispatch(BaseConsumer):
             site=order.site,
             skill=order.skill,
             at=now,
-            open_orders=self._open_counts(tx),
+            open_orders=self.open_counts(tx),
         )
 
     def _assign(  # noqa: PLR0913

@@ -199,7 +199,8 @@ class Rule(StrictModel):
 
     def render(self, device: DeviceInfo, values: Mapping[str, Any]) -> str:
         """The summary with {device}, {site}, {type} and state/event fields filled in."""
-        fields = {**values, "device": device.device_id, "site": device.site or "", "type": device.type or ""}
+        tidy = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}  # 80, not 80.0
+        fields = {**tidy, "device": device.device_id, "site": device.site or "", "type": device.type or ""}
         try:
             return self.summary.format_map(_Missing(fields))
         except (ValueError, IndexError):

@@ -541,6 +541,13 @@ def get_device(store: Store, device_id: str) -> DeviceRow | None:
         return s.get(DeviceRow, device_id)
 
 
+def recent_events(store: Store, device_id: str, limit: int) -> list[EventRow]:
+    """A device's latest events (its own and the gateway's about it), newest first."""
+    stmt = select(EventRow).where(col(EventRow.subject) == device_id).order_by(col(EventRow.id).desc()).limit(limit)
+    with store.session() as s:
+        return list(s.exec(stmt))
+
+
 def list_dead_letters(
     store: Store, *, reason: str | None = None, after: int = 0, limit: int = 100
 ) -> list[DeadLetterRow]:

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from gateway import __version__
-from gateway.api.routes import alerts, analytics, consumers, dead_letters, devices, events, health, silences
+from gateway.api.routes import (
+    alerts,
+    analytics,
+    consumers,
+    dead_letters,
+    devices,
+    events,
+    health,
+    silences,
+    stream,
+    work_orders,
+)
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.router import ConsumerError, Router, UnknownConsumerError
 from gateway.store import Store
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 
 
 @dataclass(slots=True)
@@ -36,8 +51,15 @@ def create_app(state: AppState) -> FastAPI:
         description="IoT event gateway: devices, the event log and dead letters.",
     )
     app.state.iotgw = state
-    for module in (health, devices, events, dead_letters, consumers, analytics, alerts, silences):
+    modules = (health, devices, events, dead_letters, consumers, analytics, alerts, silences, work_orders, stream)
+    for module in modules:
         app.include_router(module.router)
+    # The staff page: static files, no build step, nothing fetched from the internet.
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def _home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:

@@ -21,7 +21,7 @@ from alerts.engine import (
     resolve,
     utcnow,
 )
-from gateway.api.deps import StoreDep
+from gateway.api.deps import StoreDep, changed
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 
@@ -174,17 +174,21 @@ def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDe
 @router.post(
     "/alerts/{alert_id}/ack", responses={404: {"description": "no such alert"}, 409: {"description": "not firing"}}
 )
-async def ack(store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+async def ack(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
     """Acknowledge a firing alert (who, and an optional note)."""
-    return await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.ACKNOWLEDGED)
+    detail = await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.ACKNOWLEDGED)
+    changed(request)
+    return detail
 
 
 @router.post(
     "/alerts/{alert_id}/resolve", responses={404: {"description": "no such alert"}, 409: {"description": "not open"}}
 )
-async def resolve_alert(store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+async def resolve_alert(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
     """Resolve an open alert by hand (who, and a required note)."""
-    return await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.RESOLVED)
+    detail = await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.RESOLVED)
+    changed(request)
+    return detail
 
 
 @router.get("/rules")

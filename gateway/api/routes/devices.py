@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from gateway.api.deps import StoreDep
-from gateway.api.schemas import DevicePublic
-from gateway.store import DeviceRow, get_device, list_devices
+from gateway.api.routes.events import event_public
+from gateway.api.schemas import DevicePublic, EventPublic
+from gateway.store import DeviceRow, get_device, list_devices, recent_events
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 
@@ -40,3 +42,13 @@ async def device(store: StoreDep, device_id: str = Path(pattern=r"^[A-Za-z0-9_-]
     if row is None:
         raise HTTPException(status_code=404, detail=f"no device {device_id!r}")
     return _public(row)
+
+
+@router.get("/{device_id}/events")
+async def device_events(
+    store: StoreDep,
+    device_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> list[EventPublic]:
+    """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
+    return [event_public(r) for r in await asyncio.to_thread(recent_events, store, device_id, limit)]

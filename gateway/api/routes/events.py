@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from gateway.api.deps import StoreDep
 from gateway.api.schemas import EventPage, EventPublic
-from gateway.store import EventQuery, list_events
+from gateway.store import EventQuery, EventRow, list_events
 
 router = APIRouter(prefix="/api/events", tags=["events"])
 
@@ -22,6 +22,14 @@ def decode_cursor(cursor: str | None) -> int:
     if not cursor.isdigit() or len(cursor) > 19:
         raise HTTPException(status_code=422, detail=f"cursor: not a cursor from this API: {cursor[:40]!r}")
     return int(cursor)
+
+
+def event_public(r: EventRow) -> EventPublic:
+    """The API form of a stored event."""
+    return EventPublic(
+        position=r.id or 0, id=r.ce_id, source=r.source, type=r.type, time=r.time, subject=r.subject,
+        sequence=r.sequence, site=r.site, received_at=r.received_at, data=r.data,
+    )  # fmt: skip
 
 
 @router.get("")
@@ -40,20 +48,6 @@ async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filte
             raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
     q = EventQuery(device_id, type, since, until, decode_cursor(cursor), limit)
     rows = await asyncio.to_thread(list_events, store, q)
-    items = [
-        EventPublic(
-            position=r.id or 0,
-            id=r.ce_id,
-            source=r.source,
-            type=r.type,
-            time=r.time,
-            subject=r.subject,
-            sequence=r.sequence,
-            site=r.site,
-            received_at=r.received_at,
-            data=r.data,
-        )
-        for r in rows
-    ]
+    items = [event_public(r) for r in rows]
     next_cursor = str(items[-1].position) if len(items) == limit else None
     return EventPage(items=items, next_cursor=next_cursor)

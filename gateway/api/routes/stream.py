@@ -1,0 +1,63 @@
+"""Live updates for the staff page: server-sent events with the open alerts and work orders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from sqlmodel import col, select
+
+from alerts.dispatch import OPEN_ORDER, WorkOrderRow
+from alerts.engine import OPEN, AlertRow
+from gateway.api.deps import RouterDep, StoreDep
+from gateway.api.routes.alerts import AlertPublic
+from gateway.api.routes.work_orders import public
+from gateway.store import Store
+
+router = APIRouter(prefix="/api", tags=["live"])
+
+KEEP_ALIVE_S = 15.0
+COALESCE_S = 0.2  # a burst of changes becomes one message
+LIST_MAX = 200
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    """The open alerts (newest first) and open work orders (most urgent first)."""
+    with store.session() as tx:
+        alerts = tx.exec(
+            select(AlertRow).where(col(AlertRow.status).in_(OPEN)).order_by(col(AlertRow.id).desc()).limit(LIST_MAX)
+        ).all()
+        orders = tx.exec(
+            select(WorkOrderRow)
+            .where(col(WorkOrderRow.status).in_(OPEN_ORDER))
+            .order_by(col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
+            .limit(LIST_MAX)
+        ).all()
+        return {
+            "alerts": [AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json") for a in alerts],
+            "work_orders": [public(o).model_dump(mode="json") for o in orders],
+        }
+
+
+@router.get("/stream", response_class=StreamingResponse)
+async def stream(request: Request, store: StoreDep, live: RouterDep) -> StreamingResponse:
+    """Server-sent events: a `snapshot` (open alerts and work orders) now and after every change."""
+
+    async def events() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            version = live.changes.version
+            body = json.dumps(await asyncio.to_thread(snapshot, store), separators=(",", ":"))
+            if body != last:
+                yield f"event: snapshot\ndata: {body}\n\n"
+                last = body
+            if not await live.changes.wait(version, KEEP_ALIVE_S):
+                yield ": keep-alive\n\n"  # proxies and phones drop silent connections
+            await asyncio.sleep(COALESCE_S)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,302 @@
+"""Work orders (list, detail with timeline, technicians' actions) and the technician roster."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.orm.exc import StaleDataError
+from sqlmodel import Session, col, select
+
+from alerts.dispatch import (
+    OPEN_ORDER,
+    DispatchError,
+    UnknownWorkOrderError,
+    WorkOrderAlertRow,
+    WorkOrderEntryRow,
+    WorkOrderRow,
+)
+from alerts.roster import Technician
+from gateway.api.deps import DispatchDep, StoreDep, changed
+from gateway.store import Store
+
+router = APIRouter(prefix="/api", tags=["work orders"])
+T = TypeVar("T")
+
+
+class WorkOrderPublic(BaseModel):
+    """A work order and where it stands."""
+
+    id: int
+    device_id: str
+    site: str | None
+    device_type: str | None
+    priority: str
+    status: str
+    summary: str
+    level: int
+    assignee: str | None
+    created_at: datetime
+    updated_at: datetime
+    assigned_at: datetime | None
+    ack_deadline: datetime | None
+    acked_at: datetime | None
+    acked_by: str | None
+    recovered_at: datetime | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    problem: str | None
+    action: str | None
+
+
+class TimelineEntry(BaseModel):
+    """One step of a work order."""
+
+    at: datetime
+    kind: str
+    status: str
+    by: str
+    assignee: str | None
+    level: int | None
+    note: str | None
+
+
+class AttachedAlert(BaseModel):
+    """An alert the work order covers."""
+
+    alert_id: int
+    rule: str
+    severity: str
+    summary: str
+    attached_at: datetime
+    resolved_at: datetime | None
+
+
+class WorkOrderDetail(WorkOrderPublic):
+    """A work order with its timeline and alerts."""
+
+    timeline: list[TimelineEntry]
+    alerts: list[AttachedAlert]
+
+
+class StepBody(BaseModel):
+    """Who does it, with an optional note."""
+
+    by: str = Field(min_length=1, max_length=100)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class ResolveBody(StepBody):
+    """The callback record: what was found and what was done (both required)."""
+
+    problem: str = Field(min_length=1, max_length=2000)
+    action: str = Field(min_length=1, max_length=2000)
+
+
+class ReassignBody(StepBody):
+    """To whom (a technician id)."""
+
+    to: str = Field(min_length=1, max_length=64)
+
+
+class TechnicianPublic(BaseModel):
+    """A person in the roster, whether they are on shift now, and their open work orders."""
+
+    technician: Technician
+    on_shift: bool
+    open_orders: int
+
+
+def public(row: WorkOrderRow) -> WorkOrderPublic:
+    """The API form of a work order."""
+    return WorkOrderPublic.model_validate(row, from_attributes=True)
+
+
+@router.get("/work-orders")
+async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
+    store: StoreDep,
+    status: Annotated[
+        str | None, Query(pattern="^(open|unassigned|assigned|acknowledged|en_route|on_site|resolved)$")
+    ] = None,
+    priority: Annotated[str | None, Query(pattern="^P[123]$")] = None,
+    device_id: str | None = None,
+    site: str | None = None,
+    assignee: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[WorkOrderPublic]:
+    """Work orders, most urgent open ones first (then newest); `status=open` is everything not resolved."""
+
+    def read() -> list[WorkOrderRow]:
+        stmt = select(WorkOrderRow)
+        if status == "open":
+            stmt = stmt.where(col(WorkOrderRow.status).in_(OPEN_ORDER))
+        elif status:
+            stmt = stmt.where(col(WorkOrderRow.status) == status)
+        for column, value in (
+            (WorkOrderRow.priority, priority),
+            (WorkOrderRow.device_id, device_id),
+            (WorkOrderRow.site, site),
+            (WorkOrderRow.assignee, assignee),
+        ):
+            if value:
+                stmt = stmt.where(col(column) == value)
+        resolved_last = col(WorkOrderRow.status) == "resolved"
+        order = (resolved_last, col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
+        with store.session() as tx:
+            return list(tx.exec(stmt.order_by(*order).limit(limit)))
+
+    return [public(r) for r in await asyncio.to_thread(read)]
+
+
+def _detail(store: Store, order_id: int) -> WorkOrderDetail:
+    with store.session() as tx:
+        row = tx.get(WorkOrderRow, order_id)
+        if row is None:
+            raise HTTPException(status_code=404, detail=f"no work order {order_id}")
+        timeline = tx.exec(
+            select(WorkOrderEntryRow)
+            .where(col(WorkOrderEntryRow.work_order_id) == order_id)
+            .order_by(col(WorkOrderEntryRow.id))
+        ).all()
+        attached = tx.exec(
+            select(WorkOrderAlertRow)
+            .where(col(WorkOrderAlertRow.work_order_id) == order_id)
+            .order_by(col(WorkOrderAlertRow.alert_id))
+        ).all()
+        return WorkOrderDetail(
+            **public(row).model_dump(),
+            timeline=[TimelineEntry.model_validate(e, from_attributes=True) for e in timeline],
+            alerts=[AttachedAlert.model_validate(a, from_attributes=True) for a in attached],
+        )
+
+
+@router.get("/work-orders/{order_id}", responses={404: {"description": "no such work order"}})
+async def work_order(store: StoreDep, order_id: int) -> WorkOrderDetail:
+    """One work order with its timeline and the alerts it covers."""
+    return await asyncio.to_thread(_detail, store, order_id)
+
+
+async def _act(request: Request, store: Store, work: Callable[[Session], T]) -> T:
+    """Run an action in a transaction; 404/409 for the caller's mistakes; wake the live views."""
+
+    def run() -> T:
+        with store.session() as tx:
+            try:
+                result = work(tx)
+                tx.commit()
+            except UnknownWorkOrderError as exc:
+                raise HTTPException(status_code=404, detail=str(exc)) from None
+            except DispatchError as exc:
+                raise HTTPException(status_code=409, detail=str(exc)) from None
+            except StaleDataError:
+                raise HTTPException(status_code=409, detail="the work order changed meanwhile; reload") from None
+            return result
+
+    result = await asyncio.to_thread(run)
+    changed(request)
+    return result
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such work order"},
+    409: {"description": "not possible in the order's status"},
+}
+
+
+async def _step(
+    request: Request,
+    store: Store,
+    dispatch: Any,  # noqa: ANN401 - alerts.dispatch.Dispatch
+    order_id: int,
+    action: str,
+    **kw: Any,  # noqa: ANN401
+) -> WorkOrderDetail:
+    await _act(request, store, lambda tx: dispatch.act(tx, order_id, action, **kw))
+    return await asyncio.to_thread(_detail, store, order_id)
+
+
+@router.post("/work-orders/{order_id}/ack", responses=_RESPONSES)
+async def ack(
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+) -> WorkOrderDetail:
+    """Acknowledge an assigned work order: escalation stops."""
+    return await _step(request, store, dispatch, order_id, "acknowledge", by=body.by, note=body.note)
+
+
+@router.post("/work-orders/{order_id}/en-route", responses=_RESPONSES)
+async def en_route(
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+) -> WorkOrderDetail:
+    """The technician is on the way (acknowledges too, if not yet)."""
+    return await _step(request, store, dispatch, order_id, "en_route", by=body.by, note=body.note)
+
+
+@router.post("/work-orders/{order_id}/on-site", responses=_RESPONSES)
+async def on_site(
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+) -> WorkOrderDetail:
+    """The technician has arrived."""
+    return await _step(request, store, dispatch, order_id, "on_site", by=body.by, note=body.note)
+
+
+@router.post("/work-orders/{order_id}/resolve", responses=_RESPONSES)
+async def resolve(
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ResolveBody
+) -> WorkOrderDetail:
+    """Close the order with the callback record (problem found, corrective action)."""
+    return await _step(
+        request, store, dispatch, order_id, "resolve", by=body.by, note=body.note, problem=body.problem,
+        corrective=body.action,
+    )  # fmt: skip
+
+
+@router.post("/work-orders/{order_id}/reassign", responses=_RESPONSES)
+async def reassign(
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ReassignBody
+) -> WorkOrderDetail:
+    """Give the order to another technician (paged, with a fresh acknowledgement deadline)."""
+    return await _step(request, store, dispatch, order_id, "reassign", by=body.by, note=body.note, to=body.to)
+
+
+def _technicians(store: Store, dispatch: Any) -> list[TechnicianPublic]:  # noqa: ANN401
+    roster = dispatch.roster
+    now = dispatch.clock()
+    with store.session() as tx:
+        counts = dispatch.open_counts(tx)
+    return [
+        TechnicianPublic(technician=t, on_shift=t.on_shift(now, roster.timezone), open_orders=counts.get(t.id, 0))
+        for t in roster.technicians
+    ]
+
+
+@router.get("/technicians")
+async def technicians(store: StoreDep, dispatch: DispatchDep) -> list[TechnicianPublic]:
+    """The people in the roster, who is on shift now, and how many open orders each has."""
+    return await asyncio.to_thread(_technicians, store, dispatch)
+
+
+@router.put("/technicians", responses={422: {"description": "the roster would be invalid"}})
+async def put_technicians(
+    store: StoreDep,
+    dispatch: DispatchDep,
+    body: list[dict[str, Any]],
+    by: Annotated[str, Query(min_length=1, max_length=100, description="who edits the roster")],
+) -> list[TechnicianPublic]:
+    """Replace the technicians (validated with the rest of the roster; kept until the roster file changes)."""
+
+    def write() -> None:
+        with store.session() as tx:
+            try:
+                dispatch.set_technicians(tx, body, by)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                detail = f"{where}: {first['msg']}" if where else first["msg"]
+                raise HTTPException(status_code=422, detail=detail) from None
+
+    await asyncio.to_thread(write)
+    return await asyncio.to_thread(_technicians, store, dispatch)

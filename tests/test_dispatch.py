@@ -1,0 +1,346 @@
+"""Dispatch through the real pipeline: a stuck car in, a work order, pages and escalations out.
+
+Time is simulated: the dispatch consumer runs on a clock the test moves; devices stamp their
+messages with the same clock, so "within a second of the alert" is measured in that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+import pytest
+
+from alerts.dispatch import Dispatch
+from alerts.roster import load_roster
+from gateway.broker import Mosquitto, free_port
+from gateway.config import Settings
+from gateway.service import Gateway
+from tests.conftest import running_gateway, wait_for
+from tests.test_notify import Hooks
+
+pytestmark = pytest.mark.anyio
+
+RULES = """
+rules:
+  - name: stuck
+    severity: critical
+    summary: "{device} stuck at floor {floor} with {load_kg} kg inside"
+    select: {type: [elevator]}
+    event: {type: elevator.stuck, clear: {type: elevator.fault.cleared}}
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {device}"
+    select: {type: [elevator]}
+    event:
+      type: elevator.fault.raised
+      data: {code: DOOR_JAM}
+      clear: {type: elevator.fault.cleared, data: {code: DOOR_JAM}}
+  - name: out-of-service
+    severity: major
+    summary: "{device} is out of service"
+    select: {type: [elevator]}
+    state: {field: mode, op: "==", value: out_of_service}
+"""
+
+ROSTER = """
+timezone: Europe/Berlin
+receivers:
+  - {{name: pager, kind: webhook, url: "{url}"}}
+technicians:
+  - {{id: abe, name: Abe, contact: pager, sites: [hq], skills: [elevator],
+     shifts: [{{start: "22:00", end: "06:00"}}]}}
+  - {{id: tina, name: Tina, contact: pager, sites: [hq], skills: [elevator],
+     shifts: [{{start: "08:00", end: "18:00"}}]}}
+  - {{id: sue, name: Sue, role: supervisor, contact: pager, shifts: [{{start: "00:00", end: "24:00"}}]}}
+  - {{id: max, name: Max, role: manager, contact: pager, shifts: [{{start: "00:00", end: "24:00"}}]}}
+policies:
+  - name: default
+    levels:
+      - {{role: technician, ack_timeout: 5m}}
+      - {{role: supervisor, ack_timeout: 10m}}
+      - {{role: manager, ack_timeout: 15m}}
+"""
+
+WED_10_BERLIN = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)  # tina on shift, abe not
+WED_20_BERLIN = datetime(2026, 11, 25, 19, 0, tzinfo=UTC)  # no technician on shift
+IDLE = {"floor": 3, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0, "fault": None}
+STUCK = {"mode": "fault", "fault": "STUCK", "direction": "up", "load_kg": 80}
+
+
+class Clock:
+    """The simulated clock: stands still until the test moves it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def pager() -> Iterator[Hooks]:
+    server = Hooks(free_port(), fail_first=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def dispatch_settings(tmp_path: Path, settings_for: Callable[..., Settings]) -> Callable[[Mosquitto], Settings]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules))
+
+
+def dispatcher(pager: Hooks, clock: Clock) -> Dispatch:
+    roster = load_roster(ROSTER.format(url=f"http://127.0.0.1:{pager.server_address[1]}/page"))
+    return Dispatch(roster, clock=clock)
+
+
+def message(seq: int, at: datetime, **data: Any) -> bytes:
+    ts = int(at.timestamp() * 1000)
+    return json.dumps({"type": "elevator", "seq": seq, "ts": ts, "site": "hq", "data": {**IDLE, **data}}).encode()
+
+
+async def publish(port: int, device: str, *payloads: bytes) -> None:
+    async with aiomqtt.Client("127.0.0.1", port, identifier=device) as c:
+        for p in payloads:
+            await c.publish(f"devices/{device}/state", p, qos=1)
+
+
+def api(gw: Gateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw")
+
+
+async def orders(gw: Gateway, **params: Any) -> list[dict[str, Any]]:
+    async with api(gw) as c:
+        r = await c.get("/api/work-orders", params=params)
+        assert r.status_code == 200, r.text
+        return list(r.json())
+
+
+async def detail(gw: Gateway, order_id: int) -> dict[str, Any]:
+    async with api(gw) as c:
+        r = await c.get(f"/api/work-orders/{order_id}")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+async def one_order(gw: Gateway, what: str, check: Callable[[dict[str, Any]], bool] = lambda _o: True) -> dict:
+    found: list[dict[str, Any]] = []
+
+    async def ready() -> bool:
+        found[:] = [o for o in await orders(gw) if check(o)]
+        return len(found) == 1
+
+    await wait_for(ready, what=what)
+    return found[0]
+
+
+async def ticked(d: Dispatch, clock: Clock, to: datetime) -> None:
+    """Move the clock and wait until dispatch has committed a tick at that time."""
+    clock.now = to
+
+    async def done() -> bool:
+        return d.last_tick == to
+
+    await wait_for(done, what=f"a dispatch tick at {to}")
+
+
+def pages(pager: Hooks, step: str) -> list[dict[str, Any]]:
+    return [r["body"] for r in pager.ok() if r["body"]["type"] == f"iotgw.workorder.{step}"]
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+async def test_entrapment_is_p1_assigned_to_the_on_shift_technician_and_paged_at_once(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        order = await one_order(gw, "the entrapment's work order", lambda o: o["status"] == "assigned")
+        assert (order["priority"], order["assignee"], order["level"]) == ("P1", "tina", 0)  # abe: off shift
+        assert order["summary"] == "el-1 stuck at floor 3 with 80 kg inside"
+        fired = ts((await detail(gw, order["id"]))["timeline"][0]["at"])
+        assert ts(order["assigned_at"]) - fired <= timedelta(seconds=1)
+        assert ts(order["ack_deadline"]) == clock.now + timedelta(minutes=5)
+        await wait_for(lambda: asyncio.sleep(0, bool(pages(pager, "assigned"))), what="the page to tina")
+        (page,) = pages(pager, "assigned")
+        assert page["data"]["assignee"] == "tina"
+        assert page["data"]["priority"] == "P1"
+        assert ts(page["time"]) == clock.now  # paged in the same simulated instant
+
+
+async def test_unacknowledged_order_escalates_exactly_at_the_timeout_and_pages_once(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        order = await one_order(gw, "a work order")
+        deadline = WED_10_BERLIN + timedelta(minutes=5)
+        await ticked(d, clock, deadline - timedelta(milliseconds=1))
+        assert (await detail(gw, order["id"]))["assignee"] == "tina"
+        await ticked(d, clock, deadline)
+        got = await detail(gw, order["id"])
+        assert (got["assignee"], got["level"], got["status"]) == ("sue", 1, "assigned")
+        (escalation,) = [e for e in got["timeline"] if e["kind"] == "escalated"]
+        assert ts(escalation["at"]) == deadline
+        assert ts(got["ack_deadline"]) == deadline + timedelta(minutes=10)
+        await ticked(d, clock, deadline + timedelta(seconds=30))
+        await wait_for(lambda: asyncio.sleep(0, bool(pages(pager, "escalated"))), what="the escalation page")
+        await ticked(d, clock, deadline + timedelta(seconds=31))
+        (page,) = pages(pager, "escalated")
+        assert (page["data"]["assignee"], page["data"]["level"]) == ("sue", 2)
+
+
+async def test_nobody_on_shift_goes_to_the_next_level_at_once(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_20_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        order = await one_order(gw, "a work order", lambda o: o["status"] == "assigned")
+        assert (order["assignee"], order["level"]) == ("sue", 1)
+        assert ts(order["assigned_at"]) == clock.now
+        timeline = (await detail(gw, order["id"]))["timeline"]
+        assert "nobody on shift at level 1" in timeline[-1]["note"]
+
+
+async def test_two_alerts_on_one_device_make_one_order_and_recovery_only_annotates_it(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        t = clock.now
+        jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 80}
+        await publish(broker.port, "el-1", message(1, t), message(2, t, **jam))
+        order = await one_order(gw, "the door-jam order")
+        assert order["priority"] == "P3"
+        # Taken out of service with the door still jammed: a second alert while the order is open.
+        await publish(broker.port, "el-1", message(3, t + timedelta(seconds=1), **{**jam, "mode": "out_of_service"}))
+
+        async def attached() -> bool:
+            return len((await detail(gw, order["id"]))["alerts"]) == 2
+
+        await wait_for(attached, what="the second alert on the same order")
+        assert [o["id"] for o in await orders(gw)] == [order["id"]]
+        got = await detail(gw, order["id"])
+        assert got["priority"] == "P2"  # out of service is more urgent than a door jam
+        assert got["recovered_at"] is None
+        await publish(broker.port, "el-1", message(4, t + timedelta(seconds=2)))  # fault cleared
+
+        async def recovered() -> bool:
+            return (await detail(gw, order["id"]))["recovered_at"] is not None
+
+        await wait_for(recovered, what="the recovery annotation")
+        got = await detail(gw, order["id"])
+        assert got["status"] == "assigned"  # still open: a technician has to resolve it
+        assert [e["kind"] for e in got["timeline"]].count("device_recovered") == 1
+
+
+async def test_restart_during_an_open_escalation_keeps_the_deadline(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    settings = dispatch_settings(broker)
+    clock = Clock(WED_10_BERLIN)
+    async with running_gateway(settings, consumers=[dispatcher(pager, clock)]) as gw:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        order = await one_order(gw, "a work order")
+    deadline = WED_10_BERLIN + timedelta(minutes=5)
+    clock = Clock(deadline - timedelta(minutes=1))
+    d = dispatcher(pager, clock)  # a new process: nothing in memory
+    async with running_gateway(settings, consumers=[d]) as gw:
+        await ticked(d, clock, deadline - timedelta(seconds=1))
+        assert (await detail(gw, order["id"]))["level"] == 0
+        await ticked(d, clock, deadline)
+        got = await detail(gw, order["id"])
+        assert (got["assignee"], got["level"]) == ("sue", 1)
+        assert [ts(e["at"]) for e in got["timeline"] if e["kind"] == "escalated"] == [deadline]
+
+
+async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_record(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw, api(gw) as c:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        oid = (await one_order(gw, "a work order"))["id"]
+        r = await c.post(f"/api/work-orders/{oid}/ack", json={"by": "tina"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["status"], r.json()["acked_by"]) == ("acknowledged", "tina")
+        assert (await c.post(f"/api/work-orders/{oid}/ack", json={"by": "tina"})).status_code == 409
+        await ticked(d, clock, WED_10_BERLIN + timedelta(hours=1))  # long past the deadline
+        assert (await detail(gw, oid))["assignee"] == "tina"  # acknowledged: no escalation
+        for step in ("en-route", "on-site"):
+            r = await c.post(f"/api/work-orders/{oid}/{step}", json={"by": "tina"})
+            assert r.status_code == 200, r.text
+        r = await c.post(f"/api/work-orders/{oid}/resolve", json={"by": "tina", "problem": "roller"})
+        assert r.status_code == 422
+        assert "action" in r.json()["detail"]
+        r = await c.post(f"/api/work-orders/{oid}/reassign", json={"by": "sue", "to": "nobody"})
+        assert (r.status_code, r.json()["detail"]) == (409, "no technician 'nobody' in the roster")
+        record = {"by": "tina", "problem": "worn guide roller", "action": "replaced roller, test run ok"}
+        r = await c.post(f"/api/work-orders/{oid}/resolve", json=record)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert (got["status"], got["problem"], got["action"]) == ("resolved", record["problem"], record["action"])
+        assert [e["kind"] for e in got["timeline"]] == [
+            "created", "assigned", "acknowledged", "en_route", "on_site", "resolved",
+        ]  # fmt: skip
+        assert (await c.post(f"/api/work-orders/{oid}/on-site", json={"by": "tina"})).status_code == 409
+        assert (await c.post("/api/work-orders/999/ack", json={"by": "tina"})).status_code == 404
+        kinds = [e["type"] async for e in _events(c, "el-1")]
+        assert "workorder.resolved" in kinds
+        assert "alert.firing" in kinds
+
+
+async def _events(c: httpx.AsyncClient, device: str) -> Any:
+    r = await c.get(f"/api/devices/{device}/events", params={"limit": 50})
+    assert r.status_code == 200, r.text
+    for e in r.json():
+        yield e
+
+
+async def test_technicians_can_be_edited_through_the_api_and_survive_a_restart(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    roster_file = tmp_path / "roster.yaml"
+    roster_file.write_text(ROSTER.format(url="http://127.0.0.1:9/page"))
+    settings = settings_for(broker, consumers="dispatch", roster_file=str(roster_file))
+    async with running_gateway(settings) as gw, api(gw) as c:
+        people = (await c.get("/api/technicians")).json()
+        assert [p["technician"]["id"] for p in people] == ["abe", "tina", "sue", "max"]
+        bad = [*[p["technician"] for p in people], {"id": "zoe", "name": "Zoe", "contact": "sms", "shifts": []}]
+        r = await c.put("/api/technicians", params={"by": "sue"}, json=bad)
+        assert r.status_code == 422
+        assert "shifts" in r.json()["detail"]
+        zoe = {"id": "zoe", "name": "Zoe", "contact": "pager", "skills": ["elevator"],
+               "shifts": [{"start": "00:00", "end": "24:00"}]}  # fmt: skip
+        r = await c.put("/api/technicians", params={"by": "sue"}, json=[people[1]["technician"], zoe])
+        assert r.status_code == 200, r.text
+        assert [(p["technician"]["id"], p["on_shift"]) for p in r.json()][1] == ("zoe", True)
+    async with running_gateway(settings) as gw, api(gw) as c:
+        assert [p["technician"]["id"] for p in (await c.get("/api/technicians")).json()] == ["tina", "zoe"]
+    roster_file.write_text(ROSTER.format(url="http://127.0.0.1:9/page") + "\n# edited\n")
+    async with running_gateway(settings) as gw, api(gw) as c:
+        # The file changed since: it is the roster again.
+        assert len((await c.get("/api/technicians")).json()) == 4

@@ -1,0 +1,133 @@
+"""The roster: shifts in local time, validation with line numbers, and the pure assignment plan."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from alerts.roster import (
+    SHIPPED_ROSTER,
+    DispatchRules,
+    Priority,
+    RosterError,
+    Shift,
+    load_roster,
+    load_roster_file,
+    plan,
+    priority_of,
+    qualifies,
+)
+
+ROSTER = """
+timezone: Europe/Berlin
+receivers:
+  - {name: pager, kind: log}
+technicians:
+  - {id: abe, name: Abe, contact: pager, sites: [hq], skills: [elevator],
+     shifts: [{days: [mon, tue, wed, thu, fri], start: "22:00", end: "06:00"}]}
+  - {id: tina, name: Tina, contact: pager, sites: [hq], skills: [elevator],
+     shifts: [{start: "08:00", end: "16:00"}]}
+  - {id: hvac, name: Hank, contact: pager, sites: ["*"], skills: [hvac], shifts: [{start: "00:00", end: "24:00"}]}
+  - {id: sue, name: Sue, role: supervisor, contact: pager, shifts: [{start: "00:00", end: "24:00"}]}
+policies:
+  - name: default
+    levels:
+      - {role: technician, ack_timeout: 5m}
+      - {role: supervisor, ack_timeout: 10m}
+"""
+
+# Wednesday 2026-11-25; Berlin is UTC+1 in November.
+WED_10_BERLIN = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+
+
+def test_shipped_roster_is_valid() -> None:
+    roster = load_roster_file(SHIPPED_ROSTER)
+    assert {t.role for t in roster.technicians} == {"technician", "supervisor", "manager"}
+
+
+@pytest.mark.parametrize(
+    ("utc", "covered"),
+    [
+        (datetime(2026, 11, 25, 21, 0, tzinfo=UTC), True),  # Wed 22:00 Berlin: starts
+        (datetime(2026, 11, 25, 20, 59, tzinfo=UTC), False),  # Wed 21:59
+        (datetime(2026, 11, 26, 4, 59, tzinfo=UTC), True),  # Thu 05:59: Wednesday's night shift
+        (datetime(2026, 11, 26, 5, 0, tzinfo=UTC), False),  # Thu 06:00: over
+        (datetime(2026, 11, 28, 22, 0, tzinfo=UTC), False),  # Sat 23:00: no Saturday shift
+        (datetime(2026, 11, 29, 0, 0, tzinfo=UTC), False),  # Sun 01:00: Saturday had none to run over
+        (datetime(2026, 11, 28, 1, 0, tzinfo=UTC), True),  # Sat 02:00: Friday's night shift runs over
+    ],
+)
+def test_overnight_shift_belongs_to_the_day_it_starts(utc: datetime, *, covered: bool) -> None:
+    shift = Shift(days=["mon", "tue", "wed", "thu", "fri"], start="22:00", end="06:00")
+    assert shift.covers(utc, "Europe/Berlin") is covered
+
+
+def test_shift_uses_its_own_time_zone() -> None:
+    shift = Shift(start="09:00", end="17:00", tz="America/New_York")
+    assert not shift.covers(WED_10_BERLIN, "Europe/Berlin")  # 04:00 in New York
+    assert shift.covers(WED_10_BERLIN + timedelta(hours=6), "Europe/Berlin")  # 10:00 in New York
+
+
+def test_on_shift_technician_with_the_skill_and_fewest_orders_is_chosen() -> None:
+    roster = load_roster(ROSTER)
+    policy = roster.policies[0]
+    got = plan(roster, policy, 0, site="hq", skill="elevator", at=WED_10_BERLIN, open_orders={"tina": 3})
+    # abe sorts first and has no orders, but is off shift at 10:00; hvac lacks the skill.
+    assert got is not None
+    assert (got.level, got.technician.id, got.skipped) == (0, "tina", ())
+    assert got.deadline == WED_10_BERLIN + timedelta(minutes=5)
+    at_night = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
+    got = plan(roster, policy, 0, site="hq", skill="elevator", at=at_night, open_orders={"abe": 9})
+    assert got is not None
+    assert got.technician.id == "abe"
+
+
+def test_nobody_on_shift_goes_straight_to_the_next_level() -> None:
+    roster = load_roster(ROSTER)
+    evening = datetime(2026, 11, 25, 19, 0, tzinfo=UTC)  # 20:00 Berlin: tina gone, abe not yet there
+    got = plan(roster, roster.policies[0], 0, site="hq", skill="elevator", at=evening, open_orders={})
+    assert got is not None
+    assert (got.level, got.technician.id, got.skipped) == (1, "sue", (0,))
+    assert got.deadline == evening + timedelta(minutes=10)
+    # At 10:00 tina is on shift at hq, but nobody with the skill serves another site.
+    got = plan(roster, roster.policies[0], 0, site="depot", skill="elevator", at=WED_10_BERLIN, open_orders={})
+    assert got is not None
+    assert (got.level, got.technician.id, got.skipped) == (1, "sue", (0,))
+    nobody = roster.model_copy(update={"technicians": roster.technicians[:1]})  # abe only: off shift
+    assert plan(nobody, roster.policies[0], 0, site="hq", skill="elevator", at=evening, open_orders={}) is None
+
+
+def test_priority_and_which_alerts_make_orders() -> None:
+    rules = DispatchRules()
+    assert priority_of(rules, "stuck", {"load_kg": 80}) is Priority.P1
+    assert priority_of(rules, "stuck", {"load_kg": 0}) is Priority.P3  # nobody inside
+    assert priority_of(rules, "out-of-service", {}) is Priority.P2
+    assert priority_of(rules, "door-jam", {"mode": "out_of_service"}) is Priority.P2
+    assert priority_of(rules, "door-jam", {"load_kg": 80}) is Priority.P3
+    assert qualifies(rules, severity="critical", device_type="elevator", rule="stuck")
+    assert not qualifies(rules, severity="warning", device_type="elevator", rule="door-open-too-long")
+    assert not qualifies(rules, severity="critical", device_type="power", rule="site-power-lost")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ROSTER.replace('start: "08:00"', 'start: "8am"'), "roster.yaml:9: technicians.1.shifts.0.start"),
+        (ROSTER.replace("Europe/Berlin", "Mars/Olympus"), "unknown time zone 'Mars/Olympus'"),
+        (
+            ROSTER.replace(
+                "contact: pager, sites: [hq], skills: [elevator],\n     shifts: [{start",
+                "contact: sms, sites: [hq], skills: [elevator],\n     shifts: [{start",
+            ),
+            "contact 'sms' is not one of the receivers",
+        ),
+        (ROSTER.replace("id: tina", "id: abe"), "technician id 'abe' is used twice"),
+        (ROSTER.replace("- name: default", "- name: default\n    sites: [hq]"), "the last resort is missing"),
+        ("technicians: [", "not valid YAML"),
+    ],
+)
+def test_invalid_roster_says_what_and_where(text: str, expected: str) -> None:
+    with pytest.raises(RosterError) as info:
+        load_roster(text, "roster.yaml")
+    assert expected in str(info.value)
