@@ -23,6 +23,7 @@ run: setup
 	$(BIN)/iotgw run
 
 test: setup
+	./scripts/setup-system.sh --browser
 	$(BIN)/pytest
 
 lint: setup

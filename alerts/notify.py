@@ -121,11 +121,14 @@ class Notifier:
         receivers: Callable[[], Sequence[Receiver]],
         metrics: Metrics,
         *,
+        pagers: Callable[[], Sequence[Receiver]] = list,
         interval_s: float = 0.5,
     ) -> None:
         self.store = store
-        self._receivers = receivers
+        self._receivers = receivers  # every alert notification fans out to these
+        self._pagers = pagers  # people's contacts (the roster's): only work-order pages go there
         self.receivers: dict[str, Receiver] = {}
+        self.pagers: dict[str, Receiver] = {}
         self.metrics = metrics
         self.interval_s = interval_s
         self._quiet = QuietLog(log, every_s=30.0)
@@ -146,6 +149,7 @@ class Notifier:
         """Fan out new notifications and try every delivery that is due; True if any was tried."""
         now = now or datetime.now(UTC)
         self.receivers = {r.name: r for r in self._receivers()}
+        self.pagers = {r.name: r for r in self._pagers()}
         with self.store.session() as tx:
             self._fan_out(tx, now)
             pending = tx.exec(
@@ -212,8 +216,8 @@ class Notifier:
         return "alert no longer there" if alert is None or tr is None else build(receiver, n, alert, tr)
 
     def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> None:
-        receiver = self.receivers.get(d.receiver)
         n = tx.get(NotificationRow, d.notification_id)
+        receiver = None if n is None else (self.pagers if n.receiver else self.receivers).get(d.receiver)
         body = (
             self._body(tx, receiver, n) if receiver is not None and n is not None else "receiver no longer configured"
         )

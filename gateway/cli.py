@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = rules_sub.add_parser("check", help="validate a rules file; errors name their line")
     check.add_argument("file", type=Path)
 
+    roster = sub.add_parser("roster", help="the maintenance roster")
+    roster_sub = roster.add_subparsers(dest="roster_command", required=True)
+    roster_check = roster_sub.add_parser("check", help="validate a roster file; errors name their line")
+    roster_check.add_argument("file", type=Path)
+
     demo = sub.add_parser("demo", help="everything on one machine: Mosquitto, gateway, API and a fleet with faults")
     _add_settings(demo)
     _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.01)
@@ -106,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = _settings(args)
             _logging(settings.log_level)
             return asyncio.run(_run(settings))
-        if args.command == "rules":
-            return _rules_check(args.file)
+        if args.command in ("rules", "roster"):
+            return _rules_check(args.file) if args.command == "rules" else _roster_check(args.file)
         if args.command == "simulate":
             settings = _settings(args)
             _logging(settings.log_level)
@@ -125,6 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"iotgw: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _roster_check(path: Path) -> int:
+    from alerts.roster import RosterError, load_roster_file  # noqa: PLC0415
+
+    try:
+        roster = load_roster_file(path)
+    except RosterError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return 1
+    roles = ", ".join(
+        f"{sum(t.role == r for t in roster.technicians)} {r}" for r in ("technician", "supervisor", "manager")
+    )
+    print(f"{path}: OK ({roles}; {len(roster.policies)} escalation policies)")  # noqa: T201
+    return 0
 
 
 def _rules_check(path: Path) -> int:
@@ -258,6 +278,7 @@ def _print_banner(base: str, settings: Settings) -> None:
     print(  # noqa: T201
         f"""
 iotgw demo is running (Ctrl-C to stop)
+  staff page  {base}/ui/   (alerts and work orders, live; acknowledge to stop escalation)
   broker      {settings.mqtt_url}
   database    {settings.database_url}
   API docs    {base}/docs
@@ -268,6 +289,8 @@ iotgw demo is running (Ctrl-C to stop)
   consumers   {base}/api/consumers
   analytics   {base}/api/analytics/fleet
   alerts      {base}/api/alerts?status=open
+  work orders {base}/api/work-orders?status=open
+  roster      {base}/api/technicians
   metrics     {base}/metrics
   readiness   {base}/ready
 """,
@@ -276,16 +299,20 @@ iotgw demo is running (Ctrl-C to stop)
 
 
 async def _demo_status(gw: Any, fleet: Any, stop: asyncio.Event, duration: float | None) -> None:  # noqa: ANN401
+    from gateway.api.routes.stream import snapshot  # noqa: PLC0415
+
     started = time.monotonic()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
         events = await asyncio.to_thread(gw.store.count_events)
+        live = await asyncio.to_thread(snapshot, gw.store)
         m = gw.metrics
         rejected = sum(s.value for s in m.messages_rejected.collect()[0].samples if s.name.endswith("_total"))
         print(  # noqa: T201
             f"demo: {fleet.stats.connected}/{fleet.stats.devices} devices connected, "
-            f"{fleet.stats.sent} messages sent, {events} events stored, {int(rejected)} dead letters",
+            f"{fleet.stats.sent} messages sent, {events} events stored, {int(rejected)} dead letters, "
+            f"{len(live['alerts'])} open alerts, {len(live['work_orders'])} open work orders",
             flush=True,
         )
         if duration is not None and time.monotonic() - started >= duration:

@@ -510,6 +510,7 @@ class Changes:
 
     def __init__(self) -> None:
         self.version = 0
+        self.closed = False  # the gateway is stopping: live views end their streams
         self._event = asyncio.Event()
 
     def bump(self) -> None:
@@ -552,7 +553,9 @@ class Router:
         self._lag_task = asyncio.create_task(self._refresh_lag(), name="iotgw-router-lag")
 
     async def stop(self) -> None:
-        """Stop every consumer."""
+        """Stop every consumer (and end the live views' streams)."""
+        self.changes.closed = True
+        self.changes.bump()
         if self._lag_task is not None:
             self._lag_task.cancel()
             await asyncio.gather(self._lag_task, return_exceptions=True)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gateway.api import AppState, create_app
 from gateway.config import Settings
-from gateway.errors import ConfigError, GatewayError, StoreError
+from gateway.errors import GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
@@ -90,6 +90,7 @@ class Gateway:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                timeout_graceful_shutdown=3,  # an open event stream must not hold up a stop
             )
             self._server = _EmbeddedServer(config)
             self._server_task = asyncio.create_task(self._server.serve(), name="iotgw-http")
@@ -135,25 +136,22 @@ class Gateway:
             await asyncio.sleep(10.0)
 
     def receivers(self) -> list[Any]:
-        """Where notifications go: the rules file's receivers and the roster's (read afresh each time)."""
-        found: list[Any] = []
-        for name, attribute in (("alerts", "receivers"), ("dispatch", "roster")):
-            runner = self.router.runners.get(name)
-            if runner is None:
-                continue
-            owner = getattr(runner.consumer, attribute, None)
-            found += list((owner if name == "alerts" else getattr(owner, "receivers", None)) or [])
-        return found
+        """Where every alert notification goes: the rules file's receivers."""
+        runner = self.router.runners.get("alerts")
+        return list(getattr(runner.consumer, "receivers", None) or []) if runner is not None else []
+
+    def pagers(self) -> list[Any]:
+        """People's contacts for work-order pages: the roster's receivers (read afresh: the API may edit it)."""
+        runner = self.router.runners.get("dispatch")
+        roster = getattr(runner.consumer, "roster", None) if runner is not None else None
+        return list(getattr(roster, "receivers", None) or [])
 
     def _start_notifier(self) -> None:
         from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine or dispatch
 
-        names = [r.name for r in self.receivers()]
-        if len(set(names)) != len(names):
-            msg = f"receiver names must be unique across the rules file and the roster: {sorted(names)}"
-            raise ConfigError(msg)
+        names = [r.name for r in self.receivers()] + [r.name for r in self.pagers()]
         if names:
-            notifier = Notifier(self.store, self.receivers, self.metrics)
+            notifier = Notifier(self.store, self.receivers, self.metrics, pagers=self.pagers)
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(names))
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install what iotgw needs from Debian's packages when it is missing: Mosquitto (broker and
 # clients, for the tests, the demo and the benchmark) and python3-venv (for the virtualenv).
+# With --browser also Chromium, which the staff-page test drives headless (`make test`).
 set -euo pipefail
 
 need=()
+if [ "${1:-}" = "--browser" ]; then
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)

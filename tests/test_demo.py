@@ -19,7 +19,7 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_demo_shows_devices_events_and_dead_letters_then_stops_on_ctrl_c() -> None:
+async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops_on_ctrl_c() -> None:
     mqtt_port, http_port = free_port(), free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="iotgw-demo-test-"))
     cmd = [
@@ -43,11 +43,17 @@ async def test_demo_shows_devices_events_and_dead_letters_then_stops_on_ctrl_c()
                     devices = (await client.get("/api/devices")).json()
                     events = (await client.get("/api/events", params={"type": "elevator.*"})).json()["items"]
                     dead = (await client.get("/api/dead-letters")).json()["items"]
+                    orders = (await client.get("/api/work-orders")).json()
                 except httpx.TransportError:
                     return False
-                return len(devices) >= 40 and len(events) > 0 and len(dead) > 0
+                return len(devices) >= 40 and len(events) > 0 and len(dead) > 0 and len(orders) > 0
 
-            await wait_for(api_has_everything, timeout=60, what="devices, events and dead letters in the API")
+            await wait_for(
+                api_has_everything, timeout=60, what="devices, events, dead letters and work orders in the API"
+            )
+            page = await client.get("/ui/")
+            assert page.status_code == 200
+            assert "Open work orders" in page.text
             assert port_open("127.0.0.1", mqtt_port), "the demo runs its own Mosquitto"
             assert (await client.get("/ready")).status_code == 200
         proc.send_signal(signal.SIGINT)

@@ -183,6 +183,8 @@ async def test_entrapment_is_p1_assigned_to_the_on_shift_technician_and_paged_at
         assert page["data"]["assignee"] == "tina"
         assert page["data"]["priority"] == "P1"
         assert ts(page["time"]) == clock.now  # paged in the same simulated instant
+        # People are paged for work orders only: alert notifications go to the rules' receivers.
+        assert {r["body"]["source"] for r in pager.ok()} == {"iotgw/dispatch"}
 
 
 async def test_unacknowledged_order_escalates_exactly_at_the_timeout_and_pages_once(

@@ -104,12 +104,8 @@ function orderCard(o) {
     pick.value = "";
   });
   actions.append(pick);
-  let deadline = null;
-  if (o.ack_deadline && o.status === "assigned") {
-    const left = Math.round((Date.parse(o.ack_deadline) - Date.now()) / 1000);
-    deadline = el("span", { class: left < 0 ? "overdue" : "" },
-      left < 0 ? ` · acknowledgement overdue` : ` · acknowledge within ${left} s`);
-  }
+  const deadline = o.ack_deadline && o.status === "assigned"
+    ? countdown(el("span", { "data-deadline": o.ack_deadline })) : null;
   return el("li", { class: `card ${o.priority}`, "data-order": o.id, "data-status": o.status },
     el("div", { class: "top" }, el("span", { class: `badge ${o.priority}` }, o.priority),
       el("strong", {}, `#${o.id}`), el("span", { class: "meta status" }, o.status.replace("_", " "))),
@@ -119,6 +115,15 @@ function orderCard(o) {
       o.recovered_at ? el("span", { class: "recovered" }, " · device recovered") : null),
     actions);
 }
+
+function countdown(span) {
+  const left = Math.round((Date.parse(span.dataset.deadline) - Date.now()) / 1000);
+  span.className = left < 0 ? "overdue" : "";
+  span.textContent = left < 0 ? " · acknowledgement overdue"
+    : ` · acknowledge within ${left >= 120 ? `${Math.floor(left / 60)} min` : `${left} s`}`;
+  return span;
+}
+setInterval(() => document.querySelectorAll("[data-deadline]").forEach(countdown), 1000);
 
 function resolveOrder(o) {
   const by = me();

@@ -49,7 +49,7 @@ async def stream(request: Request, store: StoreDep, live: RouterDep) -> Streamin
 
     async def events() -> AsyncIterator[str]:
         last = None
-        while not await request.is_disconnected():
+        while not live.changes.closed and not await request.is_disconnected():
             version = live.changes.version
             body = json.dumps(await asyncio.to_thread(snapshot, store), separators=(",", ":"))
             if body != last:

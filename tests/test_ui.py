@@ -1,0 +1,109 @@
+"""The staff page in a real headless Chromium (Debian's, driven by Playwright): live, and it acts."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from alerts.dispatch import Dispatch
+from alerts.roster import load_roster
+from gateway.broker import Mosquitto
+from gateway.config import Settings
+from gateway.service import Gateway
+from tests.conftest import running_gateway, wait_for
+from tests.test_dispatch import ROSTER, RULES, Clock, message, publish
+
+pytestmark = pytest.mark.anyio
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+JAM = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 0}
+
+
+@pytest.fixture
+def ui_settings(tmp_path: Path, settings_for: Callable[..., Settings]) -> Callable[[Mosquitto], Settings]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        await b.close()
+
+
+async def staff_page(browser: Browser, gw: Gateway, *, phone: bool = False) -> Page:
+    size = {"width": 390, "height": 844} if phone else {"width": 1280, "height": 900}
+    page = await browser.new_page(viewport=size)
+    await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+    await expect(page.locator("#live")).to_have_text("live")
+    return page
+
+
+async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(now))
+    settings = ui_settings(broker)
+    async with running_gateway(settings, serve_http=True, consumers=[dispatch]) as gw:
+        page = await staff_page(browser, gw, phone=True)
+        await page.fill("#who", "tina")
+        await page.locator("#who").dispatch_event("change")
+        await expect(page.locator("#alerts-empty")).to_be_visible()
+
+        await publish(broker.port, "el-7", message(1, now), message(2, now, **JAM))
+        card = page.locator("#alerts li[data-alert]")
+        await expect(card).to_have_count(1)  # pushed: the page was not reloaded
+        await expect(card).to_contain_text("Door jammed on el-7")
+        await expect(card).to_have_attribute("data-status", "firing")
+        order = page.locator("#orders li[data-order]")
+        await expect(order).to_contain_text("assigned to tina")
+
+        await card.locator("button[data-action=ack]").click()
+        await expect(card).to_have_attribute("data-status", "acknowledged")
+        alert_id = await card.get_attribute("data-alert")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as api:
+            alert = (await api.get(f"/api/alerts/{alert_id}")).json()
+            assert (alert["status"], alert["acked_by"]) == ("acknowledged", "tina")
+
+            await order.locator("button[data-action=ack]").click()
+            await expect(order).to_have_attribute("data-status", "acknowledged")
+            (wo,) = (await api.get("/api/work-orders")).json()
+            assert (wo["status"], wo["acked_by"]) == ("acknowledged", "tina")
+
+        # Usable on a phone: nothing wider than the screen.
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+        await card.locator("button.device").click()
+        events = page.locator("#device-events li")
+        await expect(events.first).to_be_visible()
+        await expect(page.locator("#device-events")).to_contain_text("alert.acknowledged")
+        await expect(page.locator("#device-events")).to_contain_text("elevator.fault.raised")
+
+
+async def test_the_page_says_who_must_be_named_before_acting(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(now))
+    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+        page = await staff_page(browser, gw)
+        await page.evaluate("localStorage.clear()")
+        await publish(broker.port, "el-8", message(1, now), message(2, now, **JAM))
+        card = page.locator("#alerts li[data-alert]")
+        await card.locator("button[data-action=ack]").click()
+        await expect(page.locator("#error")).to_contain_text("Enter your name first")
+
+        async def still_firing() -> bool:
+            return (await page.get_attribute("#alerts li[data-alert]", "data-status")) == "firing"
+
+        await wait_for(still_firing, what="the alert to stay firing")
