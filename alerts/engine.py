@@ -52,7 +52,12 @@ class AlertRow(SQLModel, table=True):
     """An alert: one episode of a rule's condition on one device."""
 
     __tablename__ = "alerts"
-    __table_args__ = (Index("ix_alerts_rule_device_status", "rule", "device_id", "status"),)
+    # Ids are never reused (not even after a replay empties the table): other consumers (dispatch)
+    # remember alerts by id.
+    __table_args__ = (
+        Index("ix_alerts_rule_device_status", "rule", "device_id", "status"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     rule: str
@@ -74,6 +79,7 @@ class AlertTransitionRow(SQLModel, table=True):
     """One change of an alert's status, with who and why."""
 
     __tablename__ = "alert_transitions"
+    __table_args__ = ({"sqlite_autoincrement": True},)  # notification keys name transitions: never reused
 
     id: int | None = Field(default=None, primary_key=True)
     alert_id: int = Field(index=True)
@@ -287,7 +293,10 @@ class AlertEngine(BaseConsumer):
 
     def reset(self, tx: Session) -> None:
         """Forget everything derived (alerts included) before a replay from the start."""
-        for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow, NotificationRow, DeliveryRow):
+        mine = select(NotificationRow.id).where(col(NotificationRow.work_order_id).is_(None))
+        tx.exec(delete(DeliveryRow).where(col(DeliveryRow.notification_id).in_(mine)))
+        tx.exec(delete(NotificationRow).where(col(NotificationRow.work_order_id).is_(None)))  # pages are dispatch's
+        for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
             tx.exec(delete(table))
         self._forget()
         self._loaded = True  # the tables are empty now

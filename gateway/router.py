@@ -445,9 +445,9 @@ class ConsumerRunner:
                 self._single_until = 0
                 return target
 
-        await self._call(write)
+        target: int = await self._call(write)
         self._wake.set()
-        return self.position
+        return target  # not self.position: the consumer may have moved on already
 
     @staticmethod
     def _head(tx: Session) -> int:

@@ -209,6 +209,15 @@ async def test_unacknowledged_order_escalates_exactly_at_the_timeout_and_pages_o
         await ticked(d, clock, deadline + timedelta(seconds=31))
         (page,) = pages(pager, "escalated")
         assert (page["data"]["assignee"], page["data"]["level"]) == ("sue", 2)
+        sample = gw.metrics.registry.get_sample_value
+
+        async def counted() -> bool:
+            return sample("iotgw_work_order_escalations_total", {"level": "2"}) == 1
+
+        await wait_for(counted, what="the escalation in the metrics")
+        assert sample("iotgw_work_orders_open", {"priority": "P1", "status": "assigned"}) == 1
+        assert sample("iotgw_work_order_time_to_assign_seconds_count") == 1
+        assert sample("iotgw_work_order_time_to_assign_seconds_sum") == 0  # assigned in the same instant
 
 
 async def test_nobody_on_shift_goes_to_the_next_level_at_once(
@@ -346,3 +355,29 @@ async def test_technicians_can_be_edited_through_the_api_and_survive_a_restart(
     async with running_gateway(settings) as gw, api(gw) as c:
         # The file changed since: it is the roster again.
         assert len((await c.get("/api/technicians")).json()) == 4
+
+
+async def test_replaying_the_alert_engine_makes_no_second_order_and_keeps_the_pages(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw, api(gw) as c:
+        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        order = await one_order(gw, "a work order")
+        first_alert = (await detail(gw, order["id"]))["alerts"][0]["alert_id"]
+        r = await c.post("/api/consumers/alerts/replay", json={"from_position": 1})
+        assert r.status_code == 200, r.text
+
+        async def rebuilt() -> bool:
+            alerts = (await c.get("/api/alerts")).json()
+            return len(alerts) == 1 and alerts[0]["id"] != first_alert
+
+        await wait_for(rebuilt, what="the alert engine to rebuild its alert under a new id")
+
+        async def attached() -> bool:
+            return len((await detail(gw, order["id"]))["alerts"]) == 2
+
+        await wait_for(attached, what="the rebuilt alert on the same order")
+        assert len(await orders(gw)) == 1
+        await wait_for(lambda: asyncio.sleep(0, bool(pages(pager, "assigned"))), what="the page, kept")
