@@ -157,7 +157,7 @@ class Dispatch(BaseConsumer):
 
     name = "dispatch"
     types = ("alert.*",)
-    linger_s = 0.0  # a trapped passenger waits for nobody's batch
+    linger_s = 0.05  # like the alert engine: a trapped passenger waits 50 ms at most for a batch
     tick_s = 1.0
 
     def __init__(self, roster: Roster | None = None, *, clock: Callable[[], datetime] | None = None) -> None:
