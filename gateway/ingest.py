@@ -60,26 +60,26 @@ class _Prepared:
 
 
 class _Census:
-    """Devices known and online by type, kept up to date shadow by shadow (no full scans)."""
+    """Devices known and online by type and site, kept up to date shadow by shadow (no full scans)."""
 
     def __init__(self) -> None:
-        self.known: Counter[str] = Counter()
-        self.online: Counter[str] = Counter()
-        self._dirty: set[str] = set()
+        self.known: Counter[tuple[str, str]] = Counter()
+        self.online: Counter[tuple[str, str]] = Counter()
+        self._dirty: set[tuple[str, str]] = set()
 
     def move(self, old: Shadow | None, new: Shadow) -> None:
         for sh, sign in ((old, -1), (new, 1)):
             if sh is None:
                 continue
-            t = sh.type or "unknown"
+            t = (sh.type or "unknown", sh.site or "")
             self.known[t] += sign
             self.online[t] += sign if sh.online else 0
             self._dirty.add(t)
 
     def publish(self, metrics: Metrics) -> None:
         for t in self._dirty:
-            metrics.devices_known.labels(t).set(self.known[t])
-            metrics.devices_online.labels(t).set(self.online[t])
+            metrics.devices_known.labels(*t).set(self.known[t])
+            metrics.devices_online.labels(*t).set(self.online[t])
         self._dirty.clear()
 
 

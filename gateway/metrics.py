@@ -55,9 +55,12 @@ class Metrics:
             registry=r,
         )
         self.pending = Gauge("iotgw_ingest_pending_messages", "Messages received, not yet committed.", registry=r)
-        self.devices_online = Gauge("iotgw_devices_online", "Devices online, by type.", ["type"], registry=r)
+        # By site too: the number of sites is bounded by the deployment, not by the fleet's size.
+        self.devices_online = Gauge(
+            "iotgw_devices_online", "Devices online, by type and site.", ["type", "site"], registry=r
+        )
         self.devices_known = Gauge(
-            "iotgw_devices_known", "Devices known to the gateway, by type.", ["type"], registry=r
+            "iotgw_devices_known", "Devices known to the gateway, by type and site.", ["type", "site"], registry=r
         )
         self.broker_connected = Gauge(
             "iotgw_broker_connected", "1 while the gateway holds a session with the broker.", registry=r

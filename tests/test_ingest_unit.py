@@ -54,10 +54,10 @@ def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
 def test_devices_online_gauge_follows_status_without_full_scans(ingest: Ingest) -> None:
     reg = ingest.metrics.registry
     ingest._process([reading("p1", 1), reading("p2", 1)])
-    assert reg.get_sample_value("iotgw_devices_online", {"type": "power"}) == 2
+    assert reg.get_sample_value("iotgw_devices_online", {"type": "power", "site": ""}) == 2
     ingest._process([pending("devices/p1/status", {"online": False})])
-    assert reg.get_sample_value("iotgw_devices_online", {"type": "power"}) == 1
-    assert reg.get_sample_value("iotgw_devices_known", {"type": "power"}) == 2
+    assert reg.get_sample_value("iotgw_devices_online", {"type": "power", "site": ""}) == 1
+    assert reg.get_sample_value("iotgw_devices_known", {"type": "power", "site": ""}) == 2
 
 
 def test_odd_channel_names_do_not_become_metric_labels(ingest: Ingest) -> None:
