@@ -23,7 +23,7 @@ run: setup
 	$(BIN)/iotgw run
 
 test: setup
-	./scripts/setup-system.sh --browser
+	./scripts/setup-system.sh --test
 	$(BIN)/pytest
 
 lint: setup

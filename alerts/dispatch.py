@@ -520,12 +520,15 @@ def record_step(  # noqa: PLR0913
 class WorkOrderMetrics:
     """Work-order gauges and histograms, read from the timeline (the consumer stays metric-free)."""
 
-    def __init__(self) -> None:
+    def __init__(self, levels: int = 0) -> None:
         self.last_entry = 0
         self.seen_open: set[tuple[str, str]] = set()
+        self.levels = levels  # escalation levels of the longest policy: their series exist from the start
 
     def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - gateway.metrics.Metrics
         """Observe the steps written since the last call, and set the open-order gauges."""
+        for level in range(1, self.levels + 1):
+            metrics.work_order_escalations.labels(str(level))
         rows = tx.exec(
             select(WorkOrderEntryRow, WorkOrderRow)
             .join(WorkOrderRow, col(WorkOrderRow.id) == col(WorkOrderEntryRow.work_order_id))

@@ -705,9 +705,14 @@ class AlertMetrics:
     def __init__(self) -> None:
         self.last_transition = 0
         self.seen_open: set[tuple[str, str, str]] = set()
+        self._started = False
 
     def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - gateway.metrics.Metrics
         """Observe the transitions written since the last call, and set the open-alert gauges."""
+        if not self._started:
+            for status in AlertStatus:
+                metrics.alert_transitions.labels(status.value)  # 0 from the start, not absent
+            self._started = True
         rows = tx.exec(
             select(AlertTransitionRow, AlertRow)
             .join(AlertRow, col(AlertRow.id) == col(AlertTransitionRow.alert_id))

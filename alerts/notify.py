@@ -150,6 +150,9 @@ class Notifier:
         now = now or datetime.now(UTC)
         self.receivers = {r.name: r for r in self._receivers()}
         self.pagers = {r.name: r for r in self._pagers()}
+        for name in (*self.receivers, *self.pagers):  # series from the start: 0, not absent
+            self.metrics.notifications_sent.labels(name)
+            self.metrics.notifications_failed.labels(name)
         with self.store.session() as tx:
             self._fan_out(tx, now)
             pending = tx.exec(

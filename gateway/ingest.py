@@ -99,6 +99,11 @@ class Ingest:
         self.on_commit = on_commit
         self.store = store
         self.metrics = metrics
+        # Every reason and channel from the start: a dashboard's rate() sees 0, not "no data".
+        for reason in Reason:
+            metrics.messages_rejected.labels(reason.value)
+        for channel in CHANNELS:
+            metrics.messages_received.labels(channel)
         self.clock = clock
         self.connected = False
         self.database_ok = True

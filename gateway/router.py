@@ -541,6 +541,11 @@ class Router:
         self.runners = {c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s) for c in consumers}
         for runner in self.runners.values():
             runner.on_log_grew = self.log_grew
+            # Series from the start (0, not absent), so dashboards and alert rules see every consumer.
+            for family in (metrics.consumer_events, metrics.consumer_failures, metrics.consumer_retries,
+                           metrics.consumer_parked, metrics.consumer_lag_events, metrics.consumer_lag_seconds,
+                           metrics.consumer_handler_seconds):  # fmt: skip
+                family.labels(runner.name)
         self.changes = Changes()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lag_task: asyncio.Task[None] | None = None

@@ -162,8 +162,11 @@ class Gateway:
         publishers: list[Any] = []
         if "alerts" in self.router.runners:
             publishers.append(AlertMetrics())
-        if "dispatch" in self.router.runners:
-            publishers.append(WorkOrderMetrics())
+        dispatch = self.router.runners.get("dispatch")
+        if dispatch is not None:
+            roster = getattr(dispatch.consumer, "roster", None)
+            levels = max((len(p.levels) for p in getattr(roster, "policies", [])), default=0)
+            publishers.append(WorkOrderMetrics(levels))
 
         def once() -> None:
             with self.store.session() as tx:

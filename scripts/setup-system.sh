@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what iotgw needs from Debian's packages when it is missing: Mosquitto (broker and
 # clients, for the tests, the demo and the benchmark) and python3-venv (for the virtualenv).
-# With --browser also Chromium, which the staff-page test drives headless (`make test`).
+# With --test also what the tests drive: Chromium (the staff page, headless) and Prometheus
+# with promtool (the dashboards' queries and rules).
 set -euo pipefail
 
 need=()
-if [ "${1:-}" = "--browser" ]; then
+if [ "${1:-}" = "--test" ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 fi
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
