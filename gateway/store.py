@@ -476,10 +476,13 @@ class Store:
         inserted = max(inserted, 0)
         return Stored(inserted, len(event_rows) - inserted, len(dead))
 
-    def count_events(self) -> int:
-        """How many events the log holds."""
+    def count_events(self, event_type: str | None = None) -> int:
+        """How many events (of one type) the log holds."""
+        stmt = select(func.count()).select_from(EventRow)
+        if event_type is not None:
+            stmt = stmt.where(col(EventRow.type) == event_type)
         with self.session() as s:
-            return int(s.exec(select(func.count()).select_from(EventRow)).one())
+            return int(s.exec(stmt).one())
 
 
 def _dead_row(d: DeadLetter) -> dict[str, Any]:
