@@ -78,6 +78,7 @@ class BaseConsumer(abc.ABC):
     max_attempts = 5  # attempts per event before it is parked
     retry_base_s = 0.05  # first retry waits up to this, doubling each attempt (full jitter, 30 s cap)
     linger_s = 0.05  # after a wake-up, wait this long for more events (larger batches, less contention)
+    handler_timeout_s = 30.0  # a batch (or tick) not done by then counts as failed; its thread is abandoned
     batch_size = 500
     replay_resets_state = False  # True: a replay starts from scratch, after reset(tx)
 
@@ -176,6 +177,7 @@ class ConsumerRunner:
         self.batch_size = int(getattr(consumer, "batch_size", 500))
         self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
         self.linger_s = float(getattr(consumer, "linger_s", 0.05))
+        self.handler_timeout_s = float(getattr(consumer, "handler_timeout_s", 30.0))
         self._wanted: dict[str, bool] = {}  # event type -> matches the consumer's patterns
         self._span: Callable[[Session, int, int], None] | None = getattr(consumer, "handle_span", None)
         # Consumers whose conditions become true by the passing of time get ticks, in their thread.
@@ -196,7 +198,10 @@ class ConsumerRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Its own thread: a slow or stuck handler holds up this consumer only.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"iotgw-consumer-{self.name}")
+        self._executor = self._new_executor()
+        # Bumped when a hung handler's thread is abandoned: that thread must never commit.
+        self._generation = 0
+        self._inflight: tuple[Event | None, int] = (None, 0)  # (first event, last position) of the batch in hand
         self._single_until = 0  # after a failed batch, go event by event up to this position
         self._attempts = 0
         self._quiet = QuietLog(log, every_s=10.0)
@@ -216,10 +221,22 @@ class ConsumerRunner:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         try:
-            await self._call(self._flush_cursor)
-        except StoreError as exc:
-            log.warning("consumer %s: cursor not saved on stop (it resumes a little earlier): %s", self.name, exc)
+            await asyncio.wait_for(self._call(self._flush_cursor), self.handler_timeout_s)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("consumer %s: cursor not saved on stop (it resumes a little earlier): %r", self.name, exc)
+            self._executor.shutdown(wait=False, cancel_futures=True)  # a hung handler must not hold up a stop
+            return
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"iotgw-consumer-{self.name}")
+
+    def _abandon_thread(self) -> None:
+        """Leave a hung handler behind: a fresh thread carries on, and the old one can never commit."""
+        self._generation += 1
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+        self.metrics.consumer_failures.labels(self.name).inc()
 
     def notify(self) -> None:
         """New events were committed."""
@@ -261,15 +278,24 @@ class ConsumerRunner:
             if self.paused or not self._caught_up:
                 continue
             try:
-                await self._call(self._tick_once)
+                await asyncio.wait_for(self._call(self._tick_once), self.handler_timeout_s)
+            except TimeoutError:
+                self._abandon_thread()
+                self.failing = True
+                self.last_error = f"tick did not return within {self.handler_timeout_s:g} s"
+                self._quiet.warn("tick", "consumer %s: %s; its thread is abandoned", self.name, self.last_error)
             except Exception as exc:
                 self.metrics.consumer_failures.labels(self.name).inc()
                 self._quiet.warn("tick", "consumer %s: tick failed: %s", self.name, exc)
 
     def _tick_once(self) -> None:
         assert self._tick is not None  # noqa: S101
+        generation = self._generation
         with self.store.session(consumer=True) as tx:
             self._tick(tx, self._clock())
+            if generation != self._generation:
+                tx.rollback()  # timed out meanwhile: the consumer went on without this thread
+                return
             tx.commit()
             self._committed(tx)
 
@@ -282,9 +308,19 @@ class ConsumerRunner:
         single = self.position < self._single_until
         started = time.perf_counter()
         try:
-            handled, matched = await self._call(self._handle_next, 1 if single else self.batch_size)
+            handled, matched = await asyncio.wait_for(
+                self._call(self._handle_next, 1 if single else self.batch_size), self.handler_timeout_s
+            )
         except _Poison as poison:
             await self._failed(poison, single=single)
+            return 1
+        except TimeoutError:
+            first, last = self._inflight
+            self._abandon_thread()
+            cause = TimeoutError(f"handler did not return within {self.handler_timeout_s:g} s")
+            if first is None:
+                raise StoreError(str(cause)) from None  # stuck before the handler: retried as a database problem
+            await self._failed(_Poison(first, cause, last), single=single)
             return 1
         if matched:
             self.metrics.consumer_handler_seconds.labels(self.name).observe(time.perf_counter() - started)
@@ -351,12 +387,14 @@ class ConsumerRunner:
         told the whole span, to aggregate in SQL what it would not want to read row by row.
         Runs in the consumer's thread, like every change of `self.position`.
         """
+        generation = self._generation
         with self.store.session(consumer=True) as tx:
             after = self.position
             upto = batch_end(tx, after, limit)
             if upto is None:
                 return 0, 0
             mine = [e for e in read_events(tx, after, upto, self.consumer.types) if self._wants(e.type)]
+            self._inflight = (mine[0] if mine else None, upto)
             try:
                 if self._span is not None:
                     self._span(tx, after, upto)
@@ -366,6 +404,9 @@ class ConsumerRunner:
                 tx.rollback()
                 culprit = mine[0] if mine else read_events(tx, after, upto)[0]
                 raise _Poison(culprit, exc, upto) from exc
+            if generation != self._generation:
+                tx.rollback()  # timed out meanwhile: the consumer went on without this thread
+                return 0, 0
             now = time.monotonic()
             # With nothing of ours in the span the stored cursor may trail for a few seconds:
             # after a restart that costs a re-read of events this consumer ignores, nothing more.

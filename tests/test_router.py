@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from gateway.config import Settings
 from gateway.events import Event
 from gateway.router import BaseConsumer, load_consumers
 from gateway.service import Gateway
+from gateway.store import ConsumerCursorRow
 from tests.conftest import running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +54,27 @@ class Failing(BaseConsumer):
         self.calls += 1
         if self.broken:
             raise RuntimeError("boom: the downstream system is down")
+        self.positions.extend(e.position for e in events)
+
+
+class Hanging(BaseConsumer):
+    """Never returns from the batch holding one particular reading (until released)."""
+
+    name = "hanging"
+    types = ("sensor.reading",)
+    handler_timeout_s = 0.5
+    max_attempts = 2
+    retry_base_s = 0.001
+
+    def __init__(self, subject: str, sequence: int) -> None:
+        self.culprit = (subject, sequence)
+        self.release = threading.Event()
+        self.positions: list[int] = []
+
+    def handle(self, events: Sequence[Event], tx: Session) -> None:  # noqa: ARG002
+        if any((e.subject, e.sequence) == self.culprit for e in events):
+            self.release.wait()  # hangs: a deadlocked client library, a socket without timeout...
+            return
         self.positions.extend(e.position for e in events)
 
 
@@ -247,3 +270,47 @@ async def test_entry_point_consumer_is_discovered_and_receives_events(
 
 async def _value(v: bool) -> bool:
     return v
+
+
+async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_continue(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    devices, per_device = 5, 40
+    n = devices * per_device
+    hanging, counting = Hanging("hang-00002", 7), Counting()
+    settings = settings_for(broker, consumers="analytics")
+    try:
+        async with running_gateway(settings, consumers=[hanging, counting]) as gw, client_for(gw) as client:
+            await publish_numbered(broker.url, devices, per_device, prefix="hang-")
+            await stored_all(gw, n)
+
+            async def others_done() -> bool:
+                return len(counting.positions) == n and (await consumer_state(client, "analytics"))["lag_events"] == 0
+
+            await wait_for(others_done, what="the other consumers to handle everything")
+
+            async def parked() -> bool:
+                return (await consumer_state(client, "hanging"))["dead_letters"] == 1
+
+            await wait_for(parked, timeout=10, what="the hung event to be parked")
+            (dead,) = (await client.get("/api/consumers/hanging/dead-letters")).json()
+            assert "did not return within 0.5 s" in dead["error"]
+            assert dead["subject"] == "hang-00002"
+
+            async def moved_on() -> bool:
+                return len(hanging.positions) == n - 1
+
+            await wait_for(moved_on, what="the hung consumer to handle everything else")
+            assert dead["position"] not in hanging.positions
+            metrics = (await client.get("/metrics")).text
+            assert 'iotgw_consumer_failures_total{consumer="hanging"} 0.0' not in metrics
+            # Released now, the abandoned threads finish their batches: they must not commit them
+            # (their cursor is behind; committing would move it back and repeat the effects).
+            hanging.release.set()
+            await asyncio.sleep(0.5)  # give them the time to (not) commit
+            with gw.store.session() as tx:
+                cursor = tx.get(ConsumerCursorRow, "hanging")
+                assert cursor is not None
+                assert cursor.position == n
+    finally:
+        hanging.release.set()  # the abandoned threads end (and cannot commit)
