@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import PayloadError
-from gateway.protocol import ElevatorData, SensorData, StatusData, parse, parse_ts
+from gateway.protocol import ElevatorData, Reason, SensorData, StatusData, parse, parse_ts
 
 ELEVATOR = {"floor": 3, "direction": "up", "door": "closed", "mode": "normal", "load_kg": 150.5, "fault": None}
 
@@ -129,3 +129,11 @@ def test_every_valid_elevator_message_round_trips(data: dict[str, Any], seq: int
     assert isinstance(m.data, ElevatorData)
     assert m.data.model_dump() == {**data, "load_kg": float(data["load_kg"])}
     assert m.seq == seq
+
+
+def test_a_huge_integer_timestamp_is_a_schema_error_not_a_crash() -> None:
+    # Found by tests/test_fuzz.py: math.isfinite(10**400) raised OverflowError.
+    body = b'{"type": "temperature", "seq": 1, "ts": 1' + b"0" * 400 + b', "data": {"value": 1, "unit": "C"}}'
+    with pytest.raises(PayloadError) as info:
+        parse("devices/t-1/telemetry", body)
+    assert info.value.reason == Reason.SCHEMA
