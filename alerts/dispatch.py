@@ -257,12 +257,12 @@ class Dispatch(BaseConsumer):
             tx.add(order)
             tx.flush()
             self._attach(tx, order, alert_id, d, now)
-            self._entry(tx, order, "created", now, note=f"{priority.value}: {summary}"[:2000])
+            record_step(tx, order, "created", now, note=f"{priority.value}: {summary}"[:2000])
             self._assign(tx, order, 0, now, kind="assigned")
             return
         self._attach(tx, order, alert_id, d, now)
         order.recovered_at = None  # faulty again
-        self._entry(tx, order, "alert_attached", now, note=f"alert {alert_id} ({rule}): {summary}"[:2000])
+        record_step(tx, order, "alert_attached", now, note=f"alert {alert_id} ({rule}): {summary}"[:2000])
         if more_urgent(priority, Priority(order.priority)):
             order.priority = priority.value
             to = self._person(order.assignee) if order.status == OrderStatus.ASSIGNED.value else None
@@ -273,7 +273,7 @@ class Dispatch(BaseConsumer):
                 deadline = now + timedelta(seconds=timeout)
                 if order.ack_deadline is None or deadline < order.ack_deadline:
                     order.ack_deadline = deadline
-            self._entry(tx, order, "priority_raised", now, note=f"now {priority.value}: {summary}"[:2000], notify=to)
+            record_step(tx, order, "priority_raised", now, note=f"now {priority.value}: {summary}"[:2000], notify=to)
         order.updated_at = now
         tx.add(order)
 
@@ -308,9 +308,9 @@ class Dispatch(BaseConsumer):
             order.updated_at = now
             tx.add(order)
             note = f"device recovered (alert {link.alert_id} {link.rule} cleared); open until a technician resolves it"
-            self._entry(tx, order, "device_recovered", now, note=note)
+            record_step(tx, order, "device_recovered", now, note=note)
         else:
-            self._entry(tx, order, "alert_resolved", now, note=f"alert {link.alert_id} ({link.rule}) resolved by {by}")
+            record_step(tx, order, "alert_resolved", now, note=f"alert {link.alert_id} ({link.rule}) resolved by {by}")
 
     # -- assignment and escalation ---------------------------------------------------------------
 
@@ -348,7 +348,7 @@ class Dispatch(BaseConsumer):
                 order.status, order.assignee, order.ack_deadline, order.updated_at = "unassigned", None, None, now
                 tx.add(order)
                 note = "nobody on shift at any escalation level; assigned as soon as somebody is"
-                self._entry(tx, order, "unassigned", now, note=note)
+                record_step(tx, order, "unassigned", now, note=note)
                 log.warning("work order %s (%s, %s): nobody on shift", order.id, order.device_id, order.site)
             return False
         self._apply(tx, order, found, now, kind=kind)
@@ -362,7 +362,7 @@ class Dispatch(BaseConsumer):
         note = f"level {a.level + 1}: {a.technician.role} {a.technician.name}; acknowledge by {a.deadline:%H:%M:%S}Z"
         if a.skipped:
             note += f" (nobody on shift at level {', '.join(str(i + 1) for i in a.skipped)})"
-        self._entry(tx, order, kind, now, note=note, notify=a.technician)
+        record_step(tx, order, kind, now, note=note, notify=a.technician)
 
     def _escalate(self, tx: Session, order: WorkOrderRow, now: datetime) -> None:
         policy = self.roster.policy_for(order.site, Priority(order.priority))
@@ -386,20 +386,7 @@ class Dispatch(BaseConsumer):
         order.updated_at = now
         tx.add(order)
         note = f"still not acknowledged; paging {person.name} again (last level)"
-        self._entry(tx, order, "renotified", now, note=note, notify=person)
-
-    def _entry(  # noqa: PLR0913
-        self,
-        tx: Session,
-        order: WorkOrderRow,
-        kind: str,
-        now: datetime,
-        *,
-        by: str = "dispatch",
-        note: str | None = None,
-        notify: Technician | None = None,
-    ) -> WorkOrderEntryRow:
-        return record_step(tx, order, kind, now, by=by, note=note, notify=notify)
+        record_step(tx, order, "renotified", now, note=note, notify=person)
 
     # -- people's actions (the API) ----------------------------------------------------------------
 

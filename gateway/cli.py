@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _logging(settings.log_level)
             return asyncio.run(_run(settings))
         if args.command in ("rules", "roster"):
-            return _rules_check(args.file) if args.command == "rules" else _roster_check(args.file)
+            return _check_file(args.command, args.file)
         if args.command == "simulate":
             settings = _settings(args)
             _logging(settings.log_level)
@@ -132,31 +132,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _roster_check(path: Path) -> int:
-    from alerts.roster import RosterError, load_roster_file  # noqa: PLC0415
+def _check_file(kind: str, path: Path) -> int:
+    """`iotgw rules check` / `iotgw roster check`: 0 and a summary, or 1 and every problem with its line."""
+    from alerts.roster import load_roster_file  # noqa: PLC0415
+    from alerts.rules import FileProblemsError, load_rules_file  # noqa: PLC0415
 
     try:
-        roster = load_roster_file(path)
-    except RosterError as exc:
+        if kind == "rules":
+            ruleset = load_rules_file(path)
+            kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
+            summary = f"{len(ruleset.rules)} rules OK ({kinds})"
+        else:
+            roster = load_roster_file(path)
+            roles = ", ".join(
+                f"{sum(t.role == r for t in roster.technicians)} {r}" for r in ("technician", "supervisor", "manager")
+            )
+            summary = f"OK ({roles}; {len(roster.policies)} escalation policies)"
+    except FileProblemsError as exc:
         print(exc, file=sys.stderr)  # noqa: T201
         return 1
-    roles = ", ".join(
-        f"{sum(t.role == r for t in roster.technicians)} {r}" for r in ("technician", "supervisor", "manager")
-    )
-    print(f"{path}: OK ({roles}; {len(roster.policies)} escalation policies)")  # noqa: T201
-    return 0
-
-
-def _rules_check(path: Path) -> int:
-    from alerts.rules import RulesError, load_rules_file  # noqa: PLC0415
-
-    try:
-        ruleset = load_rules_file(path)
-    except RulesError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
-        return 1
-    kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
-    print(f"{path}: {len(ruleset.rules)} rules OK ({kinds})")  # noqa: T201
+    print(f"{path}: {summary}")  # noqa: T201
     return 0
 
 

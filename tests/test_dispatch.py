@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +19,11 @@ import pytest
 
 from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
-from gateway.broker import Mosquitto, free_port
+from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
 from tests.conftest import running_gateway, wait_for
-from tests.test_notify import Hooks
+from tests.test_notify import Hooks, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -87,12 +86,8 @@ class Clock:
 
 @pytest.fixture
 def pager() -> Iterator[Hooks]:
-    server = Hooks(free_port(), fail_first=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(fail_first=0) as server:
+        yield server
 
 
 @pytest.fixture
@@ -116,6 +111,11 @@ async def publish(port: int, device: str, *payloads: bytes) -> None:
     async with aiomqtt.Client("127.0.0.1", port, identifier=device) as c:
         for p in payloads:
             await c.publish(f"devices/{device}/state", p, qos=1)
+
+
+async def trap(broker: Mosquitto, clock: Clock) -> None:
+    """el-1 at rest, then stuck with 80 kg inside: an entrapment, at the simulated time."""
+    await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
 
 
 def api(gw: Gateway) -> httpx.AsyncClient:
@@ -171,7 +171,7 @@ async def test_entrapment_is_p1_assigned_to_the_on_shift_technician_and_paged_at
     clock = Clock(WED_10_BERLIN)
     d = dispatcher(pager, clock)
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         order = await one_order(gw, "the entrapment's work order", lambda o: o["status"] == "assigned")
         assert (order["priority"], order["assignee"], order["level"]) == ("P1", "tina", 0)  # abe: off shift
         assert order["summary"] == "el-1 stuck at floor 3 with 80 kg inside"
@@ -193,7 +193,7 @@ async def test_unacknowledged_order_escalates_exactly_at_the_timeout_and_pages_o
     clock = Clock(WED_10_BERLIN)
     d = dispatcher(pager, clock)
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         order = await one_order(gw, "a work order")
         deadline = WED_10_BERLIN + timedelta(minutes=5)
         await ticked(d, clock, deadline - timedelta(milliseconds=1))
@@ -226,7 +226,7 @@ async def test_nobody_on_shift_goes_to_the_next_level_at_once(
     clock = Clock(WED_20_BERLIN)
     d = dispatcher(pager, clock)
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         order = await one_order(gw, "a work order", lambda o: o["status"] == "assigned")
         assert (order["assignee"], order["level"]) == ("sue", 1)
         assert ts(order["assigned_at"]) == clock.now
@@ -273,7 +273,7 @@ async def test_restart_during_an_open_escalation_keeps_the_deadline(
     settings = dispatch_settings(broker)
     clock = Clock(WED_10_BERLIN)
     async with running_gateway(settings, consumers=[dispatcher(pager, clock)]) as gw:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         order = await one_order(gw, "a work order")
     deadline = WED_10_BERLIN + timedelta(minutes=5)
     clock = Clock(deadline - timedelta(minutes=1))
@@ -293,7 +293,7 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
     clock = Clock(WED_10_BERLIN)
     d = dispatcher(pager, clock)
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw, api(gw) as c:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         oid = (await one_order(gw, "a work order"))["id"]
         r = await c.post(f"/api/work-orders/{oid}/ack", json={"by": "tina"})
         assert r.status_code == 200, r.text
@@ -363,7 +363,7 @@ async def test_replaying_the_alert_engine_makes_no_second_order_and_keeps_the_pa
     clock = Clock(WED_10_BERLIN)
     d = dispatcher(pager, clock)
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw, api(gw) as c:
-        await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+        await trap(broker, clock)
         order = await one_order(gw, "a work order")
         first_alert = (await detail(gw, order["id"]))["alerts"][0]["alert_id"]
         r = await c.post("/api/consumers/alerts/replay", json={"from_position": 1})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,23 @@ def client_of(gw: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw")
 
 
-@pytest.fixture
-def hooks() -> Iterator[Hooks]:
-    server = Hooks(free_port(), fail_first=4)
+@contextmanager
+def serving(fail_first: int) -> Iterator[Hooks]:
+    """A receiver on a free port, in a thread, for the duration of the block."""
+    server = Hooks(free_port(), fail_first=fail_first)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    with serving(fail_first=4) as server:
+        yield server
 
 
 async def test_each_transition_reaches_every_receiver_once_after_an_outage(

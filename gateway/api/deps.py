@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from sqlmodel import col
+from sqlmodel.sql.expression import SelectOfScalar
 
 from gateway.metrics import Metrics
 from gateway.router import Router
@@ -53,3 +56,19 @@ def changed(request: Request) -> None:
 
 
 DispatchDep = Annotated[Any, Depends(get_dispatch)]
+
+S = TypeVar("S", bound=SelectOfScalar[Any])
+
+
+def filtered(stmt: S, status: tuple[Any, str | None, Sequence[str]], equal: Sequence[tuple[Any, str | None]]) -> S:
+    """A list route's query narrowed by its filters: `status` is (column, asked, the open statuses)
+    where `open` means any open one; `equal` pairs a column with the value asked for (None: any)."""
+    column, asked, open_statuses = status
+    if asked == "open":
+        stmt = stmt.where(col(column).in_(open_statuses))
+    elif asked:
+        stmt = stmt.where(col(column) == asked)
+    for column, value in equal:
+        if value:
+            stmt = stmt.where(col(column) == value)
+    return stmt

@@ -21,7 +21,7 @@ from alerts.engine import (
     resolve,
     utcnow,
 )
-from gateway.api.deps import StoreDep, changed
+from gateway.api.deps import StoreDep, changed, filtered
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 
@@ -98,19 +98,12 @@ async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
     """Alerts, newest first; `status=open` means firing or acknowledged."""
 
     def read() -> list[AlertRow]:
-        stmt = select(AlertRow)
-        if status == "open":
-            stmt = stmt.where(col(AlertRow.status).in_(OPEN))
-        elif status:
-            stmt = stmt.where(col(AlertRow.status) == status)
-        for column, value in (
-            (AlertRow.severity, severity),
-            (AlertRow.device_id, device_id),
-            (AlertRow.site, site),
-            (AlertRow.rule, rule),
-        ):
-            if value:
-                stmt = stmt.where(col(column) == value)
+        stmt = filtered(
+            select(AlertRow),
+            (AlertRow.status, status, OPEN),
+            [(AlertRow.severity, severity), (AlertRow.device_id, device_id), (AlertRow.site, site),
+             (AlertRow.rule, rule)],
+        )  # fmt: skip
         with store.session() as tx:
             return list(tx.exec(stmt.order_by(col(AlertRow.id).desc()).limit(limit)))
 

@@ -21,7 +21,7 @@ from alerts.dispatch import (
     WorkOrderRow,
 )
 from alerts.roster import Technician
-from gateway.api.deps import DispatchDep, StoreDep, changed
+from gateway.api.deps import DispatchDep, StoreDep, changed, filtered
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["work orders"])
@@ -131,19 +131,12 @@ async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
     """Work orders, most urgent open ones first (then newest); `status=open` is everything not resolved."""
 
     def read() -> list[WorkOrderRow]:
-        stmt = select(WorkOrderRow)
-        if status == "open":
-            stmt = stmt.where(col(WorkOrderRow.status).in_(OPEN_ORDER))
-        elif status:
-            stmt = stmt.where(col(WorkOrderRow.status) == status)
-        for column, value in (
-            (WorkOrderRow.priority, priority),
-            (WorkOrderRow.device_id, device_id),
-            (WorkOrderRow.site, site),
-            (WorkOrderRow.assignee, assignee),
-        ):
-            if value:
-                stmt = stmt.where(col(column) == value)
+        stmt = filtered(
+            select(WorkOrderRow),
+            (WorkOrderRow.status, status, OPEN_ORDER),
+            [(WorkOrderRow.priority, priority), (WorkOrderRow.device_id, device_id), (WorkOrderRow.site, site),
+             (WorkOrderRow.assignee, assignee)],
+        )  # fmt: skip
         resolved_last = col(WorkOrderRow.status) == "resolved"
         order = (resolved_last, col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
         with store.session() as tx:
