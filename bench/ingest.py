@@ -9,8 +9,9 @@ with the project's mosquitto.conf:
    ratio of the two rates is the headline figure;
 3. backlog: the gateway is stopped, the same volume queues up in its persistent session, and the
    restarted gateway's catch-up rate is measured (start-up included);
-4. latency: a paced stream (aiomqtt devices, `ts` set at publish) at a fixed offered load,
-   device -> stored p50/p99/max from the stored rows; and the gateway's peak RSS.
+4. latency: paced streams (aiomqtt devices, `ts` set at publish) at fixed offered loads (1k and
+   5k msg/s), device -> stored p50/p99/max from the stored rows; during the first, 50 elevators
+   raise a door jam each: device publish -> `alert.firing` in the log; and the gateway's peak RSS.
 
 Rates are counted from the moment the publishers start to the last message received/stored.
 The two gateway runs of step 2 alternate --repeat times (default 3) and their medians are
@@ -34,7 +35,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiomqtt
 import httpx
 import psutil
 
@@ -47,6 +50,7 @@ from gateway.broker import Mosquitto, free_port  # noqa: E402
 GW_ID = "bench-gateway"
 SITE = "campus-north/building-07/floor-12/plant-room-b"
 PREFIX = "bench-temperature-sensor-"
+FAULT_PREFIX = "bench-elevator-"
 
 
 def _gateway(
@@ -114,6 +118,47 @@ def _latencies(db: Path, after_id: int) -> list[float]:
         (datetime.fromisoformat(stored) - datetime.fromisoformat(device)).total_seconds() * 1000
         for device, stored in rows
     ]
+
+
+def _fault_to_alert(db: Path) -> list[float]:
+    """ms from each bench elevator's door-jam publish (its ts) to its alert.firing in the log."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        rows = conn.execute(
+            "select f.time, a.received_at from events a join events f on f.subject = a.subject "
+            "where a.type = 'alert.firing' and f.type = 'elevator.fault.raised' and a.subject like ?",
+            (FAULT_PREFIX + "%",),
+        ).fetchall()
+    return [
+        (datetime.fromisoformat(alerted) - datetime.fromisoformat(raised)).total_seconds() * 1000
+        for raised, alerted in rows
+    ]
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    return {"p50": round(statistics.median(ms), 1), "p99": round(_pct(ms, 0.99), 1), "max": round(max(ms), 1)}
+
+
+async def _paced_phase(  # noqa: PLR0917 - one phase's parameters
+    url: str, devices: int, per_device: int, prefix: str, site: str, rate: float, *, faults: int, seconds: float
+) -> None:
+    jobs = [publish_numbered(url, devices, per_device, prefix=prefix, site=site, rate=rate)]
+    jobs += [_door_jam(url, f"{FAULT_PREFIX}{i:03d}", site, delay=seconds * i / max(faults, 1)) for i in range(faults)]
+    await asyncio.gather(*jobs)
+
+
+async def _door_jam(url: str, device_id: str, site: str, *, delay: float) -> None:
+    """One elevator: at rest, then (after `delay`) a door jam, each stamped with its publish time."""
+    parts = urlsplit(url)
+    idle = {"floor": 1, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0, "fault": None}
+    jam = {**idle, "door": "opening", "mode": "fault", "fault": "DOOR_JAM"}
+    async with aiomqtt.Client(parts.hostname or "127.0.0.1", parts.port or 1883, identifier=device_id) as c:
+        for seq, data in ((1, idle), (2, jam)):
+            if seq == 2:
+                await asyncio.sleep(delay)
+            body = {"type": "elevator", "seq": seq, "ts": int(time.time() * 1000), "site": site, "data": data}
+            await c.publish(f"devices/{device_id}/state", json.dumps(body).encode(), qos=1)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -242,27 +287,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.2)
         results["backlog_msg_s"] = round(total / (done[1] - t0))
         say(f"  backlog: caught up {total:,} queued messages at {results['backlog_msg_s']:,} msg/s")
-        # 4. Latency at a fixed offered load (paced aiomqtt devices, ts set at publish).
-        with sqlite3.connect(db) as conn:
-            last_id = int(conn.execute("select max(id) from events").fetchone()[0])
-        live_per_device = max(1, int(args.live_rate * args.live_seconds) // args.devices)
-        say(f"  latency: {args.live_rate:,.0f} msg/s for {args.live_seconds:.0f}s")
-        asyncio.run(
-            publish_numbered(
-                broker.url, args.devices, live_per_device, prefix=PREFIX + "paced-", site=args.site, rate=args.live_rate
-            )
-        )
-        deadline = time.monotonic() + 60
-        while _stored_span(db, PREFIX + "paced-")[0] < live_per_device * args.devices and time.monotonic() < deadline:
-            time.sleep(0.1)
-        lat = _latencies(db, last_id)
-        peak_rss = max(peak_rss, proc.memory_info().rss)
-        results["live_rate_msg_s"] = args.live_rate
-        results["latency_ms"] = {
-            "p50": round(statistics.median(lat), 1),
-            "p99": round(_pct(lat, 0.99), 1),
-            "max": round(max(lat), 1),
-        }
+        # 4. Latency at fixed offered loads (paced aiomqtt devices, ts set at publish); during the
+        #    first, elevators also raise door jams: device publish -> alert.firing in the log.
+        results["latency"] = []
+        for i, rate in enumerate(args.live_rates):
+            with sqlite3.connect(db) as conn:
+                last_id = int(conn.execute("select max(id) from events").fetchone()[0])
+            live_per_device = max(1, int(rate * args.live_seconds) // args.devices)
+            prefix = f"{PREFIX}paced{rate:.0f}-"
+            say(f"  latency: {rate:,.0f} msg/s for {args.live_seconds:.0f}s" + (", with door jams" if i == 0 else ""))
+            t0 = time.monotonic()
+            asyncio.run(
+                _paced_phase(
+                    broker.url, args.devices, live_per_device, prefix, args.site, rate,
+                    faults=args.fault_elevators if i == 0 else 0, seconds=args.live_seconds,
+                )
+            )  # fmt: skip
+            achieved = live_per_device * args.devices / (time.monotonic() - t0)
+            deadline = time.monotonic() + 60
+            while _stored_span(db, prefix)[0] < live_per_device * args.devices and time.monotonic() < deadline:
+                time.sleep(0.1)
+            lat = _latencies(db, last_id)
+            peak_rss = max(peak_rss, proc.memory_info().rss)
+            results["latency"].append({"rate": rate, "achieved": round(achieved), **_summary(lat)})
+            if i == 0 and args.fault_elevators:
+                deadline = time.monotonic() + 30
+                while len(alerted := _fault_to_alert(db)) < args.fault_elevators and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                results["fault_to_alert_ms"] = {"alerts": len(alerted), **_summary(alerted)}
         results["gateway_rss_mb"] = round(peak_rss / 2**20, 1)
     finally:
         if gw is not None:
@@ -279,7 +331,13 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--site", default=SITE, help="site name in every message (sets the message size)")
-    p.add_argument("--live-rate", type=float, default=1000.0, help="offered load for the latency phase, msg/s")
+    p.add_argument(
+        "--live-rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[1000.0, 5000.0],
+        help="offered loads of the latency phases, msg/s, comma-separated (default 1000,5000)",
+    )
+    p.add_argument("--fault-elevators", type=int, default=50, help="door jams raised during the first latency phase")
     p.add_argument("--live-seconds", type=float, default=10.0)
     p.add_argument("--consumers", default="*", help="consumers of the 'all consumers' runs (default: every one)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each live gateway phase (medians reported)")
@@ -287,7 +345,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     args = p.parse_args()
     r = run(args)
-    lat = r["latency_ms"]
     print()
     print("| figure | value |")
     print("|---|---|")
@@ -300,8 +357,15 @@ def main() -> None:
     print(f"| ratio to the ceiling (all consumers) | {r['ratio']:.0%} |")
     print(f"| all consumers vs ingest only | {r['consumers_vs_ingest_only']:.0%} |")
     print(f"| gateway catching up a backlog after a restart | {r['backlog_msg_s']:,} msg/s |")
-    live = f"{r['live_rate_msg_s']:,.0f} msg/s"
-    print(f"| device -> stored latency at {live} | p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms |")
+    for lat in r["latency"]:
+        live = f"{lat['rate']:,.0f} msg/s offered ({lat['achieved']:,} achieved)"
+        print(f"| device -> stored latency at {live} | p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms |")
+    if "fault_to_alert_ms" in r:
+        fa = r["fault_to_alert_ms"]
+        print(
+            f"| door jam published -> alert in the log ({fa['alerts']} elevators, during the first phase) "
+            f"| p50 {fa['p50']} ms, p99 {fa['p99']} ms, max {fa['max']} ms |"
+        )
     print(f"| gateway peak RSS | {r['gateway_rss_mb']} MB |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2))
