@@ -33,6 +33,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/growth.py
 
 clean:
 	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results
