@@ -34,6 +34,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/growth.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results
