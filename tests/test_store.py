@@ -83,3 +83,24 @@ def test_unwritable_database_raises_store_error(store: Store) -> None:
 def test_unsupported_database_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unsupported database_url"):
         Store("mysql://localhost/x")
+
+
+def test_an_older_database_gains_the_new_nullable_columns_at_start(tmp_path: Path) -> None:
+    import sqlite3  # noqa: PLC0415
+
+    import alerts.engine  # noqa: F401, PLC0415 - its tables are part of the schema
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:  # the outbox as the first release created it
+        conn.execute(
+            "create table notifications (id integer primary key, key varchar not null unique,"
+            " alert_id integer not null, transition_id integer not null, status varchar not null,"
+            " created_at datetime not null, fanned_out boolean not null)"
+        )
+        conn.execute("insert into notifications values (1, 'k', 1, 1, 'firing', '2026-11-01 00:00:00', 0)")
+    Store(f"sqlite:///{db}").create_schema()
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("pragma table_info(notifications)")]
+        kept = conn.execute("select key, receiver from notifications").fetchall()
+    assert columns[-3:] == ["work_order_id", "entry_id", "receiver"]
+    assert kept == [("k", None)]
