@@ -30,6 +30,7 @@ from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
 from gateway.protocol import CHANNELS, SUBSCRIPTION, Reason, parse
 from gateway.store import DeadLetter, Store
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,7 @@ class Ingest:
     async def stop(self) -> None:
         """Commit and acknowledge what was received, then leave the broker (the session persists)."""
         self._stopping = True
-        if self._connector:
-            self._connector.cancel()
+        await stop_task(self._connector)
         if self.database_ok:
             # Bounded: a batch the database refuses stays unacknowledged; the broker keeps it.
             with contextlib.suppress(TimeoutError):
@@ -152,9 +152,7 @@ class Ingest:
                 log.warning("broker disconnect failed: %s", exc)
         self.connected = False
         self.metrics.broker_connected.set(0)
-        if self._writer:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        await stop_task(self._writer)
         self._executor.shutdown(wait=True)
 
     def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped

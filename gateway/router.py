@@ -42,6 +42,7 @@ from gateway.store import (
     event_from_row,
     read_events,
 )
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,7 @@ class ConsumerRunner:
     async def stop(self) -> None:
         """Stop after the batch in hand (its commit is atomic, so stopping mid-way loses nothing)."""
         for task in (self._task, self._ticker):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            await stop_task(task)
         try:
             await asyncio.wait_for(self._call(self._flush_cursor), self.handler_timeout_s)
         except (StoreError, TimeoutError) as exc:
@@ -602,9 +601,7 @@ class Router:
         """Stop every consumer (and end the live views' streams)."""
         self.changes.closed = True
         self.changes.bump()
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            await asyncio.gather(self._lag_task, return_exceptions=True)
+        await stop_task(self._lag_task)
         for runner in self.runners.values():
             await runner.stop()
 

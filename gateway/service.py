@@ -18,6 +18,7 @@ from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
 from gateway.store import Store
+from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,7 @@ class Gateway:
         """Flush and acknowledge what was received, leave the broker, stop the API."""
         await self.ingest.stop()
         for task in (self._metrics_task, self._notifier_task, self._alert_metrics_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            await stop_task(task)
         await self.router.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
