@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -103,54 +101,51 @@ def _api_pages(http_port: int, head: int, pages: int, rng: random.Random) -> lis
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="iotgw-growth-"))
-    broker = Mosquitto(Path(tempfile.mkdtemp(prefix="iotgw-growth-mqtt-")), free_port())
-    broker.start()
+    with base.workspace("growth") as (work, broker):
+        return _run(args, work, broker)
+
+
+def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:
     db, log, http_port = work / "growth.db", work / "gateway.log", free_port()
     Store(f"sqlite:///{db}").create_schema()
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rng = random.Random(5)  # noqa: S311 - repeatable choices, not secrets
     results: dict[str, Any] = {"sizes": []}
     per_device = args.messages // args.devices
-    try:
-        for size in args.sizes:
-            t = time.monotonic()
-            _fill(db, size)
-            say(f"  log filled to {size:,} events in {time.monotonic() - t:.0f} s")
-            with sqlite3.connect(db) as conn:
-                head = int(conn.execute("select max(id) from events").fetchone()[0])
-            gw = base._gateway(broker.port, db, http_port, log, client_id=f"growth-{size}")  # noqa: SLF001
-            try:
-                base._wait_ready(http_port, gw, timeout=120)  # noqa: SLF001
-                prefix = f"growth{size}-"
-                streams = base._write_streams(work, prefix, args.devices, per_device, base.SITE)  # noqa: SLF001
-                started = base._blast(broker.port, streams)  # noqa: SLF001
-                total = per_device * args.devices
-                while (done := _stored_after(db, head))[0] < total:
-                    if gw.poll() is not None or time.time() - started > args.timeout:
-                        raise SystemExit(f"stored only {done[0]:,} of {total:,}; see {log}")
-                    time.sleep(0.2)
-                rate = total / (done[1] - started)
-                pages = _api_pages(http_port, head, args.pages, rng)
-            finally:
-                base._stop(gw)  # noqa: SLF001
-                base._forget_session(broker.port, f"growth-{size}")  # noqa: SLF001
-            row = {
-                "events": size,
-                "ingest_msg_s": round(rate),
-                "api_ms": {
-                    "p50": round(statistics.median(pages), 1),
-                    "p99": round(sorted(pages)[int(0.99 * len(pages))], 1),
-                    "max": round(max(pages), 1),
-                },
-                "db_mb": round(db.stat().st_size / 2**20),
-            }
-            results["sizes"].append(row)
-            say(f"  {size:,} events: ingest {rate:,.0f} msg/s, /api/events p99 {row['api_ms']['p99']} ms")
-    finally:
-        broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(broker.data_dir, ignore_errors=True)
+    for size in args.sizes:
+        t = time.monotonic()
+        _fill(db, size)
+        say(f"  log filled to {size:,} events in {time.monotonic() - t:.0f} s")
+        with sqlite3.connect(db) as conn:
+            head = int(conn.execute("select max(id) from events").fetchone()[0])
+        gw = base._gateway(broker.port, db, http_port, log, client_id=f"growth-{size}")  # noqa: SLF001
+        try:
+            base._wait_ready(http_port, gw, timeout=120)  # noqa: SLF001
+            prefix = f"growth{size}-"
+            streams = base._write_streams(work, prefix, args.devices, per_device, base.SITE)  # noqa: SLF001
+            started = base._blast(broker.port, streams)  # noqa: SLF001
+            total = per_device * args.devices
+            while (done := _stored_after(db, head))[0] < total:
+                if gw.poll() is not None or time.time() - started > args.timeout:
+                    raise SystemExit(f"stored only {done[0]:,} of {total:,}; see {log}")
+                time.sleep(0.2)
+            rate = total / (done[1] - started)
+            pages = _api_pages(http_port, head, args.pages, rng)
+        finally:
+            base._stop(gw)  # noqa: SLF001
+            base._forget_session(broker.port, f"growth-{size}")  # noqa: SLF001
+        row = {
+            "events": size,
+            "ingest_msg_s": round(rate),
+            "api_ms": {
+                "p50": round(statistics.median(pages), 1),
+                "p99": round(sorted(pages)[int(0.99 * len(pages))], 1),
+                "max": round(max(pages), 1),
+            },
+            "db_mb": round(db.stat().st_size / 2**20),
+        }
+        results["sizes"].append(row)
+        say(f"  {size:,} events: ingest {rate:,.0f} msg/s, /api/events p99 {row['api_ms']['p99']} ms")
     return results
 
 
@@ -158,7 +153,7 @@ def main() -> None:
     """Parse flags, run, print the table and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[250_000, 500_000, 1_000_000],
+        "--sizes", type=lambda s: [int(x) for x in base.numbers(s)], default=[250_000, 500_000, 1_000_000],
         help="log sizes to measure at, comma-separated (default 250000,500000,1000000)",
     )  # fmt: skip
     p.add_argument("--messages", type=int, default=20_000, help="messages ingested at each size")
@@ -178,9 +173,7 @@ def main() -> None:
             f"| {row['events']:,} | {row['db_mb']} MB | {row['ingest_msg_s']:,} msg/s "
             f"| {api['p50']} / {api['p99']} / {api['max']} ms |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2))
-    print(f"\nresults written to {args.out}")
+    base.save(args.out, r)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,32 @@ GW_ID = "bench-gateway"
 SITE = "campus-north/building-07/floor-12/plant-room-b"
 PREFIX = "bench-temperature-sensor-"
 FAULT_PREFIX = "bench-elevator-"
+
+
+@contextlib.contextmanager
+def workspace(name: str) -> Iterator[tuple[Path, Mosquitto]]:
+    """A scratch directory and a private Mosquitto running the project's config; both gone after."""
+    work = Path(tempfile.mkdtemp(prefix=f"iotgw-{name}-"))
+    broker = Mosquitto(Path(tempfile.mkdtemp(prefix=f"iotgw-{name}-mqtt-")), free_port())
+    broker.start()
+    try:
+        yield work, broker
+    finally:
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(broker.data_dir, ignore_errors=True)
+
+
+def numbers(text: str) -> list[float]:
+    """A comma-separated list of numbers (a command-line value)."""
+    return [float(x) for x in text.split(",")]
+
+
+def save(out: Path, results: dict[str, Any]) -> None:
+    """Write the results as JSON and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults written to {out}")
 
 
 def _gateway(
@@ -202,9 +230,11 @@ def _stored_span(db: Path, prefix: str) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="iotgw-bench-"))
-    broker = Mosquitto(Path(tempfile.mkdtemp(prefix="iotgw-bench-mqtt-")), free_port())
-    broker.start()
+    with workspace("bench") as (work, broker):
+        return _run(args, work, broker)
+
+
+def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:
     db, log, http_port = work / "bench.db", work / "gateway.log", free_port()
     per_device = args.messages // args.devices
     total = per_device * args.devices
@@ -319,9 +349,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if gw is not None:
             _stop(gw)
-        broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(broker.data_dir, ignore_errors=True)
     return results
 
 
@@ -333,7 +360,7 @@ def main() -> None:
     p.add_argument("--site", default=SITE, help="site name in every message (sets the message size)")
     p.add_argument(
         "--live-rates",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=numbers,
         default=[1000.0, 5000.0],
         help="offered loads of the latency phases, msg/s, comma-separated (default 1000,5000)",
     )
@@ -367,9 +394,7 @@ def main() -> None:
             f"| p50 {fa['p50']} ms, p99 {fa['p99']} ms, max {fa['max']} ms |"
         )
     print(f"| gateway peak RSS | {r['gateway_rss_mb']} MB |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2))
-    print(f"\nresults written to {args.out}")
+    save(args.out, r)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,8 @@ bench/results/scale.json.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +54,11 @@ def _simulate(mqtt_port: int, devices: int, prefix: str, log: Path) -> subproces
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="iotgw-scale-"))
-    broker = Mosquitto(Path(tempfile.mkdtemp(prefix="iotgw-scale-mqtt-")), free_port())
-    broker.start()
+    with base.workspace("scale") as (work, broker):
+        return _run(args, work, broker)
+
+
+def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:
     db, log, http_port = work / "scale.db", work / "gateway.log", free_port()
     results: dict[str, Any] = {"sizes": []}
     gw = base._gateway(broker.port, db, http_port, log, client_id="scale-gateway")  # noqa: SLF001
@@ -105,9 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sim.wait()
     finally:
         base._stop(gw)  # noqa: SLF001
-        broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(broker.data_dir, ignore_errors=True)
     return results
 
 
@@ -115,7 +111,7 @@ def main() -> None:
     """Parse flags, run, print the table and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 5_000, 10_000],
+        "--sizes", type=lambda s: [int(x) for x in base.numbers(s)], default=[1_000, 5_000, 10_000],
         help="fleet sizes, comma-separated (default 1000,5000,10000)",
     )  # fmt: skip
     p.add_argument("--hold", type=float, default=20.0, help="seconds to watch each fleet once all are online")
@@ -132,9 +128,7 @@ def main() -> None:
             f"| {row['devices']:,} | {row['online']:,} | {row['connect_s']} s | {row['events_per_s']:,} "
             f"| {row['gateway_rss_mb']} MB | {row['gateway_cpu_percent']} % | {row['max_consumer_lag']:,} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2))
-    print(f"\nresults written to {args.out}")
+    base.save(args.out, r)
 
 
 if __name__ == "__main__":
