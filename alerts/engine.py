@@ -25,7 +25,7 @@ from gateway import events as ev
 from gateway.events import Event
 from gateway.protocol import SENSOR_UNITS, DeviceType
 from gateway.router import BaseConsumer
-from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events
+from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events, upsert
 
 log = logging.getLogger(__name__)
 
@@ -507,15 +507,20 @@ class AlertEngine(BaseConsumer):
         flaps[key] = None
 
     def _write(self, tx: Session, b: _Batch) -> None:
-        """Merge what changed (compared with memory); may run several times in one transaction."""
-        for device_id, dev in b.devices.items():
-            if _lasting(self._devices.get(device_id)) != _lasting(dev):
-                tx.merge(AlertDeviceRow(device_id=device_id, type=dev.type, site=dev.site, state=dev.state))
+        """Upsert what changed (compared with memory); may run several times in one transaction."""
+        devices = [
+            {"device_id": device_id, "type": dev.type, "site": dev.site, "state": dev.state}
+            for device_id, dev in b.devices.items()
+            if _lasting(self._devices.get(device_id)) != _lasting(dev)
+        ]
+        keys = []
         for k, v in b.keys.items():
             old = self._keys.get(k)
             if v != old and not _absence_only_moved(self._by_name[k[0]], old, v) and b.written.get(k) != v:
-                tx.merge(AlertKeyRow(rule=k[0], device_id=k[1], state=_encode(v)))
+                keys.append({"rule": k[0], "device_id": k[1], "state": _encode(v)})
                 b.written[k] = v
+        upsert(tx, AlertDeviceRow, devices, ["device_id"])
+        upsert(tx, AlertKeyRow, keys, ["rule", "device_id"])
 
     def _transition(  # noqa: PLR0913, PLR0917
         self,

@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -295,6 +297,21 @@ def event_from_row(row: EventRow) -> Event:
         site=row.site,
         position=row.id or 0,
     )
+
+
+def upsert(tx: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    """Insert `rows` or update them where their `keys` exist: one executemany, no SELECT per row.
+
+    (`Session.merge` reads every row before writing it: most of the alert engine's time at 5,000
+    devices, found with py-spy.) SQLite and PostgreSQL both have ON CONFLICT ... DO UPDATE.
+    """
+    if not rows:
+        return
+    table = _table(model)
+    insert_for = pg_insert if tx.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert_for(table)
+    update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    tx.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update), list(rows))
 
 
 LOG_GREW = "iotgw_log_grew"  # Session.info flag: this transaction appended events to the log
