@@ -460,7 +460,6 @@ _ALLOWED_FROM = {
     "resolve": OPEN_ORDER,
     "reassign": OPEN_ORDER,
 }
-ACTIONS = tuple(_ALLOWED_FROM)
 _STEP_OF_ACTION = {
     "acknowledge": "acknowledged", "en_route": "en_route", "on_site": "on_site", "resolve": "resolved",
     "reassign": "reassigned",

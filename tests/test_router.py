@@ -307,7 +307,12 @@ async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_c
             # Released now, the abandoned threads finish their batches: they must not commit them
             # (their cursor is behind; committing would move it back and repeat the effects).
             hanging.release.set()
-            await asyncio.sleep(0.5)  # give them the time to (not) commit
+
+            async def abandoned_threads_ended() -> bool:
+                alive = [t for t in threading.enumerate() if t.name.startswith("iotgw-consumer-hanging")]
+                return len(alive) <= 1  # the consumer's current thread only
+
+            await wait_for(abandoned_threads_ended, what="the released threads to finish their batches")
             with gw.store.session() as tx:
                 cursor = tx.get(ConsumerCursorRow, "hanging")
                 assert cursor is not None
