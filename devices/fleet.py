@@ -14,14 +14,14 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aiomqtt
 
+from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.sensors import SENSOR_TYPES, Sensor
 
@@ -58,6 +58,16 @@ class FleetConfig:
     prefix: str = ""
     seq_start: int | None = None
     telemetry_qos: int = 1
+    # Provisioned devices: id -> secret (each logs in as its own id). Devices not listed use
+    # the credentials in mqtt_url, if any.
+    credentials: Mapping[str, str] | None = field(default=None, hash=False, compare=False)
+    ca_file: str = ""  # for mqtts:// URLs
+
+    def login(self, device_id: str) -> tuple[str, str] | None:
+        """(user, password) for `device_id` when it is provisioned here, else None (the URL's)."""
+        if self.credentials and device_id in self.credentials:
+            return device_id, self.credentials[device_id]
+        return None
 
 
 def iso_now() -> str:
@@ -128,15 +138,15 @@ class SimDevice:
     async def run(self, stop: asyncio.Event, start_delay: float) -> None:
         """Connect, publish until stopped or done, reconnecting with backoff on any MQTT error."""
         await asyncio.sleep(start_delay)
-        parts = urlsplit(self.cfg.mqtt_url)
         will = aiomqtt.Will(self.topic_status, self._status(online=False), qos=1, retain=True)
         backoff = 0.2
         period = 1.0 / self.cfg.rate
         while not stop.is_set():
-            client = aiomqtt.Client(
-                parts.hostname or "localhost",
-                parts.port or 1883,
-                identifier=self.model.device_id,
+            client = mqtt_client(
+                self.cfg.mqtt_url,
+                self.model.device_id,
+                login=self.cfg.login(self.model.device_id),
+                ca_file=self.cfg.ca_file,
                 will=will,
                 keepalive=30,
                 timeout=5,

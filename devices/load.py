@@ -11,10 +11,10 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiomqtt
 
+from devices.connect import mqtt_client
 from devices.fleet import iso_now, settle, tolerate_closed_socket_race
 
 
@@ -53,7 +53,6 @@ async def publish_device(  # noqa: PLR0913
 
     With `interval` > 0 the device publishes one message per interval (a paced, live stream).
     """
-    parts = urlsplit(mqtt_url)
     pending = list(range(1, count + 1))
     topic = f"devices/{device_id}/telemetry"
     if interval > 0:
@@ -62,13 +61,7 @@ async def publish_device(  # noqa: PLR0913
     next_at = loop.time()
     while pending:
         try:
-            client = aiomqtt.Client(
-                parts.hostname or "localhost",
-                parts.port or 1883,
-                identifier=device_id,
-                timeout=10,
-                max_inflight_messages=window,
-            )
+            client = mqtt_client(mqtt_url, device_id, timeout=10, max_inflight_messages=window)
             async with client:
                 # A window of publishes in flight is the point here, not a warning sign.
                 client.pending_calls_threshold = window + 1

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import urlsplit
 
-import aiomqtt
-
+from devices.connect import mqtt_client
 from devices.fleet import iso_now
 
 
@@ -30,11 +28,12 @@ def bad_messages(device_id: str, *, seq: int = 1) -> list[tuple[str, bytes, str]
     ]
 
 
-async def publish_bad(mqtt_url: str, device_id: str, *, seq: int = 1) -> list[str]:
-    """Publish one of each bad message as `device_id`; returns the reasons expected, in order."""
-    parts = urlsplit(mqtt_url)
+async def publish_bad(mqtt_url: str, device_id: str, *, seq: int = 1, password: str | None = None) -> list[str]:
+    """Publish one of each bad message as `device_id` (logged in as it with `password`, else with the
+    URL's credentials); returns the reasons expected, in order."""
     msgs = bad_messages(device_id, seq=seq)
-    async with aiomqtt.Client(parts.hostname or "localhost", parts.port or 1883, identifier=f"{device_id}-bad") as c:
+    login = (device_id, password) if password is not None else None
+    async with mqtt_client(mqtt_url, f"{device_id}-bad", login=login) as c:
         for topic, payload, _ in msgs:
             await c.publish(topic, payload, qos=1)
     return [reason for _, _, reason in msgs]

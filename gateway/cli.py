@@ -5,23 +5,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from gateway import __version__
-from gateway.broker import Mosquitto, port_open
+from gateway.broker import Mosquitto, free_port, port_open
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.protocol import DeviceType
+from gateway.security import (
+    ROLES,
+    PasswordFile,
+    create_api_key,
+    list_api_keys,
+    list_registered,
+    new_secret,
+    provision,
+    reload_broker,
+    revoke,
+    revoke_api_key,
+)
+from gateway.store import Store
 
 if TYPE_CHECKING:
     from devices.fleet import FleetConfig
@@ -37,6 +53,8 @@ _SETTING_FLAGS = {
     "http_port": "--http-port",
     "log_level": "--log-level",
     "consumers": "--consumers",
+    "broker_password_file": "--password-file",
+    "broker_pid_file": "--pid-file",
 }
 
 
@@ -77,6 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--steps", type=int, default=None, help="stop each device after this many steps")
     sim.add_argument("--prefix", default="", help="prefix for device ids (several fleets on one broker)")
+    sim.add_argument(
+        "--credentials",
+        type=Path,
+        default=None,
+        help="file of ID:PASSWORD lines (iotgw devices provision --out): each device logs in as itself",
+    )
+    sim.add_argument("--print-ids", action="store_true", help="print the fleet's device ids and exit")
+
+    devices = sub.add_parser("devices", help="provision and revoke devices (broker credentials + registry)")
+    devices_sub = devices.add_subparsers(dest="devices_command", required=True)
+    prov = devices_sub.add_parser("provision", help="create credentials for devices; prints each password once")
+    prov.add_argument("--id", dest="ids", action="append", required=True, help="device id (repeat for several)")
+    prov.add_argument("--type", choices=[t.value for t in DeviceType], default=None, help="the device's type")
+    prov.add_argument("--out", type=Path, default=None, help="append ID:PASSWORD lines here instead of printing")
+    _add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
+    rev = devices_sub.add_parser("revoke", help="remove a device's credentials (its events stay)")
+    rev.add_argument("device_id")
+    _add_settings(rev, fields=("database_url", "broker_password_file", "broker_pid_file"))
+    dlist = devices_sub.add_parser("list", help="provisioned devices")
+    _add_settings(dlist, fields=("database_url",))
+
+    keys = sub.add_parser("apikeys", help="API keys (roles: viewer, technician, admin)")
+    keys_sub = keys.add_subparsers(dest="apikeys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument("--name", required=True, help="who or what uses the key (shown in the audit trail)")
+    _add_settings(create, fields=("database_url",))
+    klist = keys_sub.add_parser("list", help="keys (ids, names, roles; never the keys themselves)")
+    _add_settings(klist, fields=("database_url",))
+    krev = keys_sub.add_parser("revoke", help="revoke a key by id")
+    krev.add_argument("key_id")
+    _add_settings(krev, fields=("database_url",))
 
     rules = sub.add_parser("rules", help="alert rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -107,20 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `iotgw` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            settings = _settings(args)
-            _logging(settings.log_level)
-            return asyncio.run(_run(settings))
-        if args.command in ("rules", "roster"):
-            return _check_file(args.command, args.file)
-        if args.command == "simulate":
-            settings = _settings(args)
-            _logging(settings.log_level)
-            return asyncio.run(_simulate(args, settings))
-        args.data_dir.mkdir(parents=True, exist_ok=True)
-        settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
-        _logging(settings.log_level)
-        return asyncio.run(_demo(args, settings))
+        return _COMMANDS[args.command](args)
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
@@ -130,6 +167,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"iotgw: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _logging(settings.log_level)
+    return asyncio.run(_run(settings))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _logging(settings.log_level)
+    return asyncio.run(_simulate(args, settings))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
+    _logging(settings.log_level)
+    return asyncio.run(_demo(args, settings))
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "simulate": _cmd_simulate,
+    "demo": _cmd_demo,
+    "rules": lambda args: _check_file("rules", args.file),
+    "roster": lambda args: _check_file("roster", args.file),
+    "devices": lambda args: _devices(args, _settings(args)),
+    "apikeys": lambda args: _apikeys(args, _settings(args)),
+}
 
 
 def _check_file(kind: str, path: Path) -> int:
@@ -153,6 +220,84 @@ def _check_file(kind: str, path: Path) -> int:
         return 1
     print(f"{path}: {summary}")  # noqa: T201
     return 0
+
+
+def _store(settings: Settings) -> Store:
+    store = Store(settings.database_url)
+    store.create_schema()
+    return store
+
+
+def _reload_note(settings: Settings) -> str:
+    if reload_broker(settings.broker_pid_file):
+        return f"broker reloaded (SIGHUP to the pid in {settings.broker_pid_file})"
+    return "now make the broker reload its password file: kill -HUP its pid (or set IOTGW_BROKER_PID_FILE)"
+
+
+def _devices(args: argparse.Namespace, settings: Settings) -> int:
+    """`iotgw devices provision|revoke|list`."""
+    store = _store(settings)
+    passwords = PasswordFile(settings.broker_password_file)
+    if args.devices_command == "list":
+        for row in list_registered(store):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            print(f"{row.device_id}\t{row.type or '-'}\t{state}")  # noqa: T201
+        return 0
+    if args.devices_command == "revoke":
+        if not revoke(store, passwords, args.device_id):
+            print(f"iotgw: device {args.device_id!r} was never provisioned", file=sys.stderr)  # noqa: T201
+            return 1
+        print(f"revoked {args.device_id}; {_reload_note(settings)}")  # noqa: T201
+        return 0
+    creds = provision(store, passwords, dict.fromkeys(args.ids, args.type))
+    if args.out is not None:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.writelines(f"{device_id}:{secret}\n" for device_id, secret in creds.items())
+        print(f"provisioned {len(creds)} device(s); credentials appended to {args.out}")  # noqa: T201
+    else:
+        for device_id, secret in creds.items():
+            print(f"provisioned {device_id}\n  username {device_id}\n  password {secret}   (shown once)")  # noqa: T201
+    print(_reload_note(settings))  # noqa: T201
+    return 0
+
+
+def _apikeys(args: argparse.Namespace, settings: Settings) -> int:
+    """`iotgw apikeys create|list|revoke`."""
+    store = _store(settings)
+    if args.apikeys_command == "create":
+        key_id, key = create_api_key(store, args.name, args.role)
+        print(f"API key {key_id} for {args.name} ({args.role}); shown once, keep it safe:\n{key}")  # noqa: T201
+        return 0
+    if args.apikeys_command == "list":
+        for row in list_api_keys(store):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            print(f"{row.id}\t{row.role}\t{row.name}\tcreated {row.created_at:%Y-%m-%d %H:%M}\t{state}")  # noqa: T201
+        return 0
+    if not revoke_api_key(store, args.key_id):
+        print(f"iotgw: no active API key {args.key_id!r}", file=sys.stderr)  # noqa: T201
+        return 1
+    print(f"revoked API key {args.key_id}")  # noqa: T201
+    return 0
+
+
+def _read_credentials(path: Path) -> dict[str, str]:
+    """ID:PASSWORD lines (as `iotgw devices provision --out` writes them)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        msg = f"cannot read credentials file {path}: {exc.strerror}"
+        raise GatewayError(msg) from exc
+    creds: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        device_id, sep, secret = line.partition(":")
+        if not sep or not device_id or not secret:
+            msg = f"{path}:{n}: expected ID:PASSWORD"
+            raise GatewayError(msg)
+        creds[device_id.strip()] = secret.strip()
+    return creds
 
 
 def _logging(level: str) -> None:
@@ -185,9 +330,15 @@ async def _run(settings: Settings) -> int:
 
 
 async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from devices.fleet import Fleet, Progress, summary  # noqa: PLC0415
+    from devices.fleet import Fleet, Progress, build_models, summary  # noqa: PLC0415
 
-    cfg = _fleet_config(args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix)
+    credentials = _read_credentials(args.credentials) if args.credentials is not None else None
+    cfg = _fleet_config(
+        args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix, credentials=credentials
+    )
+    if args.print_ids:
+        print("\n".join(m.device_id for m in build_models(cfg)))  # noqa: T201
+        return 0
     fleet = Fleet(cfg, on_tick=Progress())
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())
@@ -230,51 +381,73 @@ def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from devices.fleet import Fleet  # noqa: PLC0415
+    from devices.fleet import Fleet, build_models  # noqa: PLC0415
     from devices.misbehave import publish_bad  # noqa: PLC0415
     from gateway.service import Gateway  # noqa: PLC0415
 
-    fleet_cfg = _fleet_config(args, settings, prefix="demo-")
-    broker: Mosquitto | None = None
-    if not port_open(settings.mqtt_host, settings.mqtt_port):
-        # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
-        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="iotgw-demo-mqtt-")), settings.mqtt_port)
-        await asyncio.to_thread(broker.start)
-        log.info("started Mosquitto with mosquitto.conf on port %d", settings.mqtt_port)
-    else:
-        log.info("using the broker already listening at %s", settings.mqtt_url)
+    # Its own broker, authentication on: every device logs in with provisioned credentials.
+    port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
+    gateway_secret = new_secret()
+    # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
+    broker = Mosquitto(
+        Path(tempfile.mkdtemp(prefix="iotgw-demo-mqtt-")), port, users={settings.mqtt_username: gateway_secret}
+    )
+    await asyncio.to_thread(broker.start)
+    log.info("started Mosquitto with mosquitto.conf and mosquitto.acl on port %d", port)
+    settings = settings.model_copy(
+        update={
+            "mqtt_url": f"mqtt://127.0.0.1:{port}",
+            "mqtt_password": SecretStr(gateway_secret),
+            "broker_password_file": str(broker.passwords.path),
+            "broker_pid_file": str(broker.data_dir / "mosquitto.pid"),
+            "require_registered_devices": True,
+            "device_rate": max(settings.device_rate, 20.0),
+        }
+    )
     stop = _stop_event()
     gw = Gateway(settings)
     fleet: Fleet | None = None
     fleet_task: asyncio.Task[Any] | None = None
     try:
+        await asyncio.to_thread(gw.store.create_schema)
+        fleet_cfg = _fleet_config(args, settings, prefix="demo-")
+        rogue = "demo-rogue-001"
+        devices = {m.device_id: getattr(m, "type", "elevator") for m in build_models(fleet_cfg)} | {rogue: None}
+        creds = await asyncio.to_thread(provision, gw.store, broker.passwords, devices)
+        await asyncio.to_thread(broker.reload)
+        key = (await asyncio.to_thread(create_api_key, gw.store, "demo", "admin"))[1]
+        key_file = args.data_dir / "api-key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key + "\n")
         await gw.start()
-        fleet = Fleet(fleet_cfg)
+        fleet = Fleet(dataclasses.replace(fleet_cfg, credentials=creds))
         fleet_task = asyncio.create_task(fleet.run())
         base = f"http://{settings.http_host}:{settings.http_port}"
-        _print_banner(base, settings)
+        _print_banner(base, settings, key, key_file, len(creds))
         # The rogue device's messages must find the gateway subscribed, or the demo shows none.
         await asyncio.wait_for(gw.ingest.subscribed.wait(), 30)
-        await publish_bad(settings.mqtt_url, "demo-rogue-001", seq=int(time.time()))
+        await publish_bad(settings.mqtt_url, rogue, seq=int(time.time()), password=creds[rogue])
         await _demo_status(gw, fleet, stop, args.duration)
     finally:
         if fleet is not None and fleet_task is not None:
             fleet.stop()
             await asyncio.gather(fleet_task, return_exceptions=True)
         await gw.stop()
-        if broker is not None:
-            await asyncio.to_thread(broker.stop)
-            shutil.rmtree(broker.data_dir, ignore_errors=True)
+        await asyncio.to_thread(broker.stop)
+        shutil.rmtree(broker.data_dir, ignore_errors=True)
         print("\niotgw demo stopped.", file=sys.stderr)  # noqa: T201
     return 0
 
 
-def _print_banner(base: str, settings: Settings) -> None:
+def _print_banner(base: str, settings: Settings, key: str, key_file: Path, devices: int) -> None:
     print(  # noqa: T201
         f"""
 iotgw demo is running (Ctrl-C to stop)
   staff page  {base}/ui/   (alerts and work orders, live; acknowledge to stop escalation)
-  broker      {settings.mqtt_url}
+  API key     {key}
+              (admin; also in {key_file}: the staff page asks for it, curl sends
+               -H "Authorization: Bearer $(cat {key_file})")
+  broker      {settings.mqtt_url}   (authentication on: {devices} provisioned devices, ACL per device)
   database    {settings.database_url}
   API docs    {base}/docs
   devices     {base}/api/devices
@@ -286,6 +459,7 @@ iotgw demo is running (Ctrl-C to stop)
   alerts      {base}/api/alerts?status=open
   work orders {base}/api/work-orders?status=open
   roster      {base}/api/technicians
+  audit       {base}/api/audit
   metrics     {base}/metrics
   readiness   {base}/ready
 """,

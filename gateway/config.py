@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The broker refuses anything above its own limit (mosquitto.conf: message_size_limit 262144),
@@ -20,7 +20,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IOTGW_", extra="forbid", frozen=True)
 
-    mqtt_url: str = "mqtt://localhost:1883"
+    mqtt_url: str = "mqtt://localhost:1883"  # mqtts://host:8883 for TLS
+    # The gateway's broker account (mosquitto.acl lets user `iotgw` read devices/#).
+    mqtt_username: str = "iotgw"
+    mqtt_password: SecretStr = SecretStr("")
+    # TLS (mqtts://): the CA that signed the broker's certificate (empty: the system's CAs), and
+    # a client certificate and key when the broker requires one.
+    mqtt_ca_file: str = ""
+    mqtt_cert_file: str = ""
+    mqtt_key_file: str = ""
     mqtt_client_id: str = Field(default="iotgw", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # In-flight window: with ack-after-commit the broker sends at most this many unacknowledged
     # messages, so it bounds both the batch size and the throughput (see README, design notes).
@@ -46,12 +54,34 @@ class Settings(BaseSettings):
     # Per-elevator analytics series exist only while the fleet has at most this many elevators.
     analytics_device_series_max: int = Field(default=100, ge=0)
 
+    # --- Security ---
+    # Only provisioned devices (`iotgw devices provision`): others are dead letters `unknown_device`.
+    require_registered_devices: bool = False
+    # Messages per second each device may send (token bucket of `device_burst`); 0: no limit.
+    # The excess is dead-lettered (`rate_limited`) so one flooding device cannot starve the others.
+    device_rate: float = Field(default=0.0, ge=0)
+    device_burst: int = Field(default=200, ge=1)
+    # API keys: every /api route needs one (roles viewer < technician < admin).
+    api_auth: bool = True
+    # /health, /ready and /metrics readable without a key.
+    api_open_probes: bool = True
+    # Origins allowed to call the API from a browser, comma-separated; empty: no CORS at all.
+    cors_origins: str = ""
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Where `iotgw devices provision/revoke` write the broker's password file, and the broker's
+    # pid file (mosquitto.conf `pid_file`) to signal it to reload; empty: no reload.
+    broker_password_file: str = "/etc/mosquitto/iotgw.passwd"  # noqa: S105 - a path
+    broker_pid_file: str = ""
+
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            msg = f"mqtt_url must look like mqtt://host:port, got {value!r}"
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+            msg = f"mqtt_url must look like mqtt://host:port or mqtts://host:port, got {value!r}"
+            raise ValueError(msg)
+        if parts.username or parts.password:
+            msg = "mqtt_url must not hold credentials: set IOTGW_MQTT_USERNAME and IOTGW_MQTT_PASSWORD"
             raise ValueError(msg)
         try:
             port = parts.port
@@ -77,11 +107,21 @@ class Settings(BaseSettings):
         return [n.strip() for n in self.consumers.split(",") if n.strip()]
 
     @property
+    def cors_origin_list(self) -> list[str]:
+        """`cors_origins` as a list."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def mqtt_tls(self) -> bool:
+        """Whether `mqtt_url` asks for TLS."""
+        return urlsplit(self.mqtt_url).scheme in ("mqtts", "ssl")
+
+    @property
     def mqtt_host(self) -> str:
         """Host part of `mqtt_url`."""
         return urlsplit(self.mqtt_url).hostname or "localhost"
 
     @property
     def mqtt_port(self) -> int:
-        """Port part of `mqtt_url` (1883 when absent)."""
-        return urlsplit(self.mqtt_url).port or 1883
+        """Port part of `mqtt_url` (1883, or 8883 for TLS, when absent)."""
+        return urlsplit(self.mqtt_url).port or (8883 if self.mqtt_tls else 1883)

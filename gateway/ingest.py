@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,19 +24,32 @@ from typing import Any
 import gmqtt
 
 from gateway.config import Settings
-from gateway.errors import PayloadError, StoreError
+from gateway.errors import ConfigError, PayloadError, StoreError
 from gateway.events import Event
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
 from gateway.protocol import CHANNELS, SUBSCRIPTION, Reason, parse
+from gateway.security import registered
 from gateway.store import DeadLetter, Store
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The client TLS context `settings` describe (CA file, optional client certificate)."""
+    try:
+        ctx = ssl.create_default_context(cafile=settings.mqtt_ca_file or None)
+        if settings.mqtt_cert_file:
+            ctx.load_cert_chain(settings.mqtt_cert_file, settings.mqtt_key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        msg = f"cannot set up TLS for {settings.mqtt_url}: {exc}"
+        raise ConfigError(msg) from exc
+    return ctx
 
 
 def utcnow() -> datetime:
@@ -84,6 +99,59 @@ class _Census:
         self._dirty.clear()
 
 
+class _Buckets:
+    """A token bucket per device: `rate` messages per second on average, bursts up to `burst`."""
+
+    PRUNE_AT = 100_000
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._state: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
+
+    def allow(self, device_id: str, now: float) -> bool:
+        tokens, at = self._state.get(device_id, (self.burst, now))
+        tokens = min(self.burst, tokens + max(now - at, 0.0) * self.rate)
+        allowed = tokens >= 1.0
+        self._state[device_id] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._state) > self.PRUNE_AT:
+            self._prune(now)
+        return allowed
+
+    def _prune(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket.
+        self._state = {d: (t, a) for d, (t, a) in self._state.items() if t + (now - a) * self.rate < self.burst}
+
+
+class _Registry:
+    """The registered devices, for IOTGW_REQUIRE_REGISTERED_DEVICES: reloaded every few seconds
+    (so a revocation takes effect), and asked about a device it does not know (so a device
+    provisioned a moment ago is accepted at once)."""
+
+    RELOAD_S = 5.0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._ids: set[str] = set()
+        self._loaded = -1e9
+
+    def known(self, device_ids: set[str]) -> set[str]:
+        """Which of `device_ids` are registered (runs in the writer thread; may query the store)."""
+        now = time.monotonic()
+        if now - self._loaded > self.RELOAD_S:
+            self._ids = registered(self.store)
+            self._loaded = now
+        missing = device_ids - self._ids
+        if missing:
+            self._ids |= registered(self.store, among=missing)
+        return device_ids & self._ids
+
+
+def _topic_device(topic: str) -> str | None:
+    parts = topic.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "devices" and parts[1] else None
+
+
 class Ingest:
     """The MQTT subscriber and batch writer. One instance per gateway process."""
 
@@ -114,6 +182,7 @@ class Ingest:
         # One writer thread: SQLite allows one writer, and the shadow cache is touched only there.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-writer")
         self._client: Any = None
+        self._tls = tls_context(settings) if settings.mqtt_tls else False
         self._writer: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._delay = 0.5
@@ -122,6 +191,8 @@ class Ingest:
         self._drained.set()
         self._stopping = False
         self._census = _Census()
+        self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
+        self._registry = _Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,6 +236,8 @@ class Ingest:
             receive_maximum=s.mqtt_receive_maximum,
             logger=logging.getLogger("iotgw.mqtt"),
         )
+        if s.mqtt_username:
+            client.set_auth_credentials(s.mqtt_username, s.mqtt_password.get_secret_value() or None)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -175,8 +248,15 @@ class Ingest:
         s = self.settings
         while True:
             try:
-                await self._client.connect(s.mqtt_host, s.mqtt_port, keepalive=30)
-            except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+                await self._client.connect(s.mqtt_host, s.mqtt_port, keepalive=30, ssl=self._tls)
+            except gmqtt.mqtt.handler.MQTTConnectError as exc:
+                log.warning(
+                    "broker %s refused user %r (%s); retrying in %.1fs", s.mqtt_url, s.mqtt_username, exc, self._delay
+                )
+                await asyncio.sleep(self._delay)
+                self._backoff()
+                continue
+            except OSError as exc:
                 log.warning("broker %s unreachable (%s); retrying in %.1fs", s.mqtt_url, exc, self._delay)
                 await asyncio.sleep(self._delay)
                 self._backoff()
@@ -287,10 +367,13 @@ class Ingest:
         dead: list[DeadLetter] = []
         anomalies: Counter[str] = Counter()
         received: Counter[str] = Counter()
-        for p in batch:
+        admitted = self._admit(batch)
+        for p, refusal in zip(batch, admitted, strict=True):
             channel = p.topic.rsplit("/", 1)[-1]
             received[channel if channel in CHANNELS else "other"] += 1  # bounded label values
             try:
+                if refusal is not None:
+                    raise refusal  # noqa: TRY301 - handled with the parse errors below
                 msg = parse(p.topic, p.payload, max_bytes=s.max_message_bytes)
                 shadow = overlay.get(msg.device_id) or self._shadows.get(msg.device_id)
                 if msg.type is not None and shadow is not None and shadow.type not in (None, msg.type.value):
@@ -315,6 +398,27 @@ class Ingest:
             if out.anomaly is not None:
                 anomalies[out.anomaly.value] += 1
         return _Prepared(events, overlay, dead, anomalies, received)
+
+    def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:
+        """Per message, why it is refused before parsing (over its device's rate, or from an
+        unregistered device), or None. Cheap on purpose: a flood must not cost a parse each."""
+        refusals: list[PayloadError | None] = [None] * len(batch)
+        if self._buckets is None and self._registry is None:
+            return refusals
+        devices = [_topic_device(p.topic) for p in batch]
+        if self._buckets is not None:
+            for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
+                if device_id is not None and not self._buckets.allow(device_id, p.received_at.timestamp()):
+                    detail = f"device {device_id} exceeds {self.settings.device_rate:g} messages/s"
+                    refusals[i] = PayloadError(Reason.RATE_LIMITED, detail, p.topic)
+        if self._registry is not None:
+            asked = {d for d, r in zip(devices, refusals, strict=True) if d is not None and r is None}
+            known = self._registry.known(asked)
+            for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
+                if refusals[i] is None and device_id is not None and device_id not in known:
+                    detail = f"device {device_id} is not provisioned (iotgw devices provision --id {device_id})"
+                    refusals[i] = PayloadError(Reason.UNKNOWN_DEVICE, detail, p.topic)
+        return refusals
 
     def _count(self, batch: list[_Pending], prepared: _Prepared, skipped: int, now: datetime) -> None:
         m = self.metrics

@@ -34,6 +34,8 @@ class Reason(StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     CHANNEL_MISMATCH = "channel_mismatch"
     TYPE_MISMATCH = "type_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"  # not provisioned (IOTGW_REQUIRE_REGISTERED_DEVICES)
+    RATE_LIMITED = "rate_limited"  # above the device's rate (IOTGW_DEVICE_RATE)
     INTERNAL_ERROR = "internal_error"  # the gateway failed on this message; kept for a replay
 
 

@@ -12,11 +12,13 @@ import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gateway.api import AppState, create_app
+from gateway.api.auth import ApiSecurity
 from gateway.config import Settings
 from gateway.errors import GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
+from gateway.security import has_api_keys
 from gateway.store import Store
 from gateway.tasks import stop_task
 
@@ -61,6 +63,14 @@ class Gateway:
                 broker_connected=lambda: self.ingest.connected,
                 database_writable=lambda: self.ingest.database_ok,
                 router=self.router,
+                security=ApiSecurity(
+                    auth=settings.api_auth,
+                    open_probes=settings.api_open_probes,
+                    cors_origins=tuple(settings.cors_origin_list),
+                    max_body_bytes=settings.max_body_bytes,
+                    password_file=settings.broker_password_file,
+                    pid_file=settings.broker_pid_file,
+                ),
             )
         )
         self.serve_http = serve_http
@@ -100,6 +110,8 @@ class Gateway:
                     msg = f"the API could not listen on {self.settings.http_host}:{self.settings.http_port}"
                     raise GatewayError(msg)
                 await asyncio.sleep(0.02)
+        if self.settings.api_auth and not await asyncio.to_thread(has_api_keys, self.store):
+            log.warning("the API needs a key and none exists yet: iotgw apikeys create --role admin --name NAME")
         log.info(
             "iotgw up: broker %s, database %s, API http://%s:%d",
             self.settings.mqtt_url,

@@ -25,16 +25,32 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# Every test broker runs the project's mosquitto.conf and mosquitto.acl: authentication on.
+# The gateway logs in as `iotgw`; tests publish as `tester`, which this block (tests only)
+# allows on every device's topics. Provisioned devices (tests/test_security.py) log in as
+# themselves and get the project's ACL alone.
+GATEWAY_PASSWORD = "gateway-test-secret"  # noqa: S105 - a throwaway broker's
+TEST_USERS = {"iotgw": GATEWAY_PASSWORD, "tester": "tester-test-secret"}
+TESTER_ACL = "# tests only: a publisher allowed on every device's topics\nuser tester\ntopic write devices/#\n"
+# For gateways run as `iotgw run` processes (crash tests): the broker login, and no API keys.
+GATEWAY_ENV = {"IOTGW_MQTT_PASSWORD": GATEWAY_PASSWORD, "IOTGW_API_AUTH": "false"}
+
+
+def new_broker(**options: Any) -> Mosquitto:
+    """A Mosquitto with the project's config on a free port, in a fresh dir (not started)."""
+    # Not under pytest's 0700 tmp dirs: mosquitto drops to its own user and must reach the dir.
+    data_dir = Path(tempfile.mkdtemp(prefix="iotgw-mqtt-"))
+    return Mosquitto(data_dir, free_port(), users=TEST_USERS, extra_acl=TESTER_ACL, **options)
+
+
 @pytest.fixture
 def broker() -> Iterator[Mosquitto]:
     """A fresh Mosquitto running the project's config (its own port and persistence dir)."""
-    # Not under pytest's 0700 tmp dirs: mosquitto drops to its own user and must reach the dir.
-    data_dir = Path(tempfile.mkdtemp(prefix="iotgw-mqtt-"))
-    mq = Mosquitto(data_dir, free_port())
+    mq = new_broker()
     mq.start()
     yield mq
     mq.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(mq.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -44,6 +60,9 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
     def make(broker: Mosquitto, **overrides: Any) -> Settings:
         base: dict[str, Any] = {
             "mqtt_url": broker.url,
+            "mqtt_password": GATEWAY_PASSWORD,
+            # API keys have their own tests (test_security.py, test_ui.py, test_demo.py).
+            "api_auth": False,
             "database_url": f"sqlite:///{tmp_path / 'iotgw.db'}",
             "mqtt_client_id": f"iotgw-test-{broker.port}",
             "http_port": free_port(),

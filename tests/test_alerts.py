@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import httpx
 import pytest
 
+from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
@@ -87,7 +87,7 @@ async def test_repeated_and_redelivered_door_jam_gives_exactly_one_alert(
     broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
 ) -> None:
     async with running_gateway(alert_settings(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-1") as c:
+        async with mqtt_client(broker.url_as("tester"), "el-1") as c:
             topic = "devices/el-1/state"
             await c.publish(topic, state(1), qos=1)
             jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening"}
@@ -115,7 +115,7 @@ async def test_hysteresis_band_gives_no_alert_and_crossing_gives_one(
     broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
 ) -> None:
     async with running_gateway(alert_settings(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="t-1") as c:
+        async with mqtt_client(broker.url_as("tester"), "t-1") as c:
             for seq, v in enumerate([29, 29.9, 28.5, 30, 29.5], start=1):
                 await c.publish("devices/t-1/telemetry", reading("temperature", "C", seq, v), qos=1)
             await caught_up(gw, "t-1", 5)
@@ -133,7 +133,7 @@ async def test_silent_device_alerts_after_its_heartbeat_by_the_passing_of_time(
     broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
 ) -> None:
     async with running_gateway(alert_settings(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="h-1") as c:
+        async with mqtt_client(broker.url_as("tester"), "h-1") as c:
             await c.publish("devices/h-1/telemetry", reading("humidity", "%RH", 1, 40), qos=1)
         await caught_up(gw, "h-1", 1)
         # The reading's device time is in the past, so the 2 s heartbeat has long passed by the first tick.
@@ -148,7 +148,7 @@ async def test_people_acknowledge_and_resolve_with_clear_errors(
     broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
 ) -> None:
     async with running_gateway(alert_settings(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-2") as c:
+        async with mqtt_client(broker.url_as("tester"), "el-2") as c:
             await c.publish("devices/el-2/state", state(1), qos=1)
             await c.publish("devices/el-2/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
         await caught_up(gw, "el-2", 2)
@@ -184,7 +184,7 @@ async def test_a_value_crossing_both_limits_again_and_again_gives_one_flapping_a
     broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
 ) -> None:
     async with running_gateway(alert_settings(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="t-2") as c:
+        async with mqtt_client(broker.url_as("tester"), "t-2") as c:
             for seq, v in enumerate([31, 27] * 5, start=1):
                 await c.publish("devices/t-2/telemetry", reading("temperature", "C", seq, v), qos=1)
         await caught_up(gw, "t-2", 10)

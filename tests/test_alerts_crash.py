@@ -11,17 +11,17 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
+from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import wait_for
+from tests.conftest import GATEWAY_ENV, new_broker, wait_for
 from tests.test_crash import _until_ready
 
 pytestmark = pytest.mark.anyio
@@ -67,11 +67,11 @@ def scenario() -> dict[str, list[bytes]]:
     return out
 
 
-async def publish(url_port: int, messages: dict[str, list[bytes]]) -> None:
+async def publish(url: str, messages: dict[str, list[bytes]]) -> None:
     async def one(device: str, payloads: list[bytes]) -> None:
         pending = list(payloads)
         while pending:
-            client = aiomqtt.Client("127.0.0.1", url_port, identifier=device, timeout=10)
+            client = mqtt_client(url, device, timeout=10)
             try:
                 async with client:
                     while pending:
@@ -87,7 +87,7 @@ async def publish(url_port: int, messages: dict[str, list[bytes]]) -> None:
 def start(port: int, db: Path, http: int, rules: Path, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", f"mqtt://127.0.0.1:{port}",
            "--database-url", f"sqlite:///{db}", "--http-port", str(http), "--consumers", "alerts"]  # fmt: skip
-    env = {**os.environ, "IOTGW_RULES_FILE": str(rules)}
+    env = {**os.environ, **GATEWAY_ENV, "IOTGW_RULES_FILE": str(rules)}
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -123,14 +123,13 @@ def lag(db: Path) -> int:
 
 @pytest.fixture
 def brokers() -> Iterator[list[Mosquitto]]:
-    dirs = [Path(tempfile.mkdtemp(prefix="iotgw-mqtt-")) for _ in range(2)]
-    mqs = [Mosquitto(d, free_port()) for d in dirs]
+    mqs = [new_broker() for _ in range(2)]
     for m in mqs:
         m.start()
     yield mqs
-    for m, d in zip(mqs, dirs, strict=True):
+    for m in mqs:
         m.stop()
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(m.data_dir, ignore_errors=True)
 
 
 async def test_alerts_after_kill_9_equal_an_uninterrupted_run(brokers: list[Mosquitto], tmp_path: Path) -> None:
@@ -144,7 +143,7 @@ async def test_alerts_after_kill_9_equal_an_uninterrupted_run(brokers: list[Mosq
         proc = start(broker.port, db, http, rules, log)
         try:
             await _until_ready(http, proc)
-            sending = asyncio.create_task(publish(broker.port, msgs))
+            sending = asyncio.create_task(publish(broker.url_as("tester"), msgs))
             if run == 1:  # the interrupted run
 
                 async def midway(db: Path = db) -> bool:

@@ -131,7 +131,14 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(broker:
     try:
         await _until_ready(port, proc)
         cfg = FleetConfig(
-            mqtt_url=broker.url, elevators=20, sensors=20, rate=400, fault_rate=0.02, steps=400, seq_start=0, seed=11
+            mqtt_url=broker.url_as("tester"),
+            elevators=20,
+            sensors=20,
+            rate=400,
+            fault_rate=0.02,
+            steps=400,
+            seq_start=0,
+            seed=11,
         )
         run = asyncio.create_task(Fleet(cfg).run())
 

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.api import AppState, create_app
+from gateway.api.auth import ApiSecurity
 from gateway.events import Event
 from gateway.metrics import Metrics
 from gateway.normalize import Shadow
@@ -53,7 +54,8 @@ async def client(tmp_path: Path, probe: Probe) -> AsyncIterator[httpx.AsyncClien
     store.append_batch(events, shadows, dead, now=T0)
     metrics = Metrics(CollectorRegistry())
     metrics.messages_received.labels("state").inc(250)
-    app = create_app(AppState(store, metrics, lambda: probe.broker, lambda: probe.database))
+    security = ApiSecurity(auth=False)  # keys: tests/test_security.py
+    app = create_app(AppState(store, metrics, lambda: probe.broker, lambda: probe.database, security=security))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
     store.close()

@@ -25,7 +25,7 @@ async def test_unwritable_database_holds_acknowledgements_reports_not_ready_and_
     async with running_gateway(settings) as gw:
         api = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw")
         sample = gw.metrics.registry.get_sample_value
-        await publish_numbered(broker.url, 5, 20, prefix="before-")
+        await publish_numbered(broker.url_as("tester"), 5, 20, prefix="before-")
 
         async def stored(n: int) -> bool:
             return await asyncio.to_thread(gw.store.count_events) == n
@@ -37,7 +37,7 @@ async def test_unwritable_database_holds_acknowledgements_reports_not_ready_and_
         locker = sqlite3.connect(tmp_path / "iotgw.db", timeout=1, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")
         try:
-            await publish_numbered(broker.url, 5, 40, prefix="during-")  # the broker accepts them
+            await publish_numbered(broker.url_as("tester"), 5, 40, prefix="during-")  # the broker accepts them
 
             async def not_ready() -> bool:
                 r = await api.get("/ready")

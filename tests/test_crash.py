@@ -19,7 +19,7 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import running_gateway, settled, wait_for
+from tests.conftest import GATEWAY_ENV, running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +35,7 @@ def _start_gateway(broker: Mosquitto, db: Path, http_port: int, log: Path) -> su
         "--client-id", "iotgw-crash-test",
     ]  # fmt: skip
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **GATEWAY_ENV})
 
 
 async def _until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -78,7 +78,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
     proc = _start_gateway(broker, db, port, log)
     try:
         await _until_ready(port, proc)
-        publisher = asyncio.create_task(publish_numbered(broker.url, devices, per_device))
+        publisher = asyncio.create_task(publish_numbered(broker.url_as("tester"), devices, per_device))
         killed_at = []
         for share in (0.2, 0.45, 0.7):
 
@@ -131,7 +131,9 @@ async def test_broker_restart_while_devices_publish_loses_nothing(
     broker: Mosquitto, settings_for: Callable[..., Settings]
 ) -> None:
     async with running_gateway(settings_for(broker)) as gw:
-        cfg = FleetConfig(mqtt_url=broker.url, elevators=0, sensors=10, rate=100, steps=300, seq_start=0, seed=3)
+        cfg = FleetConfig(
+            mqtt_url=broker.url_as("tester"), elevators=0, sensors=10, rate=100, steps=300, seq_start=0, seed=3
+        )
         fleet = Fleet(cfg)
         run = asyncio.create_task(fleet.run())
         await wait_for(lambda: _async(fleet.stats.sent > 500), what="devices to publish")

@@ -151,10 +151,12 @@ async def test_every_query_uses_real_metrics_and_a_real_prometheus_gets_data_for
 ) -> None:
     settings = settings_for(broker, http_port=free_port())
     async with running_gateway(settings, serve_http=True):
-        fleet = Fleet(FleetConfig(mqtt_url=broker.url, elevators=6, sensors=9, rate=5, fault_rate=0.05, seed=7))
+        fleet = Fleet(
+            FleetConfig(mqtt_url=broker.url_as("tester"), elevators=6, sensors=9, rate=5, fault_rate=0.05, seed=7)
+        )
         running = asyncio.create_task(fleet.run())
         try:
-            await publish_bad(broker.url, "rogue-1", seq=1)
+            await publish_bad(broker.url_as("tester"), "rogue-1", seq=1)
             base = f"http://127.0.0.1:{settings.http_port}"
             families: dict[str, set[str]] = {}
 

@@ -35,7 +35,10 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
     try:
-        async with httpx.AsyncClient(base_url=base) as client:
+        key_file = data_dir / "api-key"
+        await wait_for(lambda: _exists(key_file, proc, log), timeout=60, what="the demo's API key")
+        headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers) as client:
 
             async def api_has_everything() -> bool:
                 assert proc.poll() is None, log.read_text()
@@ -51,6 +54,7 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
             await wait_for(
                 api_has_everything, timeout=60, what="devices, events, dead letters and work orders in the API"
             )
+            assert (await client.get("/api/devices", headers={"Authorization": ""})).status_code == 401
             page = await client.get("/ui/")
             assert page.status_code == 200
             assert "Open work orders" in page.text
@@ -61,8 +65,15 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
         assert not port_open("127.0.0.1", mqtt_port), "the demo's Mosquitto stops with it"
         text = log.read_text()
         assert "API docs" in text
+        assert "authentication on: 41 provisioned devices" in text
+        assert "not authorized" not in text.lower(), "every simulated device logs in with its own credentials"
         assert "demo stopped" in text
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def _exists(path: Path, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    assert proc.poll() is None, log.read_text()
+    return path.exists() and bool(path.read_text().strip())

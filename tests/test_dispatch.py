@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import httpx
 import pytest
 
 from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
+from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
@@ -107,15 +107,15 @@ def message(seq: int, at: datetime, **data: Any) -> bytes:
     return json.dumps({"type": "elevator", "seq": seq, "ts": ts, "site": "hq", "data": {**IDLE, **data}}).encode()
 
 
-async def publish(port: int, device: str, *payloads: bytes) -> None:
-    async with aiomqtt.Client("127.0.0.1", port, identifier=device) as c:
+async def publish(broker: Mosquitto, device: str, *payloads: bytes) -> None:
+    async with mqtt_client(broker.url_as("tester"), device) as c:
         for p in payloads:
             await c.publish(f"devices/{device}/state", p, qos=1)
 
 
 async def trap(broker: Mosquitto, clock: Clock) -> None:
     """el-1 at rest, then stuck with 80 kg inside: an entrapment, at the simulated time."""
-    await publish(broker.port, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
+    await publish(broker, "el-1", message(1, clock.now), message(2, clock.now, **STUCK))
 
 
 def api(gw: Gateway) -> httpx.AsyncClient:
@@ -242,11 +242,11 @@ async def test_two_alerts_on_one_device_make_one_order_and_recovery_only_annotat
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
         t = clock.now
         jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 80}
-        await publish(broker.port, "el-1", message(1, t), message(2, t, **jam))
+        await publish(broker, "el-1", message(1, t), message(2, t, **jam))
         order = await one_order(gw, "the door-jam order")
         assert order["priority"] == "P3"
         # Taken out of service with the door still jammed: a second alert while the order is open.
-        await publish(broker.port, "el-1", message(3, t + timedelta(seconds=1), **{**jam, "mode": "out_of_service"}))
+        await publish(broker, "el-1", message(3, t + timedelta(seconds=1), **{**jam, "mode": "out_of_service"}))
 
         async def attached() -> bool:
             return len((await detail(gw, order["id"]))["alerts"]) == 2
@@ -256,7 +256,7 @@ async def test_two_alerts_on_one_device_make_one_order_and_recovery_only_annotat
         got = await detail(gw, order["id"])
         assert got["priority"] == "P2"  # out of service is more urgent than a door jam
         assert got["recovered_at"] is None
-        await publish(broker.port, "el-1", message(4, t + timedelta(seconds=2)))  # fault cleared
+        await publish(broker, "el-1", message(4, t + timedelta(seconds=2)))  # fault cleared
 
         async def recovered() -> bool:
             return (await detail(gw, order["id"]))["recovered_at"] is not None

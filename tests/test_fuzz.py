@@ -10,13 +10,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiomqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func
 from sqlmodel import select
 
+from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.errors import PayloadError
@@ -179,7 +179,7 @@ async def test_ten_thousand_random_payloads_through_broker_and_gateway_are_all_a
         except PayloadError:
             expected_rejects += 1
     async with running_gateway(settings_for(broker, consumers="")) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="fuzzer", max_inflight_messages=200) as c:
+        async with mqtt_client(broker.url_as("tester"), "fuzzer", max_inflight_messages=200) as c:
             for chunk in range(0, len(payloads), 200):
                 await asyncio.gather(*(c.publish(t, b, qos=1) for t, b in payloads[chunk : chunk + 200]))
 

@@ -7,10 +7,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiomqtt
 import httpx
 import pytest
 
+from devices.connect import mqtt_client
 from devices.fleet import Fleet, FleetConfig
 from devices.misbehave import publish_bad
 from gateway.broker import Mosquitto
@@ -40,7 +40,14 @@ async def test_seeded_fleet_run_shows_expected_event_types(
 ) -> None:
     async with running_gateway(settings_for(broker)) as gw:
         cfg = FleetConfig(
-            mqtt_url=broker.url, elevators=4, sensors=4, rate=200, fault_rate=0.03, seed=7, steps=150, seq_start=0
+            mqtt_url=broker.url_as("tester"),
+            elevators=4,
+            sensors=4,
+            rate=200,
+            fault_rate=0.03,
+            seed=7,
+            steps=150,
+            seq_start=0,
         )
         stats = await Fleet(cfg).run()
         # Every acknowledged state/telemetry message gives at least one event; wait for the last seqs.
@@ -98,10 +105,10 @@ async def test_duplicate_seq_is_stored_once_and_bad_input_is_dead_lettered(
     broker: Mosquitto, settings_for: Callable[..., Settings]
 ) -> None:
     async with running_gateway(settings_for(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="temp-dup") as c:
+        async with mqtt_client(broker.url_as("tester"), "temp-dup") as c:
             await c.publish("devices/temp-dup/telemetry", _telemetry(1), qos=1)
             await c.publish("devices/temp-dup/telemetry", _telemetry(1), qos=1)  # the same seq again
-            reasons = await publish_bad(broker.url, "rogue-1", seq=5)
+            reasons = await publish_bad(broker.url_as("tester"), "rogue-1", seq=5)
             # Good traffic keeps flowing after the bad messages.
             for seq in range(2, 12):
                 await c.publish("devices/temp-dup/telemetry", _telemetry(seq, 20 + seq), qos=1)
@@ -130,7 +137,7 @@ async def test_duplicate_seq_is_stored_once_and_bad_input_is_dead_lettered(
 
 async def test_device_changing_type_is_dead_lettered(broker: Mosquitto, settings_for: Callable[..., Settings]) -> None:
     async with running_gateway(settings_for(broker)) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="temp-x") as c:
+        async with mqtt_client(broker.url_as("tester"), "temp-x") as c:
             await c.publish("devices/temp-x/telemetry", _telemetry(1), qos=1)
             body = {"type": "humidity", "seq": 2, "ts": 1764324000000, "data": {"value": 40, "unit": "%RH"}}
             await c.publish("devices/temp-x/telemetry", json.dumps(body).encode(), qos=1)

@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import httpx
 import pytest
 from sqlalchemy import text
 
+from devices.connect import mqtt_client
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from tests.conftest import running_gateway, wait_for
@@ -99,7 +99,7 @@ receivers:
 """)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
     async with running_gateway(settings) as gw:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="el-9") as c:
+        async with mqtt_client(broker.url_as("tester"), "el-9") as c:
             await c.publish("devices/el-9/state", state(1), qos=1)
             await c.publish("devices/el-9/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
             await caught_up(gw, "el-9", 2)
@@ -179,7 +179,7 @@ receivers:
         assert r.status_code == 201
         silence = r.json()
         assert silence["active"] is True
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="pub") as c:
+        async with mqtt_client(broker.url_as("tester"), "pub") as c:
             for device in ("el-q1", "el-z1"):  # one silenced, one not
                 await c.publish(f"devices/{device}/state", state(1), qos=1)
                 await c.publish(f"devices/{device}/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)

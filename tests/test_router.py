@@ -103,7 +103,7 @@ async def test_failing_consumer_parks_events_without_slowing_ingestion_or_others
     # The same load twice in one test: without the failing consumer, then with it.
     async with running_gateway(settings_for(broker, consumers="analytics", mqtt_client_id="calm")) as gw:
         t0 = time.monotonic()
-        await publish_numbered(broker.url, devices, per_device, prefix="calm-")
+        await publish_numbered(broker.url_as("tester"), devices, per_device, prefix="calm-")
         await stored_all(gw, n)
         calm_rate = n / (time.monotonic() - t0)
 
@@ -111,7 +111,7 @@ async def test_failing_consumer_parks_events_without_slowing_ingestion_or_others
     settings = settings_for(broker, consumers="analytics", mqtt_client_id="stormy")
     async with running_gateway(settings, consumers=[counting, failing]) as gw, client_for(gw) as client:
         t0 = time.monotonic()
-        await publish_numbered(broker.url, devices, per_device, prefix="stormy-")
+        await publish_numbered(broker.url_as("tester"), devices, per_device, prefix="stormy-")
         await stored_all(gw, 2 * n)
         stormy_rate = n / (time.monotonic() - t0)
         print(f"ingest without a failing consumer {calm_rate:,.0f} msg/s, with one {stormy_rate:,.0f} msg/s")  # noqa: T201
@@ -166,7 +166,7 @@ async def test_paused_consumer_lags_while_others_keep_up_then_catches_up(
     async with running_gateway(settings, consumers=[counting]) as gw, client_for(gw) as client:
         r = await client.post("/api/consumers/counting/pause")
         assert r.json()["state"] == "paused"
-        await publish_numbered(broker.url, 50, 100)
+        await publish_numbered(broker.url_as("tester"), 50, 100)
         await stored_all(gw, 5000)
 
         async def analytics_caught_up() -> bool:
@@ -194,7 +194,7 @@ async def test_pause_survives_a_restart_and_cursor_resumes_where_committed(
     settings = settings_for(broker, consumers="analytics")
     first = Counting()
     async with running_gateway(settings, consumers=[first]) as gw:
-        await publish_numbered(broker.url, 5, 20)
+        await publish_numbered(broker.url_as("tester"), 5, 20)
         await stored_all(gw, 100)
         await wait_for(lambda: _value(len(first.positions) == 100), what="counting to see 100")
         async with client_for(gw) as client:
@@ -205,7 +205,7 @@ async def test_pause_survives_a_restart_and_cursor_resumes_where_committed(
         assert state["state"] == "paused"
         assert state["cursor"] == max(first.positions)
         await client.post("/api/consumers/counting/resume")
-        await publish_numbered(broker.url, 5, 20, prefix="more-")
+        await publish_numbered(broker.url_as("tester"), 5, 20, prefix="more-")
         await wait_for(lambda: _value(len(second.positions) == 100), what="only the new events")
         assert min(second.positions) > max(first.positions)
 
@@ -261,7 +261,9 @@ async def test_entry_point_consumer_is_discovered_and_receives_events(
 
     async with running_gateway(settings_for(broker, consumers="doorcount")) as gw:
         assert list(gw.router.runners) == ["doorcount"]
-        await Fleet(FleetConfig(mqtt_url=broker.url, elevators=2, sensors=0, rate=200, steps=80, seq_start=0)).run()
+        await Fleet(
+            FleetConfig(mqtt_url=broker.url_as("tester"), elevators=2, sensors=0, rate=200, steps=80, seq_start=0)
+        ).run()
         import iotgw_doorcount  # type: ignore[import-not-found]  # noqa: PLC0415
 
         await wait_for(lambda: _value(len(iotgw_doorcount.SEEN) > 0), what="door openings at the plug-in consumer")
@@ -281,7 +283,7 @@ async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_c
     settings = settings_for(broker, consumers="analytics")
     try:
         async with running_gateway(settings, consumers=[hanging, counting]) as gw, client_for(gw) as client:
-            await publish_numbered(broker.url, devices, per_device, prefix="hang-")
+            await publish_numbered(broker.url_as("tester"), devices, per_device, prefix="hang-")
             await stored_all(gw, n)
 
             async def others_done() -> bool:

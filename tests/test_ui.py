@@ -15,6 +15,7 @@ from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
 from gateway.broker import Mosquitto
 from gateway.config import Settings
+from gateway.security import create_api_key
 from gateway.service import Gateway
 from tests.conftest import running_gateway, wait_for
 from tests.test_dispatch import ROSTER, RULES, Clock, message, publish
@@ -29,7 +30,7 @@ JAM = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 0}
 def ui_settings(tmp_path: Path, settings_for: Callable[..., Settings]) -> Callable[[Mosquitto], Settings]:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules))
+    return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules), api_auth=True)
 
 
 @pytest.fixture
@@ -40,12 +41,20 @@ async def browser() -> AsyncIterator[Browser]:
         await b.close()
 
 
-async def staff_page(browser: Browser, gw: Gateway, *, phone: bool = False) -> Page:
+async def staff_page(browser: Browser, gw: Gateway, *, phone: bool = False, role: str = "technician") -> Page:
+    """The page opened and signed in with a new key of `role` (the page asks for one first)."""
     size = {"width": 390, "height": 844} if phone else {"width": 1280, "height": 900}
     page = await browser.new_page(viewport=size)
     await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+    await expect(page.locator("#login")).to_be_visible()
+    await page.fill("#key", new_key(gw, role))
+    await page.locator("#login button").click()
     await expect(page.locator("#live")).to_have_text("live")
     return page
+
+
+def new_key(gw: Gateway, role: str) -> str:
+    return create_api_key(gw.store, f"ui-{role}", role)[1]
 
 
 async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it(
@@ -60,7 +69,7 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
         await page.locator("#who").dispatch_event("change")
         await expect(page.locator("#alerts-empty")).to_be_visible()
 
-        await publish(broker.port, "el-7", message(1, now), message(2, now, **JAM))
+        await publish(broker, "el-7", message(1, now), message(2, now, **JAM))
         card = page.locator("#alerts li[data-alert]")
         await expect(card).to_have_count(1)  # pushed: the page was not reloaded
         await expect(card).to_contain_text("Door jammed on el-7")
@@ -71,7 +80,8 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
         await card.locator("button[data-action=ack]").click()
         await expect(card).to_have_attribute("data-status", "acknowledged")
         alert_id = await card.get_attribute("data-alert")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as api:
+        headers = {"Authorization": f"Bearer {new_key(gw, 'viewer')}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", headers=headers) as api:
             alert = (await api.get(f"/api/alerts/{alert_id}")).json()
             assert (alert["status"], alert["acked_by"]) == ("acknowledged", "tina")
 
@@ -98,7 +108,7 @@ async def test_the_page_says_who_must_be_named_before_acting(
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw)
         await page.evaluate("localStorage.clear()")
-        await publish(broker.port, "el-8", message(1, now), message(2, now, **JAM))
+        await publish(broker, "el-8", message(1, now), message(2, now, **JAM))
         card = page.locator("#alerts li[data-alert]")
         await card.locator("button[data-action=ack]").click()
         await expect(page.locator("#error")).to_contain_text("Enter your name first")
@@ -107,3 +117,26 @@ async def test_the_page_says_who_must_be_named_before_acting(
             return (await page.get_attribute("#alerts li[data-alert]", "data-status")) == "firing"
 
         await wait_for(still_firing, what="the alert to stay firing")
+
+
+async def test_the_page_asks_for_a_valid_key_and_a_viewer_may_watch_but_not_act(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    async with running_gateway(ui_settings(broker), serve_http=True) as gw:
+        page = await browser.new_page()
+        await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+        await page.fill("#key", "iotgw_000000000000_not-a-real-key-at-all")
+        await page.locator("#login button").click()
+        await expect(page.locator("#login-message")).to_contain_text("not accepted")
+        await expect(page.locator("#live")).not_to_have_text("live")
+
+        page = await staff_page(browser, gw, role="viewer")
+        await page.fill("#who", "vera")
+        await page.locator("#who").dispatch_event("change")
+        await publish(broker, "el-9", message(1, now), message(2, now, **JAM))
+        card = page.locator("#alerts li[data-alert]")
+        await expect(card).to_contain_text("Door jammed on el-9")  # a viewer watches live
+        await card.locator("button[data-action=ack]").click()
+        await expect(page.locator("#error")).to_contain_text("the viewer role may not do this")
+        await expect(card).to_have_attribute("data-status", "firing")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from gateway import __version__
+from gateway.api.auth import VIEWER, ApiSecurity, Guard
 from gateway.api.routes import (
     alerts,
     analytics,
+    audit,
     consumers,
     dead_letters,
     devices,
@@ -41,6 +44,7 @@ class AppState:
     broker_connected: Callable[[], bool]
     database_writable: Callable[[], bool]
     router: Router | None = None
+    security: ApiSecurity = field(default_factory=ApiSecurity)
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -51,9 +55,20 @@ def create_app(state: AppState) -> FastAPI:
         description="IoT event gateway: devices, the event log and dead letters.",
     )
     app.state.iotgw = state
-    modules = (health, devices, events, dead_letters, consumers, analytics, alerts, silences, work_orders, stream)
+    # Every /api route needs at least a viewer's key; mutations declare more (gateway/api/auth.py).
+    app.include_router(health.router, dependencies=[] if state.security.open_probes else VIEWER)
+    modules = (devices, events, dead_letters, consumers, analytics, alerts, silences, work_orders, stream, audit)
     for module in modules:
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=VIEWER)
+    app.add_middleware(Guard, security=state.security, store=state.store)
+    if state.security.cors_origins:
+        # Off unless origins are configured: the staff page is served from the gateway itself.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.security.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
     # The staff page: static files, no build step, nothing fetched from the internet.
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
 

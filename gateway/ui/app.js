@@ -9,6 +9,44 @@ who.addEventListener("change", () => localStorage.setItem("iotgw.who", who.value
 
 let technicians = [];
 
+// The API key: asked for once, kept for this browser session only (sessionStorage).
+const KEY = "iotgw.key";
+function apiKey() { return sessionStorage.getItem(KEY) || ""; }
+
+function askForKey(message) {
+  $("login-message").textContent = message;
+  $("login").hidden = false;
+  $("key").focus();
+}
+
+$("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = "";
+  $("login").hidden = true;
+  start();
+});
+
+$("signout").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  stopStream();
+  askForKey("Signed out. Enter an API key to continue.");
+});
+
+// Every API call carries the key; a 401 asks for another one.
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}), Authorization: `Bearer ${apiKey()}` };
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY);
+    stopStream();
+    askForKey("That API key was not accepted. Enter a valid one.");
+  }
+  return response;
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -37,7 +75,7 @@ function me() {
 }
 
 async function post(path, body) {
-  const response = await fetch(path, {
+  const response = await api(path, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(body),
@@ -144,7 +182,7 @@ async function showDevice(id) {
   const list = $("device-events");
   list.replaceChildren(el("li", {}, "loading…"));
   $("device").showModal();
-  const response = await fetch(`/api/devices/${encodeURIComponent(id)}/events?limit=25`);
+  const response = await api(`/api/devices/${encodeURIComponent(id)}/events?limit=25`);
   if (!response.ok) {
     list.replaceChildren(el("li", {}, `could not load: ${response.status}`));
     return;
@@ -166,17 +204,61 @@ function render(snapshot) {
 }
 
 async function loadTechnicians() {
-  const response = await fetch("/api/technicians");
+  const response = await api("/api/technicians");
   technicians = response.ok ? await response.json() : [];
 }
 
-function connect() {
-  const live = $("live");
-  const source = new EventSource("/api/stream");
-  source.addEventListener("snapshot", (message) => render(JSON.parse(message.data)));
-  source.onopen = () => { live.textContent = "live"; live.className = "live on"; };
-  // EventSource reconnects by itself; say so meanwhile.
-  source.onerror = () => { live.textContent = "reconnecting…"; live.className = "live off"; };
+// Server-sent events over fetch (EventSource cannot send the key): a `snapshot` after every change.
+let streaming = null;
+
+function stopStream() {
+  if (streaming) streaming.abort();
+  streaming = null;
 }
 
-loadTechnicians().finally(connect);
+async function connect() {
+  const live = $("live");
+  stopStream();
+  const controller = new AbortController();
+  streaming = controller;
+  let delay = 1000;
+  while (streaming === controller) {
+    try {
+      const response = await api("/api/stream", { signal: controller.signal });
+      if (!response.ok) throw new Error(`${response.status}`);
+      live.textContent = "live"; live.className = "live on";
+      delay = 1000;
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const lines = block.split("\n");
+          if (lines.includes("event: snapshot")) {
+            const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+            render(JSON.parse(data));
+          }
+        }
+      }
+    } catch (error) {
+      if (controller.signal.aborted) return;
+    }
+    if (streaming !== controller) return;
+    live.textContent = "reconnecting…"; live.className = "live off";
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, 15000);
+  }
+}
+
+function start() {
+  loadTechnicians().finally(connect);
+}
+
+if (apiKey()) start();
+else askForKey("This page needs an API key: a technician's to act, a viewer's to watch. " +
+  "An administrator creates one with: iotgw apikeys create --role technician --name YOUR-NAME");

@@ -21,6 +21,7 @@ from alerts.engine import (
     resolve,
     utcnow,
 )
+from gateway.api.auth import TECHNICIAN
 from gateway.api.deps import StoreDep, changed, filtered
 
 router = APIRouter(prefix="/api", tags=["alerts"])
@@ -165,7 +166,9 @@ def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDe
 
 
 @router.post(
-    "/alerts/{alert_id}/ack", responses={404: {"description": "no such alert"}, 409: {"description": "not firing"}}
+    "/alerts/{alert_id}/ack",
+    dependencies=TECHNICIAN,
+    responses={404: {"description": "no such alert"}, 409: {"description": "not firing"}},
 )
 async def ack(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
     """Acknowledge a firing alert (who, and an optional note)."""
@@ -175,7 +178,9 @@ async def ack(request: Request, store: StoreDep, alert_id: int, body: Action) ->
 
 
 @router.post(
-    "/alerts/{alert_id}/resolve", responses={404: {"description": "no such alert"}, 409: {"description": "not open"}}
+    "/alerts/{alert_id}/resolve",
+    dependencies=TECHNICIAN,
+    responses={404: {"description": "no such alert"}, 409: {"description": "not open"}},
 )
 async def resolve_alert(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
     """Resolve an open alert by hand (who, and a required note)."""

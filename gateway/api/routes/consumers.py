@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, model_validator
 from sqlmodel import col, select
 
+from gateway.api.auth import ADMIN
 from gateway.api.deps import RouterDep, StoreDep
 from gateway.store import ConsumerDeadLetterRow
 
@@ -95,21 +96,21 @@ async def consumers(r: RouterDep) -> list[ConsumerPublic]:
     return await _status(r)
 
 
-@router.post("/{name}/pause", responses={404: {"description": "no such consumer"}})
+@router.post("/{name}/pause", dependencies=ADMIN, responses={404: {"description": "no such consumer"}})
 async def pause(r: RouterDep, name: str) -> ConsumerPublic:
     """Stop handling events (persisted; ingestion and other consumers go on)."""
     await r.get(name).set_paused(True)
     return (await _status(r, name))[0]
 
 
-@router.post("/{name}/resume", responses={404: {"description": "no such consumer"}})
+@router.post("/{name}/resume", dependencies=ADMIN, responses={404: {"description": "no such consumer"}})
 async def resume(r: RouterDep, name: str) -> ConsumerPublic:
     """Resume from the cursor."""
     await r.get(name).set_paused(False)
     return (await _status(r, name))[0]
 
 
-@router.post("/{name}/replay", responses={404: {"description": "no such consumer"}})
+@router.post("/{name}/replay", dependencies=ADMIN, responses={404: {"description": "no such consumer"}})
 async def replay(r: RouterDep, name: str, body: ReplayRequest) -> ReplayResult:
     """Move the cursor back; a consumer that keeps derived state rebuilds it from the start."""
     runner = r.get(name)
@@ -139,6 +140,7 @@ async def parked(
 
 @router.post(
     "/{name}/dead-letters/{dead_letter_id}/retry",
+    dependencies=ADMIN,
     responses={404: {"description": "no such consumer"}, 409: {"description": "it failed again, or is not parked"}},
 )
 async def retry(r: RouterDep, name: str, dead_letter_id: int) -> dict[str, str]:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, Field
 
+from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
 from gateway.api.routes.events import event_public
 from gateway.api.schemas import DevicePublic, EventPublic
+from gateway.errors import GatewayError
+from gateway.protocol import DeviceType
+from gateway.security import PasswordFile, provision, reload_broker, revoke
 from gateway.store import DeviceRow, get_device, list_devices, recent_events
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
+DEVICE_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 def _public(row: DeviceRow) -> DevicePublic:
@@ -36,7 +42,7 @@ async def devices(store: StoreDep, type: str | None = None, site: str | None = N
 
 
 @router.get("/{device_id}", responses={404: {"description": "no such device"}})
-async def device(store: StoreDep, device_id: str = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")) -> DevicePublic:
+async def device(store: StoreDep, device_id: str = Path(pattern=DEVICE_ID)) -> DevicePublic:
     """One device."""
     row = await asyncio.to_thread(get_device, store, device_id)
     if row is None:
@@ -47,8 +53,58 @@ async def device(store: StoreDep, device_id: str = Path(pattern=r"^[A-Za-z0-9_-]
 @router.get("/{device_id}/events")
 async def device_events(
     store: StoreDep,
-    device_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+    device_id: Annotated[str, Path(pattern=DEVICE_ID)],
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> list[EventPublic]:
     """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
     return [event_public(r) for r in await asyncio.to_thread(recent_events, store, device_id, limit)]
+
+
+class ProvisionRequest(BaseModel):
+    """A device to provision."""
+
+    id: str = Field(pattern=DEVICE_ID, description="the device id, also its broker user name")
+    type: DeviceType | None = None
+
+
+class Credentials(BaseModel):
+    """A provisioned device's broker login; the password is shown this once."""
+
+    device_id: str
+    username: str
+    password: str
+    broker_reloaded: bool
+
+
+def _broker_files(request: Request) -> tuple[PasswordFile, str]:
+    security = request.app.state.iotgw.security
+    if not security.password_file:
+        raise HTTPException(status_code=503, detail="no broker password file configured (IOTGW_BROKER_PASSWORD_FILE)")
+    return PasswordFile(security.password_file), security.pid_file
+
+
+@router.post("", dependencies=ADMIN, status_code=201, responses={503: {"description": "no broker password file"}})
+async def provision_device(request: Request, store: StoreDep, body: ProvisionRequest) -> Credentials:
+    """Create a device's broker credentials and register it (a device provisioned again gets a new password)."""
+    passwords, pid_file = _broker_files(request)
+    try:
+        creds = await asyncio.to_thread(provision, store, passwords, {body.id: body.type.value if body.type else None})
+        reloaded = await asyncio.to_thread(reload_broker, pid_file)
+    except GatewayError as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    return Credentials(device_id=body.id, username=body.id, password=creds[body.id], broker_reloaded=reloaded)
+
+
+@router.delete("/{device_id}", dependencies=ADMIN, responses={404: {"description": "never provisioned"}})
+async def revoke_device(
+    request: Request, store: StoreDep, device_id: Annotated[str, Path(pattern=DEVICE_ID)]
+) -> dict[str, str | bool]:
+    """Remove a device's broker credentials and mark it revoked (its events stay)."""
+    passwords, pid_file = _broker_files(request)
+    try:
+        if not await asyncio.to_thread(revoke, store, passwords, device_id):
+            raise HTTPException(status_code=404, detail=f"device {device_id!r} was never provisioned")
+        reloaded = await asyncio.to_thread(reload_broker, pid_file)
+    except GatewayError as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    return {"device_id": device_id, "status": "revoked", "broker_reloaded": reloaded}

@@ -12,6 +12,7 @@ from sqlmodel import col, select
 
 from alerts.engine import SilenceRow
 from alerts.rules import parse_duration
+from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
 
 router = APIRouter(prefix="/api/silences", tags=["silences"])
@@ -80,7 +81,7 @@ async def silences(store: StoreDep, *, active: Annotated[bool, Query()] = True) 
     return [_public(r, now) for r in await asyncio.to_thread(read)]
 
 
-@router.post("", status_code=201)
+@router.post("", dependencies=ADMIN, status_code=201)
 async def create(store: StoreDep, body: SilenceCreate) -> SilencePublic:
     """Create a silence starting now."""
     now = datetime.now(UTC)
@@ -99,7 +100,7 @@ async def create(store: StoreDep, body: SilenceCreate) -> SilencePublic:
     return _public(await asyncio.to_thread(write), now)
 
 
-@router.delete("/{silence_id}", responses={404: {"description": "no such silence"}})
+@router.delete("/{silence_id}", dependencies=ADMIN, responses={404: {"description": "no such silence"}})
 async def expire(store: StoreDep, silence_id: int) -> dict[str, Any]:
     """End a silence now."""
 

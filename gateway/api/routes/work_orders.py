@@ -21,6 +21,7 @@ from alerts.dispatch import (
     WorkOrderRow,
 )
 from alerts.roster import Technician
+from gateway.api.auth import ADMIN, TECHNICIAN
 from gateway.api.deps import DispatchDep, StoreDep, changed, filtered
 from gateway.store import Store
 
@@ -212,7 +213,7 @@ async def _step(
     return await asyncio.to_thread(_detail, store, order_id)
 
 
-@router.post("/work-orders/{order_id}/ack", responses=_RESPONSES)
+@router.post("/work-orders/{order_id}/ack", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def ack(
     request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
 ) -> WorkOrderDetail:
@@ -220,7 +221,7 @@ async def ack(
     return await _step(request, store, dispatch, order_id, "acknowledge", by=body.by, note=body.note)
 
 
-@router.post("/work-orders/{order_id}/en-route", responses=_RESPONSES)
+@router.post("/work-orders/{order_id}/en-route", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def en_route(
     request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
 ) -> WorkOrderDetail:
@@ -228,7 +229,7 @@ async def en_route(
     return await _step(request, store, dispatch, order_id, "en_route", by=body.by, note=body.note)
 
 
-@router.post("/work-orders/{order_id}/on-site", responses=_RESPONSES)
+@router.post("/work-orders/{order_id}/on-site", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def on_site(
     request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
 ) -> WorkOrderDetail:
@@ -236,7 +237,7 @@ async def on_site(
     return await _step(request, store, dispatch, order_id, "on_site", by=body.by, note=body.note)
 
 
-@router.post("/work-orders/{order_id}/resolve", responses=_RESPONSES)
+@router.post("/work-orders/{order_id}/resolve", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def resolve(
     request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ResolveBody
 ) -> WorkOrderDetail:
@@ -247,7 +248,7 @@ async def resolve(
     )  # fmt: skip
 
 
-@router.post("/work-orders/{order_id}/reassign", responses=_RESPONSES)
+@router.post("/work-orders/{order_id}/reassign", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def reassign(
     request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ReassignBody
 ) -> WorkOrderDetail:
@@ -272,7 +273,7 @@ async def technicians(store: StoreDep, dispatch: DispatchDep) -> list[Technician
     return await asyncio.to_thread(_technicians, store, dispatch)
 
 
-@router.put("/technicians", responses={422: {"description": "the roster would be invalid"}})
+@router.put("/technicians", dependencies=ADMIN, responses={422: {"description": "the roster would be invalid"}})
 async def put_technicians(
     store: StoreDep,
     dispatch: DispatchDep,

@@ -1,0 +1,41 @@
+"""The audit trail: every API mutation, who made it and how it ended (admins only)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from gateway.api.auth import ADMIN
+from gateway.api.deps import StoreDep
+from gateway.security import list_audit
+
+router = APIRouter(prefix="/api/audit", tags=["security"])
+
+
+class AuditEntry(BaseModel):
+    """One mutation: the key's name and role, the request, its response status, and when."""
+
+    id: int
+    at: datetime
+    who: str
+    role: str
+    method: str
+    path: str
+    query: str
+    status: int
+
+
+@router.get("", dependencies=ADMIN)
+async def audit(
+    store: StoreDep,
+    who: Annotated[str | None, Query(max_length=100)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**62, description="only entries older than this id")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AuditEntry]:
+    """Audit entries, newest first."""
+    rows = await asyncio.to_thread(list_audit, store, who=who, before=before, limit=limit)
+    return [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
