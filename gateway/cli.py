@@ -332,13 +332,12 @@ async def _run(settings: Settings) -> int:
 async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     from devices.fleet import Fleet, Progress, build_models, summary  # noqa: PLC0415
 
-    credentials = _read_credentials(args.credentials) if args.credentials is not None else None
-    cfg = _fleet_config(
-        args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix, credentials=credentials
-    )
+    cfg = _fleet_config(args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix)
     if args.print_ids:
         print("\n".join(m.device_id for m in build_models(cfg)))  # noqa: T201
         return 0
+    if args.credentials is not None:
+        cfg = dataclasses.replace(cfg, credentials=_read_credentials(args.credentials))
     fleet = Fleet(cfg, on_tick=Progress())
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -143,6 +144,12 @@ def test_compose_file_is_valid_and_mounts_only_files_of_the_repository() -> None
     for source in mounted:
         assert (ROOT / source).exists(), f"docker-compose.yml mounts {source}, which is not in the repository"
     assert (ROOT / doc["services"]["gateway"]["build"]["dockerfile"]).exists()
+    # The broker's password file is made from this list: it must be the simulator's devices.
+    args = doc["services"]["simulator"]["command"][1:]
+    ids = subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--print-ids"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert ids == (ROOT / "dashboards" / "simulator-devices.txt").read_text()
 
 
 @pytest.mark.anyio

@@ -13,9 +13,10 @@ import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import StoreError
@@ -40,11 +41,13 @@ class ApiSecurity:
     pid_file: str = ""
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+# Declared in the OpenAPI schema, so /docs has an "Authorize" button; checked by `require`.
+BEARER = HTTPBearer(auto_error=False, description="an API key: iotgw apikeys create --role ROLE --name NAME")
+
+
+def _presented_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    if credentials is not None and credentials.credentials.strip():
+        return credentials.credentials.strip()
     return request.headers.get("x-api-key") or None
 
 
@@ -52,17 +55,19 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": 'Bearer realm="iotgw"'})
 
 
-def require(role: str) -> Callable[[Request], Coroutine[Any, Any, Principal]]:
+def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that lets a request through when its key's role includes `role`."""
 
-    async def check(request: Request) -> Principal:
+    async def check(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+    ) -> Principal:
         state = request.app.state.iotgw
         principal: Principal | None = getattr(request.state, "principal", None)
         if principal is None:
             if not state.security.auth:
                 principal = ANONYMOUS
             else:
-                key = _presented_key(request)
+                key = _presented_key(request, credentials)
                 if key is None:
                     msg = "an API key is required: send `Authorization: Bearer <key>` (iotgw apikeys create)"
                     raise _unauthorized(msg)

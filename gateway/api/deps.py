@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlmodel import col
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -33,6 +33,10 @@ def get_router(request: Request) -> Router:
         raise HTTPException(status_code=503, detail="this gateway runs no consumers")
     return router
 
+
+# Row ids in paths: what a database integer holds (a larger number is a 422, not an overflow).
+MAX_ID = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 StoreDep = Annotated[Store, Depends(get_store)]
 RouterDep = Annotated[Router, Depends(get_router)]

@@ -22,7 +22,7 @@ from alerts.engine import (
     utcnow,
 )
 from gateway.api.auth import TECHNICIAN
-from gateway.api.deps import StoreDep, changed, filtered
+from gateway.api.deps import RowId, StoreDep, changed, filtered
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 
@@ -141,7 +141,7 @@ def _detail(store: Any, alert_id: int) -> AlertDetail:  # noqa: ANN401 - Store
 
 
 @router.get("/alerts/{alert_id}", responses={404: {"description": "no such alert"}})
-async def alert(store: StoreDep, alert_id: int) -> AlertDetail:
+async def alert(store: StoreDep, alert_id: RowId) -> AlertDetail:
     """One alert with its history."""
     return await asyncio.to_thread(_detail, store, alert_id)
 
@@ -170,7 +170,7 @@ def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDe
     dependencies=TECHNICIAN,
     responses={404: {"description": "no such alert"}, 409: {"description": "not firing"}},
 )
-async def ack(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+async def ack(request: Request, store: StoreDep, alert_id: RowId, body: Action) -> AlertDetail:
     """Acknowledge a firing alert (who, and an optional note)."""
     detail = await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.ACKNOWLEDGED)
     changed(request)
@@ -182,7 +182,7 @@ async def ack(request: Request, store: StoreDep, alert_id: int, body: Action) ->
     dependencies=TECHNICIAN,
     responses={404: {"description": "no such alert"}, 409: {"description": "not open"}},
 )
-async def resolve_alert(request: Request, store: StoreDep, alert_id: int, body: Action) -> AlertDetail:
+async def resolve_alert(request: Request, store: StoreDep, alert_id: RowId, body: Action) -> AlertDetail:
     """Resolve an open alert by hand (who, and a required note)."""
     detail = await asyncio.to_thread(_act, store, alert_id, body, to=AlertStatus.RESOLVED)
     changed(request)

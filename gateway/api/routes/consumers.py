@@ -7,11 +7,11 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
 from gateway.api.auth import ADMIN
-from gateway.api.deps import RouterDep, StoreDep
+from gateway.api.deps import MAX_ID, RouterDep, RowId, StoreDep
 from gateway.store import ConsumerDeadLetterRow
 
 router = APIRouter(prefix="/api/consumers", tags=["consumers"])
@@ -32,7 +32,7 @@ class ConsumerPublic(BaseModel):
 class ReplayRequest(BaseModel):
     """Where to replay from: an event position, or a time (events at or after it)."""
 
-    from_position: int | None = None
+    from_position: int | None = Field(default=None, ge=1, le=MAX_ID)
     from_time: datetime | None = None
 
     @model_validator(mode="after")
@@ -143,7 +143,7 @@ async def parked(
     dependencies=ADMIN,
     responses={404: {"description": "no such consumer"}, 409: {"description": "it failed again, or is not parked"}},
 )
-async def retry(r: RouterDep, name: str, dead_letter_id: int) -> dict[str, str]:
+async def retry(r: RouterDep, name: str, dead_letter_id: RowId) -> dict[str, str]:
     """Hand one parked event to the consumer again."""
     await r.get(name).retry_parked(dead_letter_id)  # ConsumerError -> 409 with the reason
     return {"status": "retried"}

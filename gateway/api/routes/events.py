@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from gateway.api.deps import StoreDep
+from gateway.api.deps import MAX_ID, StoreDep
 from gateway.api.schemas import EventPage, EventPublic
 from gateway.store import EventQuery, EventRow, list_events
 
@@ -19,7 +19,7 @@ def decode_cursor(cursor: str | None) -> int:
     """A cursor is the last log position seen, as a decimal string."""
     if cursor is None:
         return 0
-    if not cursor.isdigit() or len(cursor) > 19:
+    if not cursor.isdigit() or len(cursor) > 19 or int(cursor) > MAX_ID:
         raise HTTPException(status_code=422, detail=f"cursor: not a cursor from this API: {cursor[:40]!r}")
     return int(cursor)
 

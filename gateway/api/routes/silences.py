@@ -13,7 +13,7 @@ from sqlmodel import col, select
 from alerts.engine import SilenceRow
 from alerts.rules import parse_duration
 from gateway.api.auth import ADMIN
-from gateway.api.deps import StoreDep
+from gateway.api.deps import RowId, StoreDep
 
 router = APIRouter(prefix="/api/silences", tags=["silences"])
 MATCHER_FIELDS = ("rule", "device_id", "site", "severity")
@@ -101,7 +101,7 @@ async def create(store: StoreDep, body: SilenceCreate) -> SilencePublic:
 
 
 @router.delete("/{silence_id}", dependencies=ADMIN, responses={404: {"description": "no such silence"}})
-async def expire(store: StoreDep, silence_id: int) -> dict[str, Any]:
+async def expire(store: StoreDep, silence_id: RowId) -> dict[str, Any]:
     """End a silence now."""
 
     def write() -> bool:

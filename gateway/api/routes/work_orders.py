@@ -22,7 +22,7 @@ from alerts.dispatch import (
 )
 from alerts.roster import Technician
 from gateway.api.auth import ADMIN, TECHNICIAN
-from gateway.api.deps import DispatchDep, StoreDep, changed, filtered
+from gateway.api.deps import DispatchDep, RowId, StoreDep, changed, filtered
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["work orders"])
@@ -169,7 +169,7 @@ def _detail(store: Store, order_id: int) -> WorkOrderDetail:
 
 
 @router.get("/work-orders/{order_id}", responses={404: {"description": "no such work order"}})
-async def work_order(store: StoreDep, order_id: int) -> WorkOrderDetail:
+async def work_order(store: StoreDep, order_id: RowId) -> WorkOrderDetail:
     """One work order with its timeline and the alerts it covers."""
     return await asyncio.to_thread(_detail, store, order_id)
 
@@ -205,7 +205,7 @@ async def _step(
     request: Request,
     store: Store,
     dispatch: Any,  # noqa: ANN401 - alerts.dispatch.Dispatch
-    order_id: int,
+    order_id: RowId,
     action: str,
     **kw: Any,  # noqa: ANN401
 ) -> WorkOrderDetail:
@@ -215,7 +215,7 @@ async def _step(
 
 @router.post("/work-orders/{order_id}/ack", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def ack(
-    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: RowId, body: StepBody
 ) -> WorkOrderDetail:
     """Acknowledge an assigned work order: escalation stops."""
     return await _step(request, store, dispatch, order_id, "acknowledge", by=body.by, note=body.note)
@@ -223,7 +223,7 @@ async def ack(
 
 @router.post("/work-orders/{order_id}/en-route", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def en_route(
-    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: RowId, body: StepBody
 ) -> WorkOrderDetail:
     """The technician is on the way (acknowledges too, if not yet)."""
     return await _step(request, store, dispatch, order_id, "en_route", by=body.by, note=body.note)
@@ -231,7 +231,7 @@ async def en_route(
 
 @router.post("/work-orders/{order_id}/on-site", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def on_site(
-    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: StepBody
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: RowId, body: StepBody
 ) -> WorkOrderDetail:
     """The technician has arrived."""
     return await _step(request, store, dispatch, order_id, "on_site", by=body.by, note=body.note)
@@ -239,7 +239,7 @@ async def on_site(
 
 @router.post("/work-orders/{order_id}/resolve", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def resolve(
-    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ResolveBody
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: RowId, body: ResolveBody
 ) -> WorkOrderDetail:
     """Close the order with the callback record (problem found, corrective action)."""
     return await _step(
@@ -250,7 +250,7 @@ async def resolve(
 
 @router.post("/work-orders/{order_id}/reassign", dependencies=TECHNICIAN, responses=_RESPONSES)
 async def reassign(
-    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: int, body: ReassignBody
+    request: Request, store: StoreDep, dispatch: DispatchDep, order_id: RowId, body: ReassignBody
 ) -> WorkOrderDetail:
     """Give the order to another technician (paged, with a fresh acknowledgement deadline)."""
     return await _step(request, store, dispatch, order_id, "reassign", by=body.by, note=body.note, to=body.to)
