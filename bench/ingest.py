@@ -26,6 +26,8 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
+import secrets
 import shutil
 import sqlite3
 import statistics
@@ -37,15 +39,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiomqtt
 import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devices.connect import mqtt_client  # noqa: E402
 from devices.load import publish_numbered, telemetry_payload  # noqa: E402
 from gateway.broker import Mosquitto, free_port  # noqa: E402
 
@@ -55,11 +56,24 @@ PREFIX = "bench-temperature-sensor-"
 FAULT_PREFIX = "bench-elevator-"
 
 
+# The broker runs the project's config and ACL (authentication on): the gateway logs in as
+# `iotgw`; the benchmark's publishers and its ceiling subscriber as `bench`, allowed everywhere.
+USERS = {"iotgw": secrets.token_urlsafe(16), "bench": secrets.token_urlsafe(16)}
+BENCH_ACL = "user bench\ntopic readwrite devices/#\n"
+
+
+def login(user: str = "bench") -> list[str]:
+    """`-u USER -P PASSWORD` for Mosquitto's C clients."""
+    return ["-u", user, "-P", USERS[user]]
+
+
 @contextlib.contextmanager
 def workspace(name: str) -> Iterator[tuple[Path, Mosquitto]]:
     """A scratch directory and a private Mosquitto running the project's config; both gone after."""
     work = Path(tempfile.mkdtemp(prefix=f"iotgw-{name}-"))
-    broker = Mosquitto(Path(tempfile.mkdtemp(prefix=f"iotgw-{name}-mqtt-")), free_port())
+    broker = Mosquitto(
+        Path(tempfile.mkdtemp(prefix=f"iotgw-{name}-mqtt-")), free_port(), users=USERS, extra_acl=BENCH_ACL
+    )
     broker.start()
     try:
         yield work, broker
@@ -93,12 +107,14 @@ def _gateway(
         "--log-level", "WARNING",
         "--consumers", consumers,
     ]  # fmt: skip
+    env = {**os.environ, "IOTGW_MQTT_PASSWORD": USERS["iotgw"], "IOTGW_API_AUTH": "false"}
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def _forget_session(port: int, client_id: str) -> None:
-    cmd = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", client_id, "-t", "bench/none", "-W", "1"]
+    cmd = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", client_id, *login("iotgw"), "-t", "bench/none"]
+    cmd += ["-W", "1"]
     subprocess.run(cmd, check=False, capture_output=True)
 
 
@@ -178,10 +194,9 @@ async def _paced_phase(  # noqa: PLR0917 - one phase's parameters
 
 async def _door_jam(url: str, device_id: str, site: str, *, delay: float) -> None:
     """One elevator: at rest, then (after `delay`) a door jam, each stamped with its publish time."""
-    parts = urlsplit(url)
     idle = {"floor": 1, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0, "fault": None}
     jam = {**idle, "door": "opening", "mode": "fault", "fault": "DOOR_JAM"}
-    async with aiomqtt.Client(parts.hostname or "127.0.0.1", parts.port or 1883, identifier=device_id) as c:
+    async with mqtt_client(url, device_id) as c:
         for seq, data in ((1, idle), (2, jam)):
             if seq == 2:
                 await asyncio.sleep(delay)
@@ -213,7 +228,7 @@ def _blast(port: int, streams: list[tuple[str, Path]]) -> float:
     procs = []
     for device_id, path in streams:
         with path.open("rb") as stdin:
-            cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-i", device_id]
+            cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-i", device_id, *login()]
             procs.append(subprocess.Popen([*cmd, "-t", f"devices/{device_id}/telemetry", "-l"], stdin=stdin))
     for proc in procs:
         proc.wait(600)
@@ -251,7 +266,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         # 1. Live ceiling: Mosquitto's own C subscriber receives a flat-out stream from C publishers.
         sub_streams = _write_streams(work, PREFIX + "sub-", args.devices, per_device, args.site)
         sub = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", "devices/+/+",
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-t", "devices/+/+",
              "-C", str(total), "-F", "%U"],
             stdout=subprocess.PIPE,
         )  # fmt: skip
@@ -329,7 +344,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
             t0 = time.monotonic()
             asyncio.run(
                 _paced_phase(
-                    broker.url, args.devices, live_per_device, prefix, args.site, rate,
+                    broker.url_as("bench"), args.devices, live_per_device, prefix, args.site, rate,
                     faults=args.fault_elevators if i == 0 else 0, seconds=args.live_seconds,
                 )
             )  # fmt: skip

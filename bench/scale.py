@@ -43,9 +43,9 @@ def _metrics(http_port: int) -> dict[str, float]:
     return sums
 
 
-def _simulate(mqtt_port: int, devices: int, prefix: str, log: Path) -> subprocess.Popen[bytes]:
+def _simulate(mqtt_url: str, devices: int, prefix: str, log: Path) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "gateway", "simulate", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
+        sys.executable, "-m", "gateway", "simulate", "--mqtt-url", mqtt_url,
         "--elevators", "0", "--sensors", str(devices), "--rate", "0.2", "--fault-rate", "0",
         "--prefix", prefix, "--log-level", "WARNING",
     ]  # fmt: skip
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         base._wait_ready(http_port, gw)  # noqa: SLF001
         proc = psutil.Process(gw.pid)
         for size in args.sizes:
-            sim = _simulate(broker.port, size, f"scale{size}-", work / "simulator.log")
+            sim = _simulate(broker.url_as("bench"), size, f"scale{size}-", work / "simulator.log")
             t0 = time.monotonic()
             try:
                 while (online := _metrics(http_port).get("iotgw_devices_online", 0.0)) < size:

@@ -446,7 +446,7 @@ iotgw demo is running (Ctrl-C to stop)
   API key     {key}
               (admin; also in {key_file}: the staff page asks for it, curl sends
                -H "Authorization: Bearer $(cat {key_file})")
-  broker      {settings.mqtt_url}   (authentication on: {devices} provisioned devices, ACL per device)
+  broker      {settings.mqtt_url_safe}   (authentication on: {devices} provisioned devices, ACL per device)
   database    {settings.database_url}
   API docs    {base}/docs
   devices     {base}/api/devices

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IOTGW_", extra="forbid", frozen=True)
 
     mqtt_url: str = "mqtt://localhost:1883"  # mqtts://host:8883 for TLS
-    # The gateway's broker account (mosquitto.acl lets user `iotgw` read devices/#).
+    # The gateway's broker account (mosquitto.acl lets user `iotgw` read devices/#); credentials
+    # in mqtt_url (mqtt://user:password@host) win over these. Logs never show them.
     mqtt_username: str = "iotgw"
     mqtt_password: SecretStr = SecretStr("")
     # TLS (mqtts://): the CA that signed the broker's certificate (empty: the system's CAs), and
@@ -80,9 +81,6 @@ class Settings(BaseSettings):
         if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
             msg = f"mqtt_url must look like mqtt://host:port or mqtts://host:port, got {value!r}"
             raise ValueError(msg)
-        if parts.username or parts.password:
-            msg = "mqtt_url must not hold credentials: set IOTGW_MQTT_USERNAME and IOTGW_MQTT_PASSWORD"
-            raise ValueError(msg)
         try:
             port = parts.port
         except ValueError as exc:
@@ -110,6 +108,23 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """`cors_origins` as a list."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def mqtt_login(self) -> tuple[str, str | None] | None:
+        """(user, password) for the broker: the URL's own (mqtt://user:pw@host), else the settings'."""
+        parts = urlsplit(self.mqtt_url)
+        if parts.username:
+            return unquote(parts.username), unquote(parts.password) if parts.password else None
+        if self.mqtt_username:
+            return self.mqtt_username, self.mqtt_password.get_secret_value() or None
+        return None
+
+    @property
+    def mqtt_url_safe(self) -> str:
+        """`mqtt_url` without credentials, for logs and banners."""
+        parts = urlsplit(self.mqtt_url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
 
     @property
     def mqtt_tls(self) -> bool:

@@ -47,7 +47,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         if settings.mqtt_cert_file:
             ctx.load_cert_chain(settings.mqtt_cert_file, settings.mqtt_key_file or None)
     except (OSError, ssl.SSLError) as exc:
-        msg = f"cannot set up TLS for {settings.mqtt_url}: {exc}"
+        msg = f"cannot set up TLS for {settings.mqtt_url_safe}: {exc}"
         raise ConfigError(msg) from exc
     return ctx
 
@@ -236,8 +236,8 @@ class Ingest:
             receive_maximum=s.mqtt_receive_maximum,
             logger=logging.getLogger("iotgw.mqtt"),
         )
-        if s.mqtt_username:
-            client.set_auth_credentials(s.mqtt_username, s.mqtt_password.get_secret_value() or None)
+        if s.mqtt_login is not None:
+            client.set_auth_credentials(*s.mqtt_login)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -251,13 +251,13 @@ class Ingest:
                 await self._client.connect(s.mqtt_host, s.mqtt_port, keepalive=30, ssl=self._tls)
             except gmqtt.mqtt.handler.MQTTConnectError as exc:
                 log.warning(
-                    "broker %s refused user %r (%s); retrying in %.1fs", s.mqtt_url, s.mqtt_username, exc, self._delay
+                    "broker %s refused the gateway's login (%s); retrying in %.1fs", s.mqtt_url_safe, exc, self._delay
                 )
                 await asyncio.sleep(self._delay)
                 self._backoff()
                 continue
             except OSError as exc:
-                log.warning("broker %s unreachable (%s); retrying in %.1fs", s.mqtt_url, exc, self._delay)
+                log.warning("broker %s unreachable (%s); retrying in %.1fs", s.mqtt_url_safe, exc, self._delay)
                 await asyncio.sleep(self._delay)
                 self._backoff()
                 continue
@@ -273,7 +273,10 @@ class Ingest:
 
     def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401, ARG002
         log.info(
-            "connected to %s as %s (session present: %s)", self.settings.mqtt_url, self.settings.mqtt_client_id, flags
+            "connected to %s as %s (session present: %s)",
+            self.settings.mqtt_url_safe,
+            self.settings.mqtt_client_id,
+            flags,
         )
         self.connected = True
         self.metrics.broker_connected.set(1)
@@ -283,7 +286,7 @@ class Ingest:
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:  # noqa: ANN401, ARG002
         if self.connected and not self._stopping:
-            log.warning("lost the broker %s; reconnecting with backoff", self.settings.mqtt_url)
+            log.warning("lost the broker %s; reconnecting with backoff", self.settings.mqtt_url_safe)
             self.metrics.broker_reconnects.inc()
         self.connected = False
         self.metrics.broker_connected.set(0)

@@ -114,7 +114,7 @@ class Gateway:
             log.warning("the API needs a key and none exists yet: iotgw apikeys create --role admin --name NAME")
         log.info(
             "iotgw up: broker %s, database %s, API http://%s:%d",
-            self.settings.mqtt_url,
+            self.settings.mqtt_url_safe,
             self.settings.database_url,
             self.settings.http_host,
             self.settings.http_port,

@@ -350,3 +350,17 @@ async def test_a_flooding_device_is_rate_limited_and_the_others_keep_their_laten
             f"p95 {calm_ms[len(calm_ms) * 95 // 100]:.1f} / {busy_ms[len(busy_ms) * 95 // 100]:.1f} ms"
         )
         assert mean_busy <= 2 * mean_calm
+
+
+async def test_credentials_in_the_mqtt_url_log_the_gateway_in_and_never_reach_the_logs(
+    broker: Mosquitto, settings_for: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert Settings(mqtt_url="mqtt://dev%2Bx:p%40ss@h:1884", mqtt_password="other").mqtt_login == ("dev+x", "p@ss")
+    assert Settings(mqtt_url="mqtt://dev:secret@h:1884").mqtt_url_safe == "mqtt://h:1884"
+    assert Settings(mqtt_password="pw").mqtt_login == ("iotgw", "pw")
+    secret = broker.users["iotgw"]
+    caplog.set_level("INFO")
+    async with running_gateway(settings_for(broker, mqtt_url=broker.url_as("iotgw"), mqtt_password="")) as gw:
+        assert gw.ingest.connected
+    assert "connected to mqtt://127.0.0.1" in caplog.text
+    assert secret not in caplog.text
