@@ -29,7 +29,7 @@ def anyio_backend() -> str:
 # The gateway logs in as `iotgw`; tests publish as `tester`, which this block (tests only)
 # allows on every device's topics. Provisioned devices (tests/test_security.py) log in as
 # themselves and get the project's ACL alone.
-GATEWAY_PASSWORD = "gateway-test-secret"  # noqa: S105 - a throwaway broker's
+GATEWAY_PASSWORD = "gateway-test-secret"
 TEST_USERS = {"iotgw": GATEWAY_PASSWORD, "tester": "tester-test-secret"}
 TESTER_ACL = "# tests only: a publisher allowed on every device's topics\nuser tester\ntopic write devices/#\n"
 # For gateways run as `iotgw run` processes (crash tests): the broker login, and no API keys.
