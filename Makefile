@@ -22,9 +22,11 @@ demo: setup
 run: setup
 	$(BIN)/iotgw run
 
+# The whole suite twice: on SQLite (the embedded default), then on PostgreSQL.
 test: setup
 	./scripts/setup-system.sh --test
 	$(BIN)/pytest
+	IOTGW_TEST_DATABASE=postgresql $(BIN)/pytest
 
 lint: setup
 	$(BIN)/ruff check .

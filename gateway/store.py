@@ -13,14 +13,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     Index,
+    Integer,
     String,
     Table,
     UniqueConstraint,
@@ -58,6 +64,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
+# Log positions and device sequence numbers are 64-bit (PostgreSQL's INTEGER is 32). On SQLite the
+# id stays INTEGER PRIMARY KEY, the rowid, which is what makes it a log position there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _big(*, primary_key: bool = False) -> Any:  # noqa: ANN401 - SQLModel Field
+    return Field(default=None, sa_column=Column(BigId, nullable=not primary_key, primary_key=primary_key))
+
+
 def _dt(*, index: bool = False, nullable: bool = True) -> Any:  # noqa: ANN401 - SQLModel Field
     return Field(default=None, sa_column=Column(UTCDateTime(), index=index, nullable=nullable))
 
@@ -73,14 +88,14 @@ class EventRow(SQLModel, table=True):
         Index("ix_events_type_id", "type", "id"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = _big(primary_key=True)
     ce_id: str = Field(sa_column=Column(String(200), nullable=False))
     source: str
     type: str
     subject: str
     time: datetime = _dt(index=True, nullable=False)
     received_at: datetime = _dt(nullable=False)
-    sequence: int | None = None
+    sequence: int | None = _big()
     part: int = 0
     site: str | None = None
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -94,7 +109,7 @@ class DeviceRow(SQLModel, table=True):
     device_id: str = Field(primary_key=True)
     type: str | None = Field(default=None, index=True)
     site: str | None = Field(default=None, index=True)
-    last_seq: int | None = None
+    last_seq: int | None = _big()
     online: bool = False
     first_seen: datetime | None = _dt()
     last_seen: datetime | None = _dt()
@@ -112,7 +127,7 @@ class ConsumerCursorRow(SQLModel, table=True):
     __tablename__ = "consumer_cursors"
 
     name: str = Field(primary_key=True)
-    position: int = 0
+    position: int = Field(default=0, sa_column=Column(BigId, nullable=False))
     paused: bool = False
     updated_at: datetime | None = _dt()
 
@@ -124,7 +139,7 @@ class ConsumerDeadLetterRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     consumer: str = Field(index=True)
-    position: int
+    position: int = Field(sa_column=Column(BigId, nullable=False))
     event_type: str
     subject: str
     error: str
@@ -317,6 +332,21 @@ def upsert(tx: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]], k
 LOG_GREW = "iotgw_log_grew"  # Session.info flag: this transaction appended events to the log
 
 
+# Log positions in commit order. PostgreSQL hands out ids when rows are inserted, not when they
+# commit: with two writers, the later id can commit first, a consumer reads it and moves its
+# cursor past the earlier id, which commits a moment later and is never read. Every transaction
+# that appends to the log therefore takes this lock first and holds it to its commit, so ids are
+# given in commit order. (SQLite has one writer at a time anyway.)
+LOG_APPEND_LOCK = 0x696F74677721
+
+
+def lock_log(conn: Any) -> None:  # noqa: ANN401 - a Connection or a Session
+    """Take the log's append lock for this transaction (PostgreSQL; nothing elsewhere)."""
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOG_APPEND_LOCK})")
+
+
 def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
     tx: Session,
     *,
@@ -334,6 +364,7 @@ def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
     commit with whatever caused them, and the flag on the session tells the router to wake the
     consumers after the commit.
     """  # fmt: skip
+    lock_log(tx)
     tx.add(
         EventRow(
             ce_id=ce_id[:200], source=source, type=type, subject=subject, time=time,
@@ -360,6 +391,15 @@ def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPo
     return apply
 
 
+def _pg_settings(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    # As SQLite's busy_timeout: a lock held elsewhere (a migration, a backup tool) makes a write
+    # fail after 10 s instead of hanging, so ingest reports it and retries, holding the acks.
+    cur = dbapi_conn.cursor()
+    cur.execute("SET lock_timeout = '10s'")
+    cur.close()
+    dbapi_conn.commit()
+
+
 def make_engine(url: str, *, durable: bool = True) -> Engine:
     """An engine for `url`; SQLite gets WAL mode. Only SQLite and PostgreSQL are supported.
 
@@ -374,6 +414,7 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas("FULL" if durable else "NORMAL"))
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_pre_ping=True)
+            event.listen(engine, "connect", _pg_settings)
         else:
             msg = f"unsupported database_url {url!r}: use sqlite:///path or postgresql+psycopg://..."
             raise ConfigError(msg)
@@ -381,6 +422,42 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
         msg = f"cannot use database {url!r}: {exc}"
         raise ConfigError(msg) from exc
     return engine
+
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+FIRST_REVISION = "0001"
+SCHEMA_LOCK = 0x696F74677722
+
+
+def _migrate(conn: Connection) -> None:
+    """Bring the schema to the newest revision. A database made before migrations existed (tables,
+    no alembic_version) is completed the old way, marked as the first revision, then upgraded."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    tables = set(inspect(conn).get_table_names())
+    if tables & set(SQLModel.metadata.tables) and "alembic_version" not in tables:
+        SQLModel.metadata.create_all(conn)
+        _add_missing_columns(conn)
+        alembic_command.stamp(config, FIRST_REVISION)
+    alembic_command.upgrade(config, "head")
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Add the nullable columns later pre-migration versions brought to tables an older one created."""
+    existing = inspect(conn)
+    for table in SQLModel.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable:
+                msg = f"table {table.name} lacks column {column.name}: this database needs a migration"
+                raise StoreError(msg)
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 class Store:
@@ -407,30 +484,18 @@ class Store:
         self._sql_devices = _insert_sql("devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}")
 
     def create_schema(self) -> None:
-        """Create missing tables (idempotent)."""
+        """Create or migrate the schema to this version (Alembic, gateway/migrations), then create the
+        tables of consumers from other packages, which migrations do not know (idempotent)."""
         try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Several gateways starting at once: one migrates, the others wait for it.
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+                _migrate(conn)
             SQLModel.metadata.create_all(self.engine)
-            self._add_missing_columns()
         except SQLAlchemyError as exc:
             msg = f"cannot create the schema in {self.url}: {exc}"
             raise StoreError(msg) from exc
-
-    def _add_missing_columns(self) -> None:
-        """Add the nullable columns a newer version brought to tables an older one created."""
-        existing = inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in SQLModel.metadata.sorted_tables:
-                if not existing.has_table(table.name):
-                    continue
-                have = {c["name"] for c in existing.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name in have:
-                        continue
-                    if not column.nullable:
-                        msg = f"table {table.name} lacks column {column.name}: this database needs a migration"
-                        raise StoreError(msg)
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -482,6 +547,7 @@ class Store:
             with self.engine.begin() as conn:
                 inserted = 0
                 if event_rows:
+                    lock_log(conn)
                     inserted = conn.exec_driver_sql(self._sql_events, event_rows).rowcount
                 if device_rows:
                     conn.exec_driver_sql(self._sql_devices, device_rows)

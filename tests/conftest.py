@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.pool import NullPool
 
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.router import Consumer
 from gateway.service import Gateway
+from gateway.store import Store
 
 
 @pytest.fixture
@@ -53,8 +59,69 @@ def broker() -> Iterator[Mosquitto]:
     shutil.rmtree(mq.data_dir, ignore_errors=True)
 
 
+# The store the gateways of the tests run on: SQLite (the default) or, with
+# IOTGW_TEST_DATABASE=postgresql, PostgreSQL (`make test` runs the suite on both; the database is
+# made by scripts/setup-system.sh --test). Each test gets its own schema there.
+TEST_DATABASE = os.environ.get("IOTGW_TEST_DATABASE", "sqlite")
+PG_URL = os.environ.get("IOTGW_TEST_PG_URL", "postgresql+psycopg://iotgw:iotgw@127.0.0.1:5432/iotgw_test")
+on_postgresql = TEST_DATABASE == "postgresql"
+
+
+@contextmanager
+def fresh_database(directory: Path, name: str = "iotgw") -> Iterator[str]:
+    """The URL of a new, empty database: an SQLite file in `directory`, or a PostgreSQL schema."""
+    if not on_postgresql:
+        yield f"sqlite:///{directory / f'{name}.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.dispose()
+
+
 @pytest.fixture
-def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    with fresh_database(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def make_store(database_url: str) -> Iterator[Callable[[], Store]]:
+    """Stores on the test's database, schema created; closed after the test."""
+    stores: list[Store] = []
+
+    def make() -> Store:
+        store = Store(database_url)
+        store.create_schema()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def query(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows of one SQL query on the database at `url` (empty while its tables do not exist yet)."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    except (OperationalError, ProgrammingError):  # the gateway has not created the schema yet
+        return []
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def settings_for(database_url: str) -> Callable[..., Settings]:
     """Settings for a gateway on `broker`, with its own database and client id."""
 
     def make(broker: Mosquitto, **overrides: Any) -> Settings:
@@ -63,7 +130,7 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
             "mqtt_password": GATEWAY_PASSWORD,
             # API keys have their own tests (test_security.py, test_ui.py, test_demo.py).
             "api_auth": False,
-            "database_url": f"sqlite:///{tmp_path / 'iotgw.db'}",
+            "database_url": database_url,
             "mqtt_client_id": f"iotgw-test-{broker.port}",
             "http_port": free_port(),
         }

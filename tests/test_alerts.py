@@ -220,13 +220,11 @@ rules:
 """
 
 
-def _engine_store(tmp_path: Path) -> tuple[Any, Any]:
+def _engine_store(make_store: Callable[[], Any]) -> tuple[Any, Any]:
     from alerts.engine import AlertEngine  # noqa: PLC0415
     from alerts.rules import load_rules  # noqa: PLC0415
-    from gateway.store import Store  # noqa: PLC0415
 
-    store = Store(f"sqlite:///{tmp_path / 'alerts.db'}")
-    store.create_schema()
+    store = make_store()
     return AlertEngine(load_rules(INHIBIT_RULES)), store
 
 
@@ -237,12 +235,12 @@ def _event(etype: str, subject: str, site: str, t: Any, **data: Any) -> Any:
                  data=data, site=site)  # fmt: skip
 
 
-def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(tmp_path: Path) -> None:
+def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(make_store: Callable[[], Any]) -> None:
     from datetime import UTC, datetime  # noqa: PLC0415
 
     from alerts.engine import AlertRow  # noqa: PLC0415
 
-    engine, store = _engine_store(tmp_path)
+    engine, store = _engine_store(make_store)
     t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
     with store.session() as tx:
         engine.handle([_event("sensor.reading", "pwr-1", "hq", t, value=3.0, unit="W")], tx)
@@ -253,12 +251,12 @@ def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(tmp_path
     assert fired == [("device-offline", "el-2"), ("site-power-lost", "pwr-1")]
 
 
-def test_no_absence_alerts_while_the_broker_is_lost_and_one_heartbeat_after(tmp_path: Path) -> None:
+def test_no_absence_alerts_while_the_broker_is_lost_and_one_heartbeat_after(make_store: Callable[[], Any]) -> None:
     from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
     from alerts.engine import AlertRow  # noqa: PLC0415
 
-    engine, store = _engine_store(tmp_path)
+    engine, store = _engine_store(make_store)
     connected = {"up": True}
     engine.broker_connected = lambda: connected["up"]
     t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -286,6 +284,7 @@ def select_alerts(row: Any) -> Any:
 
 
 def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_path: Path) -> None:
+    # The SQLite fast path (_SQL_BEYOND) itself; other databases take the readings one by one.
     from datetime import UTC, datetime  # noqa: PLC0415
 
     from alerts.engine import _SQL_BEYOND, AlertEngine  # noqa: PLC0415

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import GATEWAY_ENV, new_broker, wait_for
+from tests.conftest import GATEWAY_ENV, fresh_database, new_broker, query, wait_for
 from tests.test_crash import _until_ready
 
 pytestmark = pytest.mark.anyio
@@ -84,41 +84,39 @@ async def publish(url: str, messages: dict[str, list[bytes]]) -> None:
     await asyncio.gather(*(one(d, p) for d, p in messages.items()))
 
 
-def start(port: int, db: Path, http: int, rules: Path, log: Path) -> subprocess.Popen[bytes]:
+def start(port: int, db: str, http: int, rules: Path, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", f"mqtt://127.0.0.1:{port}",
-           "--database-url", f"sqlite:///{db}", "--http-port", str(http), "--consumers", "alerts"]  # fmt: skip
+           "--database-url", db, "--http-port", str(http), "--consumers", "alerts"]  # fmt: skip
     env = {**os.environ, **GATEWAY_ENV, "IOTGW_RULES_FILE": str(rules)}
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def outcome(db: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
-    with sqlite3.connect(db) as conn:
-        alerts = conn.execute(
-            "select a.rule, a.device_id, a.status, a.fired_at, group_concat(t.to_status, '>') "
-            "from alerts a join alert_transitions t on t.alert_id = a.id "
-            "group by a.id order by a.rule, a.device_id, a.fired_at"
-        ).fetchall()
-        notes = conn.execute("select status, count(*) from notifications group by status order by status").fetchall()
+def outcome(db: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """Each alert with its transitions in order, and the notifications by status."""
+    transitions: dict[int, list[str]] = {}
+    for alert_id, to_status in query(db, "select alert_id, to_status from alert_transitions order by id"):
+        transitions.setdefault(alert_id, []).append(to_status)
+    alerts = [
+        (rule, device, status, fired_at, ">".join(transitions.get(alert_id, [])))
+        for alert_id, rule, device, status, fired_at in query(
+            db, "select id, rule, device_id, status, fired_at from alerts order by rule, device_id, fired_at"
+        )
+    ]
+    notes = query(db, "select status, count(*) from notifications group by status order by status")
     return alerts, notes
 
 
-def stored(db: Path) -> int:
+def stored(db: str) -> int:
     """Messages stored so far (each device's last seq; seqs run 1..n)."""
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as conn:
-        try:
-            return int(conn.execute("select coalesce(sum(last_seq), 0) from devices").fetchone()[0])
-        except sqlite3.OperationalError:  # the schema is not there yet
-            return 0
+    rows = query(db, "select coalesce(sum(last_seq), 0) from devices")
+    return int(rows[0][0]) if rows else 0
 
 
-def lag(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        head = conn.execute("select coalesce(max(id), 0) from events").fetchone()[0]
-        cursor = conn.execute("select position from consumer_cursors where name = 'alerts'").fetchone()
-    return int(head) - int(cursor[0] if cursor else 0)
+def lag(db: str) -> int:
+    head = query(db, "select coalesce(max(id), 0) from events")
+    cursor = query(db, "select position from consumer_cursors where name = 'alerts'")
+    return int(head[0][0] if head else 0) - int(cursor[0][0] if cursor else 0)
 
 
 @pytest.fixture
@@ -136,17 +134,31 @@ async def test_alerts_after_kill_9_equal_an_uninterrupted_run(brokers: list[Mosq
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     msgs = scenario()
+    with contextlib.ExitStack() as stack:
+        databases = [stack.enter_context(fresh_database(tmp_path, f"run{run}")) for run in range(2)]
+        results = await _both_runs(brokers, databases, rules, msgs, tmp_path)
+    (alerts_a, notes_a), (alerts_b, notes_b) = results
+    assert alerts_a, "the scenario raises alerts"
+    assert {a[0] for a in alerts_a} >= {"any-fault"}
+    assert alerts_b == alerts_a
+    assert notes_b == notes_a
+
+
+async def _both_runs(
+    brokers: list[Mosquitto], databases: list[str], rules: Path, msgs: dict[str, list[bytes]], tmp_path: Path
+) -> list[tuple[list[tuple[object, ...]], list[tuple[object, ...]]]]:
+    """An uninterrupted run, and one killed -9 a third of the way in, each on its own broker and database."""
     total = sum(len(v) for v in msgs.values())
     results = []
     for run, broker in enumerate(brokers):
-        db, http, log = tmp_path / f"run{run}.db", free_port(), tmp_path / f"run{run}.log"
+        db, http, log = databases[run], free_port(), tmp_path / f"run{run}.log"
         proc = start(broker.port, db, http, rules, log)
         try:
             await _until_ready(http, proc)
             sending = asyncio.create_task(publish(broker.url_as("tester"), msgs))
             if run == 1:  # the interrupted run
 
-                async def midway(db: Path = db) -> bool:
+                async def midway(db: str = db) -> bool:
                     return stored(db) > total // 3
 
                 await wait_for(midway, what="a third of the scenario stored")
@@ -156,7 +168,7 @@ async def test_alerts_after_kill_9_equal_an_uninterrupted_run(brokers: list[Mosq
                 proc = start(broker.port, db, http, rules, log)
             await sending
 
-            async def done(db: Path = db) -> bool:
+            async def done(db: str = db) -> bool:
                 return stored(db) == total and lag(db) == 0
 
             await wait_for(done, timeout=60, what="the whole scenario stored and alerted")
@@ -164,8 +176,4 @@ async def test_alerts_after_kill_9_equal_an_uninterrupted_run(brokers: list[Mosq
             proc.kill()
             proc.wait()
         results.append(outcome(db))
-    (alerts_a, notes_a), (alerts_b, notes_b) = results
-    assert alerts_a, "the scenario raises alerts"
-    assert {a[0] for a in alerts_a} >= {"any-fault"}
-    assert alerts_b == alerts_a
-    assert notes_b == notes_a
+    return results

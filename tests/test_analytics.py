@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from gateway.analytics import Analytics, device, fleet
 from gateway.broker import Mosquitto, free_port
 from gateway.events import Event
 from gateway.store import Store
-from tests.conftest import wait_for
+from tests.conftest import query, wait_for
 from tests.test_crash import _start_gateway, _until_ready
 
 T0 = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
@@ -32,10 +32,8 @@ def e(etype: str, seconds: float, subject: str = "el-1", site: str = "hq", **dat
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'a.db'}")
-    s.create_schema()
-    return s
+def store(make_store: Callable[[], Store]) -> Store:
+    return make_store()
 
 
 def feed(store: Store, events: list[Event]) -> None:
@@ -115,17 +113,18 @@ def test_reset_forgets_everything(store: Store) -> None:
     assert device(store, "t") is None
 
 
-def _log_counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
-        return dict(conn.execute("select type, count(*) from events group by type").fetchall())
+def _log_counts(db: str) -> dict[str, int]:
+    return dict(query(db, "select type, count(*) from events group by type"))
 
 
 pytestmark_anyio = pytest.mark.anyio
 
 
 @pytest.mark.anyio
-async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(broker: Mosquitto, tmp_path: Path) -> None:
-    db, log, port = tmp_path / "an.db", tmp_path / "gw.log", free_port()
+async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
+    broker: Mosquitto, tmp_path: Path, database_url: str
+) -> None:
+    db, log, port = database_url, tmp_path / "gw.log", free_port()
     proc = _start_gateway(broker, db, port, log)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -143,7 +142,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(broker:
         run = asyncio.create_task(Fleet(cfg).run())
 
         async def midway() -> bool:
-            return db.exists() and sum(_log_counts(db).values()) > 3000
+            return sum(_log_counts(db).values()) > 3000
 
         await wait_for(midway, what="the stream to be under way")
         os.kill(proc.pid, signal.SIGKILL)

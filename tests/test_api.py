@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -33,9 +32,8 @@ def probe() -> Probe:
 
 
 @pytest.fixture
-async def client(tmp_path: Path, probe: Probe) -> AsyncIterator[httpx.AsyncClient]:
-    store = Store(f"sqlite:///{tmp_path / 'api.db'}")
-    store.create_schema()
+async def client(make_store: Callable[[], Store], probe: Probe) -> AsyncIterator[httpx.AsyncClient]:
+    store = make_store()
     events = [
         Event(
             id=f"e{i % 3}-{i}-0",

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto
 from gateway.config import Settings
-from tests.conftest import running_gateway, wait_for
+from tests.conftest import on_postgresql, running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_unwritable_database_holds_acknowledgements_reports_not_ready_and_loses_nothing(
-    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+    broker: Mosquitto, settings_for: Callable[..., Settings]
 ) -> None:
     settings = settings_for(broker, consumers="")
     async with running_gateway(settings) as gw:
@@ -34,8 +34,8 @@ async def test_unwritable_database_holds_acknowledgements_reports_not_ready_and_
         assert (await api.get("/ready")).status_code == 200
 
         # Another process takes the write lock and keeps it (a backup tool, a stuck migration...).
-        locker = sqlite3.connect(tmp_path / "iotgw.db", timeout=1, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")
+        locker = create_engine(settings.database_url, poolclass=NullPool).connect()
+        locker.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE" if on_postgresql else "BEGIN IMMEDIATE")
         try:
             await publish_numbered(broker.url_as("tester"), 5, 40, prefix="during-")  # the broker accepts them
 
@@ -51,7 +51,7 @@ async def test_unwritable_database_holds_acknowledgements_reports_not_ready_and_
             assert (sample("iotgw_ingest_pending_messages") or 0) > 0
             assert (sample("iotgw_commit_failures_total") or 0) >= 1
         finally:
-            locker.execute("ROLLBACK")
+            locker.rollback()
             locker.close()
 
         await wait_for(lambda: stored(300), timeout=60, what="everything after the lock is gone")

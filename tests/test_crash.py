@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,18 +18,18 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import GATEWAY_ENV, running_gateway, settled, wait_for
+from tests.conftest import GATEWAY_ENV, query, running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _start_gateway(broker: Mosquitto, db: Path, http_port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_gateway(broker: Mosquitto, db: str, http_port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "gateway", "run",
         "--mqtt-url", broker.url,
-        "--database-url", f"sqlite:///{db}",
+        "--database-url", db,
         "--http-port", str(http_port),
         "--client-id", "iotgw-crash-test",
     ]  # fmt: skip
@@ -52,27 +51,25 @@ async def _until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float 
     pytest.fail("gateway never became ready")
 
 
-def _count(db: Path) -> tuple[int, int]:
-    with sqlite3.connect(db, timeout=10) as conn:
-        total = conn.execute("select count(*) from events where type = 'sensor.reading'").fetchone()[0]
-        distinct = conn.execute(
-            "select count(*) from (select distinct subject, sequence from events where type = 'sensor.reading')"
-        ).fetchone()[0]
-    return int(total), int(distinct)
+def _count(db: str) -> tuple[int, int]:
+    rows = query(
+        db,
+        "select count(*), count(distinct subject || ':' || cast(sequence as varchar)) "
+        "from events where type = 'sensor.reading'",
+    )
+    return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
 
-def _sensor_minutes(db: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(db, timeout=10) as conn:
-        # Sums rounded: a different batching adds the same floats in another order.
-        return conn.execute(
-            "select device_id, minute, count, round(total, 6), vmin, vmax from analytics_sensor_minutes order by 1, 2"
-        ).fetchall()
+def _sensor_minutes(db: str) -> list[tuple[object, ...]]:
+    # Sums rounded: a different batching adds the same floats in another order.
+    rows = query(db, "select device_id, minute, count, total, vmin, vmax from analytics_sensor_minutes order by 1, 2")
+    return [(d, m, n, round(total, 6), lo, hi) for d, m, n, total, lo, hi in rows]
 
 
 async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_nothing(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, database_url: str
 ) -> None:
-    db, log, port = tmp_path / "crash.db", tmp_path / "gateway.log", free_port()
+    db, log, port = database_url, tmp_path / "gateway.log", free_port()
     devices, per_device = 100, 500
     total = devices * per_device
     proc = _start_gateway(broker, db, port, log)
@@ -83,7 +80,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
         for share in (0.2, 0.45, 0.7):
 
             async def far_enough(share: float = share) -> bool:
-                return db.exists() and _count(db)[0] >= total * share
+                return _count(db)[0] >= total * share
 
             await wait_for(far_enough, timeout=60, what=f"{share:.0%} of the stream to be stored")
             os.kill(proc.pid, signal.SIGKILL)

@@ -176,9 +176,9 @@ async def test_every_query_uses_real_metrics_and_a_real_prometheus_gets_data_for
                     for sample in family.samples:
                         families.setdefault(sample.name, set()).update(sample.labels)
                     families.setdefault(family.name, set())
-                return "iotgw_site_elevator_trips" in {n for n in families if families[n]} and any(
-                    n == "iotgw_work_orders_open" for n in families if families[n]
-                )
+                seen = {n for n in families if families[n]}
+                wanted = ("iotgw_site_elevator_trips", "iotgw_elevator_availability_ratio", "iotgw_work_orders_open")
+                return all(n in seen for n in wanted)
 
             await wait_for(simulated, timeout=60, what="a simulation with trips, alerts and work orders")
             recorded = _recorded()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,9 +18,8 @@ from gateway.store import Store, list_dead_letters
 
 
 @pytest.fixture
-def ingest(tmp_path: Path) -> Ingest:
-    store = Store(f"sqlite:///{tmp_path / 'i.db'}")
-    store.create_schema()
+def ingest(make_store: Callable[[], Store]) -> Ingest:
+    store = make_store()
     return Ingest(Settings(database_url=store.url), store, Metrics(CollectorRegistry()))
 
 

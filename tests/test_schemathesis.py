@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 from schemathesis.checks import not_a_server_error
 
-from gateway.broker import free_port
+from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.security import create_api_key
 from gateway.service import Gateway
-from tests.conftest import GATEWAY_PASSWORD, new_broker
+from tests.conftest import GATEWAY_PASSWORD, fresh_database, new_broker
 
 EXAMPLES = 25  # per operation: bounded, so `make test` stays quick
 
@@ -31,11 +31,16 @@ def live_gateway() -> Iterator[tuple[str, str]]:
     broker = new_broker()
     broker.start()
     work = Path(tempfile.mkdtemp(prefix="iotgw-schemathesis-"))
+    with fresh_database(work) as database_url:
+        yield from _serve(broker, work, database_url)
+
+
+def _serve(broker: Mosquitto, work: Path, database_url: str) -> Iterator[tuple[str, str]]:
     settings = Settings(
         mqtt_url=broker.url,
         mqtt_password=GATEWAY_PASSWORD,
         mqtt_client_id=f"iotgw-schemathesis-{broker.port}",
-        database_url=f"sqlite:///{work / 'iotgw.db'}",
+        database_url=database_url,
         http_port=free_port(),
         broker_password_file=str(broker.passwords.path),
         broker_pid_file=str(broker.data_dir / "mosquitto.pid"),

@@ -166,10 +166,10 @@ def iotgw(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 async def test_the_cli_provisions_a_device_that_can_then_log_in_and_revokes_it(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, database_url: str
 ) -> None:
     env = {
-        "IOTGW_DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}",
+        "IOTGW_DATABASE_URL": database_url,
         "IOTGW_BROKER_PASSWORD_FILE": str(broker.passwords.path),
         "IOTGW_BROKER_PID_FILE": str(broker.data_dir / "mosquitto.pid"),
     }

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import base64
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import SQLModel
 
 from gateway.errors import ConfigError, StoreError
 from gateway.events import Event
 from gateway.normalize import Shadow
-from gateway.store import DeadLetter, EventQuery, Store, list_dead_letters, list_events
+from gateway.store import (
+    FIRST_REVISION,
+    MIGRATIONS,
+    DeadLetter,
+    EventQuery,
+    Store,
+    append_event,
+    list_dead_letters,
+    list_events,
+    read_events,
+)
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
@@ -24,10 +40,8 @@ def ev(device: str, seq: int, part: int = 0, etype: str = "sensor.reading") -> E
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    s.create_schema()
-    return s
+def store(make_store: Callable[[], Store]) -> Store:
+    return make_store()
 
 
 def test_redelivered_events_are_stored_once(store: Store) -> None:
@@ -41,11 +55,11 @@ def test_redelivered_events_are_stored_once(store: Store) -> None:
     assert rows[0].time == NOW  # time zones survive the round trip
 
 
-def test_shadows_are_upserted_and_reloaded(store: Store, tmp_path: Path) -> None:
+def test_shadows_are_upserted_and_reloaded(store: Store, make_store: Callable[[], Store]) -> None:
     store.append_batch([], [Shadow("a", type="elevator", last_seq=1, online=True, state={"floor": 1})], [], now=NOW)
     store.append_batch([], [Shadow("a", type="elevator", last_seq=7, online=False, state={"floor": 4})], [], now=NOW)
     store.close()
-    reopened = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    reopened = make_store()
     shadows = reopened.load_shadows()
     assert shadows["a"].last_seq == 7
     assert shadows["a"].state == {"floor": 4}
@@ -104,3 +118,61 @@ def test_an_older_database_gains_the_new_nullable_columns_at_start(tmp_path: Pat
         kept = conn.execute("select key, receiver from notifications").fetchall()
     assert columns[-3:] == ["work_order_id", "entry_id", "receiver"]
     assert kept == [("k", None)]
+
+
+def test_log_positions_follow_commit_order_so_a_reader_never_skips_a_late_commit(store: Store) -> None:
+    """Writer A appends and keeps its transaction open; writer B's batch must wait for A's commit.
+
+    Otherwise (PostgreSQL without the append lock) B's later id commits first, a consumer reads it
+    and moves its cursor past A's earlier id, which then commits and is never read."""
+    a_appended, release_a = threading.Event(), threading.Event()
+
+    def writer_a() -> None:
+        with store.session() as tx:
+            append_event(tx, ce_id="a", source="test", type="test.a", subject="a", time=NOW, site=None, data={})
+            tx.flush()
+            a_appended.set()
+            release_a.wait(10)
+            tx.commit()
+
+    a = threading.Thread(target=writer_a)
+    a.start()
+    assert a_appended.wait(10)
+    b = threading.Thread(target=store.append_batch, args=([ev("b", 1)], [], []), kwargs={"now": NOW})
+    b.start()
+    b.join(0.5)
+    assert b.is_alive(), "B committed while A, which appended first, was still open"
+    with store.session() as tx:
+        assert read_events(tx, 0, 10**9) == [], "nothing is visible before A commits"
+    release_a.set()
+    a.join(10)
+    b.join(10)
+    with store.session() as tx:
+        order = [e.subject for e in read_events(tx, 0, 10**9)]
+    assert order == ["a", "b"]
+
+
+def test_migrations_build_exactly_the_schema_the_code_describes(store: Store) -> None:
+    with store.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+        version = conn.exec_driver_sql("select version_num from alembic_version").scalar_one()
+    assert differences == []
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    store.create_schema()  # a second start changes nothing
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+
+
+def test_a_database_from_before_migrations_is_completed_and_marked(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'pre.db'}"
+    old = Store(db)
+    SQLModel.metadata.create_all(old.engine)  # how versions before migrations made the schema
+    old.append_batch([ev("d", 1)], [], [], now=NOW)
+    old.close()
+    store = Store(db)
+    store.create_schema()
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("select version_num from alembic_version").scalar_one() == FIRST_REVISION
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+    assert store.count_events() == 1
+    store.close()

@@ -98,9 +98,18 @@ async def _json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# No text column anywhere takes a NUL character (PostgreSQL refuses them outright).
+NUL_REFUSED = "NUL characters (\\u0000, %00) are not accepted in parameters or bodies"
+
+
+def _has_nul(raw: bytes) -> bool:
+    lowered = raw.lower()
+    return b"\x00" in raw or b"%00" in raw or b"\\u0000" in lowered
+
+
 class Guard:
-    """ASGI middleware: refuses bodies over the limit (413, before the route reads them) and writes
-    the audit row of every mutation after its response."""
+    """ASGI middleware: refuses bodies over the limit (413, before the route reads them) and NUL
+    characters (422), and writes the audit row of every mutation after its response."""
 
     def __init__(self, app: ASGIApp, *, security: ApiSecurity, store: Any) -> None:  # noqa: ANN401 - Store
         self.app = app
@@ -108,13 +117,22 @@ class Guard:
         self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in MUTATIONS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _has_nul(scope.get("query_string", b"")) or "\x00" in scope["path"]:
+            await _json(send, 422, NUL_REFUSED)
+            return
+        if scope["method"] not in MUTATIONS:
             await self.app(scope, receive, send)
             return
         try:
             body = await self._body(scope, receive)
         except _TooLarge:
             await _json(send, 413, f"request body larger than {self.limit} bytes (IOTGW_MAX_BODY_BYTES)")
+            return
+        if _has_nul(body):
+            await _json(send, 422, NUL_REFUSED)
             return
         replayed = False
 

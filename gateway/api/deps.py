@@ -34,9 +34,10 @@ def get_router(request: Request) -> Router:
     return router
 
 
-# Row ids in paths: what a database integer holds (a larger number is a 422, not an overflow).
-MAX_ID = 2**63 - 1
-RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
+# Ids in parameters: what the database column holds (a larger number is a 422, not an overflow).
+MAX_ID = 2**63 - 1  # log positions (BIGINT)
+MAX_ROW_ID = 2**31 - 1  # alerts, work orders, silences, parked events, audit rows (INTEGER)
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 StoreDep = Annotated[Store, Depends(get_store)]
 RouterDep = Annotated[Router, Depends(get_router)]

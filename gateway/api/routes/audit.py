@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from gateway.api.auth import ADMIN
-from gateway.api.deps import MAX_ID, StoreDep
+from gateway.api.deps import MAX_ROW_ID, StoreDep
 from gateway.security import list_audit
 
 router = APIRouter(prefix="/api/audit", tags=["security"])
@@ -33,7 +33,7 @@ class AuditEntry(BaseModel):
 async def audit(
     store: StoreDep,
     who: Annotated[str | None, Query(max_length=100)] = None,
-    before: Annotated[int | None, Query(ge=1, le=MAX_ID, description="only entries older than this id")] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID, description="only entries older than this id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEntry]:
     """Audit entries, newest first."""
