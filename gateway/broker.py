@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from gateway.errors import BrokerError
-from gateway.security import PasswordFile, broker_owner
+from gateway.security import PasswordFile, broker_owner, mosquitto_tool
 
 PROJECT_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
 PROJECT_ACL = Path(__file__).resolve().parent.parent / "mosquitto.acl"
@@ -23,11 +22,7 @@ PROJECT_ACL = Path(__file__).resolve().parent.parent / "mosquitto.acl"
 
 def find_mosquitto() -> str:
     """Path of the mosquitto binary, or a `BrokerError` telling how to install it."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    msg = "mosquitto is not installed: run `apt-get install -y mosquitto` (or `make setup`)"
-    raise BrokerError(msg)
+    return mosquitto_tool("mosquitto")
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,11 +103,13 @@ def check_username(name: str) -> str:
 # -- Mosquitto's password file -------------------------------------------------------------------
 
 
-def _mosquitto_passwd() -> str:
-    for candidate in (shutil.which("mosquitto_passwd"), "/usr/bin/mosquitto_passwd"):
+def mosquitto_tool(name: str) -> str:
+    """Path of a program of Debian's `mosquitto` package (mosquitto, mosquitto_passwd), or a
+    `BrokerError` telling how to install it."""
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
         if candidate and Path(candidate).exists():
             return candidate
-    msg = "mosquitto_passwd is not installed: run `apt-get install -y mosquitto` (or `make setup`)"
+    msg = f"{name} is not installed: run `apt-get install -y mosquitto` (or `make setup`)"
     raise BrokerError(msg)
 
 
@@ -160,7 +162,7 @@ class PasswordFile:
                 with os.fdopen(fd, "w") as f:  # 0600: the plaintext never becomes readable to others
                     f.writelines(f"{user}:{secret}\n" for user, secret in credentials.items())
                 done = subprocess.run(  # noqa: S603 - fixed binary, our own temp file
-                    [_mosquitto_passwd(), "-U", plain], capture_output=True, text=True, check=False
+                    [mosquitto_tool("mosquitto_passwd"), "-U", plain], capture_output=True, text=True, check=False
                 )
                 if done.returncode != 0:
                     msg = f"mosquitto_passwd failed: {(done.stderr or done.stdout).strip()}"
