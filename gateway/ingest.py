@@ -162,7 +162,7 @@ class Ingest:
         metrics: Metrics,
         *,
         clock: Clock = utcnow,
-        on_commit: Callable[[], None] | None = None,
+        on_commit: Callable[[set[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_commit = on_commit
@@ -309,10 +309,10 @@ class Ingest:
             batch = [await self._queue.get()]
             while len(batch) < self.settings.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._commit_with_retry(loop, batch)
+            types = await self._commit_with_retry(loop, batch)
             self._acknowledge(batch)
-            if self.on_commit is not None:
-                self.on_commit()  # wake the consumers: the log has grown
+            if self.on_commit is not None and types:
+                self.on_commit(types)  # wake the consumers of these event types: the log has grown
             stored_at = self.clock()
             for p in batch:
                 self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
@@ -330,11 +330,12 @@ class Ingest:
         for connection, mids in by_connection.values():
             self._client.ack(connection, mids)
 
-    async def _commit_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _commit_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> set[str]:
+        """Commit the batch, retrying while the database refuses; returns the types of the events stored."""
         delay = 0.1
         while True:
             try:
-                await loop.run_in_executor(self._executor, self._process, batch)
+                types = await loop.run_in_executor(self._executor, self._process, batch)
             except StoreError as exc:
                 # Nothing is acknowledged: the broker keeps the messages until a commit succeeds.
                 if self.database_ok:
@@ -349,10 +350,11 @@ class Ingest:
                 log.info("database writable again; committed the held batch")
             self.database_ok = True
             self.metrics.database_writable.set(1)
-            return
+            return types
 
-    def _process(self, batch: list[_Pending]) -> None:
-        """Runs in the writer thread: parse, normalise, commit, then update the shadow cache."""
+    def _process(self, batch: list[_Pending]) -> set[str]:
+        """Runs in the writer thread: parse, normalise, commit, then update the shadow cache.
+        Returns the types of the events in the batch."""
         prepared = self._prepare(batch)
         now = self.clock()
         with self.metrics.commit_duration.time():
@@ -362,6 +364,7 @@ class Ingest:
             self._census.move(self._shadows.get(device_id), new)
         self._shadows.update(prepared.shadows)
         self._count(batch, prepared, stored.events_skipped, now)
+        return {e.type for e in prepared.events}
 
     def _prepare(self, batch: list[_Pending]) -> _Prepared:
         s = self.settings

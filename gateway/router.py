@@ -17,7 +17,7 @@ import fnmatch
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -237,8 +237,14 @@ class ConsumerRunner:
         self._executor = self._new_executor()
         self.metrics.consumer_failures.labels(self.name).inc()
 
-    def notify(self) -> None:
-        """New events were committed."""
+    def notify(self, types: Collection[str] | None = None) -> None:
+        """New events were committed (of these `types`, when the committer knows them).
+
+        A consumer is not woken for events it does not read: the alert-dispatch consumer has no
+        business with a commit of sensor readings. Its cursor then moves on at its next wake-up
+        (the slow poll at the latest), past events it would have skipped anyway."""
+        if types is not None and self._span is None and not any(self._wants(t) for t in types):
+            return
         self._wake.set()
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
@@ -605,10 +611,10 @@ class Router:
         for runner in self.runners.values():
             await runner.stop()
 
-    def notify(self) -> None:
-        """Wake every consumer: the log has grown."""
+    def notify(self, types: Collection[str] | None = None) -> None:
+        """The log has grown (by events of `types`, if known): wake the consumers that read them."""
         for runner in self.runners.values():
-            runner.notify()
+            runner.notify(types)
 
     def log_grew(self) -> None:
         """The gateway appended derived events (alerts, work orders): wake consumers and live views."""

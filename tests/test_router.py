@@ -321,3 +321,31 @@ async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_c
                 assert cursor.position == n
     finally:
         hanging.release.set()  # the abandoned threads end (and cannot commit)
+
+
+async def test_a_commit_wakes_only_the_consumers_that_read_its_event_types(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    class AlertsOnly(Counting):
+        name = "alerts-only"
+        types = ("alert.*",)
+
+    readings, alerts_only = Counting(), AlertsOnly()
+    async with running_gateway(settings_for(broker, consumers=""), consumers=[readings, alerts_only]) as gw:
+        runners = gw.router.runners
+        for runner in runners.values():
+            runner._wake.clear()
+        gw.router.notify({"sensor.reading"})
+        assert runners["counting"]._wake.is_set()
+        assert not runners["alerts-only"]._wake.is_set(), "no alert event in that commit"
+        gw.router.notify({"alert.firing", "sensor.reading"})
+        assert runners["alerts-only"]._wake.is_set()
+        # Not woken, it still moves past the readings at its next wake-up (the slow poll at the latest).
+        await publish_numbered(broker.url_as("tester"), 2, 10)
+
+        async def both_current() -> bool:
+            status = {s.name: s for s in await asyncio.to_thread(gw.router.status)}
+            return all(s.lag_events == 0 for s in status.values()) and len(readings.positions) == 20
+
+        await wait_for(both_current, what="both consumers at the head of the log")
+        assert alerts_only.positions == []
