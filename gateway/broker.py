@@ -124,9 +124,10 @@ class Mosquitto:
             before = log.read_text(errors="replace").count("Reloading config") if log.exists() else 0
             self.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if log.read_text(errors="replace").count("Reloading config") > before:
-                    return
+            while log.read_text(errors="replace").count("Reloading config") == before:
+                if time.monotonic() > deadline:
+                    msg = f"mosquitto on port {self.port} did not reload its config within 5 s"
+                    raise BrokerError(msg)
                 time.sleep(0.02)
 
     @property

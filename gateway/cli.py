@@ -245,7 +245,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.devices_command == "revoke":
         if not revoke(store, passwords, args.device_id):
-            print(f"iotgw: device {args.device_id!r} was never provisioned", file=sys.stderr)  # noqa: T201
+            print(f"iotgw: device {args.device_id!r} is not provisioned (never, or revoked already)", file=sys.stderr)  # noqa: T201
             return 1
         print(f"revoked {args.device_id}; {_reload_note(settings)}")  # noqa: T201
         return 0

@@ -227,7 +227,8 @@ def provision(store: Store, passwords: PasswordFile, devices: Mapping[str, str |
 
 
 def revoke(store: Store, passwords: PasswordFile, device_id: str) -> bool:
-    """Remove a device's credentials and mark it revoked; False when it was never provisioned."""
+    """Remove a device's credentials and mark it revoked; False when it had none and was not registered
+    (never provisioned, or revoked already)."""
     removed = passwords.delete(device_id)
     with store.session() as tx:
         row = tx.get(RegisteredDeviceRow, device_id)

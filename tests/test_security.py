@@ -207,6 +207,9 @@ async def test_the_cli_provisions_a_device_that_can_then_log_in_and_revokes_it(
         return not await logs_in()
 
     await wait_for(locked_out, what="the revoked device to be refused")
+    again = iotgw("devices", "revoke", "elev-042", env=env)
+    assert again.returncode == 1
+    assert "revoked already" in again.stderr
     assert iotgw("devices", "revoke", "never-seen", env=env).returncode == 1
 
 
@@ -327,6 +330,13 @@ async def test_a_flooding_device_is_rate_limited_and_the_others_keep_their_laten
         flooding = asyncio.create_task(flood(broker, "flood-1", creds["flood-1"], 3000))
         busy = await publish_numbered(broker.url_as("tester"), normal, per_device, prefix="busy-", rate=100)
         flood_rate = await flooding
+
+        async def all_accounted_for() -> bool:
+            # Acknowledged by the broker is not yet delivered to the gateway: wait until every
+            # message of the run is stored or dead-lettered.
+            return sum(subjects(gw).values()) + len(dead_letters(gw)) >= 2 * normal * per_device + 3000
+
+        await wait_for(all_accounted_for, what="every message stored or dead-lettered")
         await settled(gw)
 
         assert flood_rate >= 20 * rate, f"the flood ran at only {flood_rate:.0f} msg/s"

@@ -95,7 +95,9 @@ async def provision_device(request: Request, store: StoreDep, body: ProvisionReq
     return Credentials(device_id=body.id, username=body.id, password=creds[body.id], broker_reloaded=reloaded)
 
 
-@router.delete("/{device_id}", dependencies=ADMIN, responses={404: {"description": "never provisioned"}})
+@router.delete(
+    "/{device_id}", dependencies=ADMIN, responses={404: {"description": "not provisioned (never, or revoked already)"}}
+)
 async def revoke_device(
     request: Request, store: StoreDep, device_id: Annotated[str, Path(pattern=DEVICE_ID)]
 ) -> dict[str, str | bool]:
@@ -103,7 +105,9 @@ async def revoke_device(
     passwords, pid_file = _broker_files(request)
     try:
         if not await asyncio.to_thread(revoke, store, passwords, device_id):
-            raise HTTPException(status_code=404, detail=f"device {device_id!r} was never provisioned")
+            raise HTTPException(
+                status_code=404, detail=f"device {device_id!r} is not provisioned (never, or revoked already)"
+            )
         reloaded = await asyncio.to_thread(reload_broker, pid_file)
     except GatewayError as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
