@@ -34,9 +34,11 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup
+	./scripts/setup-system.sh --test
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/growth.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -270,7 +270,7 @@ class AlertEngine(BaseConsumer):
         # Set by the gateway: whether it holds its broker session (inhibits absence alerts).
         self.broker_connected: Callable[[], bool] | None = None
         self._absence_quiet_until: datetime | None = None
-        self._forget()
+        self.forget()
 
     def configure(self, settings: Any) -> None:  # noqa: ANN401 - gateway.config.Settings
         """Load the configured rules file (or the shipped one)."""
@@ -279,10 +279,11 @@ class AlertEngine(BaseConsumer):
         self.rules = list(ruleset.rules)
         self.receivers = list(ruleset.receivers)
         self.alerts_in_maintenance = bool(settings.alerts_in_maintenance)
-        self._forget()
+        self.forget()
         log.info("alert engine: %d rules from %s", len(self.rules), path)
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
+        """Drop what is held in memory; it is loaded again from the database when next needed."""
         self._loaded = False
         self._flapping: dict[tuple[str, str], datetime] = {}  # key -> last toggle of its flapping alert
         self._current: _Batch | None = None
@@ -298,7 +299,7 @@ class AlertEngine(BaseConsumer):
         tx.exec(delete(NotificationRow).where(col(NotificationRow.work_order_id).is_(None)))  # pages are dispatch's
         for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
             tx.exec(delete(table))
-        self._forget()
+        self.forget()
         self._loaded = True  # the tables are empty now
 
     def _load(self, tx: Session) -> None:

@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
 from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from alerts.rules import Receiver
+from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
@@ -115,7 +116,7 @@ class Notifier:
     `receivers` is read on every round, so a roster edited through the API takes effect at once.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         store: Store,
         receivers: Callable[[], Sequence[Receiver]],
@@ -123,6 +124,7 @@ class Notifier:
         *,
         pagers: Callable[[], Sequence[Receiver]] = list,
         interval_s: float = 0.5,
+        lease: Lease | None = None,
     ) -> None:
         self.store = store
         self._receivers = receivers  # every alert notification fans out to these
@@ -131,6 +133,8 @@ class Notifier:
         self.pagers: dict[str, Receiver] = {}
         self.metrics = metrics
         self.interval_s = interval_s
+        # In a cluster, one instance delivers: the one holding this lease.
+        self.lease = lease
         self._quiet = QuietLog(log, every_s=30.0)
 
     async def run(self) -> None:
@@ -148,6 +152,8 @@ class Notifier:
     def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
         """Fan out new notifications and try every delivery that is due; True if any was tried."""
         now = now or datetime.now(UTC)
+        if self.lease is not None and not self._hold_lease():
+            return False
         self.receivers = {r.name: r for r in self._receivers()}
         self.pagers = {r.name: r for r in self._pagers()}
         for name in (*self.receivers, *self.pagers):  # series from the start: 0, not absent
@@ -177,6 +183,20 @@ class Notifier:
                 len(tx.exec(select(DeliveryRow.id).where(col(DeliveryRow.status) == "pending")).all())
             )
             return bool(due)
+
+    def _hold_lease(self) -> bool:
+        assert self.lease is not None  # noqa: S101
+        was_held = self.lease.held
+        with self.store.session() as tx:
+            try:
+                self.lease.fence(tx)
+            except LeaseLostError:
+                if not self.lease.acquire(tx):
+                    return False
+            tx.commit()
+        if not was_held:
+            log.info("notifications are delivered by %s", self.lease.owner)
+        return True
 
     def _fan_out(self, tx: Session, now: datetime) -> None:
         fresh = tx.exec(select(NotificationRow).where(col(NotificationRow.fanned_out).is_(False)).limit(500)).all()

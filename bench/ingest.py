@@ -244,6 +244,26 @@ def _stored_span(db: Path, prefix: str) -> tuple[int, float]:
     return int(n), datetime.fromisoformat(last).replace(tzinfo=UTC).timestamp() if last else 0.0
 
 
+def broker_ceiling(  # noqa: PLR0917
+    work: Path, broker: Mosquitto, devices: int, per_device: int, site: str, timeout: float
+) -> float:
+    """The rate at which Mosquitto's own C subscriber receives a flat-out stream from C publishers."""
+    total = devices * per_device
+    sub_streams = _write_streams(work, PREFIX + "sub-", devices, per_device, site)
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-t", "devices/+/+",
+         "-C", str(total), "-F", "%U"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(0.5)
+    started = _blast(broker.port, sub_streams)
+    out, _ = sub.communicate(timeout=timeout)
+    stamps = out.split()
+    ceiling = len(stamps) / (float(stamps[-1]) - started)
+    print(f"  live: mosquitto_sub received {len(stamps):,} at {ceiling:,.0f} msg/s", file=sys.stderr, flush=True)
+    return ceiling
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with workspace("bench") as (work, broker):
         return _run(args, work, broker)
@@ -264,19 +284,8 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
     try:
         say(f"iotgw ingest benchmark: {total:,} QoS 1 messages from {args.devices} device connections")
         # 1. Live ceiling: Mosquitto's own C subscriber receives a flat-out stream from C publishers.
-        sub_streams = _write_streams(work, PREFIX + "sub-", args.devices, per_device, args.site)
-        sub = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-t", "devices/+/+",
-             "-C", str(total), "-F", "%U"],
-            stdout=subprocess.PIPE,
-        )  # fmt: skip
-        time.sleep(0.5)
-        started = _blast(broker.port, sub_streams)
-        out, _ = sub.communicate(timeout=args.timeout)
-        stamps = out.split()
-        ceiling = len(stamps) / (float(stamps[-1]) - started)
+        ceiling = broker_ceiling(work, broker, args.devices, per_device, args.site, args.timeout)
         results["ceiling_msg_s"] = round(ceiling)
-        say(f"  live: mosquitto_sub received {len(stamps):,} at {ceiling:,.0f} msg/s")
         # 2. The gateway on identical streams, alternately ingest only (no consumers, a database
         #    of its own) and with every consumer on; medians of --repeat runs each, because
         #    run-to-run noise on a 2-core machine is larger than the difference we look for.

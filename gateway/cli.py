@@ -48,6 +48,7 @@ log = logging.getLogger("iotgw")
 _SETTING_FLAGS = {
     "mqtt_url": "--mqtt-url",
     "mqtt_client_id": "--client-id",
+    "instance": "--instance",
     "database_url": "--database-url",
     "http_host": "--http-host",
     "http_port": "--http-port",

@@ -8,6 +8,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.protocol import SUBSCRIPTION
+
 # The broker refuses anything above its own limit (mosquitto.conf: message_size_limit 262144),
 # so a gateway limit above that could never be reached.
 BROKER_MESSAGE_LIMIT = 256 * 1024
@@ -37,6 +39,17 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60)
     mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
     database_url: str = "sqlite:///iotgw.db"
+    # --- Scaling out (README "Scaling out") ---
+    # This instance's name in a cluster of gateways on one PostgreSQL database: set, the gateway
+    # connects as `<mqtt_client_id>-<instance>` and shares `$share/<mqtt_client_id>/devices/+/+`
+    # with the other instances; its consumers run wherever their lease is held.
+    instance: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,40}$")
+    # How long a consumer's (or the notifier's, or the sequencer's) lease lasts unrenewed: when
+    # an instance dies, another takes its jobs over within this time.
+    lease_s: float = Field(default=10.0, ge=1, le=600)
+    # Cluster only: how long the sequencer holds a message whose predecessor (seq - 1) has not
+    # arrived yet, before it gives up waiting and records the gap.
+    reorder_window_s: float = Field(default=60.0, ge=0, le=3600)
     http_host: str = "127.0.0.1"
     http_port: Port = 8000
     max_message_bytes: int = Field(default=16 * 1024, ge=256, le=BROKER_MESSAGE_LIMIT)
@@ -98,6 +111,26 @@ class Settings(BaseSettings):
             msg = f"database_url must be an SQLAlchemy URL such as sqlite:///iotgw.db, got {value!r}"
             raise ValueError(msg)
         return value
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this gateway is one instance of a cluster (`instance` is set)."""
+        return bool(self.instance)
+
+    @property
+    def instance_name(self) -> str:
+        """The name leases are held under (`default` for a gateway on its own)."""
+        return self.instance or "default"
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: fixed per instance, so a restarted instance gets its session back."""
+        return f"{self.mqtt_client_id}-{self.instance}" if self.instance else self.mqtt_client_id
+
+    @property
+    def subscription(self) -> str:
+        """What the gateway subscribes to: a shared subscription when it is one of several instances."""
+        return f"$share/{self.mqtt_client_id}/{SUBSCRIPTION}" if self.instance else SUBSCRIPTION
 
     @property
     def consumer_names(self) -> list[str]:

@@ -15,7 +15,7 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,9 +30,9 @@ from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.mqtt import AckAfterCommitClient
 from gateway.normalize import Shadow, normalize
-from gateway.protocol import CHANNELS, SUBSCRIPTION, Reason, parse
+from gateway.protocol import CHANNELS, DeviceMessage, Reason, parse
 from gateway.security import registered
-from gateway.store import DeadLetter, Store
+from gateway.store import DeadLetter, InboxMessage, Store
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,66 @@ class _Pending:
 
 
 @dataclass(slots=True, frozen=True)
+class Parsed:
+    """A message that passed admission and parsing."""
+
+    topic: str
+    payload: bytes
+    received_at: datetime
+    msg: DeviceMessage
+
+
+@dataclass(slots=True, frozen=True)
+class Derived:
+    """What a run of parsed messages produced: events, the devices' new shadows, dead letters, seq anomalies."""
+
+    events: list[Event]
+    shadows: dict[str, Shadow]
+    dead: list[DeadLetter]
+    anomalies: Counter[str]
+
+
+def internal_error(topic: str, payload: bytes, received_at: datetime, exc: Exception) -> DeadLetter:
+    # A bug must not stop ingestion or lose the message: keep it, with the error.
+    log.error("internal error on %s; message kept as a dead letter", topic[:200], exc_info=exc)
+    return DeadLetter(topic, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", payload, received_at)
+
+
+def derive(
+    parsed: Sequence[Parsed], shadows: Mapping[str, Shadow], *, stuck_after_s: float, rejections: QuietLog
+) -> Derived:
+    """Normalise `parsed` in order against the devices' `shadows` (not changed: the new shadows
+    are returned, to be taken on after the commit)."""
+    overlay: dict[str, Shadow] = {}
+    events: list[Event] = []
+    dead: list[DeadLetter] = []
+    anomalies: Counter[str] = Counter()
+    for p in parsed:
+        msg = p.msg
+        try:
+            shadow = overlay.get(msg.device_id) or shadows.get(msg.device_id)
+            if msg.type is not None and shadow is not None and shadow.type not in (None, msg.type.value):
+                raise PayloadError(  # noqa: TRY301 - handled with the other payload errors below
+                    Reason.TYPE_MISMATCH,
+                    f"device {msg.device_id} is a {shadow.type}, message says {msg.type.value}",
+                    p.topic,
+                )
+            out = normalize(msg, shadow, received_at=p.received_at, stuck_after_s=stuck_after_s)
+        except PayloadError as exc:
+            rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
+            dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
+            continue
+        except Exception as exc:
+            dead.append(internal_error(p.topic, p.payload, p.received_at, exc))
+            continue
+        events.extend(out.events)
+        overlay[msg.device_id] = out.shadow
+        if out.anomaly is not None:
+            anomalies[out.anomaly.value] += 1
+    return Derived(events, overlay, dead, anomalies)
+
+
+@dataclass(slots=True, frozen=True)
 class _Prepared:
     events: list[Event]
     shadows: dict[str, Shadow]
@@ -75,7 +135,7 @@ class _Prepared:
     received: Counter[str]
 
 
-class _Census:
+class Census:
     """Devices known and online by type and site, kept up to date shadow by shadow (no full scans)."""
 
     def __init__(self) -> None:
@@ -155,7 +215,7 @@ def _topic_device(topic: str) -> str | None:
 class Ingest:
     """The MQTT subscriber and batch writer. One instance per gateway process."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         settings: Settings,
         store: Store,
@@ -163,9 +223,11 @@ class Ingest:
         *,
         clock: Clock = utcnow,
         on_commit: Callable[[set[str]], None] | None = None,
+        on_inbox: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_commit = on_commit
+        self.on_inbox = on_inbox  # cluster: a batch went into the inbox (the sequencer's input)
         self.store = store
         self.metrics = metrics
         # Every reason and channel from the start: a dashboard's rate() sees 0, not "no data".
@@ -190,7 +252,7 @@ class Ingest:
         self._drained = asyncio.Event()  # set while nothing received is waiting for its commit
         self._drained.set()
         self._stopping = False
-        self._census = _Census()
+        self._census = Census()
         self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
         self._registry = _Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
@@ -200,7 +262,8 @@ class Ingest:
     async def start(self) -> None:
         """Load shadows, start the batch writer and connect (retrying in the background)."""
         loop = asyncio.get_running_loop()
-        self._shadows = await loop.run_in_executor(self._executor, self.store.load_shadows)
+        if not self.settings.clustered:  # in a cluster the sequencer keeps the shadows
+            self._shadows = await loop.run_in_executor(self._executor, self.store.load_shadows)
         for sh in self._shadows.values():
             self._census.move(None, sh)
         self._census.publish(self.metrics)
@@ -229,7 +292,7 @@ class Ingest:
     def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped
         s = self.settings
         client = AckAfterCommitClient(
-            s.mqtt_client_id,
+            s.client_id,
             self._receive,
             clean_session=False,
             session_expiry_interval=s.mqtt_session_expiry_s,
@@ -275,14 +338,14 @@ class Ingest:
         log.info(
             "connected to %s as %s (session present: %s)",
             self.settings.mqtt_url_safe,
-            self.settings.mqtt_client_id,
+            self.settings.client_id,
             flags,
         )
         self.connected = True
         self.metrics.broker_connected.set(1)
         self._delay = 0.5
         client.reconnect_delay = self._delay
-        client.subscribe(SUBSCRIPTION, qos=1)
+        client.subscribe(self.settings.subscription, qos=1)
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:  # noqa: ANN401, ARG002
         if self.connected and not self._stopping:
@@ -311,6 +374,8 @@ class Ingest:
                 batch.append(self._queue.get_nowait())
             types = await self._commit_with_retry(loop, batch)
             self._acknowledge(batch)
+            if self.on_inbox is not None and self.settings.clustered:
+                self.on_inbox()
             if self.on_commit is not None and types:
                 self.on_commit(types)  # wake the consumers of these event types: the log has grown
             stored_at = self.clock()
@@ -355,6 +420,8 @@ class Ingest:
     def _process(self, batch: list[_Pending]) -> set[str]:
         """Runs in the writer thread: parse, normalise, commit, then update the shadow cache.
         Returns the types of the events in the batch."""
+        if self.settings.clustered:
+            return self._process_into_inbox(batch)
         prepared = self._prepare(batch)
         now = self.clock()
         with self.metrics.commit_duration.time():
@@ -366,12 +433,20 @@ class Ingest:
         self._count(batch, prepared, stored.events_skipped, now)
         return {e.type for e in prepared.events}
 
-    def _prepare(self, batch: list[_Pending]) -> _Prepared:
-        s = self.settings
-        overlay: dict[str, Shadow] = {}
-        events: list[Event] = []
+    def _process_into_inbox(self, batch: list[_Pending]) -> set[str]:
+        """Cluster: check and store the batch for the sequencer, which normalises in seq order."""
+        parsed, dead, received = self._parse(batch)
+        messages = [InboxMessage(p.msg.device_id, p.msg.seq, p.topic, p.payload, p.received_at) for p in parsed]
+        now = self.clock()
+        with self.metrics.commit_duration.time():
+            self.store.append_inbox(messages, dead)
+        self._count(batch, _Prepared([], {}, dead, Counter(), received), 0, now)
+        return set()
+
+    def _parse(self, batch: list[_Pending]) -> tuple[list[Parsed], list[DeadLetter], Counter[str]]:
+        """Admit and parse every message: the valid ones, the dead letters, messages by channel."""
+        parsed: list[Parsed] = []
         dead: list[DeadLetter] = []
-        anomalies: Counter[str] = Counter()
         received: Counter[str] = Counter()
         admitted = self._admit(batch)
         for p, refusal in zip(batch, admitted, strict=True):
@@ -380,30 +455,25 @@ class Ingest:
             try:
                 if refusal is not None:
                     raise refusal  # noqa: TRY301 - handled with the parse errors below
-                msg = parse(p.topic, p.payload, max_bytes=s.max_message_bytes)
-                shadow = overlay.get(msg.device_id) or self._shadows.get(msg.device_id)
-                if msg.type is not None and shadow is not None and shadow.type not in (None, msg.type.value):
-                    raise PayloadError(  # noqa: TRY301 - handled with the parse errors below
-                        Reason.TYPE_MISMATCH,
-                        f"device {msg.device_id} is a {shadow.type}, message says {msg.type.value}",
+                parsed.append(
+                    Parsed(
                         p.topic,
+                        p.payload,
+                        p.received_at,
+                        parse(p.topic, p.payload, max_bytes=self.settings.max_message_bytes),
                     )
-                out = normalize(msg, shadow, received_at=p.received_at, stuck_after_s=s.stuck_after_s)
+                )
             except PayloadError as exc:
                 self._rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
                 dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
-                continue
             except Exception as exc:
-                # A bug must not stop ingestion or lose the message: keep it, with the error.
-                log.exception("internal error on %s; message kept as a dead letter", p.topic[:200])
-                detail = f"{type(exc).__name__}: {exc}"
-                dead.append(DeadLetter(p.topic, Reason.INTERNAL_ERROR, detail, p.payload, p.received_at))
-                continue
-            events.extend(out.events)
-            overlay[msg.device_id] = out.shadow
-            if out.anomaly is not None:
-                anomalies[out.anomaly.value] += 1
-        return _Prepared(events, overlay, dead, anomalies, received)
+                dead.append(internal_error(p.topic, p.payload, p.received_at, exc))
+        return parsed, dead, received
+
+    def _prepare(self, batch: list[_Pending]) -> _Prepared:
+        parsed, dead, received = self._parse(batch)
+        derived = derive(parsed, self._shadows, stuck_after_s=self.settings.stuck_after_s, rejections=self._rejections)
+        return _Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
 
     def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:
         """Per message, why it is refused before parsing (over its device's rate, or from an

@@ -39,6 +39,11 @@ class Metrics:
         self.commit_duration = Histogram(
             "iotgw_commit_duration_seconds", "Time to commit one batch.", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.sequencer_waiting = Gauge(
+            "iotgw_sequencer_waiting_messages",
+            "Cluster: messages the sequencer holds back until their predecessor (seq - 1) arrives.",
+            registry=r,
+        )
         self.commit_failures = Counter(
             "iotgw_commit_failures_total", "Batch commits that failed and were retried.", registry=r
         )

@@ -28,6 +28,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from gateway.cluster import Lease, LeaseLostError, bump_epoch, holder
 from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.events import Event
 from gateway.logs import QuietLog
@@ -60,8 +61,10 @@ class Consumer(Protocol):
     `replay_resets_state` and `reset(tx)`, `linger_s`, `retry_base_s`, and
     `handle_span(tx, after, upto)`, called for every batch with the range of positions it
     covers (after < position <= upto), for consumers that aggregate in SQL; `prepare(tx)`,
-    called once at start in the consumer's thread; `tick(tx, now)` every `tick_s` once caught
-    up, with `now` from the consumer's own `clock()` if it has one.
+    called in the consumer's thread whenever this instance takes the consumer on (at start, or
+    from another instance of a cluster), after `forget()`, which must drop whatever the consumer
+    keeps in memory (the database is the truth); `tick(tx, now)` every `tick_s` once caught up,
+    with `now` from the consumer's own `clock()` if it has one.
     """
 
     name: str
@@ -146,6 +149,7 @@ class ConsumerStatus:
 
     name: str
     state: str  # running | paused | failing
+    owner: str | None  # the instance running it (None: nobody holds its lease now)
     position: int
     lag_events: int
     lag_seconds: float
@@ -168,9 +172,20 @@ class _Poison(Exception):
 class ConsumerRunner:
     """Runs one consumer: wake on new events, handle batches, retry, park, pause, replay."""
 
-    def __init__(self, consumer: Consumer, store: Store, metrics: Metrics, *, poll_s: float = 1.0) -> None:
+    def __init__(  # noqa: PLR0913
+        self,
+        consumer: Consumer,
+        store: Store,
+        metrics: Metrics,
+        *,
+        poll_s: float = 1.0,
+        instance: str = "default",
+        lease_s: float = 10.0,
+    ) -> None:
         self.consumer = consumer
         self.name = consumer.name
+        # Runs on one instance of a cluster at a time: the one holding this lease.
+        self.lease = Lease(f"consumer:{consumer.name}", instance, lease_s)
         self.store = store
         self.metrics = metrics
         self.poll_s = poll_s
@@ -208,9 +223,9 @@ class ConsumerRunner:
         self._quiet = QuietLog(log, every_s=10.0)
 
     async def start(self) -> None:
-        """Load (or create) the cursor and start the task."""
+        """Take the consumer on (unless another instance holds it) and start the task."""
         self._loop = asyncio.get_running_loop()
-        self.paused = await self._call(self._load_cursor)
+        await self._call(self._take_over)
         self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
         if self._tick is not None:
             self._ticker = asyncio.create_task(self._run_ticks(), name=f"iotgw-ticks-{self.name}")
@@ -221,7 +236,7 @@ class ConsumerRunner:
             await stop_task(task)
         try:
             await asyncio.wait_for(self._call(self._flush_cursor), self.handler_timeout_s)
-        except (StoreError, TimeoutError) as exc:
+        except (StoreError, LeaseLostError, TimeoutError) as exc:
             log.warning("consumer %s: cursor not saved on stop (it resumes a little earlier): %r", self.name, exc)
             self._executor.shutdown(wait=False, cancel_futures=True)  # a hung handler must not hold up a stop
             return
@@ -258,11 +273,21 @@ class ConsumerRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             self._wake.clear()
+            try:
+                if not await self._hold_lease():
+                    continue  # another instance runs this consumer; ask again at the next poll
+            except StoreError as exc:
+                self._quiet.warn("lease", "consumer %s: cannot renew its lease: %s", self.name, exc)
+                continue
             # Let a few commits pile up: fewer, larger batches cost ingestion less.
             await asyncio.sleep(self.linger_s)
             while not self.paused:
                 try:
                     handled = await self._step()
+                except LeaseLostError as exc:
+                    log.info("consumer %s: %s; taking it on again if it is free", self.name, exc)
+                    self._wake.set()
+                    break
                 except StoreError as exc:
                     log.warning("consumer %s: database error, retrying: %s", self.name, exc)
                     await asyncio.sleep(1.0)
@@ -280,10 +305,12 @@ class ConsumerRunner:
             await asyncio.sleep(self.tick_s)
             # While catching up a backlog, "now" is far ahead of the events in hand: a tick
             # would see every device as silent. Ticks wait until the consumer is current.
-            if self.paused or not self._caught_up:
+            if self.paused or not self._caught_up or not self.lease.held:
                 continue
             try:
                 await asyncio.wait_for(self._call(self._tick_once), self.handler_timeout_s)
+            except LeaseLostError:
+                self._wake.set()  # the consumer's loop takes it on again, or leaves it to its new holder
             except TimeoutError:
                 self._abandon_thread()
                 self.failing = True
@@ -301,6 +328,7 @@ class ConsumerRunner:
             if generation != self._generation:
                 tx.rollback()  # timed out meanwhile: the consumer went on without this thread
                 return
+            self.lease.fence(tx)
             tx.commit()
             self._committed(tx)
 
@@ -370,20 +398,45 @@ class ConsumerRunner:
 
     # -- in the consumer's thread ------------------------------------------------------------
 
-    def _load_cursor(self) -> bool:
+    async def _hold_lease(self) -> bool:
+        """Whether this instance runs the consumer now: renew the lease when due, or try to take it."""
+        if self.lease.held:
+            if self.lease.due():
+                try:
+                    await self._call(self._renew)
+                except LeaseLostError as exc:
+                    log.info("consumer %s: %s", self.name, exc)
+            if self.lease.held:
+                return True
+        return bool(await self._call(self._take_over))
+
+    def _renew(self) -> None:
         with self.store.session(consumer=True) as tx:
+            self.lease.fence(tx)
+            tx.commit()
+
+    def _take_over(self) -> bool:
+        """Take the lease if free (or ours) and load the cursor: the consumer runs here from now on."""
+        with self.store.session(consumer=True) as tx:
+            if not self.lease.acquire(tx):
+                tx.rollback()
+                return False
             row = tx.get(ConsumerCursorRow, self.name)
             if row is None:
                 row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=_utcnow())
                 tx.add(row)
-                tx.commit()
-            self.position = row.position
-            paused = row.paused
+            self.position, self.paused = row.position, row.paused
+            tx.commit()
+        self._single_until, self._attempts, self._caught_up = 0, 0, False
+        forget = getattr(self.consumer, "forget", None)
+        if forget is not None:
+            forget()
         prepare = getattr(self.consumer, "prepare", None)
         if prepare is not None:
             with self.store.session(consumer=True) as tx:
                 prepare(tx)
-        return paused
+        log.info("consumer %s runs on %s from position %d", self.name, self.lease.owner, self.position)
+        return True
 
     def _handle_next(self, limit: int) -> tuple[int, int]:
         """Handle the next `limit` events after the cursor; returns (positions covered, events handled).
@@ -429,16 +482,24 @@ class ConsumerRunner:
             wanted = self._wanted[event_type] = matches(self.consumer.types, event_type)
         return wanted
 
-    def _write_cursor(self, tx: Session, position: int) -> None:
+    def _write_cursor(self, tx: Session, position: int, *, fenced: bool = True) -> None:
+        """Set the cursor in `tx`; `fenced`: only while this instance holds the consumer's lease."""
+        if fenced:
+            self.lease.fence(tx)
         cursor = tx.get(ConsumerCursorRow, self.name)
-        assert cursor is not None  # noqa: S101 - created at start
+        if cursor is None:  # an operation from an instance that never held the consumer
+            cursor = ConsumerCursorRow(name=self.name, position=0, paused=False)
         cursor.position = position
         cursor.updated_at = _utcnow()
         tx.add(cursor)
 
     def _flush_cursor(self) -> None:
+        """On stop: save the cursor and give the lease up, so another instance may take over at once."""
+        if not self.lease.held:
+            return
         with self.store.session(consumer=True) as tx:
             self._write_cursor(tx, self.position)
+            self.lease.release(tx)
             tx.commit()
 
     def _park(self, ev: Event, error: str, attempts: int) -> None:
@@ -460,16 +521,16 @@ class ConsumerRunner:
 
         def write() -> None:
             with self.store.session(consumer=True) as tx:
-                cursor = tx.get(ConsumerCursorRow, self.name)
-                assert cursor is not None  # noqa: S101
+                cursor = tx.get(ConsumerCursorRow, self.name) or ConsumerCursorRow(name=self.name, position=0)
                 cursor.paused = paused
                 tx.add(cursor)
+                self._reload_holder(tx)
                 tx.commit()
+                self.lease.epoch = None
 
         await self._call(write)
         self.paused = paused
-        if not paused:
-            self._wake.set()
+        self._wake.set()
 
     async def replay(self, *, from_position: int | None = None, from_time: datetime | None = None) -> int:
         """Move the cursor back so events from that point are handled again; returns the new cursor."""
@@ -485,8 +546,10 @@ class ConsumerRunner:
                     target = (first - 1) if first is not None else self._head(tx)
                 else:
                     target = max((from_position or 1) - 1, 0)
-                self._write_cursor(tx, target)
+                self._write_cursor(tx, target, fenced=False)
+                self._reload_holder(tx)
                 tx.commit()
+                self.lease.epoch = None
                 self.position = target
                 self._single_until = 0
                 return target
@@ -523,27 +586,41 @@ class ConsumerRunner:
                     raise ConsumerError(msg) from exc
                 row.status, row.retried_at = "retried", _utcnow()
                 tx.add(row)
+                self._reload_holder(tx)
                 tx.commit()
+                self.lease.epoch = None
                 self._committed(tx)
 
         await self._call(run)
+        self._wake.set()
+
+    def _reload_holder(self, tx: Session) -> None:
+        """An operation changed the consumer's cursor or state: whichever instance runs it must
+        reload before its next commit (its fence fails; it takes the consumer on again)."""
+        bump_epoch(tx, self.lease.name)
 
     def status_sync(self, head: int, head_time: datetime | None) -> ConsumerStatus:
         """Lag and counts, read in the caller's thread (the API's)."""
         with self.store.session() as tx:
+            cursor = tx.get(ConsumerCursorRow, self.name)
+            owner = holder(tx, self.lease.name)
             parked = tx.exec(
                 select(func.count())
                 .select_from(ConsumerDeadLetterRow)
                 .where(col(ConsumerDeadLetterRow.consumer) == self.name, col(ConsumerDeadLetterRow.status) == "parked")
             ).one()
-            oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == self.position + 1)).first()
-        lag_events = max(head - self.position, 0)
+            # The cluster's view: another instance may be running this consumer.
+            position = cursor.position if cursor is not None and owner != self.lease.owner else self.position
+            paused = cursor.paused if cursor is not None else self.paused
+            oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == position + 1)).first()
+        lag_events = max(head - position, 0)
         lag_seconds = (head_time - oldest).total_seconds() if lag_events and oldest and head_time else 0.0
-        state = "paused" if self.paused else "failing" if self.failing else "running"
+        failing = self.failing and owner == self.lease.owner
+        state = "paused" if paused else "failing" if failing else "running"
         self.metrics.consumer_lag_events.labels(self.name).set(lag_events)
         self.metrics.consumer_lag_seconds.labels(self.name).set(max(lag_seconds, 0.0))
         return ConsumerStatus(
-            self.name, state, self.position, lag_events, max(lag_seconds, 0.0), int(parked), self.last_error
+            self.name, state, owner, position, lag_events, max(lag_seconds, 0.0), int(parked), self.last_error
         )
 
 
@@ -577,14 +654,26 @@ class Changes:
 class Router:
     """All consumer runners of one gateway process."""
 
-    def __init__(self, store: Store, metrics: Metrics, consumers: Sequence[Consumer], *, poll_s: float = 1.0) -> None:
+    def __init__(  # noqa: PLR0913
+        self,
+        store: Store,
+        metrics: Metrics,
+        consumers: Sequence[Consumer],
+        *,
+        poll_s: float = 1.0,
+        instance: str = "default",
+        lease_s: float = 10.0,
+    ) -> None:
         names = [c.name for c in consumers]
         if len(set(names)) != len(names) or not all(names):
             msg = f"consumer names must be unique and non-empty: {names}"
             raise ConfigError(msg)
         self.store = store
         self.metrics = metrics
-        self.runners = {c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s) for c in consumers}
+        self.runners = {
+            c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s, instance=instance, lease_s=lease_s)
+            for c in consumers
+        }
         for runner in self.runners.values():
             runner.on_log_grew = self.log_grew
             # Series from the start (0, not absent), so dashboards and alert rules see every consumer.

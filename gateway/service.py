@@ -13,12 +13,14 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
+from gateway.cluster import Lease
 from gateway.config import Settings
 from gateway.errors import GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
 from gateway.security import has_api_keys
+from gateway.sequencer import Sequencer
 from gateway.store import Store
 from gateway.tasks import stop_task
 
@@ -53,9 +55,22 @@ class Gateway:
             self.store,
             self.metrics,
             [*load_consumers(settings.consumer_names, settings), *extra_consumers],
-            poll_s=settings.consumer_poll_s,
+            # In a cluster the log may grow on another instance: a short slow poll.
+            poll_s=min(settings.consumer_poll_s, 0.2) if settings.clustered else settings.consumer_poll_s,
+            instance=settings.instance_name,
+            lease_s=settings.lease_s,
         )
-        self.ingest = Ingest(settings, self.store, self.metrics, on_commit=self.router.notify)
+        # In a cluster, ingest fills the inbox and the sequencer (on one instance) makes the events.
+        self.sequencer = (
+            Sequencer(settings, self.store, self.metrics, on_commit=self.router.notify) if settings.clustered else None
+        )
+        self.ingest = Ingest(
+            settings,
+            self.store,
+            self.metrics,
+            on_commit=self.router.notify,
+            on_inbox=self.sequencer.notify if self.sequencer is not None else None,
+        )
         self.app = create_app(
             AppState(
                 store=self.store,
@@ -84,6 +99,8 @@ class Gateway:
         """Create the schema, start ingest and the API."""
         await asyncio.to_thread(self.store.create_schema)
         await self.router.start()
+        if self.sequencer is not None:
+            await self.sequencer.start()
         await self.ingest.start()
         alerts = self.router.runners.get("alerts")
         if alerts is not None:
@@ -123,6 +140,8 @@ class Gateway:
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""
         await self.ingest.stop()
+        if self.sequencer is not None:
+            await self.sequencer.stop()
         for task in (self._metrics_task, self._notifier_task, self._alert_metrics_task):
             await stop_task(task)
         await self.router.stop()
@@ -162,7 +181,8 @@ class Gateway:
 
         names = [r.name for r in self.receivers()] + [r.name for r in self.pagers()]
         if names:
-            notifier = Notifier(self.store, self.receivers, self.metrics, pagers=self.pagers)
+            lease = Lease("notifier", self.settings.instance_name, self.settings.lease_s)
+            notifier = Notifier(self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease)
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(names))
 

@@ -8,6 +8,7 @@ SQLAlchemy errors are translated to `StoreError` here and never leak into the co
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     UniqueConstraint,
@@ -130,6 +132,52 @@ class ConsumerCursorRow(SQLModel, table=True):
     position: int = Field(default=0, sa_column=Column(BigId, nullable=False))
     paused: bool = False
     updated_at: datetime | None = _dt()
+
+
+class LeaseRow(SQLModel, table=True):
+    """Who does a cluster-wide job (a consumer, the notifier, the sequencer) until `expires_at`.
+
+    `epoch` grows with every acquisition and with every operation that must make the holder
+    reload (a replay, a pause): each commit of the holder checks it (see `gateway.cluster`)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True)
+    owner: str | None = None
+    expires_at: datetime | None = _dt()
+    epoch: int = Field(default=0, sa_column=Column(BigId, nullable=False))
+
+
+class InboxRow(SQLModel, table=True):
+    """A device message an instance of a cluster accepted, waiting for the sequencer to turn it
+    into events in the device's seq order (see `gateway.sequencer`)."""
+
+    __tablename__ = "inbox"
+    # AUTOINCREMENT on SQLite: the sequencer reads on from the last id it saw, and deletes what
+    # it is done with; a plain rowid would hand those ids out again.
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_inbox_device_seq"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = _big(primary_key=True)
+    device_id: str
+    seq: int | None = Field(default=None, sa_column=Column(BigId, nullable=True))
+    topic: str
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    received_at: datetime = _dt(nullable=False)
+
+
+@dataclass(slots=True, frozen=True)
+class InboxMessage:
+    """An accepted device message on its way through the inbox (`id` 0 until stored)."""
+
+    device_id: str
+    seq: int | None
+    topic: str
+    payload: bytes
+    received_at: datetime
+    id: int = 0
 
 
 class ConsumerDeadLetterRow(SQLModel, table=True):
@@ -340,11 +388,14 @@ LOG_GREW = "iotgw_log_grew"  # Session.info flag: this transaction appended even
 LOG_APPEND_LOCK = 0x696F74677721
 
 
-def lock_log(conn: Any) -> None:  # noqa: ANN401 - a Connection or a Session
-    """Take the log's append lock for this transaction (PostgreSQL; nothing elsewhere)."""
+INBOX_APPEND_LOCK = 0x696F74677722
+
+
+def lock_log(conn: Any, lock: int = LOG_APPEND_LOCK) -> None:  # noqa: ANN401 - a Connection or a Session
+    """Take the log's (or the inbox's) append lock for this transaction (PostgreSQL; nothing elsewhere)."""
     connection = conn.connection() if isinstance(conn, Session) else conn
     if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOG_APPEND_LOCK})")
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock})")
 
 
 def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
@@ -425,13 +476,13 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-FIRST_REVISION = "0001"
 SCHEMA_LOCK = 0x696F74677722
 
 
 def _migrate(conn: Connection) -> None:
     """Bring the schema to the newest revision. A database made before migrations existed (tables,
-    no alembic_version) is completed the old way, marked as the first revision, then upgraded."""
+    no alembic_version) is completed the old way (missing tables created, nullable columns
+    added: which is all the revisions so far do) and marked as the newest revision."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = conn
@@ -439,7 +490,7 @@ def _migrate(conn: Connection) -> None:
     if tables & set(SQLModel.metadata.tables) and "alembic_version" not in tables:
         SQLModel.metadata.create_all(conn)
         _add_missing_columns(conn)
-        alembic_command.stamp(config, FIRST_REVISION)
+        alembic_command.stamp(config, "head")
     alembic_command.upgrade(config, "head")
 
 
@@ -458,6 +509,23 @@ def _add_missing_columns(conn: Connection) -> None:
                 raise StoreError(msg)
             kind = column.type.compile(dialect=conn.dialect)
             conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+
+
+@contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """On an SQLite file, an exclusive flock on `<file>.schema-lock` while the schema is migrated:
+    gateways starting together take turns. (Not on the database file itself: closing any
+    descriptor of it would drop SQLite's own POSIX locks held by this process.)"""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with Path(f"{path}.schema-lock").open("ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Store:
@@ -482,17 +550,23 @@ class Store:
         # first_seen is kept from the first insert; everything else is the new shadow.
         update = ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_FIELDS)
         self._sql_devices = _insert_sql("devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}")
+        self._sql_inbox = _insert_sql(
+            "inbox",
+            ("device_id", "seq", "topic", "payload", "received_at"),
+            mark,
+            "ON CONFLICT (device_id, seq) DO NOTHING",
+        )
 
     def create_schema(self) -> None:
         """Create or migrate the schema to this version (Alembic, gateway/migrations), then create the
         tables of consumers from other packages, which migrations do not know (idempotent)."""
         try:
-            with self.engine.begin() as conn:
+            with _sqlite_file_lock(self.engine), self.engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     # Several gateways starting at once: one migrates, the others wait for it.
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
                 _migrate(conn)
-            SQLModel.metadata.create_all(self.engine)
+                SQLModel.metadata.create_all(conn)
         except SQLAlchemyError as exc:
             msg = f"cannot create the schema in {self.url}: {exc}"
             raise StoreError(msg) from exc
@@ -522,8 +596,15 @@ class Store:
         with self.session() as s:
             return {r.device_id: shadow_from_row(r) for r in s.exec(select(DeviceRow))}
 
-    def append_batch(
-        self, events: Sequence[Event], shadows: Sequence[Shadow], dead: Sequence[DeadLetter], *, now: datetime
+    def append_batch(  # noqa: PLR0913
+        self,
+        events: Sequence[Event],
+        shadows: Sequence[Shadow],
+        dead: Sequence[DeadLetter],
+        *,
+        now: datetime,
+        inbox_done: Sequence[int] = (),
+        fence: Callable[[Connection], None] | None = None,
     ) -> Stored:
         """Append events, upsert shadows and store dead letters in ONE transaction.
 
@@ -545,6 +626,8 @@ class Store:
         ]  # fmt: skip
         try:
             with self.engine.begin() as conn:
+                if fence is not None:
+                    fence(conn)
                 inserted = 0
                 if event_rows:
                     lock_log(conn)
@@ -553,11 +636,42 @@ class Store:
                     conn.exec_driver_sql(self._sql_devices, device_rows)
                 if dead:
                     conn.execute(sa_insert(_table(DeadLetterRow)), [_dead_row(d) for d in dead])
+                if inbox_done:
+                    inbox = _table(InboxRow)
+                    conn.execute(inbox.delete().where(inbox.c.id.in_(list(inbox_done))))
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
             raise StoreError(msg) from exc
         inserted = max(inserted, 0)
         return Stored(inserted, len(event_rows) - inserted, len(dead))
+
+    def append_inbox(self, messages: Sequence[InboxMessage], dead: Sequence[DeadLetter]) -> int:
+        """A cluster instance's batch: accepted messages into the sequencer's inbox (a redelivered
+        one is stored once) and dead letters, in one transaction; returns the messages inserted."""
+        dt = self._dt_param
+        rows = [(m.device_id, m.seq, m.topic, m.payload, dt(m.received_at)) for m in messages]
+        try:
+            with self.engine.begin() as conn:
+                inserted = 0
+                if rows:
+                    # Inbox ids in commit order too: the sequencer reads on from the last id it saw.
+                    lock_log(conn, INBOX_APPEND_LOCK)
+                    inserted = conn.exec_driver_sql(self._sql_inbox, rows).rowcount
+                if dead:
+                    conn.execute(sa_insert(_table(DeadLetterRow)), [_dead_row(d) for d in dead])
+        except SQLAlchemyError as exc:
+            msg = f"batch commit failed: {exc}"
+            raise StoreError(msg) from exc
+        return max(inserted, 0)
+
+    def read_inbox(self, after: int, limit: int) -> list[InboxMessage]:
+        """Inbox messages with ids above `after`, oldest first."""
+        stmt = select(InboxRow).where(col(InboxRow.id) > after).order_by(col(InboxRow.id)).limit(limit)
+        with self.session() as s:
+            return [
+                InboxMessage(r.device_id, r.seq, r.topic, bytes(r.payload), r.received_at, r.id or 0)
+                for r in s.exec(stmt)
+            ]
 
     def count_events(self, event_type: str | None = None) -> int:
         """How many events (of one type) the log holds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
@@ -169,3 +171,18 @@ async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until the `iotgw run` process `proc` answers /ready on `port` with 200."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the gateway exited during start-up"
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail("gateway never became ready")

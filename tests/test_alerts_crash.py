@@ -21,8 +21,7 @@ from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import GATEWAY_ENV, fresh_database, new_broker, query, wait_for
-from tests.test_crash import _until_ready
+from tests.conftest import GATEWAY_ENV, fresh_database, new_broker, query, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +153,7 @@ async def _both_runs(
         db, http, log = databases[run], free_port(), tmp_path / f"run{run}.log"
         proc = start(broker.port, db, http, rules, log)
         try:
-            await _until_ready(http, proc)
+            await until_ready(http, proc)
             sending = asyncio.create_task(publish(broker.url_as("tester"), msgs))
             if run == 1:  # the interrupted run
 

@@ -18,8 +18,8 @@ from gateway.analytics import Analytics, device, fleet
 from gateway.broker import Mosquitto, free_port
 from gateway.events import Event
 from gateway.store import Store
-from tests.conftest import query, wait_for
-from tests.test_crash import _start_gateway, _until_ready
+from tests.conftest import query, until_ready, wait_for
+from tests.test_crash import _start_gateway
 
 T0 = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
 
@@ -128,7 +128,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
     proc = _start_gateway(broker, db, port, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        await _until_ready(port, proc)
+        await until_ready(port, proc)
         cfg = FleetConfig(
             mqtt_url=broker.url_as("tester"),
             elevators=20,
@@ -149,7 +149,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
         proc.wait()
         proc = _start_gateway(broker, db, port, log)
         stats = await run
-        await _until_ready(port, proc)
+        await until_ready(port, proc)
         async with httpx.AsyncClient(base_url=base) as client:
 
             async def caught_up() -> bool:

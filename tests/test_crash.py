@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import GATEWAY_ENV, query, running_gateway, settled, wait_for
+from tests.conftest import GATEWAY_ENV, query, running_gateway, settled, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -35,20 +34,6 @@ def _start_gateway(broker: Mosquitto, db: str, http_port: int, log: Path) -> sub
     ]  # fmt: skip
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **GATEWAY_ENV})
-
-
-async def _until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the gateway exited during start-up"
-            try:
-                if (await client.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    pytest.fail("gateway never became ready")
 
 
 def _count(db: str) -> tuple[int, int]:
@@ -74,7 +59,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
     total = devices * per_device
     proc = _start_gateway(broker, db, port, log)
     try:
-        await _until_ready(port, proc)
+        await until_ready(port, proc)
         publisher = asyncio.create_task(publish_numbered(broker.url_as("tester"), devices, per_device))
         killed_at = []
         for share in (0.2, 0.45, 0.7):
@@ -88,7 +73,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
             killed_at.append(_count(db)[0])
             await asyncio.sleep(0.3)  # devices keep publishing while the gateway is down
             proc = _start_gateway(broker, db, port, log)
-            await _until_ready(port, proc)
+            await until_ready(port, proc)
         stats = await publisher
         assert stats.acked == total
 

@@ -18,10 +18,11 @@ router = APIRouter(prefix="/api/consumers", tags=["consumers"])
 
 
 class ConsumerPublic(BaseModel):
-    """A consumer's state (running, paused, failing), cursor, lag and parked events."""
+    """A consumer's state (running, paused, failing), the instance running it, cursor, lag and parked events."""
 
     name: str
     state: str
+    instance: str | None  # the gateway instance running it now (None: nobody holds its lease)
     cursor: int
     lag_events: int
     lag_seconds: float
@@ -79,6 +80,7 @@ async def _status(r: RouterDep, name: str | None = None) -> list[ConsumerPublic]
         ConsumerPublic(
             name=s.name,
             state=s.state,
+            instance=s.owner,
             cursor=s.position,
             lag_events=s.lag_events,
             lag_seconds=round(s.lag_seconds, 3),
