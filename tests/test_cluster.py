@@ -18,7 +18,9 @@ import pytest
 from devices.load import Script, elevator_script, publish_scripts, sensor_script
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
+from gateway.router import ConsumerStatus
 from gateway.sequencer import in_order, ready
+from gateway.service import Gateway
 from gateway.store import InboxMessage
 from tests.conftest import GATEWAY_ENV, fresh_database, query, running_gateway, until_ready, wait_for
 
@@ -228,3 +230,66 @@ def test_the_sequencer_releases_a_device_s_messages_in_seq_order_and_waits_for_g
     assert ready([msg(5, 0, 1)], None, t0 + timedelta(seconds=30), 30) == 1
     # Older than the last applied (a redelivery): goes at once (the normaliser drops it).
     assert ready([msg(3, 0, 1)], 9, now, 30) == 1
+
+
+async def test_pause_resume_and_replay_from_the_instance_that_does_not_run_the_consumer(
+    broker: Mosquitto, settings_for: Callable[..., Settings], database_url: str
+) -> None:
+    first, second = scripts(6, 60), {f"late-{i}": sensor_script(f"late-{i}", 50) for i in range(4)}
+    one = settings_for(broker, instance="gw-1", consumers="analytics", lease_s=3)
+    two = one.model_copy(update={"instance": "gw-2", "http_port": free_port()})
+    async with running_gateway(one) as gw1, running_gateway(two) as gw2:
+        await publish_scripts(broker.url_as("tester"), first)
+        await wait_for(lambda: all_sequenced(database_url, first), timeout=60, what="the first stream")
+        owner = next(gw for gw in (gw1, gw2) if gw.router.get("analytics").lease.held)
+        other = gw2 if owner is gw1 else gw1
+
+        def status(gw: Gateway) -> ConsumerStatus:
+            return next(s for s in gw.router.status() if s.name == "analytics")
+
+        # The other instance's API reports the cluster's view: who runs it, and where it is.
+        seen = await asyncio.to_thread(status, other)
+        assert seen.owner == owner.settings.instance
+        assert seen.position == (await asyncio.to_thread(status, owner)).position > 0
+        figures = outcome(database_url)[1]
+        assert figures
+
+        # Paused from the other instance: the owner stops (its lag grows) while ingest goes on.
+        await other.router.get("analytics").set_paused(True)
+
+        async def owner_paused() -> bool:
+            return owner.router.get("analytics").paused
+
+        await wait_for(owner_paused, timeout=10, what="the owner to learn of the pause")
+        await publish_scripts(broker.url_as("tester"), second)
+
+        async def stored_second() -> bool:
+            return readings(database_url) == 4 * 50
+
+        await wait_for(stored_second, what="the second stream stored")
+        paused = await asyncio.to_thread(status, owner)
+        assert paused.state == "paused"
+        assert paused.lag_events >= 4 * 50
+        assert query(database_url, "select count(*) from analytics_sensor_minutes where device_id like 'late-%'") == [
+            (0,)
+        ]
+        await other.router.get("analytics").set_paused(False)
+
+        async def caught_up() -> bool:
+            s = await asyncio.to_thread(status, other)
+            return s.state == "running" and s.lag_events == 0
+
+        await wait_for(caught_up, what="the owner to resume and catch up")
+        after_resume = outcome(database_url)[1]
+        late = query(database_url, "select sum(count) from analytics_sensor_minutes where device_id like 'late-%'")
+        assert late == [(4 * 50,)]
+
+        # Replayed from the other instance (analytics resets and rebuilds from the start): the
+        # owner reloads its cursor; the figures come back the same, nothing counted twice.
+        await other.router.get("analytics").replay(from_position=1)
+        await wait_for(caught_up, what="the replay")
+        assert outcome(database_url)[1] == after_resume
+        assert (
+            query(database_url, "select sum(count) from analytics_sensor_minutes where device_id like 'late-%'") == late
+        )
+        assert (await asyncio.to_thread(status, other)).owner == owner.settings.instance
