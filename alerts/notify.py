@@ -13,6 +13,7 @@ they name their receiver, and silences do not apply to them (a trapped passenger
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -135,19 +136,29 @@ class Notifier:
         self.interval_s = interval_s
         # In a cluster, one instance delivers: the one holding this lease.
         self.lease = lease
+        self._stopping: asyncio.Event | None = None
         self._quiet = QuietLog(log, every_s=30.0)
 
     async def run(self) -> None:
-        """Deliver until cancelled."""
+        """Deliver until `stop()` (the round in hand is finished) or cancelled; then give the lease up."""
+        self._stopping = asyncio.Event()
         with httpx.Client(follow_redirects=False) as client:
-            while True:
+            while not self._stopping.is_set():
                 try:
                     busy = await asyncio.to_thread(self.deliver_due, client)
                 except StoreError as exc:
                     self._quiet.warn("store", "notifications: database error: %s", exc)
                     busy = False
                 if not busy:
-                    await asyncio.sleep(self.interval_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+        with contextlib.suppress(StoreError):
+            await asyncio.to_thread(self.release)
+
+    def stop(self) -> None:
+        """Ask `run` to end after the round in hand (its thread holds a database session)."""
+        if self._stopping is not None:
+            self._stopping.set()
 
     def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
         """Fan out new notifications and try every delivery that is due; True if any was tried."""
@@ -183,6 +194,13 @@ class Notifier:
                 len(tx.exec(select(DeliveryRow.id).where(col(DeliveryRow.status) == "pending")).all())
             )
             return bool(due)
+
+    def release(self) -> None:
+        """Give the lease up (a clean stop: another instance may deliver at once)."""
+        if self.lease is not None and self.lease.held:
+            with self.store.session() as tx:
+                self.lease.release(tx)
+                tx.commit()
 
     def _hold_lease(self) -> bool:
         assert self.lease is not None  # noqa: S101

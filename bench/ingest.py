@@ -96,7 +96,7 @@ def save(out: Path, results: dict[str, Any]) -> None:
 
 
 def _gateway(
-    port: int, db: Path, http_port: int, log: Path, *, consumers: str = "*", client_id: str = GW_ID
+    port: int, db: Path, http_port: int, log: Path, *, consumers: str = "*", client_id: str = GW_ID, ingest: bool = True
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "gateway", "run",
@@ -108,8 +108,19 @@ def _gateway(
         "--consumers", consumers,
     ]  # fmt: skip
     env = {**os.environ, "IOTGW_MQTT_PASSWORD": USERS["iotgw"], "IOTGW_API_AUTH": "false"}
+    env["IOTGW_INGEST"] = "true" if ingest else "false"
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _caught_up_after(http_port: int, last_stored: float, timeout: float) -> float:
+    """Seconds from the last stored event until every consumer (of the gateway on `http_port`) has no lag."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if all(c["lag_events"] == 0 for c in httpx.get(f"http://127.0.0.1:{http_port}/api/consumers").json()):
+            return max(time.time() - last_stored, 0.0)
+        time.sleep(0.05)
+    raise SystemExit("the consumers never caught up")
 
 
 def _forget_session(port: int, client_id: str) -> None:
@@ -269,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _run(args, work, broker)
 
 
-def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:
+def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:  # noqa: PLR0912 - one phase after another
     db, log, http_port = work / "bench.db", work / "gateway.log", free_port()
     per_device = args.messages // args.devices
     total = per_device * args.devices
@@ -289,19 +300,27 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         # 2. The gateway on identical streams, alternately ingest only (no consumers, a database
         #    of its own) and with every consumer on; medians of --repeat runs each, because
         #    run-to-run noise on a 2-core machine is larger than the difference we look for.
-        solo_db = work / "ingest-only.db"
+        #    A third way: the consumers in a process of their own (IOTGW_INGEST=false) beside an
+        #    ingest-only gateway on the same database.
+        solo_db, split_db, split_port = work / "ingest-only.db", work / "split.db", free_port()
         solo_rates: list[float] = []
         all_rates: list[float] = []
+        split_rates: list[float] = []
+        split_behind: list[float] = []
         peak_rss = 0
         for run_no in range(args.repeat):
-            for mode in ("solo", "all"):
-                target_db = solo_db if mode == "solo" else db
+            for mode in ("solo", "all", "split"):
+                target_db = {"solo": solo_db, "all": db, "split": split_db}[mode]
                 gw = _gateway(
                     broker.port, target_db, http_port, log,
-                    consumers="" if mode == "solo" else args.consumers,
+                    consumers=args.consumers if mode == "all" else "",
                     client_id=f"{GW_ID}-{mode}",
                 )  # fmt: skip
                 _wait_ready(http_port, gw)
+                readers = None
+                if mode == "split":
+                    readers = _gateway(broker.port, split_db, split_port, log, consumers=args.consumers, ingest=False)
+                    _wait_ready(split_port, readers)
                 proc = psutil.Process(gw.pid)
                 prefix = f"{PREFIX}{mode}{run_no}-"
                 started = _blast(broker.port, _write_streams(work, prefix, args.devices, per_device, args.site))
@@ -311,9 +330,13 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                         raise SystemExit(f"gateway stored only {done[0]:,} of {total:,}; see {log}")
                     time.sleep(0.2)
                 rate = total / (done[1] - started)
-                (solo_rates if mode == "solo" else all_rates).append(rate)
-                label = "ingest only" if mode == "solo" else "all consumers"
+                {"solo": solo_rates, "all": all_rates, "split": split_rates}[mode].append(rate)
+                label = {"solo": "ingest only", "all": "all consumers", "split": "consumers in their own process"}[mode]
                 say(f"  live #{run_no + 1}: gateway, {label}: {rate:,.0f} msg/s ({rate / ceiling:.0%} of the ceiling)")
+                if readers is not None:
+                    split_behind.append(_caught_up_after(split_port, done[1], args.timeout))
+                    say(f"    its consumers caught up {split_behind[-1]:.1f} s after the last event was stored")
+                    _stop(readers)
                 _stop(gw)
                 # Its persistent session would queue every later stream: burden the broker and
                 # skew the next runs. A clean-session connect with the same id discards it.
@@ -325,6 +348,11 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         results["all_consumers_runs"] = [round(r) for r in all_rates]
         results["ratio"] = round(stored / ceiling, 3)
         results["consumers_vs_ingest_only"] = round(stored / solo, 3)
+        split = statistics.median(split_rates)
+        results["split_msg_s"] = round(split)
+        results["split_runs"] = [round(r) for r in split_rates]
+        results["split_vs_ingest_only"] = round(split / solo, 3)
+        results["split_caught_up_s"] = round(max(split_behind), 1)
         # 3. Backlog: the gateway (with all consumers) was away while the same volume queued up.
         gw = _gateway(broker.port, db, http_port, log)  # creates its persistent session
         _wait_ready(http_port, gw)
@@ -407,6 +435,10 @@ def main() -> None:
     print(f"| gateway with all consumers, same stream (median of {runs}) | {r['gateway_msg_s']:,} msg/s |")
     print(f"| ratio to the ceiling (all consumers) | {r['ratio']:.0%} |")
     print(f"| all consumers vs ingest only | {r['consumers_vs_ingest_only']:.0%} |")
+    runs = ", ".join(f"{x:,}" for x in r["split_runs"])
+    print(f"| gateway, consumers in a process of their own (median of {runs}) | {r['split_msg_s']:,} msg/s |")
+    print(f"| consumers in their own process vs ingest only | {r['split_vs_ingest_only']:.0%} |")
+    print(f"| those consumers caught up after the last event stored (worst run) | {r['split_caught_up_s']} s |")
     print(f"| gateway catching up a backlog after a restart | {r['backlog_msg_s']:,} msg/s |")
     for lat in r["latency"]:
         live = f"{lat['rate']:,.0f} msg/s offered ({lat['achieved']:,} achieved)"

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60)
     mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
     database_url: str = "sqlite:///iotgw.db"
+    # False: this process does not subscribe; it runs the consumers, the notifier and the API over
+    # the log that another gateway process on the same database fills (README, "Consumers").
+    ingest: bool = True
     # --- Scaling out (README "Scaling out") ---
     # This instance's name in a cluster of gateways on one PostgreSQL database: set, the gateway
     # connects as `<mqtt_client_id>-<instance>` and shares `$share/<mqtt_client_id>/devices/+/+`

@@ -126,6 +126,28 @@ def derive(
     return Derived(events, overlay, dead, anomalies)
 
 
+def count_outcome(  # noqa: PLR0913
+    m: Metrics,
+    events: Sequence[Event],
+    dead: Sequence[DeadLetter],
+    anomalies: Counter[str],
+    *,
+    skipped: int,
+    now: datetime,
+) -> None:
+    """Count a commit's events, dead letters, seq anomalies and duplicates, and the events' latency."""
+    for d in dead:
+        m.messages_rejected.labels(d.reason).inc()
+    for kind, n in anomalies.items():
+        m.seq_anomalies.labels(kind).inc(n)
+    if skipped:
+        m.events_duplicate.inc(skipped)
+    for etype, n in Counter(e.type for e in events).items():
+        m.events.labels(etype).inc(n)
+    for e in events:
+        m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
+
+
 @dataclass(slots=True, frozen=True)
 class _Prepared:
     events: list[Event]
@@ -501,14 +523,5 @@ class Ingest:
         m.batch_size.observe(len(batch))
         for channel, n in prepared.received.items():
             m.messages_received.labels(channel).inc(n)
-        for d in prepared.dead:
-            m.messages_rejected.labels(d.reason).inc()
-        for kind, n in prepared.anomalies.items():
-            m.seq_anomalies.labels(kind).inc(n)
-        if skipped:
-            m.events_duplicate.inc(skipped)
-        for etype, n in Counter(e.type for e in prepared.events).items():
-            m.events.labels(etype).inc(n)
-        for e in prepared.events:
-            m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
+        count_outcome(m, prepared.events, prepared.dead, prepared.anomalies, skipped=skipped, now=now)
         self._census.publish(m)

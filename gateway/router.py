@@ -684,6 +684,7 @@ class Router:
         self.changes = Changes()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lag_task: asyncio.Task[None] | None = None
+        self._lag_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-router-lag")
 
     async def start(self) -> None:
         """Start every consumer, each from its committed cursor."""
@@ -697,6 +698,7 @@ class Router:
         self.changes.closed = True
         self.changes.bump()
         await stop_task(self._lag_task)
+        await asyncio.to_thread(self._lag_executor.shutdown, wait=True)  # its query, if one is running
         for runner in self.runners.values():
             await runner.stop()
 
@@ -737,6 +739,6 @@ class Router:
         while True:
             await asyncio.sleep(5.0)
             try:
-                await asyncio.to_thread(self.status)
+                await asyncio.get_running_loop().run_in_executor(self._lag_executor, self.status)
             except StoreError as exc:
                 log.debug("lag refresh failed: %s", exc)

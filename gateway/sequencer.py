@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -26,7 +25,7 @@ from datetime import datetime
 from gateway.cluster import Lease, LeaseLostError
 from gateway.config import Settings
 from gateway.errors import PayloadError, StoreError
-from gateway.ingest import Census, Clock, Derived, Parsed, derive, internal_error, utcnow
+from gateway.ingest import Census, Clock, Derived, Parsed, count_outcome, derive, internal_error, utcnow
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.normalize import Shadow
@@ -227,15 +226,5 @@ class Sequencer:
             self._loop.call_soon_threadsafe(self.on_commit, types)
 
     def _count(self, derived: Derived, dead: Sequence[DeadLetter], skipped: int, now: datetime) -> None:
-        m = self.metrics
-        for d in dead:
-            m.messages_rejected.labels(d.reason).inc()
-        for kind, n in derived.anomalies.items():
-            m.seq_anomalies.labels(kind).inc(n)
-        if skipped:
-            m.events_duplicate.inc(skipped)
-        for etype, n in Counter(e.type for e in derived.events).items():
-            m.events.labels(etype).inc(n)
-        for e in derived.events:
-            m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
-        self._census.publish(m)
+        count_outcome(self.metrics, derived.events, dead, derived.anomalies, skipped=skipped, now=now)
+        self._census.publish(self.metrics)

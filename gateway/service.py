@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -55,8 +57,12 @@ class Gateway:
             self.store,
             self.metrics,
             [*load_consumers(settings.consumer_names, settings), *extra_consumers],
-            # In a cluster the log may grow on another instance: a short slow poll.
-            poll_s=min(settings.consumer_poll_s, 0.2) if settings.clustered else settings.consumer_poll_s,
+            # The log may grow in another process (a cluster, or a separate ingest): a short slow poll.
+            poll_s=(
+                min(settings.consumer_poll_s, 0.2)
+                if settings.clustered or not settings.ingest
+                else settings.consumer_poll_s
+            ),
             instance=settings.instance_name,
             lease_s=settings.lease_s,
         )
@@ -78,6 +84,7 @@ class Gateway:
                 broker_connected=lambda: self.ingest.connected,
                 database_writable=lambda: self.ingest.database_ok,
                 router=self.router,
+                ingest=settings.ingest,
                 security=ApiSecurity(
                     auth=settings.api_auth,
                     open_probes=settings.api_open_probes,
@@ -93,6 +100,9 @@ class Gateway:
         self._server_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._notifier_task: asyncio.Task[None] | None = None
+        self._notifier: Any = None
+        # Periodic jobs' threads: stop() waits for them, so none holds a connection past close().
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iotgw-background")
         self._alert_metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -101,9 +111,10 @@ class Gateway:
         await self.router.start()
         if self.sequencer is not None:
             await self.sequencer.start()
-        await self.ingest.start()
+        if self.settings.ingest:
+            await self.ingest.start()
         alerts = self.router.runners.get("alerts")
-        if alerts is not None:
+        if alerts is not None and self.settings.ingest:
             alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
         if alerts is not None or "dispatch" in self.router.runners:
             self._start_notifier()
@@ -142,8 +153,14 @@ class Gateway:
         await self.ingest.stop()
         if self.sequencer is not None:
             await self.sequencer.stop()
+        if self._notifier is not None and self._notifier_task is not None:
+            # Let it finish the round in hand: its thread must not hold a connection past close().
+            self._notifier.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._notifier_task), 15)
         for task in (self._metrics_task, self._notifier_task, self._alert_metrics_task):
             await stop_task(task)
+        await asyncio.to_thread(self._background.shutdown, wait=True)
         await self.router.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
@@ -155,11 +172,14 @@ class Gateway:
 
         while True:
             try:
-                await asyncio.to_thread(
-                    publish_metrics,
-                    self.store,
-                    self.metrics,
-                    max_device_series=self.settings.analytics_device_series_max,
+                await asyncio.get_running_loop().run_in_executor(
+                    self._background,
+                    functools.partial(
+                        publish_metrics,
+                        self.store,
+                        self.metrics,
+                        max_device_series=self.settings.analytics_device_series_max,
+                    ),
                 )
             except StoreError as exc:
                 log.debug("analytics metrics not refreshed: %s", exc)
@@ -183,6 +203,7 @@ class Gateway:
         if names:
             lease = Lease("notifier", self.settings.instance_name, self.settings.lease_s)
             notifier = Notifier(self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease)
+            self._notifier = notifier
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(names))
 
@@ -206,7 +227,7 @@ class Gateway:
 
         while True:
             try:
-                await asyncio.to_thread(once)
+                await asyncio.get_running_loop().run_in_executor(self._background, once)
             except StoreError as exc:
                 log.debug("alert metrics not refreshed: %s", exc)
             await asyncio.sleep(2.0)

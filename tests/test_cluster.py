@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from devices.load import Script, elevator_script, publish_scripts, sensor_script
 from gateway.broker import Mosquitto, free_port
@@ -293,3 +295,36 @@ async def test_pause_resume_and_replay_from_the_instance_that_does_not_run_the_c
             query(database_url, "select sum(count) from analytics_sensor_minutes where device_id like 'late-%'") == late
         )
         assert (await asyncio.to_thread(status, other)).owner == owner.settings.instance
+
+
+async def test_consumers_in_a_process_of_their_own_read_the_log_another_gateway_fills(
+    broker: Mosquitto, settings_for: Callable[..., Settings], database_url: str
+) -> None:
+    load = {f"temp-{i}": sensor_script(f"temp-{i}", 100) for i in range(5)}
+    ingest_only = settings_for(broker, consumers="")
+    readers = settings_for(broker, ingest=False, consumers="analytics", http_port=free_port())
+    async with running_gateway(ingest_only) as writer:
+        reader = Gateway(readers, registry=CollectorRegistry(), serve_http=True)
+        await reader.start()
+        try:
+            await publish_scripts(broker.url_as("tester"), load)
+
+            async def counted() -> bool:
+                rows = query(database_url, "select sum(count) from analytics_sensor_minutes")
+                return bool(rows) and rows[0][0] == 500
+
+            await wait_for(counted, what="the consumers' process to count every reading")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{readers.http_port}") as client:
+                ready = await client.get("/ready")
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["checks"] == {"database": "ok"}  # no broker: it does not subscribe
+            assert not reader.ingest.connected
+            received = writer.metrics.registry.get_sample_value(
+                "iotgw_messages_received_total", {"channel": "telemetry"}
+            )
+            assert received == 500
+            assert (
+                reader.metrics.registry.get_sample_value("iotgw_messages_received_total", {"channel": "telemetry"}) == 0
+            )
+        finally:
+            await reader.stop()

@@ -128,12 +128,19 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
 
 def test_compose_file_is_valid_and_mounts_only_files_of_the_repository() -> None:
     compose = Path(__import__("compose").__file__).parent / "docker-compose"  # the static Compose v2 binary
-    done = subprocess.run(
-        [str(compose), "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, capture_output=True, text=True,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    for profile in ([], ["--profile", "cluster"]):
+        done = subprocess.run(
+            [str(compose), "-f", "docker-compose.yml", *profile, "config", "-q"], cwd=ROOT, capture_output=True,
+            text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    # The cluster profile: PostgreSQL and a second instance of the same image, on its own name.
+    second = doc["services"]["gateway-2"]
+    assert second["profiles"] == ["cluster"] == doc["services"]["postgres"]["profiles"]
+    assert second["environment"]["IOTGW_INSTANCE"] == "gw-2"
+    assert second["environment"]["IOTGW_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert second["image"] == doc["services"]["gateway"]["image"]
     mounted = [
         volume.split(":")[0]
         for service in doc["services"].values()

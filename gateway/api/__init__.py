@@ -44,6 +44,7 @@ class AppState:
     broker_connected: Callable[[], bool]
     database_writable: Callable[[], bool]
     router: Router | None = None
+    ingest: bool = True  # False: this process does not subscribe (its readiness ignores the broker)
     security: ApiSecurity = field(default_factory=ApiSecurity)
 
 

@@ -22,9 +22,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", responses={503: {"description": "not ready; `checks` says why"}})
 async def ready(request: Request, store: StoreDep) -> JSONResponse:
-    """Ready when the broker session is up and the database answers and accepts commits."""
+    """Ready when the broker session is up (if this process ingests) and the database answers and
+    accepts commits."""
     state = request.app.state.iotgw
-    checks: dict[str, str] = {"broker": "ok" if state.broker_connected() else "disconnected"}
+    checks: dict[str, str] = {"broker": "ok" if state.broker_connected() else "disconnected"} if state.ingest else {}
     try:
         await asyncio.to_thread(store.ping)
         checks["database"] = "ok" if state.database_writable() else "not writable"
