@@ -84,6 +84,7 @@ class Sequencer:
         self.on_commit = on_commit
         self.clock = clock
         self.lease = Lease("sequencer", settings.instance_name, settings.lease_s)
+        self.window_s = settings.reorder_window_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-sequencer")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,6 +135,18 @@ class Sequencer:
                 log.exception("sequencer: unexpected error; retrying in 1 s")
                 await asyncio.sleep(1.0)
 
+    def drain(self) -> int:
+        """Normalise everything in the inbox now, gaps or not (blocking): for a gateway started on
+        its own over a database a cluster left messages in. Returns how many were left."""
+        window, self.window_s = self.window_s, 0.0
+        try:
+            while self._round():
+                pass
+        finally:
+            self.window_s = window
+            self._release()
+        return self.store.inbox_size()
+
     # -- in the sequencer's thread -----------------------------------------------------------
 
     def _release(self) -> None:
@@ -179,7 +192,7 @@ class Sequencer:
                 break
             ordered = in_order(messages)
             shadow = self._shadows.get(device_id)
-            n = ready(ordered, shadow.last_seq if shadow else None, now, self.settings.reorder_window_s)
+            n = ready(ordered, shadow.last_seq if shadow else None, now, self.window_s)
             batch.extend(ordered[:n])
         if batch:
             self._commit(batch, now)

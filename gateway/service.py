@@ -108,6 +108,8 @@ class Gateway:
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
         await asyncio.to_thread(self.store.create_schema)
+        if not self.settings.clustered:
+            await asyncio.to_thread(self._finish_inbox)
         await self.router.start()
         if self.sequencer is not None:
             await self.sequencer.start()
@@ -147,6 +149,17 @@ class Gateway:
             self.settings.http_host,
             self.settings.http_port,
         )
+
+    def _finish_inbox(self) -> None:
+        """A gateway on its own makes the events of messages a cluster left in the inbox, first."""
+        if self.store.inbox_size() == 0:
+            return
+        sequencer = Sequencer(self.settings, self.store, self.metrics)
+        log.warning("the inbox holds messages a cluster left; making their events before ingest starts")
+        left = sequencer.drain()
+        if left:
+            msg = f"{left} inbox messages could not be made into events (another instance holds the sequencer lease?)"
+            raise GatewayError(msg)
 
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""

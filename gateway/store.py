@@ -664,6 +664,11 @@ class Store:
             raise StoreError(msg) from exc
         return max(inserted, 0)
 
+    def inbox_size(self) -> int:
+        """How many messages wait in the cluster's inbox."""
+        with self.session() as s:
+            return int(s.exec(select(func.count()).select_from(InboxRow)).one())
+
     def read_inbox(self, after: int, limit: int) -> list[InboxMessage]:
         """Inbox messages with ids above `after`, oldest first."""
         stmt = select(InboxRow).where(col(InboxRow.id) > after).order_by(col(InboxRow.id)).limit(limit)

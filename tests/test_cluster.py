@@ -23,7 +23,7 @@ from gateway.config import Settings
 from gateway.router import ConsumerStatus
 from gateway.sequencer import in_order, ready
 from gateway.service import Gateway
-from gateway.store import InboxMessage
+from gateway.store import InboxMessage, Store
 from tests.conftest import GATEWAY_ENV, fresh_database, query, running_gateway, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -328,3 +328,21 @@ async def test_consumers_in_a_process_of_their_own_read_the_log_another_gateway_
             )
         finally:
             await reader.stop()
+
+
+async def test_a_gateway_on_its_own_first_makes_the_events_a_cluster_left_in_the_inbox(
+    broker: Mosquitto, settings_for: Callable[..., Settings], make_store: Callable[[], Store]
+) -> None:
+    # A cluster stopped with messages in the inbox (held behind a gap: seq 2 never came).
+    store = make_store()
+    script = elevator_script("elev-left", 5)
+    now = datetime.now(UTC)
+    left = [InboxMessage("elev-left", n, "devices/elev-left/state", script.payloads[n - 1], now) for n in (1, 3, 4, 5)]
+    assert store.append_inbox(left, []) == 4
+    async with running_gateway(settings_for(broker, consumers="")):
+        assert store.inbox_size() == 0
+        seqs = [r[0] for r in query(store.url, "select sequence from events where subject = 'elev-left' order by id")]
+        assert seqs[0] == 1  # device.discovered, then what the states changed, in seq order
+        assert seqs == sorted(seqs)
+        assert set(seqs) <= {1, 3, 4, 5}
+        assert query(store.url, "select last_seq from devices where device_id = 'elev-left'") == [(5,)]
