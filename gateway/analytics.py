@@ -6,6 +6,7 @@ log rebuilds the same figures (the router commits these writes together with the
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -249,19 +250,22 @@ def _horizon(tx: Session) -> datetime | None:
 
 def figures(rows: Sequence[AnalyticsDeviceRow], horizon: datetime | None = None) -> ElevatorFigures:
     """Sum the figures of elevator rows (one row: that elevator); open modes last until `horizon`."""
-    modes: dict[str, float] = defaultdict(float)
+    # math.fsum: the same figures whatever order the database returns the rows in (a float sum
+    # in another order can differ in its last bits, and the rounding below can then flip).
+    mode_parts: dict[str, list[float]] = defaultdict(list)
     by_code: dict[str, int] = defaultdict(int)
-    cleared, fault_s = 0, 0.0
+    cleared = 0
     for r in rows:
         for m, sec in _mode_seconds(r, horizon).items():
-            modes[m] += sec
+            mode_parts[m].append(sec)
         for c, n in r.faults_by_code.items():
             by_code[c] += n
         cleared += r.faults_cleared
-        fault_s += r.fault_seconds
+    modes = {m: math.fsum(parts) for m, parts in mode_parts.items()}
+    fault_s = math.fsum(r.fault_seconds for r in rows)
     trips = sum(r.trips for r in rows)
     faults = sum(r.faults for r in rows)
-    observed = sum(modes.values())
+    observed = math.fsum(modes.values())
     in_service = modes.get("normal", 0.0)
     return ElevatorFigures(
         elevators=len(rows),

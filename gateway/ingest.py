@@ -38,6 +38,7 @@ from gateway.tasks import stop_task
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+LIMITED_FLUSH_S = 1.0  # messages over their device's rate are dead-lettered at most this late
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -276,6 +277,10 @@ class Ingest:
         self._stopping = False
         self._census = Census()
         self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
+        self._limited: list[_Pending] = []  # over their device's rate, waiting to be dead-lettered
+        self._limited_max = max(10, settings.mqtt_receive_maximum // 4)  # unacknowledged, they hold the window
+        self._flush_limited = asyncio.Event()
+        self._limiter: asyncio.Task[None] | None = None
         self._registry = _Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
 
@@ -290,6 +295,8 @@ class Ingest:
             self._census.move(None, sh)
         self._census.publish(self.metrics)
         self._writer = asyncio.create_task(self._write_loop(), name="iotgw-ingest-writer")
+        if self._buckets is not None:
+            self._limiter = asyncio.create_task(self._limited_loop(), name="iotgw-ingest-limited")
         self._client = self._make_client()
         self._connector = asyncio.create_task(self._connect_loop(), name="iotgw-ingest-connect")
 
@@ -297,6 +304,7 @@ class Ingest:
         """Commit and acknowledge what was received, then leave the broker (the session persists)."""
         self._stopping = True
         await stop_task(self._connector)
+        self._flush_limited.set()
         if self.database_ok:
             # Bounded: a batch the database refuses stays unacknowledged; the broker keeps it.
             with contextlib.suppress(TimeoutError):
@@ -309,6 +317,7 @@ class Ingest:
         self.connected = False
         self.metrics.broker_connected.set(0)
         await stop_task(self._writer)
+        await stop_task(self._limiter)
         self._executor.shutdown(wait=True)
 
     def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped
@@ -381,10 +390,20 @@ class Ingest:
         self.subscribed.set()
 
     def _receive(self, topic: str, payload: bytes, mid: int | None, connection: object) -> None:
-        self._queue.put_nowait(_Pending(topic, bytes(payload), self.clock(), mid, connection))
+        p = _Pending(topic, bytes(payload), self.clock(), mid, connection)
         self._pending += 1
         self._drained.clear()
         self.metrics.pending.inc()
+        if self._buckets is not None:
+            device_id = _topic_device(topic)
+            if device_id is not None and not self._buckets.allow(device_id, p.received_at.timestamp()):
+                # Over its rate: not in the other devices' batches (their commits stay as small as
+                # without the flood); dead-lettered in a batch of its own, at most a second later.
+                self._limited.append(p)
+                if len(self._limited) >= self._limited_max:
+                    self._flush_limited.set()
+                return
+        self._queue.put_nowait(p)
 
     # -- batch writer --------------------------------------------------------------------------
 
@@ -400,13 +419,31 @@ class Ingest:
                 self.on_inbox()
             if self.on_commit is not None and types:
                 self.on_commit(types)  # wake the consumers of these event types: the log has grown
-            stored_at = self.clock()
-            for p in batch:
-                self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
-            self._pending -= len(batch)
-            if self._pending == 0:
-                self._drained.set()
-            self.metrics.pending.dec(len(batch))
+            self._done(batch)
+
+    async def _limited_loop(self) -> None:
+        """Dead-letter the messages of devices over their rate: a batch a second, or sooner when many."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_limited.wait(), LIMITED_FLUSH_S)
+            self._flush_limited.clear()
+            if not self._limited:
+                continue
+            batch, self._limited = self._limited, []
+            await self._commit_with_retry(loop, batch, self._process_limited)
+            self._acknowledge(batch)
+            self._done(batch)
+
+    def _done(self, batch: list[_Pending]) -> None:
+        """After a batch's commit and acknowledgement: latency, and what is still pending."""
+        stored_at = self.clock()
+        for p in batch:
+            self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
+        self._pending -= len(batch)
+        if self._pending == 0:
+            self._drained.set()
+        self.metrics.pending.dec(len(batch))
 
     def _acknowledge(self, batch: list[_Pending]) -> None:
         # Usually one connection per batch; group in case the broker reconnected mid-batch.
@@ -417,12 +454,17 @@ class Ingest:
         for connection, mids in by_connection.values():
             self._client.ack(connection, mids)
 
-    async def _commit_with_retry(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> set[str]:
+    async def _commit_with_retry(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Pending],
+        process: Callable[[list[_Pending]], set[str]] | None = None,
+    ) -> set[str]:
         """Commit the batch, retrying while the database refuses; returns the types of the events stored."""
         delay = 0.1
         while True:
             try:
-                types = await loop.run_in_executor(self._executor, self._process, batch)
+                types = await loop.run_in_executor(self._executor, process or self._process, batch)
             except StoreError as exc:
                 # Nothing is acknowledged: the broker keeps the messages until a commit succeeds.
                 if self.database_ok:
@@ -454,6 +496,25 @@ class Ingest:
         self._shadows.update(prepared.shadows)
         self._count(batch, prepared, stored.events_skipped, now)
         return {e.type for e in prepared.events}
+
+    def _process_limited(self, batch: list[_Pending]) -> set[str]:
+        """Runs in the writer thread: dead letters `rate_limited` for messages over their device's rate."""
+        dead = []
+        received: Counter[str] = Counter()
+        for p in batch:
+            channel = p.topic.rsplit("/", 1)[-1]
+            received[channel if channel in CHANNELS else "other"] += 1
+            device_id = _topic_device(p.topic)
+            exc = PayloadError(
+                Reason.RATE_LIMITED, f"device {device_id} exceeds {self.settings.device_rate:g} messages/s", p.topic
+            )
+            self._rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
+            dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
+        now = self.clock()
+        with self.metrics.commit_duration.time():
+            self.store.append_batch([], [], dead, now=now)
+        self._count(batch, _Prepared([], {}, dead, Counter(), received), 0, now)
+        return set()
 
     def _process_into_inbox(self, batch: list[_Pending]) -> set[str]:
         """Cluster: check and store the batch for the sequencer, which normalises in seq order."""
@@ -498,24 +559,18 @@ class Ingest:
         return _Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
 
     def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:
-        """Per message, why it is refused before parsing (over its device's rate, or from an
-        unregistered device), or None. Cheap on purpose: a flood must not cost a parse each."""
+        """Per message, why it is refused before parsing (from an unregistered device), or None.
+        Cheap on purpose: a flood must not cost a parse each. (Over its device's rate: sorted out
+        on arrival, see `_receive`.)"""
         refusals: list[PayloadError | None] = [None] * len(batch)
-        if self._buckets is None and self._registry is None:
+        if self._registry is None:
             return refusals
         devices = [_topic_device(p.topic) for p in batch]
-        if self._buckets is not None:
-            for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
-                if device_id is not None and not self._buckets.allow(device_id, p.received_at.timestamp()):
-                    detail = f"device {device_id} exceeds {self.settings.device_rate:g} messages/s"
-                    refusals[i] = PayloadError(Reason.RATE_LIMITED, detail, p.topic)
-        if self._registry is not None:
-            asked = {d for d, r in zip(devices, refusals, strict=True) if d is not None and r is None}
-            known = self._registry.known(asked)
-            for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
-                if refusals[i] is None and device_id is not None and device_id not in known:
-                    detail = f"device {device_id} is not provisioned (iotgw devices provision --id {device_id})"
-                    refusals[i] = PayloadError(Reason.UNKNOWN_DEVICE, detail, p.topic)
+        known = self._registry.known({d for d in devices if d is not None})
+        for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
+            if device_id is not None and device_id not in known:
+                detail = f"device {device_id} is not provisioned (iotgw devices provision --id {device_id})"
+                refusals[i] = PayloadError(Reason.UNKNOWN_DEVICE, detail, p.topic)
         return refusals
 
     def _count(self, batch: list[_Pending], prepared: _Prepared, skipped: int, now: datetime) -> None:

@@ -38,7 +38,6 @@ from sqlalchemy import (
     or_,
     text,
 )
-from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -550,6 +549,9 @@ class Store:
         # first_seen is kept from the first insert; everything else is the new shadow.
         update = ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_FIELDS)
         self._sql_devices = _insert_sql("devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}")
+        self._sql_dead = _insert_sql(
+            "dead_letters", ("received_at", "topic", "reason", "detail", "payload_b64", "size"), mark, ""
+        )
         self._sql_inbox = _insert_sql(
             "inbox",
             ("device_id", "seq", "topic", "payload", "received_at"),
@@ -635,7 +637,7 @@ class Store:
                 if device_rows:
                     conn.exec_driver_sql(self._sql_devices, device_rows)
                 if dead:
-                    conn.execute(sa_insert(_table(DeadLetterRow)), [_dead_row(d) for d in dead])
+                    self._insert_dead(conn, dead)
                 if inbox_done:
                     inbox = _table(InboxRow)
                     conn.execute(inbox.delete().where(inbox.c.id.in_(list(inbox_done))))
@@ -658,11 +660,18 @@ class Store:
                     lock_log(conn, INBOX_APPEND_LOCK)
                     inserted = conn.exec_driver_sql(self._sql_inbox, rows).rowcount
                 if dead:
-                    conn.execute(sa_insert(_table(DeadLetterRow)), [_dead_row(d) for d in dead])
+                    self._insert_dead(conn, dead)
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
             raise StoreError(msg) from exc
         return max(inserted, 0)
+
+    def _insert_dead(self, conn: Connection, dead: Sequence[DeadLetter]) -> None:
+        # The driver's executemany with values converted here, like events: a flooding device's
+        # dead letters share the commit with the other devices' events, and must cost it little.
+        fields = ("topic", "reason", "detail", "payload_b64", "size")
+        rows = [(self._dt_param(r["received_at"]), *(r[k] for k in fields)) for r in map(_dead_row, dead)]
+        conn.exec_driver_sql(self._sql_dead, rows)
 
     def inbox_size(self) -> int:
         """How many messages wait in the cluster's inbox."""

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -307,7 +308,7 @@ def latencies_ms(gw: Gateway, prefix: str) -> list[float]:
 
 async def flood(broker: Mosquitto, device: str, password: str, count: int, rate: float) -> float:
     """`count` readings from `device` at `rate` messages/s, sent by a C client (QoS 1) fed a
-    slice of lines every 50 ms; returns the rate it reached."""
+    slice of lines every 10 ms (a steady stream, not bursts); returns the rate it reached."""
     cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-i", device,
            "-u", device, "-P", password, "-t", f"devices/{device}/telemetry", "-l"]  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -319,7 +320,7 @@ async def flood(broker: Mosquitto, device: str, password: str, count: int, rate:
         proc.stdin.write(b"".join(telemetry_payload(seq, 20.0) + b"\n" for seq in range(sent + 1, due + 1)))
         await proc.stdin.drain()
         sent = due
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     proc.stdin.close()
     assert await proc.wait() == 0
     return count / (loop.time() - started)
@@ -364,14 +365,17 @@ async def test_a_flooding_device_is_rate_limited_and_the_others_keep_their_laten
         metric = gw.metrics.registry.get_sample_value("iotgw_messages_rejected_total", {"reason": "rate_limited"})
         assert metric == len(limited)
 
-        calm_ms, busy_ms = latencies_ms(gw, "calm-"), latencies_ms(gw, "busy-")
-        mean_calm, mean_busy = sum(calm_ms) / len(calm_ms), sum(busy_ms) / len(busy_ms)
-        print(  # noqa: T201 - the figure, for the log
-            f"\nflood {flood_rate:.0f} msg/s, {len(limited)} rate-limited; other devices' ingest latency: "
-            f"mean {mean_calm:.1f} ms alone, {mean_busy:.1f} ms beside the flood; "
+        calm_ms, busy_ms = sorted(latencies_ms(gw, "calm-")), sorted(latencies_ms(gw, "busy-"))
+        median_calm, median_busy = statistics.median(calm_ms), statistics.median(busy_ms)
+        print(  # noqa: T201 - the figures, for the log
+            f"\nflood {flood_rate:.0f} msg/s, {len(limited)} rate-limited; other devices' ingest latency "
+            f"alone / beside the flood: median {median_calm:.1f} / {median_busy:.1f} ms, "
+            f"mean {statistics.fmean(calm_ms):.1f} / {statistics.fmean(busy_ms):.1f} ms, "
             f"p95 {calm_ms[len(calm_ms) * 95 // 100]:.1f} / {busy_ms[len(busy_ms) * 95 // 100]:.1f} ms"
         )
-        assert mean_busy <= 2 * mean_calm
+        # The median: a few commits slowed by the machine (CI runs on two shared cores) must not
+        # decide; the flood's own cost shows in every commit it shares.
+        assert median_busy <= 2 * median_calm
 
 
 async def test_credentials_in_the_mqtt_url_log_the_gateway_in_and_never_reach_the_logs(
