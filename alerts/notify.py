@@ -205,6 +205,8 @@ class Notifier:
     def _hold_lease(self) -> bool:
         assert self.lease is not None  # noqa: S101
         was_held = self.lease.held
+        if was_held and not self.lease.due():
+            return True  # renewed a moment ago: no database round trip every round
         with self.store.session() as tx:
             try:
                 self.lease.fence(tx)

@@ -261,15 +261,22 @@ def broker_ceiling(  # noqa: PLR0917
     """The rate at which Mosquitto's own C subscriber receives a flat-out stream from C publishers."""
     total = devices * per_device
     sub_streams = _write_streams(work, PREFIX + "sub-", devices, per_device, site)
+    # A retained probe, delivered right after the subscription is acknowledged: its line says the
+    # subscriber is listening (no guessed pause). Cleared at once, so no later subscriber gets it.
+    probe = f"devices/{PREFIX}probe/telemetry"
+    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-r", "-t", probe]
+    subprocess.run([*pub, "-m", "probe"], check=True)
     sub = subprocess.Popen(
         ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-t", "devices/+/+",
-         "-C", str(total), "-F", "%U"],
+         "-C", str(total + 2), "-F", "%t %U"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
-    time.sleep(0.5)
+    assert sub.stdout is not None
+    sub.stdout.readline()  # the probe
+    subprocess.run([*pub, "-n"], check=True)  # clearing it reaches the subscriber too: total + 2
     started = _blast(broker.port, sub_streams)
     out, _ = sub.communicate(timeout=timeout)
-    stamps = out.split()
+    stamps = [line.split()[1] for line in out.splitlines() if not line.startswith(probe.encode())]
     ceiling = len(stamps) / (float(stamps[-1]) - started)
     print(f"  live: mosquitto_sub received {len(stamps):,} at {ceiling:,.0f} msg/s", file=sys.stderr, flush=True)
     return ceiling

@@ -230,6 +230,12 @@ class _Registry:
         return device_ids & self._ids
 
 
+def _channel(topic: str) -> str:
+    """The channel label of a topic (bounded: anything unknown is `other`)."""
+    channel = topic.rsplit("/", 1)[-1]
+    return channel if channel in CHANNELS else "other"
+
+
 def _topic_device(topic: str) -> str | None:
     parts = topic.split("/")
     return parts[1] if len(parts) == 3 and parts[0] == "devices" and parts[1] else None
@@ -500,16 +506,11 @@ class Ingest:
     def _process_limited(self, batch: list[_Pending]) -> set[str]:
         """Runs in the writer thread: dead letters `rate_limited` for messages over their device's rate."""
         dead = []
-        received: Counter[str] = Counter()
         for p in batch:
-            channel = p.topic.rsplit("/", 1)[-1]
-            received[channel if channel in CHANNELS else "other"] += 1
-            device_id = _topic_device(p.topic)
-            exc = PayloadError(
-                Reason.RATE_LIMITED, f"device {device_id} exceeds {self.settings.device_rate:g} messages/s", p.topic
-            )
-            self._rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
-            dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
+            detail = f"device {_topic_device(p.topic)} exceeds {self.settings.device_rate:g} messages/s"
+            self._rejections.warn(Reason.RATE_LIMITED, "rejected %s: %s", p.topic[:200], detail)
+            dead.append(DeadLetter(p.topic, Reason.RATE_LIMITED, detail, p.payload, p.received_at))
+        received = Counter(_channel(p.topic) for p in batch)
         now = self.clock()
         with self.metrics.commit_duration.time():
             self.store.append_batch([], [], dead, now=now)
@@ -533,8 +534,7 @@ class Ingest:
         received: Counter[str] = Counter()
         admitted = self._admit(batch)
         for p, refusal in zip(batch, admitted, strict=True):
-            channel = p.topic.rsplit("/", 1)[-1]
-            received[channel if channel in CHANNELS else "other"] += 1  # bounded label values
+            received[_channel(p.topic)] += 1
             try:
                 if refusal is not None:
                     raise refusal  # noqa: TRY301 - handled with the parse errors below
