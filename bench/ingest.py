@@ -5,8 +5,10 @@ with the project's mosquitto.conf:
 
 1. ceiling: N QoS 1 messages (one `mosquitto_pub -l` C client per device, flat out) received by
    `mosquitto_sub`, Mosquitto's own C client;
-2. gateway: an identical stream stored by `iotgw run` (acknowledged after each commit); the
-   ratio of the two rates is the headline figure;
+2. gateway: an identical stream stored by `iotgw run` (acknowledged after each commit), ingest
+   only, with every consumer, and ingest only beside a second process running the consumers
+   (IOTGW_INGEST=false; also how long after the last stored event they are caught up); the
+   ratio of the rates is the headline figure;
 3. backlog: the gateway is stopped, the same volume queues up in its persistent session, and the
    restarted gateway's catch-up rate is measured (start-up included);
 4. latency: paced streams (aiomqtt devices, `ts` set at publish) at fixed offered loads (1k and
@@ -14,7 +16,7 @@ with the project's mosquitto.conf:
    raise a door jam each: device publish -> `alert.firing` in the log; and the gateway's peak RSS.
 
 Rates are counted from the moment the publishers start to the last message received/stored.
-The two gateway runs of step 2 alternate --repeat times (default 3) and their medians are
+The three gateway runs of step 2 alternate --repeat times (default 3) and their medians are
 reported: on a 2-core machine the noise between runs is larger than the effect measured.
 Results are printed as a table and written to bench/results/ingest.json.
 """
