@@ -248,6 +248,9 @@ class ConsumerRunner:
     def _abandon_thread(self) -> None:
         """Leave a hung handler behind: a fresh thread carries on, and the old one can never commit."""
         self._generation += 1
+        # Whether that thread got to commit is not known: take the consumer on again before the next
+        # batch (its cursor is read afresh, and the new epoch fences a commit still to come).
+        self.lease.epoch = None
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._new_executor()
         self.metrics.consumer_failures.labels(self.name).inc()
@@ -322,6 +325,7 @@ class ConsumerRunner:
 
     def _tick_once(self) -> None:
         assert self._tick is not None  # noqa: S101
+        self._check_lease()
         generation = self._generation
         with self.store.session(consumer=True) as tx:
             self._tick(tx, self._clock())
@@ -427,7 +431,9 @@ class ConsumerRunner:
                 tx.add(row)
             self.position, self.paused = row.position, row.paused
             tx.commit()
-        self._single_until, self._attempts, self._caught_up = 0, 0, False
+        # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
+        # event leads here too, and that event must still be parked after max_attempts.
+        self._caught_up = False
         forget = getattr(self.consumer, "forget", None)
         if forget is not None:
             forget()
@@ -445,6 +451,7 @@ class ConsumerRunner:
         told the whole span, to aggregate in SQL what it would not want to read row by row.
         Runs in the consumer's thread, like every change of `self.position`.
         """
+        self._check_lease()
         generation = self._generation
         with self.store.session(consumer=True) as tx:
             after = self.position
@@ -476,6 +483,13 @@ class ConsumerRunner:
             self.position = upto
             return upto - after, len(mine)
 
+    def _check_lease(self) -> None:
+        """Before handling anything: a consumer whose lease is not held (an operation asked for a
+        reload, or a thread was abandoned) must take it on again first, not handle and roll back."""
+        if not self.lease.held:
+            msg = f"consumer {self.name} is to be taken on again"
+            raise LeaseLostError(msg)
+
     def _wants(self, event_type: str) -> bool:
         wanted = self._wanted.get(event_type)
         if wanted is None:
@@ -503,6 +517,9 @@ class ConsumerRunner:
             tx.commit()
 
     def _park(self, ev: Event, error: str, attempts: int) -> None:
+        if not self.lease.held and not self._take_over():  # after an abandoned thread, say
+            msg = f"consumer {self.name} runs elsewhere now; {ev.position} is not parked here"
+            raise LeaseLostError(msg)
         with self.store.session(consumer=True) as tx:
             tx.add(
                 ConsumerDeadLetterRow(
