@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import json
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
@@ -236,9 +239,35 @@ _SHADOW_FIELDS = (
 )  # fmt: skip
 
 
-def _insert_sql(table: str, columns: Sequence[str], mark: str, conflict: str) -> str:
-    marks = ", ".join([mark] * len(columns))
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {conflict}"  # noqa: S608 - fixed names
+def _insert_sql(table: str, columns: Sequence[str], mark: str, conflict: str, rows: int = 1) -> str:
+    marks = ", ".join([f"({', '.join([mark] * len(columns))})"] * rows)
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {marks} {conflict}"  # noqa: S608 - fixed names
+
+
+class MultiInsert:
+    """An INSERT of many rows in a few multi-row statements (chunks of 2**k rows, k <= 8).
+
+    The driver's executemany steps the statement once per row, and the sqlite3 module lets the
+    GIL go around every step: with consumer threads busy in the same process, the ingest writer
+    then waited for it back at every row (measured: its inserts took twice as long with the
+    consumers on). A statement of 256 rows lets it go once. Each chunk size has its own
+    statement text, so the driver's statement cache keeps them all prepared.
+    """
+
+    MAX_ROWS = 256
+
+    def __init__(self, table: str, columns: Sequence[str], mark: str, conflict: str) -> None:
+        self._sql = {n: _insert_sql(table, columns, mark, conflict, n) for n in (2**k for k in range(9))}
+
+    def run(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert `rows` (in order); returns how many were inserted (conflicts skipped)."""
+        done, inserted = 0, 0
+        while done < len(rows):
+            n = min(self.MAX_ROWS, 1 << ((len(rows) - done).bit_length() - 1))
+            params = tuple(v for row in rows[done : done + n] for v in row)
+            inserted += max(conn.exec_driver_sql(self._sql[n], params).rowcount, 0)
+            done += n
+        return inserted
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
@@ -434,11 +463,16 @@ def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPo
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # readers (API, consumers) never block the writer
         cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     return apply
+
+
+def _attach_gate(gate: threading.Lock, dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    if isinstance(dbapi_conn, _GatedConnection):
+        dbapi_conn.gate = gate
 
 
 def _pg_settings(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -448,6 +482,90 @@ def _pg_settings(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> N
     cur.execute("SET lock_timeout = '10s'")
     cur.close()
     dbapi_conn.commit()
+
+
+BUSY_TIMEOUT_S = 10.0
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
+_GATES: dict[str, threading.Lock] = {}
+_GATES_LOCK = threading.Lock()
+
+
+class _GatedConnection(sqlite3.Connection):
+    """A SQLite connection that queues for its database's write lock in Python first.
+
+    SQLite lets one connection write at a time; the others wait in its busy handler, which
+    sleeps 1, 2, 5, 10, 15... ms between tries, however soon the lock is free again. With the
+    consumers writing in the ingest process, the ingest writer's first insert of a batch took
+    twice as long at the median for that reason. The connections of one process to one file
+    therefore take a shared lock at a transaction's first write and give it back after its
+    commit or rollback: the next writer goes on the moment the lock is released. Other
+    processes still meet SQLite's own locking; a gate not had within the busy timeout (a hung
+    transaction) is passed by, and SQLite decides as before.
+    """
+
+    gate: threading.Lock | None = None
+    holding = False
+
+    def cursor(self, factory: Any = None) -> Any:  # noqa: ANN401 - the sqlite3 signature
+        return super().cursor(factory or _GatedCursor)
+
+    def enter(self, statement: str) -> None:
+        """Before `statement`: a write outside a transaction of ours waits for the gate."""
+        if self.holding or self.gate is None or statement.lstrip()[:6].upper() not in _WRITES:
+            return
+        self.holding = self.gate.acquire(timeout=BUSY_TIMEOUT_S)
+
+    def leave(self) -> None:
+        """Give the gate back once no transaction is open (after a commit, a rollback, an error)."""
+        if self.holding and not self.in_transaction:
+            self.holding = False
+            assert self.gate is not None  # noqa: S101 - holding implies a gate
+            self.gate.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.leave()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.leave()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.holding and self.gate is not None:
+                self.holding = False
+                self.gate.release()
+
+
+class _GatedCursor(sqlite3.Cursor):
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:  # noqa: ANN401
+        conn = self.connection
+        assert isinstance(conn, _GatedConnection)  # noqa: S101 - made by its cursor()
+        conn.enter(sql)
+        try:
+            return super().execute(sql, parameters)
+        finally:
+            conn.leave()
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> Self:  # noqa: ANN401
+        conn = self.connection
+        assert isinstance(conn, _GatedConnection)  # noqa: S101 - made by its cursor()
+        conn.enter(sql)
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        finally:
+            conn.leave()
+
+
+def _write_gate(path: str) -> threading.Lock:
+    with _GATES_LOCK:
+        return _GATES.setdefault(str(Path(path).resolve()), threading.Lock())
 
 
 def make_engine(url: str, *, durable: bool = True) -> Engine:
@@ -460,8 +578,13 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
     """
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S, "factory": _GatedConnection}
+            )
             event.listen(engine, "connect", _sqlite_pragmas("FULL" if durable else "NORMAL"))
+            database = engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                event.listen(engine, "connect", functools.partial(_attach_gate, _write_gate(database)))
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_pre_ping=True)
             event.listen(engine, "connect", _pg_settings)
@@ -539,7 +662,7 @@ class Store:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         # SQLite keeps datetimes as text in SQLAlchemy's format; other drivers take datetimes.
         self._dt_param = _sqlite_dt if dialect.name == "sqlite" else _naive_utc
-        self._sql_events = _insert_sql(
+        self._insert_events = MultiInsert(
             "events",
             ("ce_id", "source", "type", "subject", "time", "received_at", "sequence", "part", "site", "data"),
             mark,
@@ -548,7 +671,9 @@ class Store:
         shadow_cols = ("device_id", *_SHADOW_FIELDS, "first_seen")
         # first_seen is kept from the first insert; everything else is the new shadow.
         update = ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_FIELDS)
-        self._sql_devices = _insert_sql("devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}")
+        self._upsert_devices = MultiInsert(
+            "devices", shadow_cols, mark, f"ON CONFLICT (device_id) DO UPDATE SET {update}"
+        )
         self._sql_dead = _insert_sql(
             "dead_letters", ("received_at", "topic", "reason", "detail", "payload_b64", "size"), mark, ""
         )
@@ -633,9 +758,9 @@ class Store:
                 inserted = 0
                 if event_rows:
                     lock_log(conn)
-                    inserted = conn.exec_driver_sql(self._sql_events, event_rows).rowcount
+                    inserted = self._insert_events.run(conn, event_rows)
                 if device_rows:
-                    conn.exec_driver_sql(self._sql_devices, device_rows)
+                    self._upsert_devices.run(conn, device_rows)
                 if dead:
                     self._insert_dead(conn, dead)
                 if inbox_done:

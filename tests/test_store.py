@@ -22,6 +22,7 @@ from gateway.store import (
     DeadLetter,
     EventQuery,
     Store,
+    _write_gate,
     append_event,
     list_dead_letters,
     list_events,
@@ -175,4 +176,56 @@ def test_a_database_from_before_migrations_is_completed_and_marked(tmp_path: Pat
         assert conn.exec_driver_sql("select version_num from alembic_version").scalar_one() == head
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
     assert store.count_events() == 1
+    store.close()
+
+
+def test_a_large_batch_keeps_its_order_and_skips_only_what_was_stored(store: Store) -> None:
+    """Rows go in multi-row statements of up to 256: 700 events and 300 devices cross every chunk size."""
+    store.append_batch([ev("d0007", s) for s in range(1, 51)], [], [], now=NOW)
+    batch = [ev(f"d{i % 300:04d}", i // 300 + 1) for i in range(700)]
+    shadows = [Shadow(f"d{i:04d}", type="temperature", last_seq=i, online=True, state={"v": i}) for i in range(300)]
+    stored = store.append_batch(batch, shadows, [], now=NOW)
+    already = {("d0007", s) for s in range(1, 51)}
+    fresh = [e for e in batch if (e.subject, e.sequence) not in already]
+    assert (stored.events_inserted, stored.events_skipped) == (len(fresh), len(batch) - len(fresh))
+    rows = list_events(store, EventQuery(limit=1000))
+    new = sorted((r for r in rows if r.id > 50), key=lambda r: r.id)
+    assert [(r.subject, r.sequence) for r in new] == [(e.subject, e.sequence) for e in fresh]
+    reloaded = store.load_shadows()
+    assert len(reloaded) == 300
+    assert reloaded["d0299"].last_seq == 299
+    assert reloaded["d0000"].state == {"v": 0}
+
+
+def test_sqlite_writers_in_one_process_queue_for_the_write_lock_and_get_it_at_once(tmp_path: Path) -> None:
+    """The gate (SQLite's, in both passes): a write transaction holds it until its commit or
+    rollback, also after a failed statement; another writer of the process waits, then goes on."""
+    store = Store(f"sqlite:///{tmp_path / 'gate.db'}")
+    store.create_schema()
+    gate = _write_gate(str(tmp_path / "gate.db"))
+    with store.session(consumer=True) as tx:
+        tx.connection().exec_driver_sql("INSERT INTO leases (name, epoch) VALUES ('held', 1)")
+        assert gate.locked()
+        other = threading.Thread(target=store.append_batch, args=([ev("b", 1)], [], []), kwargs={"now": NOW})
+        other.start()
+        other.join(0.3)
+        assert other.is_alive(), "another writer went on while a write transaction was open"
+        tx.rollback()
+    other.join(10)
+    assert not other.is_alive()
+    assert not gate.locked()
+    assert [e.subject for e in list_events(store, EventQuery(limit=10))] == ["b"]
+
+    def insert_twice() -> None:
+        with store.session(consumer=True) as tx:
+            conn = tx.connection()
+            conn.exec_driver_sql("INSERT INTO leases (name, epoch) VALUES ('twice', 1)")
+            conn.exec_driver_sql("INSERT INTO leases (name, epoch) VALUES ('twice', 1)")  # fails
+
+    with pytest.raises(StoreError, match="UNIQUE"):
+        insert_twice()
+    assert not gate.locked(), "the gate outlived the transaction"
+    with store.session() as tx:
+        tx.connection().exec_driver_sql("SELECT count(*) FROM events").fetchall()  # a read takes no gate
+        assert not gate.locked()
     store.close()
