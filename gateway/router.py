@@ -161,6 +161,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _as_utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
 class _Poison(Exception):
     def __init__(self, event: Event, cause: BaseException, last: int) -> None:
         super().__init__(str(cause))
@@ -207,6 +211,7 @@ class ConsumerRunner:
         self._ticker: asyncio.Task[None] | None = None
         self._caught_up = False
         self._cursor_written = 0.0
+        self._stored: tuple[int, datetime | None] | None = None  # the cursor row as this runner last wrote or read it
         self.position = 0
         self.paused = False
         self.failing = False
@@ -429,7 +434,12 @@ class ConsumerRunner:
             if row is None:
                 row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=_utcnow())
                 tx.add(row)
-            self.position, self.paused = row.position, row.paused
+            # Batches that wrote nothing leave the stored cursor behind (see _handle_next): if the
+            # row is still as this runner last wrote it, nobody moved it and memory is right.
+            ours = self._stored is not None and (row.position, _as_utc(row.updated_at)) == self._stored
+            self.position = max(self.position, row.position) if ours else row.position
+            self.paused = row.paused
+            self._stored = (row.position, _as_utc(row.updated_at))
             tx.commit()
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
         # event leads here too, and that event must still be parked after max_attempts.
@@ -457,6 +467,10 @@ class ConsumerRunner:
             after = self.position
             upto = batch_end(tx, after, limit)
             if upto is None:
+                if self._stored is not None and self._stored[0] < self.position:
+                    self._write_cursor(tx, self.position)  # caught up: the stored cursor catches up too
+                    tx.commit()
+                    self._cursor_written = time.monotonic()
                 return 0, 0
             mine = [e for e in read_events(tx, after, upto, self.consumer.types) if self._wants(e.type)]
             self._inflight = (mine[0] if mine else None, upto)
@@ -473,15 +487,30 @@ class ConsumerRunner:
                 tx.rollback()  # timed out meanwhile: the consumer went on without this thread
                 return 0, 0
             now = time.monotonic()
-            # With nothing of ours in the span the stored cursor may trail for a few seconds:
-            # after a restart that costs a re-read of events this consumer ignores, nothing more.
-            if mine or self._span is not None or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
+            # A batch that wrote nothing leaves the stored cursor trailing for a few seconds:
+            # after a restart that costs a re-read of events that changed nothing, nothing more.
+            # On SQLite it then takes no write lock at all: the consumers' cursor-only commits
+            # (most of the alert engine's under a stream of ordinary readings) kept ingestion's
+            # writer waiting for SQLite's one write lock.
+            if self._wrote(tx, mine) or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
                 self._write_cursor(tx, upto)
                 tx.commit()
                 self._committed(tx)
                 self._cursor_written = now
+            else:
+                tx.commit()  # nothing to write; what the consumer keeps in memory follows commits
             self.position = upto
             return upto - after, len(mine)
+
+    def _wrote(self, tx: Session, mine: Sequence[Event]) -> bool:
+        """Whether handling the batch changed anything in `tx` (then its cursor commits with it)."""
+        if tx.new or tx.dirty or tx.deleted or tx.info.get(LOG_GREW):
+            return True
+        conn = tx.connection()
+        if conn.dialect.name != "sqlite":
+            return bool(mine) or self._span is not None  # no way to tell: as if it had
+        # SQLite's driver opens a transaction at the first write statement, not before.
+        return bool(getattr(conn.connection.dbapi_connection, "in_transaction", True))
 
     def _check_lease(self) -> None:
         """Before handling anything: a consumer whose lease is not held (an operation asked for a
@@ -498,13 +527,14 @@ class ConsumerRunner:
 
     def _write_cursor(self, tx: Session, position: int, *, fenced: bool = True) -> None:
         """Set the cursor in `tx`; `fenced`: only while this instance holds the consumer's lease."""
+        cursor = tx.get(ConsumerCursorRow, self.name)  # read before the fence: a shorter write
         if fenced:
             self.lease.fence(tx)
-        cursor = tx.get(ConsumerCursorRow, self.name)
         if cursor is None:  # an operation from an instance that never held the consumer
             cursor = ConsumerCursorRow(name=self.name, position=0, paused=False)
         cursor.position = position
         cursor.updated_at = _utcnow()
+        self._stored = (position, cursor.updated_at)
         tx.add(cursor)
 
     def _flush_cursor(self) -> None:
