@@ -544,21 +544,19 @@ class _GatedConnection(sqlite3.Connection):
 
 
 class _GatedCursor(sqlite3.Cursor):
-    def execute(self, sql: str, parameters: Any = (), /) -> Self:  # noqa: ANN401
-        conn = self.connection
-        assert isinstance(conn, _GatedConnection)  # noqa: S101 - made by its cursor()
-        conn.enter(sql)
-        try:
-            return super().execute(sql, parameters)
-        finally:
-            conn.leave()
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:  # noqa: ANN401 - the sqlite3 signature
+        return self._gated(super().execute, sql, parameters)
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> Self:  # noqa: ANN401
+        return self._gated(super().executemany, sql, seq_of_parameters)
+
+    def _gated(self, run: Callable[[str, Any], object], sql: str, parameters: Any) -> Self:  # noqa: ANN401
         conn = self.connection
         assert isinstance(conn, _GatedConnection)  # noqa: S101 - made by its cursor()
         conn.enter(sql)
         try:
-            return super().executemany(sql, seq_of_parameters)
+            run(sql, parameters)
+            return self
         finally:
             conn.leave()
 
