@@ -392,7 +392,16 @@ class AlertEngine(BaseConsumer):
         if conn.dialect.name != "sqlite" or self._reading_limits() is None:
             readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
         else:
-            for subject, last, site, unit in conn.exec_driver_sql(_SQL_READERS, (after, upto)).fetchall():
+            beyond_sql, beyond_params = self._reading_limits() or ("0", [])
+            # One scan of the span: each device's last reading, site and unit, and whether any of
+            # its readings is beyond a limit (SQLite parses each row's JSON once for all of these).
+            query = _SQL_READERS.format(beyond=beyond_sql)
+            beyond: set[str] = set()
+            for subject, last, site, unit, over in conn.exec_driver_sql(
+                query, (*beyond_params, after, upto)
+            ).fetchall():
+                if over:
+                    beyond.add(subject)
                 dev = self._device(b, subject)
                 dev.site = site or dev.site
                 dev.type = dev.type or _TYPE_FROM_UNIT.get(str(unit), "sensor")
@@ -406,13 +415,10 @@ class AlertEngine(BaseConsumer):
                     b.keys[k] = new
                     if signal is not None and not self._transition(tx, rule, subject, dev, signal, at, dev.state):
                         b.keys[k] = before
-            beyond_sql, beyond_params = self._reading_limits() or ("0", [])
             value_rules = {r.name for r in self.rules if r.threshold is not None}
             merged = {**self._keys, **b.keys}
             hot = sorted({d for (r, d), ks in merged.items() if r in value_rules and (ks.breaching or ks.firing)})
             # Devices with a reading beyond a limit, or already breaching: all their readings, in order.
-            query = f"{_SQL_BEYOND}({beyond_sql})"
-            beyond = {row[0] for row in conn.exec_driver_sql(query, (after, upto, *beyond_params)).fetchall()}
             wanted = sorted(beyond | set(hot))
             readings = []
             for i in range(0, len(wanted), 500):
@@ -586,10 +592,10 @@ class AlertEngine(BaseConsumer):
 
 
 _READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
-_SQL_READERS = (
-    f"SELECT subject, max(time), max(site), max(json_extract(data, '$.unit')) {_READINGS_SPAN} GROUP BY subject"
+_SQL_READERS = (  # {beyond}: the rules' limits, see _reading_limits
+    "SELECT subject, max(time), max(site), max(json_extract(data, '$.unit')), "
+    f"max(CASE WHEN ({{beyond}}) THEN 1 ELSE 0 END) {_READINGS_SPAN} GROUP BY subject"
 )
-_SQL_BEYOND = f"SELECT DISTINCT subject {_READINGS_SPAN} AND "
 _SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"
 
 _SENSOR_TYPES = {t.value for t in SENSOR_UNITS}

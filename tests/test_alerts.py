@@ -284,10 +284,10 @@ def select_alerts(row: Any) -> Any:
 
 
 def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_path: Path) -> None:
-    # The SQLite fast path (_SQL_BEYOND) itself; other databases take the readings one by one.
+    # The SQLite fast path (_SQL_READERS' beyond column) itself; other databases take the readings one by one.
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from alerts.engine import _SQL_BEYOND, AlertEngine  # noqa: PLC0415
+    from alerts.engine import _SQL_READERS, AlertEngine  # noqa: PLC0415
     from alerts.rules import load_rules  # noqa: PLC0415
     from gateway.events import Event  # noqa: PLC0415
     from gateway.store import Store  # noqa: PLC0415
@@ -306,9 +306,10 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
     assert limits is not None
     sql, params = limits
     with store.session() as tx:
-        rows = tx.connection().exec_driver_sql(f"{_SQL_BEYOND}({sql})", (0, 10, *params)).fetchall()
+        rows = tx.connection().exec_driver_sql(_SQL_READERS.format(beyond=sql), (*params, 0, 10)).fetchall()
     # A thermometer at 21 C is not "below 50" just because the power rule says so.
-    assert sorted(r[0] for r in rows) == ["p-dead", "t-hot"]
+    assert sorted(r[0] for r in rows if r[4]) == ["p-dead", "t-hot"]
+    assert sorted(r[0] for r in rows) == sorted(d for d, _v, _u in readings)  # every reader, beyond or not
 
 
 RULES_WITH_TWO_LIMITS = """
