@@ -81,15 +81,12 @@ _MINUTE_UPSERT = (
 _READINGS = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
 # On SQLite the sensor readings of a span are aggregated in SQL (JSON1, in C) and only the
 # aggregates come back to Python: one row per device and minute, one per device.
-_SQLITE_MINUTES_OF_SPAN = (
-    "SELECT subject, minute, count(*), sum(v), min(v), max(v) FROM ("  # noqa: S608 - constants
-    "SELECT subject, CAST(strftime('%s', time) AS INTEGER) / 60 AS minute, "
-    f"CAST(json_extract(data, '$.value') AS REAL) AS v {_READINGS}) GROUP BY subject, minute"
-)
-_SQLITE_SENSORS_OF_SPAN = (
-    "SELECT subject, max(CASE json_extract(data, '$.unit') WHEN 'C' THEN 'temperature' "
-    "WHEN 'mm/s' THEN 'vibration' WHEN '%RH' THEN 'humidity' WHEN 'W' THEN 'power' ELSE 'sensor' END), "
-    f"max(site), min(time), max(time) {_READINGS} GROUP BY subject"
+_SQLITE_MINUTES_OF_SPAN = (  # per device and minute; the device's type (from the unit), site and times too
+    "SELECT subject, minute, count(*), sum(v), min(v), max(v), max(t), max(site), min(time), max(time) FROM ("  # noqa: S608
+    "SELECT subject, site, time, CAST(strftime('%s', time) AS INTEGER) / 60 AS minute, "
+    "CAST(json_extract(data, '$.value') AS REAL) AS v, CASE json_extract(data, '$.unit') WHEN 'C' THEN "
+    "'temperature' WHEN 'mm/s' THEN 'vibration' WHEN '%RH' THEN 'humidity' WHEN 'W' THEN 'power' ELSE 'sensor' END "
+    f"AS t {_READINGS}) GROUP BY subject, minute"
 )
 _MINUTES = MultiInsert(
     "analytics_sensor_minutes",
@@ -173,10 +170,21 @@ class Analytics(BaseConsumer):
                 self.handle(readings, tx)
             return
         minutes = conn.exec_driver_sql(_SQLITE_MINUTES_OF_SPAN, (after, upto)).fetchall()
-        sensors = conn.exec_driver_sql(_SQLITE_SENSORS_OF_SPAN, (after, upto)).fetchall()
-        _MINUTES.run(conn, [tuple(r) for r in minutes])
+        sensors: dict[str, tuple[Any, ...]] = {}
+        for d, _m, _n, _sum, _lo, _hi, t, site, first, last in minutes:
+            seen = sensors.get(d)
+            sensors[d] = (
+                (t, site, first, last)
+                if seen is None
+                else (max(seen[0], t), max(seen[1] or "", site or "") or None, min(seen[2], first), max(seen[3], last))
+            )
+        _MINUTES.run(conn, [tuple(r[:6]) for r in minutes])
         _SENSORS.run(
-            conn, [(d, t, site, 0, 0, 0, 0, "{}", 0, 0, 0, "{}", first, last) for d, t, site, first, last in sensors]
+            conn,
+            [
+                (d, t, site, 0, 0, 0, 0, "{}", 0, 0, 0, "{}", first, last)
+                for d, (t, site, first, last) in sensors.items()
+            ],
         )
 
     @staticmethod
