@@ -161,10 +161,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
 class _Poison(Exception):
     def __init__(self, event: Event, cause: BaseException, last: int) -> None:
         super().__init__(str(cause))
@@ -436,10 +432,10 @@ class ConsumerRunner:
                 tx.add(row)
             # Batches that wrote nothing leave the stored cursor behind (see _handle_next): if the
             # row is still as this runner last wrote it, nobody moved it and memory is right.
-            ours = self._stored is not None and (row.position, _as_utc(row.updated_at)) == self._stored
-            self.position = max(self.position, row.position) if ours else row.position
+            stored = (row.position, row.updated_at)  # updated_at: aware UTC (UTCDateTime)
+            self.position = max(self.position, row.position) if stored == self._stored else row.position
             self.paused = row.paused
-            self._stored = (row.position, _as_utc(row.updated_at))
+            self._stored = stored
             tx.commit()
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
         # event leads here too, and that event must still be parked after max_attempts.

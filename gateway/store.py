@@ -523,8 +523,11 @@ class _GatedConnection(sqlite3.Connection):
     def leave(self) -> None:
         """Give the gate back once no transaction is open (after a commit, a rollback, an error)."""
         if self.holding and not self.in_transaction:
+            self._release()
+
+    def _release(self) -> None:
+        if self.holding and self.gate is not None:
             self.holding = False
-            assert self.gate is not None  # noqa: S101 - holding implies a gate
             self.gate.release()
 
     def commit(self) -> None:
@@ -543,9 +546,7 @@ class _GatedConnection(sqlite3.Connection):
         try:
             super().close()
         finally:
-            if self.holding and self.gate is not None:
-                self.holding = False
-                self.gate.release()
+            self._release()  # a closed connection has no transaction to ask about
 
 
 class _GatedCursor(sqlite3.Cursor):
