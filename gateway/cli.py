@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iotgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the gateway: ingest and the HTTP API")
-    _add_settings(run)
+    _add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
+
+    # Started by `run` (IOTGW_CONSUMER_PROCESS): its settings come in the environment, its
+    # instructions on stdin (gateway/apart.py). Not for people to start.
+    sub.add_parser("consumer-process", help="(internal) the consumers' process that `run` starts")
 
     sim = sub.add_parser("simulate", help="run a fleet of simulated devices against a broker")
     _add_settings(sim, fields=("mqtt_url", "log_level"))
@@ -176,6 +179,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(settings))
 
 
+def _cmd_consumer_process(_args: argparse.Namespace) -> int:
+    from gateway.apart import serve  # noqa: PLC0415 - keeps the other commands light
+
+    settings = Settings()
+    _logging(settings.log_level, process="consumers")
+    return asyncio.run(serve(settings))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings.log_level)
@@ -191,6 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
+    "consumer-process": _cmd_consumer_process,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
     "rules": lambda args: _check_file("rules", args.file),
@@ -301,8 +313,10 @@ def _read_credentials(path: Path) -> dict[str, str]:
     return creds
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, process: str = "") -> None:
+    """Log lines on stderr; the consumers' process says so in each of its lines."""
+    where = f"[{process}] " if process else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
     # gmqtt logs every packet at INFO; only its warnings matter to an operator.
     for name in ("iotgw.mqtt", "gmqtt"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     # False: this process does not subscribe; it runs the consumers, the notifier and the API over
     # the log that another gateway process on the same database fills (README, "Consumers").
     ingest: bool = True
+    # The consumers (alerts, dispatch, analytics...) run in a child process of their own, at a
+    # lower CPU priority (`consumer_nice`): their work never takes the interpreter lock or the CPU
+    # from ingestion, and they catch up with what ingestion stored (README, "Consumers beside
+    # ingest"). False: one process does everything.
+    consumer_process: bool = True
+    consumer_nice: int = Field(default=10, ge=0, le=19)
     # --- Scaling out (README "Scaling out") ---
     # This instance's name in a cluster of gateways on one PostgreSQL database: set, the gateway
     # connects as `<mqtt_client_id>-<instance>` and shares `$share/<mqtt_client_id>/devices/+/+`

@@ -12,9 +12,18 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 class Metrics:
     """The gateway's metrics. Tests build one on a fresh `CollectorRegistry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    # What the process running the consumers counts (with `handled_elsewhere`, the consumers run
+    # in a child process: these series are its, and the gateway's /metrics shows the child's).
+    HANDLED = (
+        "consumer_events", "consumer_failures", "consumer_retries", "consumer_parked", "consumer_handler_seconds"
+    )  # fmt: skip
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, handled_elsewhere: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The families of HANDLED, when another process counts them: here they stay at 0.
+        self.handled_here = CollectorRegistry() if handled_elsewhere else r
+        h = self.handled_here
         self.messages_received = Counter(
             "iotgw_messages_received_total", "MQTT messages received, by channel.", ["channel"], registry=r
         )
@@ -78,16 +87,16 @@ class Metrics:
         )
         # Consumers (one series per consumer: their number is fixed by configuration).
         self.consumer_events = Counter(
-            "iotgw_consumer_events_total", "Events handled by a consumer.", ["consumer"], registry=r
+            "iotgw_consumer_events_total", "Events handled by a consumer.", ["consumer"], registry=h
         )
         self.consumer_failures = Counter(
-            "iotgw_consumer_failures_total", "Consumer handler failures.", ["consumer"], registry=r
+            "iotgw_consumer_failures_total", "Consumer handler failures.", ["consumer"], registry=h
         )
         self.consumer_retries = Counter(
-            "iotgw_consumer_retries_total", "Retries after a consumer failure.", ["consumer"], registry=r
+            "iotgw_consumer_retries_total", "Retries after a consumer failure.", ["consumer"], registry=h
         )
         self.consumer_parked = Counter(
-            "iotgw_consumer_parked_total", "Events parked after too many failed attempts.", ["consumer"], registry=r
+            "iotgw_consumer_parked_total", "Events parked after too many failed attempts.", ["consumer"], registry=h
         )
         self.consumer_lag_events = Gauge(
             "iotgw_consumer_lag_events", "Events in the log a consumer has not handled yet.", ["consumer"], registry=r
@@ -100,7 +109,14 @@ class Metrics:
         )
         self.consumer_handler_seconds = Histogram(
             "iotgw_consumer_handler_seconds", "Time a consumer takes for one batch.", ["consumer"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=_LATENCY_BUCKETS, registry=h,
+        )  # fmt: skip
+        self.consumer_process_up = Gauge(
+            "iotgw_consumer_process_up", "1 while the consumers' own process runs (when they have one).", registry=r
+        )
+        self.consumer_process_restarts = Counter(
+            "iotgw_consumer_process_restarts_total", "Times the consumers' process ended and was started again.",
+            registry=r,
         )  # fmt: skip
         # Analytics, as gauges: a replay rebuilds them, so they may go down.
         figures = {

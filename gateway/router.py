@@ -17,7 +17,7 @@ import fnmatch
 import logging
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,6 +203,9 @@ class ConsumerRunner:
         self._clock: Callable[[], datetime] = getattr(consumer, "clock", None) or _utcnow
         # Called (in the event loop) after a commit of this consumer appended events to the log.
         self.on_log_grew: Callable[[], None] | None = None
+        # Standby: the consumer runs in another process of this gateway (see `Router.elsewhere`);
+        # operations here write the database, then `elsewhere` has that process act on them.
+        self.elsewhere: Elsewhere | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._caught_up = False
@@ -226,6 +229,9 @@ class ConsumerRunner:
     async def start(self) -> None:
         """Take the consumer on (unless another instance holds it) and start the task."""
         self._loop = asyncio.get_running_loop()
+        if self.elsewhere is not None:
+            await self._call(self._prepare)  # for the API's use of the consumer (the roster, say)
+            return
         await self._call(self._take_over)
         self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
         if self._tick is not None:
@@ -440,6 +446,11 @@ class ConsumerRunner:
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
         # event leads here too, and that event must still be parked after max_attempts.
         self._caught_up = False
+        self._prepare()
+        log.info("consumer %s runs on %s from position %d", self.name, self.lease.owner, self.position)
+        return True
+
+    def _prepare(self) -> None:
         forget = getattr(self.consumer, "forget", None)
         if forget is not None:
             forget()
@@ -447,8 +458,15 @@ class ConsumerRunner:
         if prepare is not None:
             with self.store.session(consumer=True) as tx:
                 prepare(tx)
-        log.info("consumer %s runs on %s from position %d", self.name, self.lease.owner, self.position)
-        return True
+
+    async def reload(self) -> None:
+        """Something changed the consumer's cursor or state in the database: take it on afresh."""
+
+        def let_go() -> None:
+            self.lease.epoch = None  # the next batch takes the lease again, and reads the cursor row
+
+        await self._call(let_go)
+        self._wake.set()
 
     def _handle_next(self, limit: int) -> tuple[int, int]:
         """Handle the next `limit` events after the cursor; returns (positions covered, events handled).
@@ -574,6 +592,7 @@ class ConsumerRunner:
         await self._call(write)
         self.paused = paused
         self._wake.set()
+        await self._operated()
 
     async def replay(self, *, from_position: int | None = None, from_time: datetime | None = None) -> int:
         """Move the cursor back so events from that point are handled again; returns the new cursor."""
@@ -599,6 +618,7 @@ class ConsumerRunner:
 
         target: int = await self._call(write)
         self._wake.set()
+        await self._operated()
         return target  # not self.position: the consumer may have moved on already
 
     @staticmethod
@@ -607,6 +627,9 @@ class ConsumerRunner:
 
     async def retry_parked(self, dead_letter_id: int) -> None:
         """Hand one parked event to the consumer again; on success it is marked retried."""
+        if self.elsewhere is not None:
+            await self.elsewhere.retry(self.name, dead_letter_id)  # where the consumer's memory is
+            return
 
         def run() -> None:
             with self.store.session(consumer=True) as tx:
@@ -636,6 +659,24 @@ class ConsumerRunner:
 
         await self._call(run)
         self._wake.set()
+
+    async def reload_holder(self) -> None:
+        """The consumer's state changed in the database (an edit through the API): whichever
+        process or instance runs it takes it on again, and so reads it, before its next step."""
+
+        def write() -> None:
+            with self.store.session(consumer=True) as tx:
+                self._reload_holder(tx)
+                tx.commit()
+                self.lease.epoch = None
+
+        await self._call(write)
+        self._wake.set()
+        await self._operated()
+
+    async def _operated(self) -> None:
+        if self.elsewhere is not None:
+            await self.elsewhere.reload(self.name)
 
     def _reload_holder(self, tx: Session) -> None:
         """An operation changed the consumer's cursor or state: whichever instance runs it must
@@ -694,6 +735,19 @@ class Changes:
         return self.version != seen
 
 
+class Elsewhere(Protocol):
+    """The other process of this gateway that runs its consumers (gateway.apart)."""
+
+    def notify(self, types: Collection[str] | None) -> None:
+        """New events of `types` (None: unknown) are in the log."""
+
+    def reload(self, name: str) -> Awaitable[None]:
+        """An operation changed consumer `name`'s cursor or state in the database."""
+
+    def retry(self, name: str, dead_letter_id: int) -> Awaitable[None]:
+        """Retry a parked event there; raises `ConsumerError` with the reason if it fails."""
+
+
 class Router:
     """All consumer runners of one gateway process."""
 
@@ -725,14 +779,18 @@ class Router:
                            metrics.consumer_handler_seconds):  # fmt: skip
                 family.labels(runner.name)
         self.changes = Changes()
+        self.elsewhere: Elsewhere | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._lag_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-router-lag")
 
-    async def start(self) -> None:
-        """Start every consumer, each from its committed cursor."""
+    async def start(self, elsewhere: Elsewhere | None = None) -> None:
+        """Start every consumer, each from its committed cursor; or, with `elsewhere`, stand by:
+        the consumers run in that process, and this router serves the API's view and operations."""
         self._loop = asyncio.get_running_loop()
+        self.elsewhere = elsewhere
         for runner in self.runners.values():
+            runner.elsewhere = elsewhere
             await runner.start()
         self._lag_task = asyncio.create_task(self._refresh_lag(), name="iotgw-router-lag")
 
@@ -747,6 +805,9 @@ class Router:
 
     def notify(self, types: Collection[str] | None = None) -> None:
         """The log has grown (by events of `types`, if known): wake the consumers that read them."""
+        if self.elsewhere is not None:
+            self.elsewhere.notify(types)
+            return
         for runner in self.runners.values():
             runner.notify(types)
 

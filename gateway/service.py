@@ -13,11 +13,12 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from gateway.apart import ConsumerProcess
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
 from gateway.cluster import Lease
 from gateway.config import Settings
-from gateway.errors import GatewayError, StoreError
+from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
@@ -50,7 +51,13 @@ class Gateway:
         self.settings = settings
         registry = registry if registry is not None else CollectorRegistry()
         ProcessCollector(namespace="iotgw", registry=registry)
-        self.metrics = Metrics(registry)
+        # The consumers in a process of their own (gateway/apart.py): this one ingests and serves.
+        self.apart = settings.consumer_process and settings.ingest and bool(settings.consumer_names)
+        if self.apart and extra_consumers:
+            msg = "consumers given in code run in the gateway's process: set consumer_process=False"
+            raise ConfigError(msg)
+        self.metrics = Metrics(registry, handled_elsewhere=self.apart)
+        self.consumer_process: ConsumerProcess | None = None
         self.store = Store(settings.database_url)
         # Loaded before the schema is created, so their tables are created with it.
         self.router = Router(
@@ -110,11 +117,18 @@ class Gateway:
         await asyncio.to_thread(self.store.create_schema)
         if not self.settings.clustered:
             await asyncio.to_thread(self._finish_inbox)
-        await self.router.start()
+        if not self.apart:
+            await self.router.start()
         if self.sequencer is not None:
             await self.sequencer.start()
         if self.settings.ingest:
             await self.ingest.start()
+        if self.apart:
+            self.consumer_process = ConsumerProcess(
+                self.settings, self.router, self.metrics, broker_connected=lambda: self.ingest.connected
+            )
+            await self.router.start(elsewhere=self.consumer_process)  # stands by, for the API
+            await self.consumer_process.start()
         alerts = self.router.runners.get("alerts")
         if alerts is not None and self.settings.ingest:
             alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
@@ -166,6 +180,8 @@ class Gateway:
         await self.ingest.stop()
         if self.sequencer is not None:
             await self.sequencer.stop()
+        if self.consumer_process is not None:
+            await self.consumer_process.stop()
         if self._notifier is not None and self._notifier_task is not None:
             # Let it finish the round in hand: its thread must not hold a connection past close().
             self._notifier.stop()

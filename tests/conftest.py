@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
@@ -135,6 +137,8 @@ def settings_for(database_url: str) -> Callable[..., Settings]:
             "database_url": database_url,
             "mqtt_client_id": f"iotgw-test-{broker.port}",
             "http_port": free_port(),
+            # The consumers in the test's process (tests/test_apart.py runs them in their own).
+            "consumer_process": False,
         }
         return Settings(**{**base, **overrides})
 
@@ -171,6 +175,19 @@ async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def kill_9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL an `iotgw run` process and its consumers' process (a crash of the whole gateway)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=10)
 
 
 async def until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import GATEWAY_ENV, fresh_database, new_broker, query, until_ready, wait_for
+from tests.conftest import GATEWAY_ENV, fresh_database, kill_9, new_broker, query, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +160,7 @@ async def _both_runs(
                     return stored(db) > total // 3
 
                 await wait_for(midway, what="a third of the scenario stored")
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_9(proc)
                 assert stored(db) < total, "the kill came too late to prove anything"
                 proc = start(broker.port, db, http, rules, log)
             await sending
@@ -172,7 +170,6 @@ async def _both_runs(
 
             await wait_for(done, timeout=60, what="the whole scenario stored and alerted")
         finally:
-            proc.kill()
-            proc.wait()
+            kill_9(proc)
         results.append(outcome(db))
     return results

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +16,7 @@ from gateway.analytics import Analytics, device, fleet
 from gateway.broker import Mosquitto, free_port
 from gateway.events import Event
 from gateway.store import Store
-from tests.conftest import query, until_ready, wait_for
+from tests.conftest import kill_9, query, until_ready, wait_for
 from tests.test_crash import _start_gateway
 
 T0 = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
@@ -145,8 +143,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
             return sum(_log_counts(db).values()) > 3000
 
         await wait_for(midway, what="the stream to be under way")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9(proc)
         proc = _start_gateway(broker, db, port, log)
         stats = await run
         await until_ready(port, proc)
@@ -170,8 +167,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
             await wait_for(rebuilt, timeout=60, what="the replay to finish")
             rebuilt_figures = (await client.get("/api/analytics/fleet")).json()
     finally:
-        proc.kill()
-        proc.wait()
+        kill_9(proc)
     counts = _log_counts(db)
     total = after_crash["total"]
     # No double counting across the crash: the figures equal the log's own counts...

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from gateway.router import ConsumerStatus
 from gateway.sequencer import in_order, ready
 from gateway.service import Gateway
 from gateway.store import InboxMessage, Store
-from tests.conftest import GATEWAY_ENV, fresh_database, query, running_gateway, until_ready, wait_for
+from tests.conftest import GATEWAY_ENV, fresh_database, kill_9, query, running_gateway, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -176,8 +175,7 @@ async def test_an_instance_killed_mid_stream_loses_reorders_and_double_counts_no
         victim = lease_holder(db, "consumer:analytics")
         assert victim in procs
         survivor = next(n for n in procs if n != victim)
-        os.kill(procs[victim][0].pid, signal.SIGKILL)
-        procs[victim][0].wait()
+        kill_9(procs[victim][0])
         killed_at, stored_at_kill = time.monotonic(), readings(db)
 
         async def taken_over() -> bool:
@@ -204,8 +202,7 @@ async def test_an_instance_killed_mid_stream_loses_reorders_and_double_counts_no
         minutes = sensor_minutes(db)
     finally:
         for proc, _ in procs.values():
-            proc.kill()
-            proc.wait()
+            kill_9(proc)
     # Counted once each, in order: the same as one gateway on its own over the same messages.
     assert sum(int(row[2]) for row in minutes) == total // 2
     reference_events, reference_figures = await single_run(broker, settings_for, tmp_path, load)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import GATEWAY_ENV, query, running_gateway, settled, until_ready, wait_for
+from tests.conftest import GATEWAY_ENV, kill_9, query, running_gateway, settled, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -68,8 +67,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
                 return _count(db)[0] >= total * share
 
             await wait_for(far_enough, timeout=60, what=f"{share:.0%} of the stream to be stored")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_9(proc)
             killed_at.append(_count(db)[0])
             await asyncio.sleep(0.3)  # devices keep publishing while the gateway is down
             proc = _start_gateway(broker, db, port, log)
@@ -105,8 +103,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
             await wait_for(rebuilt, timeout=60, what="the analytics replay")
             assert _sensor_minutes(db) == interrupted
     finally:
-        proc.kill()
-        proc.wait()
+        kill_9(proc)
 
 
 async def test_broker_restart_while_devices_publish_loses_nothing(

@@ -275,6 +275,7 @@ async def technicians(store: StoreDep, dispatch: DispatchDep) -> list[Technician
 
 @router.put("/technicians", dependencies=ADMIN, responses={422: {"description": "the roster would be invalid"}})
 async def put_technicians(
+    request: Request,
     store: StoreDep,
     dispatch: DispatchDep,
     body: list[dict[str, Any]],
@@ -293,4 +294,6 @@ async def put_technicians(
                 raise HTTPException(status_code=422, detail=detail) from None
 
     await asyncio.to_thread(write)
+    # Whichever process (or instance) runs dispatch takes the edited roster on before its next step.
+    await request.app.state.iotgw.router.get("dispatch").reload_holder()
     return await asyncio.to_thread(_technicians, store, dispatch)

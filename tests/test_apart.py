@@ -1,0 +1,177 @@
+"""The consumers in a process of their own (IOTGW_CONSUMER_PROCESS, the default of `iotgw run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from devices.connect import mqtt_client
+from devices.load import publish_numbered
+from gateway.broker import Mosquitto, free_port
+from gateway.config import Settings
+from gateway.service import Gateway
+from tests.conftest import GATEWAY_ENV, kill_9, query, running_gateway, until_ready, wait_for
+from tests.test_alerts import state
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def consumer_processes(parent: int | None = None) -> list[psutil.Process]:
+    """The consumers' processes started by `parent` (default: this test process)."""
+    children = psutil.Process(parent or os.getpid()).children()
+    return [c for c in children if "consumer-process" in c.cmdline()]
+
+
+def metric_samples(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(gw.metrics.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def api(gw: Gateway, method: str, url: str, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as c:
+        return await c.request(method, url, **kw)
+
+
+async def consumers(gw: Gateway) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in (await api(gw, "GET", "/api/consumers")).json()}
+
+
+async def handled_all(gw: Gateway) -> bool:
+    """Every consumer has handled something and has nothing left to handle."""
+    states = await consumers(gw)
+    return bool(states) and all(s["lag_events"] == 0 and s["cursor"] > 0 for s in states.values())
+
+
+async def test_consumers_run_apart_and_the_gateway_shows_and_steers_them(
+    broker: Mosquitto, settings_for: Callable[..., Settings], database_url: str
+) -> None:
+    async with running_gateway(settings_for(broker, consumer_process=True)) as gw:
+        (child,) = consumer_processes()
+        assert child.nice() == psutil.Process().nice() + 10, "the consumers yield the CPU to ingestion"
+        seen = gw.router.changes.version
+        async with mqtt_client(broker.url_as("tester"), "el-2") as c:
+            await c.publish("devices/el-2/state", state(1), qos=1)
+            await c.publish("devices/el-2/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+        await publish_numbered(broker.url_as("tester"), 4, 50)
+
+        all_handled = functools.partial(handled_all, gw)
+
+        await wait_for(all_handled, what="the consumers' process to handle everything")
+        alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()
+        assert [a["device_id"] for a in alerts] == ["el-2"], "the alert engine ran (in the other process)"
+        assert gw.router.changes.version > seen, "its new alert woke the gateway's live views"
+        states = await consumers(gw)
+        assert {s["instance"] for s in states.values()} == {"default"}
+        assert {s["state"] for s in states.values()} == {"running"}
+        figures = (await api(gw, "GET", "/api/analytics/devices/load-00000")).json()
+        assert figures, "analytics ran"
+
+        # The gateway's /metrics carries what the consumers' process counts, once.
+        async def counted() -> bool:
+            samples = metric_samples(gw)
+            return all(
+                samples.get(("iotgw_consumer_events_total", (("consumer", name),)), 0) > 0
+                for name in ("alerts", "analytics", "dispatch")
+            )
+
+        await wait_for(counted, what="the consumers' counts in the gateway's metrics")
+        samples = metric_samples(gw)
+        assert samples[("iotgw_consumer_process_up", ())] == 1
+        assert samples[("iotgw_consumers_process_cpu_seconds_total", ())] > 0
+        text = generate_latest(gw.metrics.registry).decode()
+        assert text.count("# TYPE iotgw_consumer_events_total counter") == 1
+
+        # Pause in the gateway's API: the other process stops handling at once (the alert engine
+        # writes nothing for ordinary readings, so no failed commit would tell it); resume: it catches up.
+        r = await api(gw, "POST", "/api/consumers/alerts/pause")
+        assert r.json()["state"] == "paused"
+        await publish_numbered(broker.url_as("tester"), 2, 50, prefix="more-")
+
+        async def others_done_alerts_behind() -> bool:
+            states = await consumers(gw)
+            return states["analytics"]["lag_events"] == 0 and states["alerts"]["lag_events"] >= 100
+
+        await wait_for(others_done_alerts_behind, what="analytics caught up while alerts is paused")
+        paused_at = query(database_url, "select position from consumer_cursors where name = 'alerts'")
+        await asyncio.sleep(0.5)  # the paused consumer must not move meanwhile (no condition to wait for)
+        assert query(database_url, "select position from consumer_cursors where name = 'alerts'") == paused_at
+        r = await api(gw, "POST", "/api/consumers/alerts/resume")
+        assert r.json()["state"] == "running"
+        await wait_for(all_handled, what="the alert engine to catch up after resume")
+    assert consumer_processes() == [], "the consumers' process stops with the gateway"
+
+
+async def test_the_gateway_starts_its_consumers_process_again_and_asks_it_to_retry(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    async with running_gateway(settings_for(broker, consumer_process=True)) as gw:
+        (child,) = consumer_processes()
+        await publish_numbered(broker.url_as("tester"), 2, 50)
+
+        all_handled = functools.partial(handled_all, gw)
+
+        await wait_for(all_handled, what="the consumers' process to handle everything")
+        # A retry is answered by the process where the consumer runs.
+        r = await api(gw, "POST", "/api/consumers/analytics/dead-letters/999/retry")
+        assert r.status_code == 409
+        assert "no parked event 999" in r.json()["detail"]
+
+        # The consumers' process dies: the gateway starts it again and it goes on from its cursors.
+        kill_9_process(child)
+
+        async def restarted() -> bool:
+            again = consumer_processes()
+            return (
+                len(again) == 1
+                and again[0].pid != child.pid
+                and gw.consumer_process is not None
+                and (metric_samples(gw).get(("iotgw_consumer_process_up", ())) == 1)
+            )
+
+        await wait_for(restarted, what="a new consumers' process")
+        assert metric_samples(gw)[("iotgw_consumer_process_restarts_total", ())] == 1
+        await publish_numbered(broker.url_as("tester"), 2, 50, prefix="after-")
+        await wait_for(all_handled, what="the new consumers' process to handle the rest")
+        after = await consumers(gw)
+        assert after["analytics"]["cursor"] == max(s["cursor"] for s in after.values())
+    assert consumer_processes() == [], "the consumers' process stops with the gateway"
+
+
+def kill_9_process(proc: psutil.Process) -> None:
+    proc.kill()
+    proc.wait(10)
+
+
+async def test_the_consumers_process_ends_when_the_gateway_dies(broker: Mosquitto, database_url: str) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", broker.url, "--database-url", database_url,
+           "--http-port", str(port), "--client-id", "iotgw-apart-test"]  # fmt: skip
+    gateway = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **GATEWAY_ENV})
+    try:
+        await until_ready(port, gateway)
+        (child,) = consumer_processes(gateway.pid)
+        gateway.kill()  # the gateway alone: its child must not live on, orphaned
+        gateway.wait()
+        # Its stdin closed: it stops its consumers (saving their cursors) and exits.
+        await asyncio.to_thread(child.wait, 30)
+        assert not child.is_running()
+    finally:
+        kill_9(gateway)
