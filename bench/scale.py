@@ -75,13 +75,13 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                     time.sleep(1.0)
                 connect_s = time.monotonic() - t0
                 start = _metrics(http_port)
-                proc.cpu_percent(None)
+                cpu_from = base.gateway_cpu_s(proc)  # with its consumers' process
                 rss, lag, held_from = 0, 0.0, time.monotonic()
                 while time.monotonic() - held_from < args.hold:
                     time.sleep(1.0)
-                    rss = max(rss, proc.memory_info().rss)
+                    rss = max(rss, base.gateway_rss(proc))
                     lag = max(lag, _metrics(http_port).get("iotgw_consumer_lag_events", 0.0))
-                cpu = proc.cpu_percent(None)
+                cpu = 100 * (base.gateway_cpu_s(proc) - cpu_from) / (time.monotonic() - held_from)
                 end = _metrics(http_port)
                 stored = end.get("iotgw_events_total", 0.0) - start.get("iotgw_events_total", 0.0)
                 row = {
