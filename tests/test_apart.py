@@ -175,3 +175,42 @@ async def test_the_consumers_process_ends_when_the_gateway_dies(broker: Mosquitt
         assert not child.is_running()
     finally:
         kill_9(gateway)
+
+
+ROSTER = """
+timezone: UTC
+receivers:
+  - {name: pager, kind: webhook, url: "http://127.0.0.1:9/page"}
+technicians:
+  - {id: ed, name: Ed, contact: pager, sites: [hq], skills: [escalator], shifts: [{start: "00:00", end: "24:00"}]}
+policies:
+  - name: default
+    levels:
+      - {role: technician, ack_timeout: 5m}
+"""
+
+
+async def test_a_roster_edit_in_the_api_reaches_dispatch_in_the_consumers_process(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    roster = tmp_path / "roster.yaml"
+    roster.write_text(ROSTER)
+    settings = settings_for(broker, consumer_process=True, consumers="alerts,dispatch", roster_file=str(roster))
+    async with running_gateway(settings) as gw:
+        async with mqtt_client(broker.url_as("tester"), "el-2") as c:
+            await c.publish("devices/el-2/state", state(1), qos=1)
+            await c.publish("devices/el-2/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+
+        async def order_is(status: str, assignee: str | None = None) -> bool:
+            orders = (await api(gw, "GET", "/api/work-orders")).json()
+            return [(o["status"], o["assignee"]) for o in orders] == [(status, assignee)]
+
+        # Nobody on the roster mends elevators: the order waits for somebody.
+        await wait_for(functools.partial(order_is, "unassigned"), what="an unassigned work order")
+        ed = {"id": "ed", "name": "Ed", "contact": "pager", "sites": ["hq"], "skills": ["escalator"],
+              "shifts": [{"start": "00:00", "end": "24:00"}]}  # fmt: skip
+        zoe = {**ed, "id": "zoe", "name": "Zoe", "skills": ["elevator"]}
+        r = await api(gw, "PUT", "/api/technicians", params={"by": "sue"}, json=[ed, zoe])
+        assert r.status_code == 200, r.text
+        # Dispatch runs in the other process: it takes the edited roster on and gives Zoe the order.
+        await wait_for(functools.partial(order_is, "assigned", "zoe"), what="the order assigned to the new technician")
