@@ -182,12 +182,18 @@ class ConsumerProcess:
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
-        while line := await proc.stdout.readline():
-            try:
-                message = json.loads(line)
-                self._take(message)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("the consumer process said something unreadable (%s): %.200r", exc, line)
+        try:
+            while line := await proc.stdout.readline():
+                try:
+                    message = json.loads(line)
+                    self._take(message)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("the consumer process said something unreadable (%s): %.200r", exc, line)
+        except Exception:
+            # A link that cannot be read is no link: end the child, and the supervisor starts another.
+            log.exception("lost the link to the consumer process; ending it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     def _take(self, message: dict[str, Any]) -> None:
         if "status" in message:
@@ -269,7 +275,11 @@ class _Link:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=LINE_LIMIT)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        self._out, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
+        # The link keeps stdout's pipe for itself; whatever a consumer prints goes to stderr.
+        link = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        self._out, _ = await loop.connect_write_pipe(asyncio.Protocol, link)
         return reader
 
     def send(self, message: dict[str, Any]) -> None:
