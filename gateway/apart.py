@@ -54,6 +54,7 @@ METRICS_EVERY_S = 1.0
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 RESTART_MAX_S = 30.0
+WAKE_BACKLOG_BYTES = 64 * 1024
 
 
 def child_environment(settings: Settings) -> dict[str, str]:
@@ -237,6 +238,9 @@ class ConsumerProcess:
 
     def notify(self, types: Collection[str] | None) -> None:
         """New events are in the log: wake the child's consumers (those that read `types`)."""
+        stdin = self._proc.stdin if self._proc is not None else None
+        if stdin is not None and stdin.transport.get_write_buffer_size() > WAKE_BACKLOG_BYTES:
+            return  # the child is not reading: wake-ups would only pile up (its slow poll covers them)
         self._send({"new": sorted(types) if types is not None else None})
 
     async def reload(self, name: str) -> None:
