@@ -214,3 +214,71 @@ async def test_a_roster_edit_in_the_api_reaches_dispatch_in_the_consumers_proces
         assert r.status_code == 200, r.text
         # Dispatch runs in the other process: it takes the edited roster on and gives Zoe the order.
         await wait_for(functools.partial(order_is, "assigned", "zoe"), what="the order assigned to the new technician")
+
+
+FLAKY_PACKAGE = """
+import os
+from pathlib import Path
+
+from gateway.router import BaseConsumer
+
+
+class Flaky(BaseConsumer):
+    '''Fails on device bad-00000 until the file FLAKY_FIXED exists; notes what it handled in FLAKY_SEEN.'''
+
+    name = "flaky"
+    types = ("sensor.reading",)
+    max_attempts = 3
+    retry_base_s = 0.5
+
+    def handle(self, events, tx):
+        for e in events:
+            if e.subject == "bad-00000" and not Path(os.environ["FLAKY_FIXED"]).exists():
+                raise RuntimeError("bad device")
+        with open(os.environ["FLAKY_SEEN"], "a") as seen:
+            seen.writelines(e.subject + "\\n" for e in events)
+"""
+
+
+async def test_a_failing_consumer_in_its_own_process_shows_as_failing_and_its_parked_event_is_retried_there(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plug-in consumer as pip would install it, found by the gateway and by its consumers' process.
+    (tmp_path / "iotgw_flaky.py").write_text(FLAKY_PACKAGE)
+    info = tmp_path / "iotgw_flaky-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-flaky\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[iotgw.consumers]\nflaky = iotgw_flaky:Flaky\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    fixed, seen = tmp_path / "fixed", tmp_path / "seen"
+    monkeypatch.setenv("FLAKY_FIXED", str(fixed))
+    monkeypatch.setenv("FLAKY_SEEN", str(seen))
+    async with running_gateway(settings_for(broker, consumer_process=True, consumers="flaky")) as gw:
+        await publish_numbered(broker.url_as("tester"), 1, 1, prefix="bad-")
+
+        async def failing() -> bool:
+            flaky = (await consumers(gw))["flaky"]
+            return flaky["state"] == "failing" and "bad device" in (flaky["last_error"] or "")
+
+        await wait_for(failing, what="the gateway's API to show the child's failing consumer")
+        await publish_numbered(broker.url_as("tester"), 1, 1, prefix="good-")
+
+        async def parked_and_moved_on() -> bool:
+            flaky = (await consumers(gw))["flaky"]
+            return flaky["dead_letters"] == 1 and flaky["lag_events"] == 0 and flaky["state"] == "running"
+
+        await wait_for(parked_and_moved_on, what="the event parked and the consumer going on")
+        assert seen.read_text().split() == ["good-00000"]
+        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()
+        assert (dead["subject"], dead["attempts"]) == ("bad-00000", 3)
+        assert "bad device" in dead["error"]
+        r = await api(gw, "POST", f"/api/consumers/flaky/dead-letters/{dead['id']}/retry")
+        assert r.status_code == 409, "still broken: the child says so"
+        assert "failed again" in r.json()["detail"]
+        fixed.touch()
+        r = await api(gw, "POST", f"/api/consumers/flaky/dead-letters/{dead['id']}/retry")
+        assert r.status_code == 200, r.text
+        assert seen.read_text().split() == ["good-00000", "bad-00000"]
+        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()
+        assert dead["status"] == "retried"
