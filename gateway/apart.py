@@ -127,9 +127,13 @@ class ConsumerProcess:
 
     # -- life ------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the child and wait until its consumers run."""
+    def launch(self) -> None:
+        """Start the child (`ready()` waits until its consumers run)."""
         self._supervisor = asyncio.create_task(self._supervise(), name="iotgw-consumer-process")
+
+    async def ready(self) -> None:
+        """Wait until the child's consumers run; `GatewayError` if it ends or times out first."""
+        assert self._supervisor is not None  # noqa: S101 - launch() first
         ready = asyncio.create_task(self._ready.wait())
         done, _ = await asyncio.wait({ready, self._supervisor}, timeout=START_TIMEOUT_S, return_when="FIRST_COMPLETED")
         if ready not in done:

@@ -117,18 +117,13 @@ class Gateway:
         await asyncio.to_thread(self.store.create_schema)
         if not self.settings.clustered:
             await asyncio.to_thread(self._finish_inbox)
-        if not self.apart:
-            await self.router.start()
+        await self._start_router()
         if self.sequencer is not None:
             await self.sequencer.start()
         if self.settings.ingest:
             await self.ingest.start()
-        if self.apart:
-            self.consumer_process = ConsumerProcess(
-                self.settings, self.router, self.metrics, broker_connected=lambda: self.ingest.connected
-            )
-            await self.router.start(elsewhere=self.consumer_process)  # stands by, for the API
-            await self.consumer_process.start()
+        if self.consumer_process is not None:
+            await self.consumer_process.ready()
         alerts = self.router.runners.get("alerts")
         if alerts is not None and self.settings.ingest:
             alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
@@ -163,6 +158,18 @@ class Gateway:
             self.settings.http_host,
             self.settings.http_port,
         )
+
+    async def _start_router(self) -> None:
+        """The consumers in this process; or (apart) launch their own process, which starts while
+        ingest does, and let this router stand by for the API."""
+        if not self.apart:
+            await self.router.start()
+            return
+        self.consumer_process = ConsumerProcess(
+            self.settings, self.router, self.metrics, broker_connected=lambda: self.ingest.connected
+        )
+        await self.router.start(elsewhere=self.consumer_process)
+        self.consumer_process.launch()
 
     def _finish_inbox(self) -> None:
         """A gateway on its own makes the events of messages a cluster left in the inbox, first."""
