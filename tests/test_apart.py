@@ -22,7 +22,7 @@ from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.service import Gateway
-from tests.conftest import GATEWAY_ENV, kill_9, query, running_gateway, until_ready, wait_for
+from tests.conftest import GATEWAY_ENV, install_plugin, kill_9, query, running_gateway, until_ready, wait_for
 from tests.test_alerts import state
 
 pytestmark = pytest.mark.anyio
@@ -249,13 +249,7 @@ async def test_a_failing_consumer_in_its_own_process_shows_as_failing_and_its_pa
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A plug-in consumer as pip would install it, found by the gateway and by its consumers' process.
-    (tmp_path / "iotgw_flaky.py").write_text(FLAKY_PACKAGE)
-    info = tmp_path / "iotgw_flaky-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-flaky\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[iotgw.consumers]\nflaky = iotgw_flaky:Flaky\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    install_plugin(tmp_path, "flaky", FLAKY_PACKAGE, "Flaky", monkeypatch)
     fixed, seen = tmp_path / "fixed", tmp_path / "seen"
     monkeypatch.setenv("FLAKY_FIXED", str(fixed))
     monkeypatch.setenv("FLAKY_SEEN", str(seen))

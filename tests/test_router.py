@@ -19,7 +19,7 @@ from gateway.events import Event
 from gateway.router import BaseConsumer, load_consumers
 from gateway.service import Gateway
 from gateway.store import ConsumerCursorRow
-from tests.conftest import running_gateway, wait_for
+from tests.conftest import install_plugin, running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -251,12 +251,7 @@ async def test_entry_point_consumer_is_discovered_and_receives_events(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A real distribution on sys.path with an iotgw.consumers entry point, as pip would install it.
-    (tmp_path / "iotgw_doorcount.py").write_text(ENTRY_POINT_PACKAGE)
-    info = tmp_path / "iotgw_doorcount-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-doorcount\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[iotgw.consumers]\ndoorcount = iotgw_doorcount:DoorCount\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, "doorcount", ENTRY_POINT_PACKAGE, "DoorCount", monkeypatch)
     from devices.fleet import Fleet, FleetConfig  # noqa: PLC0415
 
     async with running_gateway(settings_for(broker, consumers="doorcount")) as gw:
