@@ -97,8 +97,9 @@ def _rebuild(families: Iterable[list[Any]]) -> list[Metric]:
 class ConsumerProcess:
     """The gateway's side: starts the child, keeps it running, and is the router's `elsewhere`.
 
-    Registered in the gateway's metrics registry as a collector: it yields the child's counts of
-    `Metrics.HANDLED` (0 until the child first reports) and the child's process figures.
+    Registered in the gateway's metrics registry as a collector: it yields the child's
+    `Metrics.handled_here` families (this process's zeros until the child first reports) and the
+    child's process figures.
     """
 
     def __init__(
@@ -179,7 +180,7 @@ class ConsumerProcess:
                     future.set_result("the consumer process ended before it answered; try again")
             self._requests.clear()
             if self._stopping or not self._ready.is_set():
-                return  # a stop, or a child that never started (start() reports it)
+                return  # a stop, or a child that never started (ready() reports it)
             log.error("the consumer process ended (exit code %s); starting it again in %.0f s", code, delay)
             self.metrics.consumer_process_restarts.inc()
             await asyncio.sleep(delay)
@@ -350,7 +351,7 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the gateway stops us
     store = Store(settings.database_url)
-    metrics = Metrics(CollectorRegistry(), handled_elsewhere=True)  # HANDLED (reported) in handled_here
+    metrics = Metrics(CollectorRegistry(), handled_elsewhere=True)  # handled_here: what it reports
     ProcessCollector(namespace="iotgw_consumers", registry=metrics.handled_here)
     router = Router(
         store,

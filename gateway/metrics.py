@@ -12,16 +12,12 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 class Metrics:
     """The gateway's metrics. Tests build one on a fresh `CollectorRegistry`."""
 
-    # What the process running the consumers counts (with `handled_elsewhere`, the consumers run
-    # in a child process: these series are its, and the gateway's /metrics shows the child's).
-    HANDLED = (
-        "consumer_events", "consumer_failures", "consumer_retries", "consumer_parked", "consumer_handler_seconds"
-    )  # fmt: skip
-
     def __init__(self, registry: CollectorRegistry | None = None, *, handled_elsewhere: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        # The families of HANDLED, when another process counts them: here they stay at 0.
+        # What the process running the consumers counts (events, failures, retries, parked, handler
+        # time) goes in `handled_here`. With `handled_elsewhere` the consumers run in a child
+        # process (gateway/apart.py): here these stay at 0 and /metrics shows the child's instead.
         self.handled_here = CollectorRegistry() if handled_elsewhere else r
         h = self.handled_here
         self.messages_received = Counter(

@@ -125,7 +125,7 @@ class Gateway:
         if self.consumer_process is not None:
             await self.consumer_process.ready()
         alerts = self.router.runners.get("alerts")
-        if alerts is not None and self.settings.ingest:
+        if alerts is not None and self.settings.ingest and not self.apart:  # apart: the link tells the child
             alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
         if alerts is not None or "dispatch" in self.router.runners:
             self._start_notifier()
