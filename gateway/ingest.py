@@ -284,6 +284,12 @@ class Ingest:
         self._census = Census()
         self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
         self._limited: list[_Pending] = []  # over their device's rate, waiting to be dead-lettered
+        # Their commits run on a thread of their own: the writer, which every other device's
+        # messages wait for, never waits for a flood's dead letters (on PostgreSQL 500 of them
+        # took 35-90 ms to commit; the others' median latency rose by up to 1.6x while it did).
+        self._limited_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-limited") if self._buckets else None
+        )
         self._limited_max = max(10, settings.mqtt_receive_maximum // 4)  # unacknowledged, they hold the window
         self._flush_limited = asyncio.Event()
         self._limiter: asyncio.Task[None] | None = None
@@ -325,6 +331,8 @@ class Ingest:
         await stop_task(self._writer)
         await stop_task(self._limiter)
         self._executor.shutdown(wait=True)
+        if self._limited_executor is not None:
+            self._limited_executor.shutdown(wait=True)
 
     def _make_client(self) -> Any:  # noqa: ANN401 - gmqtt is untyped
         s = self.settings
@@ -437,7 +445,7 @@ class Ingest:
             if not self._limited:
                 continue
             batch, self._limited = self._limited, []
-            await self._commit_with_retry(loop, batch, self._process_limited)
+            await self._commit_with_retry(loop, batch, self._process_limited, self._limited_executor)
             self._acknowledge(batch)
             self._done(batch)
 
@@ -465,12 +473,14 @@ class Ingest:
         loop: asyncio.AbstractEventLoop,
         batch: list[_Pending],
         process: Callable[[list[_Pending]], set[str]] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> set[str]:
-        """Commit the batch, retrying while the database refuses; returns the types of the events stored."""
+        """Commit the batch (by default in the writer thread, with `_process`), retrying while the
+        database refuses; returns the types of the events stored."""
         delay = 0.1
         while True:
             try:
-                types = await loop.run_in_executor(self._executor, process or self._process, batch)
+                types = await loop.run_in_executor(executor or self._executor, process or self._process, batch)
             except StoreError as exc:
                 # Nothing is acknowledged: the broker keeps the messages until a commit succeeds.
                 if self.database_ok:
@@ -501,10 +511,12 @@ class Ingest:
             self._census.move(self._shadows.get(device_id), new)
         self._shadows.update(prepared.shadows)
         self._count(batch, prepared, stored.events_skipped, now)
+        self._census.publish(self.metrics)
         return {e.type for e in prepared.events}
 
     def _process_limited(self, batch: list[_Pending]) -> set[str]:
-        """Runs in the writer thread: dead letters `rate_limited` for messages over their device's rate."""
+        """Runs in the rate limit's own thread: dead letters `rate_limited` for messages over their
+        device's rate. (Touches no shadow: those belong to the writer thread.)"""
         dead = []
         for p in batch:
             detail = f"device {_topic_device(p.topic)} exceeds {self.settings.device_rate:g} messages/s"
@@ -579,4 +591,3 @@ class Ingest:
         for channel, n in prepared.received.items():
             m.messages_received.labels(channel).inc(n)
         count_outcome(m, prepared.events, prepared.dead, prepared.anomalies, skipped=skipped, now=now)
-        self._census.publish(m)
