@@ -154,7 +154,12 @@ class Mosquitto:
             + "\nlog_type information\n"
         )
         with (self.data_dir / "mosquitto.log").open("ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(conf_path)], stdout=log, stderr=log)  # noqa: S603
+            # A session of its own: Ctrl-C in the terminal reaches the demo (which stops the
+            # gateway, then this broker), not the broker first (the gateway then spent its
+            # shutdown reconnecting to it, with warnings).
+            self.proc = subprocess.Popen(  # noqa: S603
+                [binary, "-c", str(conf_path)], stdout=log, stderr=log, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while not port_open("127.0.0.1", self.port):
             if self.proc.poll() is not None:

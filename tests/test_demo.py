@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,8 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
     ]  # fmt: skip
     log = data_dir / "demo.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group, as a command run from a terminal is: Ctrl-C reaches the group.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{http_port}"
     try:
         key_file = data_dir / "api-key"
@@ -60,7 +62,7 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
             assert "Open work orders" in page.text
             assert port_open("127.0.0.1", mqtt_port), "the demo runs its own Mosquitto"
             assert (await client.get("/ready")).status_code == 200
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert await asyncio.to_thread(proc.wait, 30) == 0
         assert not port_open("127.0.0.1", mqtt_port), "the demo's Mosquitto stops with it"
         text = log.read_text()
@@ -68,6 +70,8 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
         assert "authentication on: 41 provisioned devices" in text
         assert "not authorized" not in text.lower(), "every simulated device logs in with its own credentials"
         assert "demo stopped" in text
+        # The gateway stops before its broker: Ctrl-C did not take the broker away under it.
+        assert "lost the broker" not in text
     finally:
         if proc.poll() is None:
             proc.kill()
