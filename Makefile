@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/growth.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/autosave.py
 
 clean:
 	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -43,7 +43,7 @@ def _instance(broker: Mosquitto, db: str, log: Path, instance: str | None) -> tu
     port = free_port()
     cmd = [
         sys.executable, "-m", "gateway", "run",
-        "--mqtt-url", f"mqtt://127.0.0.1:{broker.port}",
+        "--mqtt-url", f"mqtt://127.0.0.1:{broker.gateway_port}",
         "--database-url", db,
         "--http-port", str(port),
         "--client-id", "bench-cluster",
@@ -82,7 +82,8 @@ def _run_once(args: argparse.Namespace, work: Path, broker: Mosquitto, instances
     try:
         procs = [_instance(broker, db, work / "gateway.log", name) for name in instances]
         prefix = f"{base.PREFIX}{schema}-"
-        started = base._blast(broker.port, base._write_streams(work, prefix, args.devices, per_device, args.site))  # noqa: SLF001
+        streams = base._write_streams(work, prefix, args.devices, per_device, args.site)  # noqa: SLF001
+        started = base._blast(broker.gateway_port, streams)  # noqa: SLF001
         while (done := _stored(db))[0] < total:
             if any(p.poll() is not None for p, _ in procs) or time.time() - started > args.timeout:
                 raise SystemExit(f"stored only {done[0]:,} of {total:,}; see {work / 'gateway.log'}")
@@ -94,7 +95,7 @@ def _run_once(args: argparse.Namespace, work: Path, broker: Mosquitto, instances
             base._stop(proc)  # noqa: SLF001
         # Their persistent sessions would queue every later stream.
         for name in instances:
-            base._forget_session(broker.port, f"bench-cluster-{name}" if name else "bench-cluster")  # noqa: SLF001
+            base._forget_session(broker.gateway_port, f"bench-cluster-{name}" if name else "bench-cluster")  # noqa: SLF001
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         admin.dispose()

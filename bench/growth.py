@@ -118,12 +118,12 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         say(f"  log filled to {size:,} events in {time.monotonic() - t:.0f} s")
         with sqlite3.connect(db) as conn:
             head = int(conn.execute("select max(id) from events").fetchone()[0])
-        gw = base._gateway(broker.port, db, http_port, log, client_id=f"growth-{size}")  # noqa: SLF001
+        gw = base._gateway(broker.gateway_port, db, http_port, log, client_id=f"growth-{size}")  # noqa: SLF001
         try:
             base._wait_ready(http_port, gw, timeout=120)  # noqa: SLF001
             prefix = f"growth{size}-"
             streams = base._write_streams(work, prefix, args.devices, per_device, base.SITE)  # noqa: SLF001
-            started = base._blast(broker.port, streams)  # noqa: SLF001
+            started = base._blast(broker.gateway_port, streams)  # noqa: SLF001
             total = per_device * args.devices
             while (done := _stored_after(db, head))[0] < total:
                 if gw.poll() is not None or time.time() - started > args.timeout:
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
             pages = _api_pages(http_port, head, args.pages, rng)
         finally:
             base._stop(gw)  # noqa: SLF001
-            base._forget_session(broker.port, f"growth-{size}")  # noqa: SLF001
+            base._forget_session(broker.gateway_port, f"growth-{size}")  # noqa: SLF001
         row = {
             "events": size,
             "ingest_msg_s": round(rate),

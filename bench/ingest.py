@@ -289,17 +289,17 @@ def broker_ceiling(  # noqa: PLR0917
     # A retained probe, delivered right after the subscription is acknowledged: its line says the
     # subscriber is listening (no guessed pause). Cleared at once, so no later subscriber gets it.
     probe = f"devices/{PREFIX}probe/telemetry"
-    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-r", "-t", probe]
+    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.gateway_port), *login(), "-q", "1", "-r", "-t", probe]
     subprocess.run([*pub, "-m", "probe"], check=True)
     sub = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), *login(), "-q", "1", "-t", "devices/+/+",
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.gateway_port), *login(), "-q", "1", "-t", "devices/+/+",
          "-C", str(total + 2), "-F", "%t %U"],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     assert sub.stdout is not None
     sub.stdout.readline()  # the probe
     subprocess.run([*pub, "-n"], check=True)  # clearing it reaches the subscriber too: total + 2
-    started = _blast(broker.port, sub_streams)
+    started = _blast(broker.gateway_port, sub_streams)
     out, _ = sub.communicate(timeout=timeout)
     stamps = [line.split()[1] for line in out.splitlines() if not line.startswith(probe.encode())]
     ceiling = len(stamps) / (float(stamps[-1]) - started)
@@ -343,7 +343,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
             for mode in ("solo", "all", "inproc"):
                 target_db = {"solo": solo_db, "all": db, "inproc": inproc_db}[mode]
                 gw = _gateway(
-                    broker.port, target_db, http_port, log,
+                    broker.gateway_port, target_db, http_port, log,
                     consumers="" if mode == "solo" else args.consumers,
                     client_id=f"{GW_ID}-{mode}",
                     apart=mode == "all",
@@ -351,7 +351,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                 _wait_ready(http_port, gw)
                 proc = psutil.Process(gw.pid)
                 prefix = f"{PREFIX}{mode}{run_no}-"
-                started = _blast(broker.port, _write_streams(work, prefix, args.devices, per_device, args.site))
+                started = _blast(broker.gateway_port, _write_streams(work, prefix, args.devices, per_device, args.site))
                 while (done := _stored_span(target_db, prefix))[0] < total:
                     peak_rss = max(peak_rss, gateway_rss(proc))
                     if gw.poll() is not None or time.time() - started > args.timeout:
@@ -367,7 +367,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                 _stop(gw)
                 # Its persistent session would queue every later stream: burden the broker and
                 # skew the next runs. A clean-session connect with the same id discards it.
-                _forget_session(broker.port, f"{GW_ID}-{mode}")
+                _forget_session(broker.gateway_port, f"{GW_ID}-{mode}")
         solo, stored = statistics.median(solo_rates), statistics.median(all_rates)
         results["ingest_only_msg_s"] = round(solo)
         results["gateway_msg_s"] = round(stored)
@@ -388,13 +388,13 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
             round(a / s, 3) for a, s in zip(inproc_rates, solo_rates, strict=True)
         )
         # 3. Backlog: the gateway (with all consumers) was away while the same volume queued up.
-        gw = _gateway(broker.port, db, http_port, log)  # creates its persistent session
+        gw = _gateway(broker.gateway_port, db, http_port, log)  # creates its persistent session
         _wait_ready(http_port, gw)
         _stop(gw)
         drain_prefix = PREFIX + "drain-"
-        _blast(broker.port, _write_streams(work, drain_prefix, args.devices, per_device, args.site))
+        _blast(broker.gateway_port, _write_streams(work, drain_prefix, args.devices, per_device, args.site))
         t0 = time.time()
-        gw = _gateway(broker.port, db, http_port, log)
+        gw = _gateway(broker.gateway_port, db, http_port, log)
         proc = psutil.Process(gw.pid)
         while (done := _stored_span(db, drain_prefix))[0] < total:
             peak_rss = max(peak_rss, gateway_rss(proc))

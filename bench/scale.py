@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, Any]:
     db, log, http_port = work / "scale.db", work / "gateway.log", free_port()
     results: dict[str, Any] = {"sizes": []}
-    gw = base._gateway(broker.port, db, http_port, log, client_id="scale-gateway")  # noqa: SLF001
+    gw = base._gateway(broker.gateway_port, db, http_port, log, client_id="scale-gateway")  # noqa: SLF001
     try:
         base._wait_ready(http_port, gw)  # noqa: SLF001
         proc = psutil.Process(gw.pid)

@@ -20,7 +20,7 @@ from gateway import events as ev
 from gateway.events import Event
 from gateway.metrics import Metrics
 from gateway.router import BaseConsumer
-from gateway.store import MultiInsert, Store, UTCDateTime, read_events
+from gateway.store import EventRow, MultiInsert, Store, UTCDateTime, read_events
 
 UNIT_TYPES = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 WINDOWS = {"1h": 60, "24h": 24 * 60}  # minutes
@@ -270,8 +270,12 @@ def _mode_seconds(row: AnalyticsDeviceRow, horizon: datetime | None) -> dict[str
 def _horizon(tx: Session) -> datetime | None:
     # The current mode lasts until the newest event of the whole fleet: an elevator stuck in a
     # fault publishes nothing, yet its fault goes on. Taken from the log, not the clock, so a
-    # replay gives the same figures.
-    return tx.exec(select(func.max(AnalyticsDeviceRow.last_time))).one()
+    # replay gives the same figures; and never past the gateway's own time of the newest stored
+    # event, so that no device's clock (ahead by less than IOTGW_MAX_CLOCK_SKEW_S) stretches the
+    # other elevators' open modes.
+    newest = tx.exec(select(func.max(AnalyticsDeviceRow.last_time))).one()
+    stored = tx.exec(select(EventRow.received_at).order_by(col(EventRow.id).desc()).limit(1)).first()
+    return min(newest, stored) if newest is not None and stored is not None else newest
 
 
 def figures(rows: Sequence[AnalyticsDeviceRow], horizon: datetime | None = None) -> ElevatorFigures:

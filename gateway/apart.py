@@ -118,6 +118,8 @@ class ConsumerProcess:
         self._supervisor: asyncio.Task[None] | None = None
         self._broker_task: asyncio.Task[None] | None = None
         self._broker_sent: bool | None = None
+        self._heard_at = time.monotonic()  # the child's last line (it reports every second)
+        self._watchdog: asyncio.Task[None] | None = None
         metrics.registry.register(self)
 
     # -- prometheus_client collector -------------------------------------------------------------
@@ -144,10 +146,12 @@ class ConsumerProcess:
             msg = f"the consumer process did not start (exit code {code}); its log is above"
             raise GatewayError(msg)
         self._broker_task = asyncio.create_task(self._follow_broker(), name="iotgw-consumer-process-broker")
+        self._watchdog = asyncio.create_task(self._watch(), name="iotgw-consumer-process-watchdog")
 
     async def stop(self) -> None:
         """Close the child's stdin (it stops its consumers, saving their cursors) and wait for it."""
         self._stopping = True
+        await stop_task(self._watchdog)
         await stop_task(self._broker_task)
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -172,6 +176,7 @@ class ConsumerProcess:
                 env=child_environment(self.settings), limit=LINE_LIMIT,
             )  # fmt: skip
             self._broker_sent = None
+            self._heard_at = time.monotonic()
             await self._read(proc)
             code = await proc.wait()
             self.metrics.consumer_process_up.set(0)
@@ -190,6 +195,7 @@ class ConsumerProcess:
         assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
         try:
             while line := await proc.stdout.readline():
+                self._heard_at = time.monotonic()
                 try:
                     message = json.loads(line)
                     self._take(message)
@@ -222,6 +228,42 @@ class ConsumerProcess:
             self._send({"broker": self.broker_connected()})
             log.info("consumers run in process %d (nice +%d)", self._proc.pid if self._proc else 0,
                      self.settings.consumer_nice)  # fmt: skip
+
+    def silent_for(self) -> float:
+        """Seconds since the child last said anything (0 while none runs: the supervisor's business)."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return 0.0
+        return time.monotonic() - self._heard_at
+
+    def unresponsive(self) -> str | None:
+        """Why the child is not running the consumers now (it has not reported for a while), or None."""
+        silent = self.silent_for()
+        if silent < 3 * METRICS_EVERY_S:
+            return None
+        return f"the consumers' process has not answered for {silent:.0f} s (it reports every {METRICS_EVERY_S:g} s)"
+
+    async def _watch(self) -> None:
+        """Kill a child that stopped answering (frozen, or hung with its event loop blocked): the
+        supervisor starts another, which takes the consumers on from their cursors. An exit alone
+        is no proof of life: a SIGSTOPped child never exits."""
+        limit = self.settings.consumer_process_timeout_s
+        while True:
+            await asyncio.sleep(min(limit / 4, 1.0))
+            proc = self._proc
+            if proc is None or proc.returncode is not None or self.silent_for() < limit:
+                continue
+            log.error(
+                "the consumer process %d has not answered for %.0f s (IOTGW_CONSUMER_PROCESS_TIMEOUT_S=%g); "
+                "killing it to start another",
+                proc.pid,
+                self.silent_for(),
+                limit,
+            )
+            self.metrics.consumer_process_up.set(0)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # SIGKILL ends a stopped process too
+            await proc.wait()
 
     async def _follow_broker(self) -> None:
         while True:
@@ -361,6 +403,8 @@ async def serve(settings: Settings) -> int:
         poll_s=min(settings.consumer_poll_s, 0.2) if settings.clustered else settings.consumer_poll_s,
         instance=settings.instance_name,
         lease_s=settings.lease_s,
+        handler_timeout_s=settings.consumer_timeout_s or None,
+        stall_s=settings.consumer_stall_s,
     )
     link = _Link(router, metrics)
     for runner in router.runners.values():

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -27,33 +27,62 @@ def find_mosquitto() -> str:
 
 @dataclass(frozen=True, slots=True)
 class TlsListener:
-    """A second, TLS listener: its port and the server's certificate files (PEM)."""
+    """A TLS listener: its port, the server's certificate files (PEM), and whose accounts it
+    takes: the devices' (client id = user name) or, with `gateway`, the gateway's."""
 
     port: int
     cafile: Path
     certfile: Path
     keyfile: Path
     require_certificate: bool = False
+    gateway: bool = False
+
+    def render(self, host: str, data_dir: Path) -> str:
+        """Its lines in mosquitto.conf (with per_listener_settings true, accounts and ACL of its own)."""
+        accounts = PASSWORD_FILES["iotgw-services.passwd" if self.gateway else "iotgw.passwd"]
+        return (
+            f"\nlistener {self.port} {host}\ncafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
+            f"require_certificate {str(self.require_certificate).lower()}\n"
+            f"use_username_as_clientid {str(not self.gateway).lower()}\n"
+            f"allow_anonymous false\npassword_file {data_dir / accounts}\nacl_file {data_dir / 'acl'}\n"
+        )
 
 
-def render_config(
-    source: str, *, port: int, data_dir: Path, host: str = "127.0.0.1", tls: TlsListener | None = None
+DEVICE_LISTENER = 1883  # the ports mosquitto.conf's two listeners have, as shipped
+GATEWAY_LISTENER = 1884
+# The files each listener's `password_file` names in mosquitto.conf, and their names in a data dir.
+PASSWORD_FILES = {"iotgw.passwd": "passwd", "iotgw-services.passwd": "services.passwd"}
+
+
+def render_config(  # noqa: PLR0913 - each is a separate knob of a test or demo broker
+    source: str,
+    *,
+    port: int,
+    gateway_port: int,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    tls: Sequence[TlsListener] = (),
 ) -> str:
-    """The project's config with the listener port, and the persistence location, password, ACL and
-    pid files moved into `data_dir`; with `tls`, a TLS listener added."""
-    out, n = re.subn(r"(?m)^listener\s+\d+.*$", f"listener {port} {host}", source)
-    if n != 1:
-        msg = "mosquitto.conf must have exactly one `listener PORT HOST` line"
+    """The project's config with the devices' listener on `port` and the gateway's on
+    `gateway_port`, and the persistence location, password, ACL and pid files moved into
+    `data_dir`; with `tls`, TLS listeners added."""
+    ports = {str(DEVICE_LISTENER): port, str(GATEWAY_LISTENER): gateway_port}
+    found: list[str] = []
+
+    def listener(m: re.Match[str]) -> str:
+        found.append(m.group(1))
+        return f"listener {ports.get(m.group(1), m.group(1))} {host}"
+
+    out = re.sub(r"(?m)^listener\s+(\d+).*$", listener, source)
+    if sorted(found) != sorted(ports):
+        msg = f"mosquitto.conf must have the listeners {DEVICE_LISTENER} (devices) and {GATEWAY_LISTENER} (gateway)"
         raise BrokerError(msg)
     out = re.sub(r"(?m)^persistence_location\s+.*$", f"persistence_location {data_dir}/", out)
-    for key, name in (("password_file", "passwd"), ("acl_file", "acl"), ("pid_file", "mosquitto.pid")):
+    for shipped, name in PASSWORD_FILES.items():
+        out = re.sub(rf"(?m)^password_file\s+\S*/{re.escape(shipped)}$", f"password_file {data_dir / name}", out)
+    for key, name in (("acl_file", "acl"), ("pid_file", "mosquitto.pid")):
         out = re.sub(rf"(?m)^{key}\s+.*$", f"{key} {data_dir / name}", out)
-    if tls is not None:
-        out += (
-            f"\nlistener {tls.port} {host}\ncafile {tls.cafile}\ncertfile {tls.certfile}\nkeyfile {tls.keyfile}\n"
-            f"require_certificate {str(tls.require_certificate).lower()}\n"
-        )
-    return out
+    return out + "".join(listener.render(host, data_dir) for listener in tls)
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -81,39 +110,50 @@ def _hand_to_broker_user(path: Path) -> None:
 
 
 class Mosquitto:
-    """One Mosquitto process running the project's config (and ACL) in `data_dir`, on `port`.
+    """One Mosquitto process running the project's config (and ACL) in `data_dir`: the devices'
+    listener on `port`, the gateway's on `gateway_port` (a free one by default).
 
-    `users` (name -> password) go into its password file at start; `extra_acl` is appended to
-    the project's ACL (the tests add a publisher allowed on every device topic)."""
+    `users` (name -> password) are the gateway's listener's accounts, written at start;
+    `passwords` is the devices' password file (what provisioning writes); `extra_acl` is appended
+    to the project's ACL (the tests add a publisher allowed on every device topic)."""
 
     def __init__(  # noqa: PLR0913 - each is a separate knob of a test or demo broker
         self,
         data_dir: Path,
         port: int,
         *,
+        gateway_port: int | None = None,
         conf: Path = PROJECT_CONF,
         acl: Path = PROJECT_ACL,
         extra_acl: str = "",
         users: Mapping[str, str] | None = None,
-        tls: TlsListener | None = None,
+        tls: Sequence[TlsListener] = (),
     ) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.gateway_port = gateway_port or free_port()
         self.conf = conf
         self.acl = acl
         self.extra_acl = extra_acl
         self.users = dict(users or {})
         self.tls = tls
-        self.passwords = PasswordFile(data_dir / "passwd")
+        self.passwords = PasswordFile(data_dir / PASSWORD_FILES["iotgw.passwd"])
+        self.services = PasswordFile(data_dir / PASSWORD_FILES["iotgw-services.passwd"])
+        self.devices: dict[str, str] = {}  # device accounts added with `add_devices`
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url_as(self, user: str) -> str:
-        """mqtt:// URL of this broker with the credentials of `user` (one of `users`)."""
-        return f"mqtt://{quote(user, safe='')}:{quote(self.users[user], safe='')}@127.0.0.1:{self.port}"
+        """mqtt:// URL of this broker with the credentials of `user`: one of `users`, on the
+        gateway's listener, or a device added with `add_devices`, on the devices' listener."""
+        if user in self.users:
+            secret, port = self.users[user], self.gateway_port
+        else:
+            secret, port = self.devices[user], self.port
+        return f"mqtt://{quote(user, safe='')}:{quote(secret, safe='')}@127.0.0.1:{port}"
 
-    def add_users(self, credentials: Mapping[str, str]) -> None:
-        """Add users (or new passwords); a running broker reloads its password file."""
-        self.users.update(credentials)
+    def add_devices(self, credentials: Mapping[str, str]) -> None:
+        """Add device accounts (or new passwords) by hand; a running broker reloads its password file."""
+        self.devices.update(credentials)
         self.passwords.set(credentials)
         self.reload()
 
@@ -132,7 +172,12 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        """mqtt:// URL of this broker."""
+        """mqtt:// URL of the gateway's listener."""
+        return f"mqtt://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def device_url(self) -> str:
+        """mqtt:// URL of the devices' listener."""
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
@@ -143,13 +188,20 @@ class Mosquitto:
         acl_path = self.data_dir / "acl"
         acl_path.write_text(self.acl.read_text() + ("\n" + self.extra_acl if self.extra_acl else ""))
         _hand_to_broker_user(acl_path)
-        if not self.passwords.path.exists():
-            self.passwords.path.touch(mode=0o600)
-            _hand_to_broker_user(self.passwords.path)
-        self.passwords.set(self.users)
+        for passwords in (self.passwords, self.services):
+            if not passwords.path.exists():
+                passwords.path.touch(mode=0o600)
+                _hand_to_broker_user(passwords.path)
+        self.services.set(self.users)
         conf_path = self.data_dir / "mosquitto.conf"
         conf_path.write_text(
-            render_config(self.conf.read_text(), port=self.port, data_dir=self.data_dir, tls=self.tls)
+            render_config(
+                self.conf.read_text(),
+                port=self.port,
+                gateway_port=self.gateway_port,
+                data_dir=self.data_dir,
+                tls=self.tls,
+            )
             # "Reloading config." is logged at this level: `reload()` waits for it.
             + "\nlog_type information\n"
         )
@@ -161,7 +213,7 @@ class Mosquitto:
                 [binary, "-c", str(conf_path)], stdout=log, stderr=log, start_new_session=True
             )
         deadline = time.monotonic() + timeout
-        while not port_open("127.0.0.1", self.port):
+        while not (port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.gateway_port)):
             if self.proc.poll() is not None:
                 tail = (self.data_dir / "mosquitto.log").read_text(errors="replace")[-2000:]
                 msg = f"mosquitto exited with code {self.proc.returncode}:\n{tail}"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 
 from gateway import __version__
-from gateway.broker import Mosquitto, free_port, port_open
+from gateway.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.protocol import DeviceType
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from devices.fleet import FleetConfig
 
 log = logging.getLogger("iotgw")
+DEVICE_URL = f"mqtt://localhost:{DEVICE_LISTENER}"  # the devices' listener of the project's mosquitto.conf
 
 # CLI flag -> Settings field (the flags and IOTGW_* variables set the same fields).
 _SETTING_FLAGS = {
@@ -79,20 +80,14 @@ def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fau
     p.add_argument("--sites", type=int, default=3, help="devices are spread over this many sites (default %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="iotgw", description="IoT event gateway.")
-    parser.add_argument("--version", action="version", version=f"iotgw {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    _add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
-
-    # Started by `run` (IOTGW_CONSUMER_PROCESS): its settings come in the environment, its
-    # instructions on stdin (gateway/apart.py). Not for people to start.
-    sub.add_parser("consumer-process", help="(internal) the consumers' process that `run` starts")
-
-    sim = sub.add_parser("simulate", help="run a fleet of simulated devices against a broker")
-    _add_settings(sim, fields=("mqtt_url", "log_level"))
+def _simulate_args(sim: argparse.ArgumentParser) -> None:
+    sim.add_argument(
+        "--mqtt-url",
+        dest="device_url",
+        default=DEVICE_URL,
+        help="the broker's listener for devices (default %(default)s; the gateway's is IOTGW_MQTT_URL)",
+    )
+    _add_settings(sim, fields=("log_level",))
     _fleet_args(sim, elevators=10, sensors=30, fault_rate=0.002)
     sim.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)"
@@ -106,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="file of ID:PASSWORD lines (iotgw devices provision --out): each device logs in as itself",
     )
     sim.add_argument("--print-ids", action="store_true", help="print the fleet's device ids and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="iotgw", description="IoT event gateway.")
+    parser.add_argument("--version", action="version", version=f"iotgw {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
+
+    # Started by `run` (IOTGW_CONSUMER_PROCESS): its settings come in the environment, its
+    # instructions on stdin (gateway/apart.py). Not for people to start.
+    sub.add_parser("consumer-process", help="(internal) the consumers' process that `run` starts")
+
+    _simulate_args(sub.add_parser("simulate", help="run a fleet of simulated devices against a broker"))
 
     devices = sub.add_parser("devices", help="provision and revoke devices (broker credentials + registry)")
     devices_sub = devices.add_subparsers(dest="devices_command", required=True)
@@ -190,7 +200,7 @@ def _cmd_consumer_process(_args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings.log_level)
-    return asyncio.run(_simulate(args, settings))
+    return asyncio.run(_simulate(args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -262,7 +272,8 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"revoked {args.device_id}; {_reload_note(settings)}")  # noqa: T201
         return 0
-    creds = provision(store, passwords, dict.fromkeys(args.ids, args.type))
+    # A reserved id (the gateway's own names) raises: main() prints why and exits 1, nothing written.
+    creds = provision(store, passwords, dict.fromkeys(args.ids, args.type), reserved=settings.reserved_names)
     if args.out is not None:
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as f:
@@ -344,10 +355,10 @@ async def _run(settings: Settings) -> int:
     return 0
 
 
-async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+async def _simulate(args: argparse.Namespace) -> int:
     from devices.fleet import Fleet, Progress, build_models, summary  # noqa: PLC0415
 
-    cfg = _fleet_config(args, settings, duration=args.duration, steps=args.steps, prefix=args.prefix)
+    cfg = _fleet_config(args, args.device_url, duration=args.duration, steps=args.steps, prefix=args.prefix)
     if args.print_ids:
         print("\n".join(m.device_id for m in build_models(cfg)))  # noqa: T201
         return 0
@@ -365,13 +376,13 @@ async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _fleet_config(args: argparse.Namespace, settings: Settings, **extra: Any) -> FleetConfig:  # noqa: ANN401
-    """The fleet the command line describes (validated)."""
+def _fleet_config(args: argparse.Namespace, device_url: str, **extra: Any) -> FleetConfig:  # noqa: ANN401
+    """The fleet the command line describes (validated), on the broker's devices' listener `device_url`."""
     from devices.fleet import FleetConfig  # noqa: PLC0415
 
     _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
     return FleetConfig(
-        mqtt_url=settings.mqtt_url,
+        mqtt_url=device_url,
         elevators=args.elevators,
         sensors=args.sensors,
         rate=args.rate,
@@ -400,17 +411,25 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.service import Gateway  # noqa: PLC0415
 
     # Its own broker, authentication on: every device logs in with provisioned credentials.
-    port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
+    port = DEVICE_LISTENER if not port_open("127.0.0.1", DEVICE_LISTENER) else free_port()
+    gateway_port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
     gateway_secret = new_secret()
     # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
     broker = Mosquitto(
-        Path(tempfile.mkdtemp(prefix="iotgw-demo-mqtt-")), port, users={settings.mqtt_username: gateway_secret}
+        Path(tempfile.mkdtemp(prefix="iotgw-demo-mqtt-")),
+        port,
+        gateway_port=gateway_port,
+        users={settings.mqtt_username: gateway_secret},
     )
     await asyncio.to_thread(broker.start)
-    log.info("started Mosquitto with mosquitto.conf and mosquitto.acl on port %d", port)
+    log.info(
+        "started Mosquitto with mosquitto.conf and mosquitto.acl: devices on port %d, the gateway on %d",
+        port,
+        gateway_port,
+    )
     settings = settings.model_copy(
         update={
-            "mqtt_url": f"mqtt://127.0.0.1:{port}",
+            "mqtt_url": broker.url,
             "mqtt_password": SecretStr(gateway_secret),
             "broker_password_file": str(broker.passwords.path),
             "broker_pid_file": str(broker.data_dir / "mosquitto.pid"),
@@ -424,10 +443,11 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     fleet_task: asyncio.Task[Any] | None = None
     try:
         await asyncio.to_thread(gw.store.create_schema)
-        fleet_cfg = _fleet_config(args, settings, prefix="demo-")
+        fleet_cfg = _fleet_config(args, broker.device_url, prefix="demo-")
         rogue = "demo-rogue-001"
         devices = {m.device_id: getattr(m, "type", "elevator") for m in build_models(fleet_cfg)} | {rogue: None}
-        creds = await asyncio.to_thread(provision, gw.store, broker.passwords, devices)
+        reserved = settings.reserved_names
+        creds = await asyncio.to_thread(provision, gw.store, broker.passwords, devices, reserved=reserved)
         await asyncio.to_thread(broker.reload)
         key = (await asyncio.to_thread(create_api_key, gw.store, "demo", "admin"))[1]
         key_file = args.data_dir / "api-key"
@@ -437,10 +457,10 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         fleet = Fleet(dataclasses.replace(fleet_cfg, credentials=creds))
         fleet_task = asyncio.create_task(fleet.run())
         base = f"http://{settings.http_host}:{settings.http_port}"
-        _print_banner(base, settings, key, key_file, len(creds))
+        _print_banner(base, broker, settings, key=key, key_file=key_file, devices=len(creds))
         # The rogue device's messages must find the gateway subscribed, or the demo shows none.
         await asyncio.wait_for(gw.ingest.subscribed.wait(), 30)
-        await publish_bad(settings.mqtt_url, rogue, seq=int(time.time()), password=creds[rogue])
+        await publish_bad(broker.device_url, rogue, seq=int(time.time()), password=creds[rogue])
         await _demo_status(gw, fleet, stop, args.duration)
     finally:
         if fleet is not None and fleet_task is not None:
@@ -453,7 +473,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _print_banner(base: str, settings: Settings, key: str, key_file: Path, devices: int) -> None:
+def _print_banner(base: str, broker: Mosquitto, settings: Settings, *, key: str, key_file: Path, devices: int) -> None:  # noqa: PLR0913
     print(  # noqa: T201
         f"""
 iotgw demo is running (Ctrl-C to stop)
@@ -461,7 +481,8 @@ iotgw demo is running (Ctrl-C to stop)
   API key     {key}
               (admin; also in {key_file}: the staff page asks for it, curl sends
                -H "Authorization: Bearer $(cat {key_file})")
-  broker      {settings.mqtt_url_safe}   (authentication on: {devices} provisioned devices, ACL per device)
+  broker      devices {broker.device_url}, gateway {broker.url}
+              (authentication on: {devices} provisioned devices, ACL per device)
   database    {settings.database_url}
   API docs    {base}/docs
   devices     {base}/api/devices

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IOTGW_", extra="forbid", frozen=True)
 
-    mqtt_url: str = "mqtt://localhost:1883"  # mqtts://host:8883 for TLS
+    # The broker's listener for the gateway (mosquitto.conf: 1884; devices have 1883); mqtts://
+    # for TLS.
+    mqtt_url: str = "mqtt://localhost:1884"
     # The gateway's broker account (mosquitto.acl lets user `iotgw` read devices/#); credentials
     # in mqtt_url (mqtt://user:password@host) win over these. Logs never show them.
     mqtt_username: str = "iotgw"
@@ -64,10 +66,26 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024, ge=256, le=BROKER_MESSAGE_LIMIT)
     batch_max: int = Field(default=1000, ge=1, le=10000)
     stuck_after_s: float = Field(default=60.0, gt=0)
+    # Device time further than this from the gateway's clock (either way) is not trusted: the
+    # message's events carry the receive time instead, counted in iotgw_device_clock_skew_total.
+    max_clock_skew_s: float = Field(default=86400.0, gt=0)
+    # A seq more than this far below a device's last one is a counter reset (the device restarted
+    # its count, or one huge seq came before): taken as new, after a `device.seq.reset` event.
+    # Within it, an older seq is a late or repeated message (stored once, no state change).
+    seq_reset_below: int = Field(default=1000, ge=1)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # Consumers to run, by entry point name, comma-separated; "*" runs every registered one.
     consumers: str = Field(default="*", pattern=r"^\s*(\*|[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*)?\s*$")
     consumer_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # A consumer's batch or tick not done within this many seconds counts as failed and its thread
+    # is abandoned (0: each consumer's own, 30 s for the built-in ones).
+    consumer_timeout_s: float = Field(default=0.0, ge=0)
+    # Events waiting and a consumer's cursor still for this long: its state is "stalled", with why
+    # (/api/consumers, iotgw_consumer_stalled, Prometheus rule IotgwConsumerStalled).
+    consumer_stall_s: float = Field(default=60.0, gt=0)
+    # The consumers' process not heard from (it reports every second) for this long is killed and
+    # started again: a frozen process must not stop the consumers for good.
+    consumer_process_timeout_s: float = Field(default=30.0, gt=0)
     # Alert rules; empty: the rules shipped in alerts/rules.yaml.
     rules_file: str = ""
     # The maintenance roster for dispatch (empty: the shipped alerts/roster.yaml).
@@ -91,6 +109,10 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser, comma-separated; empty: no CORS at all.
     cors_origins: str = ""
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # API requests answered at once (the event stream aside), overall and per API key; more get a
+    # 429 with Retry-After at once: a reader with a key cannot take ingestion's CPU.
+    api_max_concurrent: int = Field(default=8, ge=1, le=1000)
+    api_max_concurrent_per_key: int = Field(default=4, ge=1, le=1000)
     # Where `iotgw devices provision/revoke` write the broker's password file, and the broker's
     # pid file (mosquitto.conf `pid_file`) to signal it to reload; empty: no reload.
     broker_password_file: str = "/etc/mosquitto/iotgw.passwd"  # noqa: S105 - a path
@@ -140,6 +162,16 @@ class Settings(BaseSettings):
     def subscription(self) -> str:
         """What the gateway subscribes to: a shared subscription when it is one of several instances."""
         return f"$share/{self.mqtt_client_id}/{SUBSCRIPTION}" if self.instance else SUBSCRIPTION
+
+    @property
+    def reserved_names(self) -> tuple[str, ...]:
+        """Names no device may have: the gateway's broker account, its client id and, with a
+        trailing `-`, the prefix of its instances' client ids (`Settings.client_id`)."""
+        login = self.mqtt_login
+        names = {"iotgw", "iotgw-", self.mqtt_client_id, f"{self.mqtt_client_id}-"}
+        if login is not None:
+            names.add(login[0])
+        return tuple(sorted(names))
 
     @property
     def consumer_names(self) -> list[str]:

@@ -11,6 +11,10 @@ class ConfigError(GatewayError):
     """A setting or command-line value is unusable."""
 
 
+class ReservedNameError(ConfigError):
+    """A device id that is one of the gateway's own broker names (its account or client ids)."""
+
+
 class PayloadError(GatewayError):
     """A device message was rejected; `reason` is the dead-letter reason code."""
 
@@ -27,3 +31,14 @@ class StoreError(GatewayError):
 
 class BrokerError(GatewayError):
     """The MQTT broker could not be started or reached."""
+
+
+class ReplayRangeError(GatewayError):
+    """A replay asked for a position beyond the log's head (`head` is the last event's position)."""
+
+    def __init__(self, position: int, head: int) -> None:
+        super().__init__(
+            f"from_position {position} is beyond the log: its last event is at {head}; replay from at most {head + 1}"
+        )
+        self.position = position
+        self.head = head

@@ -19,6 +19,7 @@ SENSOR_READING = "sensor.reading"
 DEVICE_ONLINE = "device.online"
 DEVICE_OFFLINE = "device.offline"
 DEVICE_DISCOVERED = "device.discovered"
+SEQ_RESET = "device.seq.reset"  # the device's seq went far back: a restarted counter, taken on
 
 EVENT_TYPES = (
     DOOR_OPENED,
@@ -33,6 +34,7 @@ EVENT_TYPES = (
     DEVICE_ONLINE,
     DEVICE_OFFLINE,
     DEVICE_DISCOVERED,
+    SEQ_RESET,
 )
 
 

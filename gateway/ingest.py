@@ -87,14 +87,34 @@ class Derived:
     anomalies: Counter[str]
 
 
+# A bug hit by every message of a flood must not write a traceback per message: one per kind of
+# error every 10 s, with the count of those held back.
+_INTERNAL_ERRORS = QuietLog(log, every_s=10.0)
+
+
 def internal_error(topic: str, payload: bytes, received_at: datetime, exc: Exception) -> DeadLetter:
     # A bug must not stop ingestion or lose the message: keep it, with the error.
-    log.error("internal error on %s; message kept as a dead letter", topic[:200], exc_info=exc)
+    _INTERNAL_ERRORS.log(
+        logging.ERROR,
+        f"internal_error {type(exc).__name__}",
+        "internal error on %s; message kept as a dead letter",
+        topic[:200],
+        exc_info=exc,
+    )
     return DeadLetter(topic, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", payload, received_at)
 
 
-def derive(
-    parsed: Sequence[Parsed], shadows: Mapping[str, Shadow], *, stuck_after_s: float, rejections: QuietLog
+CLOCK_SKEW = "clock_skew"  # in Derived.anomalies beside the seq anomalies; its own metric
+
+
+def derive(  # noqa: PLR0913
+    parsed: Sequence[Parsed],
+    shadows: Mapping[str, Shadow],
+    *,
+    stuck_after_s: float,
+    rejections: QuietLog,
+    max_skew_s: float | None = None,
+    reset_below: int | None = None,
 ) -> Derived:
     """Normalise `parsed` in order against the devices' `shadows` (not changed: the new shadows
     are returned, to be taken on after the commit)."""
@@ -112,7 +132,14 @@ def derive(
                     f"device {msg.device_id} is a {shadow.type}, message says {msg.type.value}",
                     p.topic,
                 )
-            out = normalize(msg, shadow, received_at=p.received_at, stuck_after_s=stuck_after_s)
+            out = normalize(
+                msg,
+                shadow,
+                received_at=p.received_at,
+                stuck_after_s=stuck_after_s,
+                max_skew_s=max_skew_s,
+                reset_below=reset_below,
+            )
         except PayloadError as exc:
             rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
             dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
@@ -124,6 +151,16 @@ def derive(
         overlay[msg.device_id] = out.shadow
         if out.anomaly is not None:
             anomalies[out.anomaly.value] += 1
+        if out.clock_skewed:
+            anomalies[CLOCK_SKEW] += 1
+            rejections.warn(
+                CLOCK_SKEW,
+                "device %s sent ts %s, more than %gs from the gateway's clock (%s): its events carry the receive time",
+                msg.device_id,
+                msg.ts.isoformat() if msg.ts else None,
+                max_skew_s,
+                p.received_at.isoformat(),
+            )
     return Derived(events, overlay, dead, anomalies)
 
 
@@ -140,7 +177,10 @@ def count_outcome(  # noqa: PLR0913
     for d in dead:
         m.messages_rejected.labels(d.reason).inc()
     for kind, n in anomalies.items():
-        m.seq_anomalies.labels(kind).inc(n)
+        if kind == CLOCK_SKEW:
+            m.clock_skew.inc(n)
+        else:
+            m.seq_anomalies.labels(kind).inc(n)
     if skipped:
         m.events_duplicate.inc(skipped)
     for etype, n in Counter(e.type for e in events).items():
@@ -295,6 +335,7 @@ class Ingest:
         self._limiter: asyncio.Task[None] | None = None
         self._registry = _Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
+        self._session_held = False  # whether the broker should have a session for us (see _on_connect)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -303,6 +344,13 @@ class Ingest:
         loop = asyncio.get_running_loop()
         if not self.settings.clustered:  # in a cluster the sequencer keeps the shadows
             self._shadows = await loop.run_in_executor(self._executor, self.store.load_shadows)
+        # Read and (create_schema, before this) written: writable until a commit says otherwise, as
+        # /ready says; 0 from here until the first commit would fire IotgwDatabaseNotWritable on a
+        # quiet gateway.
+        self.metrics.database_writable.set(1)
+        self._session_held = await loop.run_in_executor(
+            self._executor, self.store.had_broker_session, self.settings.client_id, self.settings.mqtt_url_safe
+        )
         for sh in self._shadows.values():
             self._census.move(None, sh)
         self._census.publish(self.metrics)
@@ -380,17 +428,40 @@ class Ingest:
     # -- gmqtt callbacks -----------------------------------------------------------------------
 
     def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401, ARG002
-        log.info(
-            "connected to %s as %s (session present: %s)",
-            self.settings.mqtt_url_safe,
-            self.settings.client_id,
-            flags,
-        )
+        s = self.settings
+        present = bool(flags)
+        log.info("connected to %s as %s (session present: %s)", s.mqtt_url_safe, s.client_id, present)
+        if self._session_held and not present:
+            # Ours before (this process connected, or the database says a run before it did): the
+            # broker dropped it, and with it whatever it queued for us while we were away.
+            log.error(
+                "the broker %s had no session for client id %s although the gateway held one: messages "
+                "published while the gateway was disconnected may be lost (another client connected with "
+                "this id and a clean session, the broker lost its persistence, or the session expired)",
+                s.mqtt_url_safe,
+                s.client_id,
+            )
+            self.metrics.broker_session_lost.inc()
+        if not self._session_held:
+            self._session_held = True
+            loop = asyncio.get_running_loop()
+            noted = loop.run_in_executor(
+                self._executor, self.store.note_broker_session, s.client_id, s.mqtt_url_safe, self.clock()
+            )
+            noted.add_done_callback(self._session_noted)
         self.connected = True
         self.metrics.broker_connected.set(1)
         self._delay = 0.5
         client.reconnect_delay = self._delay
-        client.subscribe(self.settings.subscription, qos=1)
+        # Retained messages only for a subscription the session did not have yet: a session that
+        # survived (a restart, a reconnect) has seen them, and an invalid one would be
+        # dead-lettered again on every reconnect.
+        client.subscribe(self.settings.subscription, qos=1, retain_handling_options=1)
+
+    def _session_noted(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self._session_held = False  # noted again on the next connect
+            log.warning("cannot note the broker session in the database: %s", done.exception())
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:  # noqa: ANN401, ARG002
         if self.connected and not self._stopping:
@@ -399,6 +470,28 @@ class Ingest:
         self.connected = False
         self.metrics.broker_connected.set(0)
         self._backoff()
+        if (
+            self._stopping
+            or not client.refused_for_good
+            or (self._connector is not None and not self._connector.done())
+        ):
+            return
+        # gmqtt gives up on a refusal it deems permanent (a bad password, say: CONNACK 0x86/0x87).
+        # The gateway never does: the password may be fixed or the broker's files reloaded at any
+        # time, and it must come back by itself. So it connects again itself, with backoff.
+        log.error(
+            "broker %s refused the gateway's login (%s); retrying in %.1fs (check IOTGW_MQTT_USERNAME/"
+            "IOTGW_MQTT_PASSWORD against the broker's password file for the gateway's listener)",
+            self.settings.mqtt_url_safe,
+            client.refusal,
+            self._delay,
+        )
+        self._connector = asyncio.get_running_loop().create_task(self._connect_later(), name="iotgw-ingest-connect")
+
+    async def _connect_later(self) -> None:
+        await asyncio.sleep(self._delay)
+        self._backoff()
+        await self._connect_loop()
 
     def _on_subscribe(self, client: Any, mid: int, qos: Any, properties: Any) -> None:  # noqa: ANN401, ARG002
         self.subscribed.set()
@@ -567,7 +660,14 @@ class Ingest:
 
     def _prepare(self, batch: list[_Pending]) -> _Prepared:
         parsed, dead, received = self._parse(batch)
-        derived = derive(parsed, self._shadows, stuck_after_s=self.settings.stuck_after_s, rejections=self._rejections)
+        derived = derive(
+            parsed,
+            self._shadows,
+            stuck_after_s=self.settings.stuck_after_s,
+            rejections=self._rejections,
+            max_skew_s=self.settings.max_clock_skew_s,
+            reset_below=self.settings.seq_reset_below,
+        )
         return _Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
 
     def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:

@@ -17,6 +17,10 @@ class QuietLog:
         self._held: Counter[str] = Counter()
 
     def warn(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
+        """Log at `level` unless `key` was logged less than `every_s` ago (then count it)."""
         now = time.monotonic()
         if now - self._last.get(key, -self.every_s) < self.every_s:
             self._held[key] += 1
@@ -24,4 +28,4 @@ class QuietLog:
         held = self._held.pop(key, 0)
         self._last[key] = now
         suffix = f" (and {held} more {key} since the last report)" if held else ""
-        self.logger.warning(msg + "%s", *args, suffix)
+        self.logger.log(level, msg + "%s", *args, suffix, exc_info=exc_info)

@@ -38,6 +38,12 @@ class Metrics:
         self.seq_anomalies = Counter(
             "iotgw_seq_anomalies_total", "Device seq gaps, duplicates and out-of-order arrivals.", ["kind"], registry=r
         )
+        self.clock_skew = Counter(
+            "iotgw_device_clock_skew_total",
+            "Messages whose device time was further from the gateway's clock than IOTGW_MAX_CLOCK_SKEW_S "
+            "(their events carry the receive time).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "iotgw_batch_size_messages", "Messages per committed batch.", buckets=_BATCH_BUCKETS, registry=r
         )
@@ -78,8 +84,14 @@ class Metrics:
         self.broker_reconnects = Counter(
             "iotgw_broker_disconnects_total", "Times the broker connection was lost.", registry=r
         )
+        self.broker_session_lost = Counter(
+            "iotgw_broker_session_lost_total",
+            "Connections on which the broker had no session for the gateway although it held one "
+            "(messages published meanwhile may be lost).",
+            registry=r,
+        )
         self.database_writable = Gauge(
-            "iotgw_database_writable", "1 while the last batch commit succeeded.", registry=r
+            "iotgw_database_writable", "0 while batch commits fail (1 from start-up until one does).", registry=r
         )
         # Consumers (one series per consumer: their number is fixed by configuration).
         self.consumer_events = Counter(
@@ -93,6 +105,13 @@ class Metrics:
         )
         self.consumer_parked = Counter(
             "iotgw_consumer_parked_total", "Events parked after too many failed attempts.", ["consumer"], registry=h
+        )
+        self.consumer_stalled = Gauge(
+            "iotgw_consumer_stalled",
+            "1 while events wait for a consumer whose cursor has not moved for IOTGW_CONSUMER_STALL_S "
+            "(or whose process does not answer); /api/consumers says why.",
+            ["consumer"],
+            registry=r,
         )
         self.consumer_lag_events = Gauge(
             "iotgw_consumer_lag_events", "Events in the log a consumer has not handled yet.", ["consumer"], registry=r

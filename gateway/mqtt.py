@@ -36,6 +36,16 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
         self.on_message = self._on_qos0
 
     @property
+    def refused_for_good(self) -> bool:
+        """Whether gmqtt stopped reconnecting after a refused CONNACK it deems permanent."""
+        return bool(self._package_handler._permanent_failure)  # noqa: SLF001
+
+    @property
+    def refusal(self) -> str:
+        """The last refusal, as gmqtt words it (e.g. "code 135 (Not authorized)"), or ""."""
+        return str(self._package_handler._error or "")  # noqa: SLF001
+
+    @property
     def connection(self) -> object:
         """The current connection; messages remember theirs, and only the live one is acked."""
         return self._connection

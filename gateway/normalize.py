@@ -12,8 +12,9 @@ from enum import StrEnum
 from typing import Any
 
 from gateway import events as ev
+from gateway.errors import PayloadError
 from gateway.events import Event
-from gateway.protocol import DeviceMessage, DeviceType, ElevatorData, SensorData, StatusData
+from gateway.protocol import DeviceMessage, DeviceType, ElevatorData, Reason, SensorData, StatusData
 
 
 class SeqAnomaly(StrEnum):
@@ -22,6 +23,10 @@ class SeqAnomaly(StrEnum):
     GAP = "gap"  # seq jumped ahead: messages in between never arrived (or the device restarted)
     DUPLICATE = "duplicate"  # same seq again: a redelivery, stored once
     OUT_OF_ORDER = "out_of_order"  # an older seq after a newer one (late, or redelivered after a crash)
+    RESET = "reset"  # far below the last one: the device's counter restarted (or one bad seq came before)
+
+
+SEQ_MAX = 2**63 - 1  # the log's sequence column (BIGINT)
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,29 +46,46 @@ class Shadow:
     fault_since: datetime | None = None
     floor_since: datetime | None = None
     stuck: bool = False
+    # Added to the device's seq in the log: each counter reset moves it, so that the log's
+    # sequence goes on growing (and the idempotency key stays unique) when the device starts over.
+    seq_base: int = 0
 
 
 @dataclass(slots=True, frozen=True)
 class Normalized:
-    """The events a message produced, the device's new shadow, and any seq anomaly."""
+    """The events a message produced, the device's new shadow, any seq anomaly, and whether the
+    device's clock was off by more than the skew allowed (its events then carry the receive time)."""
 
     events: tuple[Event, ...]
     shadow: Shadow
     anomaly: SeqAnomaly | None = None
+    clock_skewed: bool = False
+
+
+def event_time(ts: datetime | None, received_at: datetime, max_skew_s: float | None) -> tuple[datetime, bool]:
+    """The time a message's events carry: the device's `ts`, unless it is missing or further than
+    `max_skew_s` from the gateway's receive time (then the receive time, and True): one device's
+    clock set to 2100 must not stretch the fleet's figures, nor one at 1970 shrink them."""
+    if ts is None:
+        return received_at, False
+    if max_skew_s is not None and abs((ts - received_at).total_seconds()) > max_skew_s:
+        return received_at, True
+    return ts, False
 
 
 class _Builder:
-    def __init__(self, msg: DeviceMessage, time: datetime) -> None:
+    def __init__(self, msg: DeviceMessage, time: datetime, seq_base: int = 0) -> None:
         self.msg = msg
         self.time = time
+        self.seq = msg.seq + seq_base if msg.seq is not None else None  # the log's sequence
         self.out: list[Event] = []
 
     def add(self, etype: str, data: dict[str, Any]) -> None:
         m = self.msg
         part = len(self.out)
         eid = (
-            f"{m.device_id}-{m.seq}-{part}"
-            if m.seq is not None
+            f"{m.device_id}-{self.seq}-{part}"
+            if self.seq is not None
             else f"{m.device_id}-{etype}-{self.time.timestamp():.6f}"
         )
         self.out.append(
@@ -74,50 +96,82 @@ class _Builder:
                 time=self.time,
                 subject=m.device_id,
                 data=data,
-                sequence=m.seq,
+                sequence=self.seq,
                 part=part,
                 site=m.site,
             )
         )
 
 
-def _seq_anomaly(seq: int, last: int | None) -> SeqAnomaly | None:
+def _seq_anomaly(seq: int, last: int | None, reset_below: int | None = None) -> SeqAnomaly | None:
     if last is None or seq == last + 1:
         return None
     if seq > last:
         return SeqAnomaly.GAP
     if seq == last:
         return SeqAnomaly.DUPLICATE
+    if reset_below is not None and seq < last - reset_below:
+        return SeqAnomaly.RESET
     return SeqAnomaly.OUT_OF_ORDER
 
 
-def normalize(
-    msg: DeviceMessage, shadow: Shadow | None, *, received_at: datetime, stuck_after_s: float = 60.0
+def _reset(prev: Shadow, seq: int, topic_device: str) -> Shadow:
+    """The shadow after a counter reset to `seq`: the log's sequence goes on from the last one."""
+    assert prev.last_seq is not None  # noqa: S101 - a reset needs a last seq
+    last_logged = prev.seq_base + prev.last_seq
+    if last_logged >= SEQ_MAX:
+        msg = f"device {topic_device}: the log's sequence is exhausted; provision the device under a new id"
+        raise PayloadError(Reason.SCHEMA, msg)
+    # The new seq is logged as the one after the last logged: last_logged + 1 == base + seq.
+    return replace(prev, seq_base=last_logged + 1 - seq)
+
+
+def normalize(  # noqa: PLR0913
+    msg: DeviceMessage,
+    shadow: Shadow | None,
+    *,
+    received_at: datetime,
+    stuck_after_s: float = 60.0,
+    max_skew_s: float | None = None,
+    reset_below: int | None = None,
 ) -> Normalized:
-    """Events for one message. A stale state message (seq not above the last) yields none."""
+    """Events for one message. A stale state message (seq not above the last) yields none.
+    Device time further than `max_skew_s` from `received_at` is replaced by `received_at`.
+    A seq more than `reset_below` under the last one is a counter reset: the message is taken
+    as new, after a `device.seq.reset` event, so that no device is muted by one huge seq or by
+    starting its count over."""
     prev = shadow or Shadow(device_id=msg.device_id)
+    time, skewed = event_time(msg.ts, received_at, max_skew_s)
     if isinstance(msg.data, StatusData):
-        return _status(msg, msg.data, prev, received_at)
+        return replace(_status(msg, msg.data, prev, received_at, time), clock_skewed=skewed)
     assert msg.seq is not None  # noqa: S101 - protocol guarantees seq on state and telemetry
-    anomaly = _seq_anomaly(msg.seq, prev.last_seq)
-    time = msg.ts or received_at
-    b = _Builder(msg, time)
+    anomaly = _seq_anomaly(msg.seq, prev.last_seq, reset_below)
+    if anomaly is SeqAnomaly.RESET:
+        last = prev.last_seq
+        prev = _reset(prev, msg.seq, msg.device_id)
+        b = _Builder(msg, time, prev.seq_base)
+        b.add(ev.SEQ_RESET, {"last_seq": last, "seq": msg.seq, "reason": f"seq went back by more than {reset_below}"})
+    else:
+        b = _Builder(msg, time, prev.seq_base)
+    if msg.seq + prev.seq_base > SEQ_MAX:
+        msg_ = f"seq {msg.seq} after counter resets exceeds the log's sequence range"
+        raise PayloadError(Reason.SCHEMA, msg_)
     stale = anomaly in (SeqAnomaly.DUPLICATE, SeqAnomaly.OUT_OF_ORDER)
     if isinstance(msg.data, SensorData):
         if anomaly is not SeqAnomaly.DUPLICATE:
             # A late reading is still a reading; the store drops it if this seq was stored before.
             b.add(ev.SENSOR_READING, {"value": msg.data.value, "unit": msg.data.unit})
         new = prev if stale else _touch(prev, msg, received_at, {"value": msg.data.value, "unit": msg.data.unit})
-        return Normalized(tuple(b.out), new, anomaly)
+        return Normalized(tuple(b.out), new, anomaly, skewed)
     if stale:
         # A state older than the one we hold says nothing new: no events, shadow untouched.
-        return Normalized((), prev, anomaly)
+        return Normalized((), prev, anomaly, skewed)
     assert isinstance(msg.data, ElevatorData)  # noqa: S101 - only elevators publish state
     new = _elevator(b, prev, msg.data, stuck_after_s)
     if not prev.online and shadow is not None:
         b.add(ev.DEVICE_ONLINE, {"reason": "message"})
     new = _touch(new, msg, received_at, msg.data.model_dump())
-    return Normalized(tuple(b.out), new, anomaly)
+    return Normalized(tuple(b.out), new, anomaly, skewed)
 
 
 def _touch(sh: Shadow, msg: DeviceMessage, received_at: datetime, state: dict[str, Any]) -> Shadow:
@@ -132,8 +186,8 @@ def _touch(sh: Shadow, msg: DeviceMessage, received_at: datetime, state: dict[st
     )
 
 
-def _status(msg: DeviceMessage, data: StatusData, prev: Shadow, received_at: datetime) -> Normalized:
-    b = _Builder(msg, msg.ts or received_at)
+def _status(msg: DeviceMessage, data: StatusData, prev: Shadow, received_at: datetime, time: datetime) -> Normalized:
+    b = _Builder(msg, time)
     known = prev.last_seen is not None or prev.type is not None
     if data.online != prev.online or not known:
         b.add(ev.DEVICE_ONLINE if data.online else ev.DEVICE_OFFLINE, {"reason": "status"})

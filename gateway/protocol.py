@@ -137,7 +137,11 @@ def parse_ts(value: object) -> datetime:
         if parsed.tzinfo is None:
             msg = "ts needs a time zone (e.g. a trailing Z)"
             raise ValueError(msg)
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is in the year 10000 in UTC
+            msg = "ts is out of range (years 1-9999 in UTC)"
+            raise ValueError(msg) from None
     msg = "ts must be an RFC 3339 string or epoch milliseconds"
     raise TypeError(msg)
 
@@ -212,6 +216,8 @@ def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMe
         raise PayloadError(Reason.BAD_JSON, f"{exc.msg} at line {exc.lineno} column {exc.colno}", topic) from None
     except RecursionError:
         raise PayloadError(Reason.BAD_JSON, "JSON nested too deeply", topic) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.int_info)
+        raise PayloadError(Reason.SCHEMA, f"a number is too long: {str(exc)[:80]}", topic) from None
     if not isinstance(raw, dict):
         raise PayloadError(Reason.SCHEMA, f"message must be a JSON object, got {type(raw).__name__}", topic)
     if channel == "status":

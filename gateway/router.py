@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from gateway.cluster import Lease, LeaseLostError, bump_epoch, holder
-from gateway.errors import ConfigError, GatewayError, StoreError
+from gateway.errors import ConfigError, GatewayError, ReplayRangeError, StoreError
 from gateway.events import Event
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
@@ -148,7 +148,7 @@ class ConsumerStatus:
     """What the API reports for one consumer."""
 
     name: str
-    state: str  # running | paused | failing
+    state: str  # running | paused | failing | stalled (events wait, the cursor has not moved: see last_error)
     owner: str | None  # the instance running it (None: nobody holds its lease now)
     position: int
     lag_events: int
@@ -181,6 +181,8 @@ class ConsumerRunner:
         poll_s: float = 1.0,
         instance: str = "default",
         lease_s: float = 10.0,
+        handler_timeout_s: float | None = None,
+        stall_s: float = 60.0,
     ) -> None:
         self.consumer = consumer
         self.name = consumer.name
@@ -193,7 +195,11 @@ class ConsumerRunner:
         self.batch_size = int(getattr(consumer, "batch_size", 500))
         self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
         self.linger_s = float(getattr(consumer, "linger_s", 0.05))
-        self.handler_timeout_s = float(getattr(consumer, "handler_timeout_s", 30.0))
+        # The gateway's setting (IOTGW_CONSUMER_TIMEOUT_S), when given, wins over the consumer's own.
+        self.handler_timeout_s = handler_timeout_s or float(getattr(consumer, "handler_timeout_s", 30.0))
+        # Events waiting and the cursor still for this long: the status says "stalled", and why.
+        self.stall_s = stall_s
+        self._seen: tuple[int, float] = (-1, time.monotonic())  # (position, when it was first seen)
         self._wanted: dict[str, bool] = {}  # event type -> matches the consumer's patterns
         self._span: Callable[[Session, int, int], None] | None = getattr(consumer, "handle_span", None)
         # Consumers whose conditions become true by the passing of time get ticks, in their thread.
@@ -233,9 +239,9 @@ class ConsumerRunner:
             await self._call(self._prepare)  # for the API's use of the consumer (the roster, say)
             return
         await self._call(self._take_over)
-        self._task = asyncio.create_task(self._run(), name=f"iotgw-consumer-{self.name}")
+        self._task = asyncio.create_task(self._forever(self._run), name=f"iotgw-consumer-{self.name}")
         if self._tick is not None:
-            self._ticker = asyncio.create_task(self._run_ticks(), name=f"iotgw-ticks-{self.name}")
+            self._ticker = asyncio.create_task(self._forever(self._run_ticks), name=f"iotgw-ticks-{self.name}")
 
     async def stop(self) -> None:
         """Stop after the batch in hand (its commit is atomic, so stopping mid-way loses nothing)."""
@@ -273,7 +279,27 @@ class ConsumerRunner:
         self._wake.set()
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                # Not this task's cancellation: the call was waiting in a thread that was abandoned
+                # (a hung handler or tick) and dropped with it. A database problem, to retry.
+                msg = "the consumer's thread was replaced after a call that hung; retrying"
+                raise StoreError(msg) from None
+            raise
+
+    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the runner's loops, and start it again should it ever end: a consumer that
+        cannot progress must recover by itself once the cause is gone."""
+        while True:
+            try:
+                await loop()
+            except Exception:
+                log.exception("consumer %s: its loop ended; starting it again in 1 s", self.name)
+            await asyncio.sleep(1.0)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -299,7 +325,8 @@ class ConsumerRunner:
                     self._wake.set()
                     break
                 except StoreError as exc:
-                    log.warning("consumer %s: database error, retrying: %s", self.name, exc)
+                    self.last_error = f"database: {exc}"[:500]
+                    self._quiet.warn("database", "consumer %s: database error, retrying: %s", self.name, exc)
                     await asyncio.sleep(1.0)
                     break
                 except Exception:
@@ -600,6 +627,9 @@ class ConsumerRunner:
 
         def write() -> int:
             with self.store.session(consumer=True) as tx:
+                if from_position is not None and from_position > (head := self._head(tx)) + 1:
+                    # A cursor past the head would skip every event up to it, silently.
+                    raise ReplayRangeError(from_position, head)
                 if resets:
                     target = 0  # derived state is rebuilt from the start of the log
                     self.consumer.reset(tx)  # type: ignore[attr-defined]
@@ -701,11 +731,37 @@ class ConsumerRunner:
         lag_seconds = (head_time - oldest).total_seconds() if lag_events and oldest and head_time else 0.0
         failing = self.failing and owner == self.lease.owner
         state = "paused" if paused else "failing" if failing else "running"
+        stalled = None if paused else self._stalled(position, lag_events)
+        if stalled is not None:
+            state = "stalled"
         self.metrics.consumer_lag_events.labels(self.name).set(lag_events)
         self.metrics.consumer_lag_seconds.labels(self.name).set(max(lag_seconds, 0.0))
+        self.metrics.consumer_stalled.labels(self.name).set(stalled is not None)
         return ConsumerStatus(
-            self.name, state, owner, position, lag_events, max(lag_seconds, 0.0), int(parked), self.last_error
+            self.name,
+            state,
+            owner,
+            position,
+            lag_events,
+            max(lag_seconds, 0.0),
+            int(parked),
+            stalled or self.last_error,
         )
+
+    def _stalled(self, position: int, lag_events: int) -> str | None:
+        """Why the consumer is not progressing (events wait and its cursor has been still for
+        `stall_s`, or the process running it does not answer), or None."""
+        now = time.monotonic()
+        if position != self._seen[0] or lag_events == 0:
+            self._seen = (position, now)
+        silent = self.elsewhere.unresponsive() if self.elsewhere is not None else None
+        if silent is not None:
+            return silent
+        still = now - self._seen[1]
+        if lag_events == 0 or still < self.stall_s:
+            return None
+        why = f"; last error: {self.last_error}" if self.last_error else ""
+        return f"stalled: {lag_events} events waiting, cursor still at {position} for {still:.0f} s{why}"[:500]
 
 
 class Changes:
@@ -747,6 +803,9 @@ class Elsewhere(Protocol):
     def retry(self, name: str, dead_letter_id: int) -> Awaitable[None]:
         """Retry a parked event there; raises `ConsumerError` with the reason if it fails."""
 
+    def unresponsive(self) -> str | None:
+        """Why that process is not running the consumers now (it does not answer), or None."""
+
 
 class Router:
     """All consumer runners of one gateway process."""
@@ -760,6 +819,8 @@ class Router:
         poll_s: float = 1.0,
         instance: str = "default",
         lease_s: float = 10.0,
+        handler_timeout_s: float | None = None,
+        stall_s: float = 60.0,
     ) -> None:
         names = [c.name for c in consumers]
         if len(set(names)) != len(names) or not all(names):
@@ -768,7 +829,16 @@ class Router:
         self.store = store
         self.metrics = metrics
         self.runners = {
-            c.name: ConsumerRunner(c, store, metrics, poll_s=poll_s, instance=instance, lease_s=lease_s)
+            c.name: ConsumerRunner(
+                c,
+                store,
+                metrics,
+                poll_s=poll_s,
+                instance=instance,
+                lease_s=lease_s,
+                handler_timeout_s=handler_timeout_s,
+                stall_s=stall_s,
+            )
             for c in consumers
         }
         for runner in self.runners.values():
@@ -776,7 +846,7 @@ class Router:
             # Series from the start (0, not absent), so dashboards and alert rules see every consumer.
             for family in (metrics.consumer_events, metrics.consumer_failures, metrics.consumer_retries,
                            metrics.consumer_parked, metrics.consumer_lag_events, metrics.consumer_lag_seconds,
-                           metrics.consumer_handler_seconds):  # fmt: skip
+                           metrics.consumer_handler_seconds, metrics.consumer_stalled):  # fmt: skip
                 family.labels(runner.name)
         self.changes = Changes()
         self.elsewhere: Elsewhere | None = None

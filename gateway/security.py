@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import Column, String
 from sqlmodel import Field, SQLModel, col, select
 
-from gateway.errors import BrokerError, ConfigError
+from gateway.errors import BrokerError, ConfigError, ReservedNameError
 from gateway.protocol import DEVICE_ID_RE
 from gateway.store import Store, UTCDateTime, upsert
 
@@ -98,6 +98,20 @@ def check_username(name: str) -> str:
         msg = f"invalid id {name[:80]!r}: use 1-64 letters, digits, '_' or '-' (no '+', '#' or '/')"
         raise ConfigError(msg)
     return name
+
+
+def check_not_reserved(device_id: str, reserved: Iterable[str]) -> str:
+    """Refuse a device id that is one of the gateway's names (`Settings.reserved_names`): on the
+    devices' listener a device's client id is its user name, so a device named like the gateway's
+    client id would take the gateway's broker session over; `NAME-` prefixes reserve a family."""
+    for name in reserved:
+        if device_id == name or (name.endswith("-") and device_id.startswith(name)):
+            msg = (
+                f"device id {device_id!r} is reserved for the gateway's own broker account and client ids "
+                f"({', '.join(sorted(reserved))}): choose another id"
+            )
+            raise ReservedNameError(msg)
+    return device_id
 
 
 # -- Mosquitto's password file -------------------------------------------------------------------
@@ -209,13 +223,18 @@ def reload_broker(pid_file: str) -> bool:
 # -- the device registry ---------------------------------------------------------------------------
 
 
-def provision(store: Store, passwords: PasswordFile, devices: Mapping[str, str | None]) -> dict[str, str]:
+def provision(
+    store: Store, passwords: PasswordFile, devices: Mapping[str, str | None], *, reserved: Iterable[str] = ()
+) -> dict[str, str]:
     """Create credentials for `devices` (id -> type or None) and register them; returns id -> secret.
 
     A device provisioned again gets a new secret (the old one stops working) and is registered again.
+    Ids in `reserved` (the gateway's names) are refused with `ReservedNameError`, before anything is written.
     """
+    reserved = tuple(reserved)
     for device_id in devices:
         check_username(device_id)
+        check_not_reserved(device_id, reserved)
     creds = {device_id: new_secret() for device_id in devices}
     passwords.set(creds)
     now = utcnow()
@@ -309,6 +328,13 @@ def verify_api_key(store: Store, presented: str) -> Principal | None:
     if not hmac.compare_digest(_hash(secret), expected) or row is None or row.revoked_at is not None:
         return None
     return Principal(row.name, row.role, row.id)
+
+
+def key_in_force(store: Store, key_id: str) -> bool:
+    """Whether the key with id `key_id` exists and is not revoked (for requests that last)."""
+    with store.session() as tx:
+        row = tx.get(ApiKeyRow, key_id)
+    return row is not None and row.revoked_at is None
 
 
 def list_api_keys(store: Store) -> list[ApiKeyRow]:

@@ -72,6 +72,8 @@ class Gateway:
             ),
             instance=settings.instance_name,
             lease_s=settings.lease_s,
+            handler_timeout_s=settings.consumer_timeout_s or None,
+            stall_s=settings.consumer_stall_s,
         )
         # In a cluster, ingest fills the inbox and the sequencer (on one instance) makes the events.
         self.sequencer = (
@@ -99,6 +101,9 @@ class Gateway:
                     max_body_bytes=settings.max_body_bytes,
                     password_file=settings.broker_password_file,
                     pid_file=settings.broker_pid_file,
+                    reserved_names=settings.reserved_names,
+                    max_concurrent=settings.api_max_concurrent,
+                    max_concurrent_per_key=settings.api_max_concurrent_per_key,
                 ),
             )
         )

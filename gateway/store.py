@@ -125,6 +125,8 @@ class DeviceRow(SQLModel, table=True):
     fault_since: datetime | None = _dt()
     floor_since: datetime | None = _dt()
     stuck: bool = False
+    # Added to the device's seq for the log: it grows at each counter reset (device.seq.reset).
+    seq_base: int | None = _big()
 
 
 class ConsumerCursorRow(SQLModel, table=True):
@@ -150,6 +152,17 @@ class LeaseRow(SQLModel, table=True):
     owner: str | None = None
     expires_at: datetime | None = _dt()
     epoch: int = Field(default=0, sa_column=Column(BigId, nullable=False))
+
+
+class BrokerSessionRow(SQLModel, table=True):
+    """A persistent broker session the gateway holds: the broker keeps its messages while the
+    gateway is away, so a reconnect that finds none means messages may have been lost."""
+
+    __tablename__ = "broker_sessions"
+
+    client_id: str = Field(primary_key=True)
+    broker: str = Field(primary_key=True)  # the broker's URL, without credentials
+    since: datetime | None = _dt()
 
 
 class InboxRow(SQLModel, table=True):
@@ -237,7 +250,7 @@ class Stored:
 
 _SHADOW_FIELDS = (
     "type", "site", "last_seq", "online", "last_seen", "state",
-    "trip_from", "trip_started", "fault_since", "floor_since", "stuck",
+    "trip_from", "trip_started", "fault_since", "floor_since", "stuck", "seq_base",
 )  # fmt: skip
 
 
@@ -488,7 +501,9 @@ def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
 
 def shadow_from_row(row: DeviceRow) -> Shadow:
     """The normaliser's view of a stored device."""
-    return Shadow(device_id=row.device_id, **{f: getattr(row, f) for f in _SHADOW_FIELDS})
+    fields = {f: getattr(row, f) for f in _SHADOW_FIELDS}
+    fields["seq_base"] = fields["seq_base"] or 0  # rows from before counter resets were kept
+    return Shadow(device_id=row.device_id, **fields)
 
 
 def _sqlite_pragmas(synchronous: str) -> Callable[[DBAPIConnection, ConnectionPoolEntry], None]:
@@ -731,6 +746,18 @@ class Store:
             msg = f"cannot create the schema in {self.url}: {exc}"
             raise StoreError(msg) from exc
 
+    def had_broker_session(self, client_id: str, broker: str) -> bool:
+        """Whether the gateway held a persistent session as `client_id` on `broker` before."""
+        with self.session() as tx:
+            return tx.get(BrokerSessionRow, (client_id, broker)) is not None
+
+    def note_broker_session(self, client_id: str, broker: str, since: datetime) -> None:
+        """Remember that the gateway holds a persistent session as `client_id` on `broker`."""
+        with self.session() as tx:
+            row = {"client_id": client_id, "broker": broker, "since": since}
+            upsert(tx, BrokerSessionRow, [row], ["client_id", "broker"])
+            tx.commit()
+
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
@@ -780,7 +807,8 @@ class Store:
         device_rows = [
             (
                 sh.device_id, sh.type, sh.site, sh.last_seq, sh.online, dt(sh.last_seen), json.dumps(sh.state),
-                sh.trip_from, dt(sh.trip_started), dt(sh.fault_since), dt(sh.floor_since), sh.stuck, dt(now),
+                sh.trip_from, dt(sh.trip_started), dt(sh.fault_since), dt(sh.floor_since), sh.stuck, sh.seq_base,
+                dt(now),
             )
             for sh in shadows
         ]  # fmt: skip

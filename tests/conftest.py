@@ -43,7 +43,12 @@ GATEWAY_PASSWORD = "gateway-test-secret"
 TEST_USERS = {"iotgw": GATEWAY_PASSWORD, "tester": "tester-test-secret"}
 TESTER_ACL = "# tests only: a publisher allowed on every device's topics\nuser tester\ntopic write devices/#\n"
 # For gateways run as `iotgw run` processes (crash tests): the broker login, and no API keys.
-GATEWAY_ENV = {"IOTGW_MQTT_PASSWORD": GATEWAY_PASSWORD, "IOTGW_API_AUTH": "false"}
+TEST_CLOCK_SKEW_S = 100 * 365 * 86400.0
+GATEWAY_ENV = {
+    "IOTGW_MQTT_PASSWORD": GATEWAY_PASSWORD,
+    "IOTGW_API_AUTH": "false",
+    "IOTGW_MAX_CLOCK_SKEW_S": str(TEST_CLOCK_SKEW_S),
+}
 
 
 def new_broker(**options: Any) -> Mosquitto:
@@ -139,6 +144,8 @@ def settings_for(database_url: str) -> Callable[..., Settings]:
             "http_port": free_port(),
             # The consumers in the test's process (tests/test_apart.py runs them in their own).
             "consumer_process": False,
+            # Tests replay devices at fixed, past times; the skew bound has its own tests.
+            "max_clock_skew_s": TEST_CLOCK_SKEW_S,
         }
         return Settings(**{**base, **overrides})
 

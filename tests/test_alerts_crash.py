@@ -150,7 +150,7 @@ async def _both_runs(
     results = []
     for run, broker in enumerate(brokers):
         db, http, log = databases[run], free_port(), tmp_path / f"run{run}.log"
-        proc = start(broker.port, db, http, rules, log)
+        proc = start(broker.gateway_port, db, http, rules, log)
         try:
             await until_ready(http, proc)
             sending = asyncio.create_task(publish(broker.url_as("tester"), msgs))
@@ -162,7 +162,7 @@ async def _both_runs(
                 await wait_for(midway, what="a third of the scenario stored")
                 kill_9(proc)
                 assert stored(db) < total, "the kill came too late to prove anything"
-                proc = start(broker.port, db, http, rules, log)
+                proc = start(broker.gateway_port, db, http, rules, log)
             await sending
 
             async def done(db: str = db) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import subprocess
@@ -282,3 +283,50 @@ async def test_a_failing_consumer_in_its_own_process_shows_as_failing_and_its_pa
         (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()
         assert dead["status"] == "retried"
     assert not [r for r in caplog.records if "unreadable" in r.getMessage()], "what it printed stayed off the link"
+
+
+async def test_a_frozen_consumers_process_is_reported_stalled_then_killed_and_started_again(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    settings = settings_for(broker, consumer_process=True, consumer_process_timeout_s=4.0, consumer_stall_s=60.0)
+    async with running_gateway(settings) as gw:
+        (child,) = consumer_processes()
+        await publish_numbered(broker.url_as("tester"), 2, 20)
+        all_handled = functools.partial(handled_all, gw)
+        await wait_for(all_handled, what="the consumers' process to handle everything")
+        child.suspend()  # SIGSTOP: alive to every exit-based check, doing nothing
+        try:
+            await publish_numbered(broker.url_as("tester"), 2, 50, prefix="frozen-")
+
+            async def stalled() -> bool:
+                states = await consumers(gw)
+                return all(
+                    s["state"] == "stalled" and "has not answered" in (s["last_error"] or "") for s in states.values()
+                )
+
+            await wait_for(stalled, what="the API to report every consumer stalled, with why")
+            assert metric_samples(gw)[("iotgw_consumer_stalled", (("consumer", "alerts"),))] == 1
+
+            async def replaced() -> bool:
+                again = consumer_processes()
+                return len(again) == 1 and again[0].pid != child.pid
+
+            await wait_for(replaced, what="the gateway to kill the frozen process and start another")
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        await wait_for(all_handled, what="the new consumers' process to handle what waited")
+        states = await consumers(gw)
+        assert {s["state"] for s in states.values()} == {"running"}
+        assert metric_samples(gw)[("iotgw_consumer_process_restarts_total", ())] == 1
+        # And a door jam still becomes an alert.
+        async with mqtt_client(broker.url_as("tester"), "el-9") as c:
+            await c.publish("devices/el-9/state", state(1), qos=1)
+            await c.publish("devices/el-9/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+
+        async def alerted() -> bool:
+            alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()
+            return [a["device_id"] for a in alerts] == ["el-9"]
+
+        await wait_for(alerted, what="the door jam's alert")

@@ -51,12 +51,14 @@ def test_module_and_help_run() -> None:
 
 def test_broker_config_rendering_keeps_the_project_settings() -> None:
     source = (ROOT / "mosquitto.conf").read_text()
-    out = render_config(source, port=12345, data_dir=Path("/tmp/x"))
-    assert "listener 12345 127.0.0.1" in out
+    out = render_config(source, port=12345, gateway_port=12346, data_dir=Path("/tmp/x"))
+    assert "listener 12345 127.0.0.1\nuse_username_as_clientid true\n" in out, "devices: client id = user name"
+    assert "listener 12346 127.0.0.1\nallow_anonymous false\npassword_file /tmp/x/services.passwd\n" in out
+    assert "password_file /tmp/x/passwd\n" in out, "the devices' accounts, where provisioning writes"
     assert "persistence_location /tmp/x/" in out
     assert "max_queued_messages 1000000" in out
     with pytest.raises(BrokerError):
-        render_config("persistence true\n", port=1, data_dir=Path("/tmp"))
+        render_config("persistence true\n", port=1, gateway_port=2, data_dir=Path("/tmp"))
 
 
 def test_rules_check_reports_ok_and_errors_with_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

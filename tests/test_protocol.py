@@ -137,3 +137,30 @@ def test_a_huge_integer_timestamp_is_a_schema_error_not_a_crash() -> None:
     with pytest.raises(PayloadError) as info:
         parse("devices/t-1/telemetry", body)
     assert info.value.reason == Reason.SCHEMA
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "9999-12-31T23:59:59-01:00",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:30:00-23:59",
+        "0001-01-01T00:00:00+14:00",
+    ],
+)
+def test_offset_dates_at_the_limits_are_schema_errors_not_crashes(ts: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse("devices/elev-1/state", msg(ts=ts))
+    assert info.value.reason == Reason.SCHEMA
+    assert "out of range" in info.value.detail
+
+
+@pytest.mark.parametrize("field", ["seq", "value"])
+def test_a_number_of_thousands_of_digits_is_a_schema_error_not_a_crash(field: str) -> None:
+    body = msg(seq=1) if field == "seq" else msg(type="temperature", data={"value": 1, "unit": "C"})
+    huge = body.replace(b'"seq": 1' if field == "seq" else b'"value": 1', f'"{field}": {"9" * 5000}'.encode())
+    topic = "devices/t-1/telemetry" if field == "value" else "devices/elev-1/state"
+    with pytest.raises(PayloadError) as info:
+        parse(topic, huge)
+    assert info.value.reason == Reason.SCHEMA
+    assert "too long" in info.value.detail

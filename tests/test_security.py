@@ -51,7 +51,7 @@ async def devices(broker: Mosquitto, gw: Gateway, *ids: str) -> dict[str, str]:
 
 
 async def publish_as(broker: Mosquitto, user: str, password: str, *messages: tuple[str, bytes]) -> None:
-    async with mqtt_client(broker.url, f"{user}-client", login=(user, password)) as c:
+    async with mqtt_client(broker.device_url, f"{user}-client", login=(user, password)) as c:
         for topic, payload in messages:
             await c.publish(topic, payload, qos=1)
 
@@ -111,14 +111,14 @@ async def test_anonymous_wrong_password_and_revoked_devices_are_refused(
 ) -> None:
     async with running_gateway(settings_for(broker)) as gw:
         creds = await devices(broker, gw, "temp-c")
-        assert "not authorized" in (await refused(broker.url, None)).lower()
-        assert "not authorized" in (await refused(broker.url, ("temp-c", "wrong"))).lower()
-        assert "not authorized" in (await refused(broker.url, ("nobody", creds["temp-c"]))).lower()
+        assert "not authorized" in (await refused(broker.device_url, None)).lower()
+        assert "not authorized" in (await refused(broker.device_url, ("temp-c", "wrong"))).lower()
+        assert "not authorized" in (await refused(broker.device_url, ("nobody", creds["temp-c"]))).lower()
         await publish_as(broker, "temp-c", creds["temp-c"], ("devices/temp-c/telemetry", reading(1)))
 
         assert await asyncio.to_thread(revoke, gw.store, broker.passwords, "temp-c")
         await asyncio.to_thread(broker.reload)
-        assert "not authorized" in (await refused(broker.url, ("temp-c", creds["temp-c"]))).lower()
+        assert "not authorized" in (await refused(broker.device_url, ("temp-c", creds["temp-c"]))).lower()
         with gw.store.session() as tx:
             row = tx.get(RegisteredDeviceRow, "temp-c")
         assert row is not None
@@ -135,7 +135,7 @@ async def test_user_names_with_wildcards_are_refused_by_provisioning_and_cannot_
     # user "#" write devices/#/#, i.e. everywhere. Mosquitto refuses wildcard user names in patterns.
     subprocess.run(["mosquitto_passwd", "-b", str(broker.passwords.path), "#", "hash-pw"], check=True)  # noqa: S607
     subprocess.run(["mosquitto_passwd", "-b", str(broker.passwords.path), "temp+x", "plus-pw"], check=True)  # noqa: S607
-    broker.users.update({"#": "hash-pw", "temp+x": "plus-pw"})
+    broker.devices.update({"#": "hash-pw", "temp+x": "plus-pw"})
     await asyncio.to_thread(broker.reload)
     async with running_gateway(settings_for(broker)) as gw:
         creds = await devices(broker, gw, "temp-d")
@@ -226,9 +226,9 @@ def tls_broker() -> Mosquitto:
     owner = os.stat(broker.data_dir)
     for name in files:
         os.chown(broker.data_dir / name, owner.st_uid, owner.st_gid)
-    broker.tls = TlsListener(
-        free_port(), broker.data_dir / "ca.pem", broker.data_dir / "server.pem", broker.data_dir / "server.key"
-    )
+    certs = (broker.data_dir / "ca.pem", broker.data_dir / "server.pem", broker.data_dir / "server.key")
+    # One for devices (their accounts), one for the gateway (its own), as mosquitto.conf describes.
+    broker.tls = (TlsListener(free_port(), *certs), TlsListener(free_port(), *certs, gateway=True))
     broker.start()
     yield broker
     broker.stop()
@@ -238,10 +238,10 @@ def tls_broker() -> Mosquitto:
 async def test_tls_listener_carries_devices_and_the_gateway_and_refuses_plain_mqtt(
     tls_broker: Mosquitto, settings_for: Callable[..., Settings]
 ) -> None:
-    assert tls_broker.tls is not None
-    ca = str(tls_broker.tls.cafile)
-    tls_url = f"mqtts://localhost:{tls_broker.tls.port}"
-    settings = settings_for(tls_broker, mqtt_url=tls_url, mqtt_ca_file=ca)
+    devices_tls, gateway_tls = tls_broker.tls
+    ca = str(devices_tls.cafile)
+    tls_url = f"mqtts://localhost:{devices_tls.port}"
+    settings = settings_for(tls_broker, mqtt_url=f"mqtts://localhost:{gateway_tls.port}", mqtt_ca_file=ca)
     async with running_gateway(settings) as gw:
         creds = await devices(tls_broker, gw, "temp-t")
         async with mqtt_client(tls_url, "temp-t", login=("temp-t", creds["temp-t"]), ca_file=ca) as c:
@@ -254,7 +254,7 @@ async def test_tls_listener_carries_devices_and_the_gateway_and_refuses_plain_mq
         # Plain MQTT to the TLS port: the handshake never happens.
         with pytest.raises(aiomqtt.MqttError):
             async with mqtt_client(
-                f"mqtt://localhost:{tls_broker.tls.port}", "plain", login=("temp-t", creds["temp-t"]), timeout=3
+                f"mqtt://localhost:{devices_tls.port}", "plain", login=("temp-t", creds["temp-t"]), timeout=3
             ):
                 pass
         # A CA that did not sign the broker's certificate: the handshake fails verification.
@@ -263,7 +263,7 @@ async def test_tls_listener_carries_devices_and_the_gateway_and_refuses_plain_mq
         ctx = ssl.create_default_context(cafile=str(other_ca))
         with (
             pytest.raises(ssl.SSLCertVerificationError),
-            socket.create_connection(("localhost", tls_broker.tls.port), timeout=3) as sock,
+            socket.create_connection(("localhost", devices_tls.port), timeout=3) as sock,
             ctx.wrap_socket(sock, server_hostname="localhost"),
         ):
             pass
@@ -275,7 +275,7 @@ async def test_unregistered_devices_are_dead_lettered_when_registration_is_requi
     async with running_gateway(settings_for(broker, require_registered_devices=True)) as gw:
         creds = await devices(broker, gw, "temp-r")
         # A broker account that was never registered with the gateway (made by hand).
-        await asyncio.to_thread(broker.add_users, {"temp-ghost": "ghost-pw"})
+        await asyncio.to_thread(broker.add_devices, {"temp-ghost": "ghost-pw"})
         await publish_as(broker, "temp-ghost", "ghost-pw", ("devices/temp-ghost/telemetry", reading(1)))
         await publish_as(broker, "temp-r", creds["temp-r"], ("devices/temp-r/telemetry", reading(1)))
 

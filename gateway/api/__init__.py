@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from gateway import __version__
 from gateway.api.auth import VIEWER, ApiSecurity, Guard
+from gateway.api.limits import ConcurrencyLimit
 from gateway.api.routes import (
     alerts,
     analytics,
@@ -70,6 +71,12 @@ def create_app(state: AppState) -> FastAPI:
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
+    # Outermost: a request over the bound is refused before anything else is done for it.
+    app.add_middleware(
+        ConcurrencyLimit,
+        overall=state.security.max_concurrent,
+        per_key=state.security.max_concurrent_per_key,
+    )
     # The staff page: static files, no build step, nothing fetched from the internet.
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
 

@@ -39,6 +39,9 @@ class ApiSecurity:
     max_body_bytes: int = 64 * 1024
     password_file: str = ""  # the broker's, for provisioning devices through the API
     pid_file: str = ""
+    reserved_names: tuple[str, ...] = ("iotgw", "iotgw-")  # no device may be called so
+    max_concurrent: int = 8  # API requests at once (the event stream aside), and per key
+    max_concurrent_per_key: int = 4
 
 
 # Declared in the OpenAPI schema, so /docs has an "Authorize" button; checked by `require`.

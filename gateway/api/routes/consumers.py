@@ -6,12 +6,13 @@ import asyncio
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
 from gateway.api.auth import ADMIN
 from gateway.api.deps import MAX_ID, RouterDep, RowId, StoreDep
+from gateway.errors import ReplayRangeError
 from gateway.store import ConsumerDeadLetterRow
 
 router = APIRouter(prefix="/api/consumers", tags=["consumers"])
@@ -112,11 +113,18 @@ async def resume(r: RouterDep, name: str) -> ConsumerPublic:
     return (await _status(r, name))[0]
 
 
-@router.post("/{name}/replay", dependencies=ADMIN, responses={404: {"description": "no such consumer"}})
+@router.post(
+    "/{name}/replay",
+    dependencies=ADMIN,
+    responses={404: {"description": "no such consumer"}, 422: {"description": "a position beyond the log's head"}},
+)
 async def replay(r: RouterDep, name: str, body: ReplayRequest) -> ReplayResult:
     """Move the cursor back; a consumer that keeps derived state rebuilds it from the start."""
     runner = r.get(name)
-    cursor = await runner.replay(from_position=body.from_position, from_time=body.from_time)
+    try:
+        cursor = await runner.replay(from_position=body.from_position, from_time=body.from_time)
+    except ReplayRangeError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
     return ReplayResult(name=name, cursor=cursor, reset=bool(getattr(runner.consumer, "replay_resets_state", False)))
 
 

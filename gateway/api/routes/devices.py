@@ -12,7 +12,7 @@ from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
 from gateway.api.routes.events import event_public
 from gateway.api.schemas import DevicePublic, EventPublic
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ReservedNameError
 from gateway.protocol import DeviceType
 from gateway.security import PasswordFile, provision, reload_broker, revoke
 from gateway.store import DeviceRow, get_device, list_devices, recent_events
@@ -83,13 +83,25 @@ def _broker_files(request: Request) -> tuple[PasswordFile, str]:
     return PasswordFile(security.password_file), security.pid_file
 
 
-@router.post("", dependencies=ADMIN, status_code=201, responses={503: {"description": "no broker password file"}})
+@router.post(
+    "",
+    dependencies=ADMIN,
+    status_code=201,
+    responses={
+        409: {"description": "the id is reserved for the gateway's own broker names"},
+        503: {"description": "no broker password file"},
+    },
+)
 async def provision_device(request: Request, store: StoreDep, body: ProvisionRequest) -> Credentials:
     """Create a device's broker credentials and register it (a device provisioned again gets a new password)."""
     passwords, pid_file = _broker_files(request)
+    reserved = request.app.state.iotgw.security.reserved_names
+    device = {body.id: body.type.value if body.type else None}
     try:
-        creds = await asyncio.to_thread(provision, store, passwords, {body.id: body.type.value if body.type else None})
+        creds = await asyncio.to_thread(provision, store, passwords, device, reserved=reserved)
         reloaded = await asyncio.to_thread(reload_broker, pid_file)
+    except ReservedNameError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
     except GatewayError as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
     return Credentials(device_id=body.id, username=body.id, password=creds[body.id], broker_reloaded=reloaded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,11 +17,13 @@ from alerts.engine import OPEN, AlertRow
 from gateway.api.deps import RouterDep, StoreDep
 from gateway.api.routes.alerts import AlertPublic
 from gateway.api.routes.work_orders import public
+from gateway.security import Principal, key_in_force
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["live"])
 
 KEEP_ALIVE_S = 15.0
+KEY_RECHECK_S = 5.0  # an open stream ends this soon after its API key is revoked
 COALESCE_S = 0.2  # a burst of changes becomes one message
 LIST_MAX = 200
 
@@ -47,16 +50,25 @@ def snapshot(store: Store) -> dict[str, Any]:
 async def stream(request: Request, store: StoreDep, live: RouterDep) -> StreamingResponse:
     """Server-sent events: a `snapshot` (open alerts and work orders) now and after every change."""
 
+    principal: Principal | None = getattr(request.state, "principal", None)
+    key_id = principal.key_id if principal is not None else ""
+
     async def events() -> AsyncIterator[str]:
         last = None
+        said = time.monotonic()
         while not live.changes.closed and not await request.is_disconnected():
+            if key_id and not await asyncio.to_thread(key_in_force, store, key_id):
+                # Revoked (or deleted) since the stream opened: no more snapshots for it.
+                yield 'event: revoked\ndata: {"detail":"the API key of this stream was revoked"}\n\n'
+                return
             version = live.changes.version
             body = json.dumps(await asyncio.to_thread(snapshot, store), separators=(",", ":"))
             if body != last:
                 yield f"event: snapshot\ndata: {body}\n\n"
-                last = body
-            if not await live.changes.wait(version, KEEP_ALIVE_S):
+                last, said = body, time.monotonic()
+            if not await live.changes.wait(version, KEY_RECHECK_S) and time.monotonic() - said >= KEEP_ALIVE_S:
                 yield ": keep-alive\n\n"  # proxies and phones drop silent connections
+                said = time.monotonic()
             await asyncio.sleep(COALESCE_S)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
