@@ -342,9 +342,11 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run(settings: Settings) -> int:
+    from gateway.api.limits import worker_threads  # noqa: PLC0415
     from gateway.service import Gateway  # noqa: PLC0415 - keeps `iotgw simulate` light
 
     stop = _stop_event()
+    asyncio.get_running_loop().set_default_executor(worker_threads(settings.api_nice))
     gw = Gateway(settings)
     await gw.start()
     try:

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # 429 with Retry-After at once: a reader with a key cannot take ingestion's CPU.
     api_max_concurrent: int = Field(default=8, ge=1, le=1000)
     api_max_concurrent_per_key: int = Field(default=4, ge=1, le=1000)
+    # `iotgw run`: the API's worker threads run this much lower in CPU priority (nice) than
+    # ingestion's, so that under load the cores go to ingestion first.
+    api_nice: int = Field(default=10, ge=0, le=19)
     # Where `iotgw devices provision/revoke` write the broker's password file, and the broker's
     # pid file (mosquitto.conf `pid_file`) to signal it to reload; empty: no reload.
     broker_password_file: str = "/etc/mosquitto/iotgw.passwd"  # noqa: S105 - a path
