@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/autosave.py
+	$(BIN)/python bench/api_load.py
 
 clean:
 	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results
