@@ -107,14 +107,8 @@ def internal_error(topic: str, payload: bytes, received_at: datetime, exc: Excep
 CLOCK_SKEW = "clock_skew"  # in Derived.anomalies beside the seq anomalies; its own metric
 
 
-def derive(  # noqa: PLR0913
-    parsed: Sequence[Parsed],
-    shadows: Mapping[str, Shadow],
-    *,
-    stuck_after_s: float,
-    rejections: QuietLog,
-    max_skew_s: float | None = None,
-    reset_below: int | None = None,
+def derive(
+    parsed: Sequence[Parsed], shadows: Mapping[str, Shadow], settings: Settings, *, rejections: QuietLog
 ) -> Derived:
     """Normalise `parsed` in order against the devices' `shadows` (not changed: the new shadows
     are returned, to be taken on after the commit)."""
@@ -136,9 +130,9 @@ def derive(  # noqa: PLR0913
                 msg,
                 shadow,
                 received_at=p.received_at,
-                stuck_after_s=stuck_after_s,
-                max_skew_s=max_skew_s,
-                reset_below=reset_below,
+                stuck_after_s=settings.stuck_after_s,
+                max_skew_s=settings.max_clock_skew_s,
+                reset_below=settings.seq_reset_below,
             )
         except PayloadError as exc:
             rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
@@ -158,7 +152,7 @@ def derive(  # noqa: PLR0913
                 "device %s sent ts %s, more than %gs from the gateway's clock (%s): its events carry the receive time",
                 msg.device_id,
                 msg.ts.isoformat() if msg.ts else None,
-                max_skew_s,
+                settings.max_clock_skew_s,
                 p.received_at.isoformat(),
             )
     return Derived(events, overlay, dead, anomalies)
@@ -660,14 +654,7 @@ class Ingest:
 
     def _prepare(self, batch: list[_Pending]) -> _Prepared:
         parsed, dead, received = self._parse(batch)
-        derived = derive(
-            parsed,
-            self._shadows,
-            stuck_after_s=self.settings.stuck_after_s,
-            rejections=self._rejections,
-            max_skew_s=self.settings.max_clock_skew_s,
-            reset_below=self.settings.seq_reset_below,
-        )
+        derived = derive(parsed, self._shadows, self.settings, rejections=self._rejections)
         return _Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
 
     def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:

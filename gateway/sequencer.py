@@ -212,14 +212,7 @@ class Sequencer:
                 dead.append(internal_error(m.topic, m.payload, m.received_at, exc))
                 continue
             parsed.append(Parsed(m.topic, m.payload, m.received_at, msg))
-        derived = derive(
-            parsed,
-            self._shadows,
-            stuck_after_s=self.settings.stuck_after_s,
-            rejections=self._quiet,
-            max_skew_s=self.settings.max_clock_skew_s,
-            reset_below=self.settings.seq_reset_below,
-        )
+        derived = derive(parsed, self._shadows, self.settings, rejections=self._quiet)
         with self.metrics.commit_duration.time():
             stored = self.store.append_batch(
                 derived.events,
