@@ -258,7 +258,9 @@ async def test_a_long_database_lock_stalls_the_consumers_and_they_recover_by_the
         await publish(broker, "el-1", state(2, 1764324001000, mode="fault", fault="DOOR_JAM"))
         await publish(broker, "t-1", *[reading(seq) for seq in range(1, 301)], channel="telemetry")
         assert await asyncio.wait_for(holder.wait(), 60) == 0
-        # The lock is gone: every consumer goes on by itself, and the door jam is an alert.
+        # The lock is gone: ingest commits what it held, every consumer goes on by itself, and
+        # the door jam is an alert.
+        await settled(gw)
         await wait_for(all_running_and_current, timeout=60, what="the consumers to recover after the lock")
         async with api(gw) as client:
             alerts = (await client.get("/api/alerts", params={"rule": "door-jam"})).json()
