@@ -26,7 +26,12 @@ class PayloadError(GatewayError):
 
 
 class StoreError(GatewayError):
-    """The database could not be read or written."""
+    """The database could not be read or written. `transient`: the database's state (down, locked,
+    full) is to blame and a retry may succeed; else the data written was refused."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class BrokerError(GatewayError):

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 LIMITED_FLUSH_S = 1.0  # messages over their device's rate are dead-lettered at most this late
+PROBE_S = 5.0  # with no commit for this long, the writer checks that the database takes writes
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -51,6 +52,18 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         msg = f"cannot set up TLS for {settings.mqtt_url_safe}: {exc}"
         raise ConfigError(msg) from exc
     return ctx
+
+
+class _GmqttGivesUp(logging.Filter):
+    """gmqtt logs that it gives up on a "permanent" CONNACK refusal; the gateway does not give up
+    (`Ingest._on_disconnect` connects again and says so), so that line would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not reconnecting" not in record.getMessage()
+
+
+MQTT_LOG = logging.getLogger("iotgw.mqtt")
+MQTT_LOG.addFilter(_GmqttGivesUp())
 
 
 def utcnow() -> datetime:
@@ -330,6 +343,8 @@ class Ingest:
         self._registry = _Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
         self._session_held = False  # whether the broker should have a session for us (see _on_connect)
+        self._committed_at = time.monotonic()
+        self._prober: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -353,6 +368,7 @@ class Ingest:
             self._limiter = asyncio.create_task(self._limited_loop(), name="iotgw-ingest-limited")
         self._client = self._make_client()
         self._connector = asyncio.create_task(self._connect_loop(), name="iotgw-ingest-connect")
+        self._prober = asyncio.create_task(self._probe_loop(), name="iotgw-ingest-probe")
 
     async def stop(self) -> None:
         """Commit and acknowledge what was received, then leave the broker (the session persists)."""
@@ -370,6 +386,7 @@ class Ingest:
                 log.warning("broker disconnect failed: %s", exc)
         self.connected = False
         self.metrics.broker_connected.set(0)
+        await stop_task(self._prober)
         await stop_task(self._writer)
         await stop_task(self._limiter)
         self._executor.shutdown(wait=True)
@@ -384,7 +401,7 @@ class Ingest:
             clean_session=False,
             session_expiry_interval=s.mqtt_session_expiry_s,
             receive_maximum=s.mqtt_receive_maximum,
-            logger=logging.getLogger("iotgw.mqtt"),
+            logger=MQTT_LOG,
         )
         if s.mqtt_login is not None:
             client.set_auth_credentials(*s.mqtt_login)
@@ -565,10 +582,20 @@ class Ingest:
         """Commit the batch (by default in the writer thread, with `_process`), retrying while the
         database refuses; returns the types of the events stored."""
         delay = 0.1
+        process = process or self._process
         while True:
             try:
-                types = await loop.run_in_executor(executor or self._executor, process or self._process, batch)
+                types = await loop.run_in_executor(executor or self._executor, process, batch)
             except StoreError as exc:
+                if not exc.transient and process == self._process:
+                    # The database refused the data, not the write: retrying the batch as it is would
+                    # hold every device's messages for ever. Each message on its own, then; the one it
+                    # refuses becomes a dead letter.
+                    log.error(  # noqa: TRY400 - one line: the culprit is dead-lettered with the error
+                        "the database refused a batch of %d messages (%s); committing them one by one", len(batch), exc
+                    )
+                    process = self._isolate
+                    continue
                 # Nothing is acknowledged: the broker keeps the messages until a commit succeeds.
                 if self.database_ok:
                     log.error("cannot commit a batch of %d messages, holding acknowledgements: %s", len(batch), exc)  # noqa: TRY400 - one line, no traceback: this is an expected outage
@@ -582,7 +609,47 @@ class Ingest:
                 log.info("database writable again; committed the held batch")
             self.database_ok = True
             self.metrics.database_writable.set(1)
+            self._committed_at = time.monotonic()
             return types
+
+    async def _probe_loop(self) -> None:
+        """A quiet gateway commits nothing, so no commit can fail: check now and then that one
+        could, so that /ready, iotgw_database_writable and the rule tell the truth before the
+        next device message finds the database locked, full of another's transaction, or read-only."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PROBE_S)
+            if time.monotonic() - self._committed_at < PROBE_S:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self.store.probe_write)
+            except StoreError as exc:
+                if self.database_ok:
+                    log.error("the database takes no writes (%s); device messages would be held", exc)  # noqa: TRY400 - an outage, no traceback
+                self.database_ok = False
+                self.metrics.database_writable.set(0)
+                continue
+            if not self.database_ok and self._pending == 0:  # nothing held: no batch is still failing
+                log.info("database writable again")
+                self.database_ok = True
+                self.metrics.database_writable.set(1)
+            self._committed_at = time.monotonic()
+
+    def _isolate(self, batch: list[_Pending]) -> set[str]:
+        """Runs in the writer thread: commit each message of a refused batch on its own; one the
+        database refuses is stored as a dead letter `internal_error` with the database's words."""
+        types: set[str] = set()
+        for p in batch:
+            try:
+                types |= self._process([p])
+            except StoreError as exc:
+                if exc.transient:
+                    raise  # the database itself is in trouble: the whole batch waits, as usual
+                dead = internal_error(p.topic, p.payload, p.received_at, exc)
+                now = self.clock()
+                self.store.append_batch([], [], [dead], now=now)
+                self._count([p], _Prepared([], {}, [dead], Counter(), Counter({_channel(p.topic): 1})), 0, now)
+        return types
 
     def _process(self, batch: list[_Pending]) -> set[str]:
         """Runs in the writer thread: parse, normalise, commit, then update the shadow cache.

@@ -122,10 +122,11 @@ def parse_topic(topic: str) -> tuple[str, Literal["state", "telemetry", "status"
 
 
 def parse_ts(value: object) -> datetime:
-    """Device time: RFC 3339 with a zone, or epoch milliseconds. Returns an aware UTC datetime."""
+    """Device time: RFC 3339 with a zone, or epoch milliseconds. Returns an aware UTC datetime.
+    (Raises ValueError for anything else: pydantic turns that, not TypeError, into a field error.)"""
     if isinstance(value, bool):
         msg = "ts must be an RFC 3339 string or epoch milliseconds"
-        raise TypeError(msg)
+        raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
     if isinstance(value, int | float):
         # A plain comparison: NaN and infinities fail it, and huge ints never reach float() (OverflowError).
         if not 0 <= value < 32_503_680_000_000:  # before year 3000
@@ -143,7 +144,7 @@ def parse_ts(value: object) -> datetime:
             msg = "ts is out of range (years 1-9999 in UTC)"
             raise ValueError(msg) from None
     msg = "ts must be an RFC 3339 string or epoch milliseconds"
-    raise TypeError(msg)
+    raise ValueError(msg)
 
 
 class _Envelope(BaseModel):
@@ -201,6 +202,16 @@ def _check_identity(claimed: str | None, device_id: str, topic: str) -> None:
         )
 
 
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMessage:
     """Validate one MQTT message against the device contract (see README, "Protocol")."""
     if len(payload) > max_bytes:
@@ -220,6 +231,10 @@ def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMe
         raise PayloadError(Reason.SCHEMA, f"a number is too long: {str(exc)[:80]}", topic) from None
     if not isinstance(raw, dict):
         raise PayloadError(Reason.SCHEMA, f"message must be a JSON object, got {type(raw).__name__}", topic)
+    # NUL can only come as the escape \u0000 (JSON refuses the raw byte in strings). No database
+    # text column takes it (PostgreSQL refuses the whole commit), and no device needs it.
+    if "\\u0000" in text and _has_nul(raw):
+        raise PayloadError(Reason.SCHEMA, "NUL characters (\\u0000) are not accepted in device messages", topic)
     if channel == "status":
         return _parse_status(raw, device_id, topic)
     return _parse_data(raw, device_id, channel, topic)

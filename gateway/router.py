@@ -398,9 +398,10 @@ class ConsumerRunner:
             self.metrics.consumer_events.labels(self.name).inc(matched)
         self._caught_up = handled == 0
         if handled:
-            if self.failing:
+            if self.failing or self.last_error:
                 log.info("consumer %s recovered at position %d", self.name, self.position)
-            self.failing, self._attempts = False, 0
+            # Progress: an earlier error (a hung tick, the database) no longer describes it.
+            self.failing, self._attempts, self.last_error = False, 0, None
         return int(handled)
 
     async def _failed(self, poison: _Poison, *, single: bool) -> None:

@@ -114,6 +114,23 @@ def check_not_reserved(device_id: str, reserved: Iterable[str]) -> str:
     return device_id
 
 
+def reserved_in_use(store: Store, passwords: PasswordFile | None, reserved: Iterable[str]) -> list[str]:
+    """Provisioned devices (in the registry, or in the devices' password file when readable) whose
+    ids are reserved: made before the gateway's client id or user name was configured so."""
+    names = set(registered(store))
+    if passwords is not None:
+        with contextlib.suppress(OSError):
+            names |= set(passwords.users())
+    reserved = tuple(reserved)
+    clashes = []
+    for name in sorted(names):
+        try:
+            check_not_reserved(name, reserved)
+        except ReservedNameError:
+            clashes.append(name)
+    return clashes
+
+
 # -- Mosquitto's password file -------------------------------------------------------------------
 
 

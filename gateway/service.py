@@ -22,7 +22,7 @@ from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
 from gateway.router import Consumer, Router, load_consumers
-from gateway.security import has_api_keys
+from gateway.security import PasswordFile, has_api_keys, reserved_in_use
 from gateway.sequencer import Sequencer
 from gateway.store import Store
 from gateway.tasks import stop_task
@@ -120,6 +120,7 @@ class Gateway:
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
         await asyncio.to_thread(self.store.create_schema)
+        await asyncio.to_thread(self._check_reserved)
         if not self.settings.clustered:
             await asyncio.to_thread(self._finish_inbox)
         await self._start_router()
@@ -163,6 +164,20 @@ class Gateway:
             self.settings.http_host,
             self.settings.http_port,
         )
+
+    def _check_reserved(self) -> None:
+        # A device provisioned under the gateway's client id would, on the devices' listener, get
+        # that very id: it would knock the gateway off and take its session.
+        s = self.settings
+        passwords = PasswordFile(s.broker_password_file) if s.broker_password_file else None
+        clashes = reserved_in_use(self.store, passwords, s.reserved_names)
+        if clashes and s.ingest:
+            msg = (
+                f"provisioned devices have names reserved for the gateway's broker account or client ids "
+                f"({', '.join(clashes[:5])}): revoke them (iotgw devices revoke ID) or choose another "
+                f"IOTGW_MQTT_CLIENT_ID / IOTGW_MQTT_USERNAME"
+            )
+            raise ConfigError(msg)
 
     async def _start_router(self) -> None:
         """The consumers in this process; or (apart) launch their own process, which starts while

@@ -47,7 +47,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
@@ -465,6 +465,17 @@ LOG_APPEND_LOCK = 0x696F74677721
 INBOX_APPEND_LOCK = 0x696F74677722
 
 
+def _transient(exc: SQLAlchemyError) -> bool:
+    """Whether a failed write may succeed when retried as it is (the database down, locked or
+    full), as opposed to data the database refuses (a value it cannot store, a broken constraint)."""
+    return not isinstance(exc, DataError | IntegrityError | ProgrammingError)
+
+
+def _no_nul(value: Any) -> Any:  # noqa: ANN401 - a column value
+    # PostgreSQL refuses NUL in text: a dead letter must be storable whatever the device sent.
+    return value.replace("\x00", "\\u0000") if isinstance(value, str) else value
+
+
 def lock_log(conn: Any, lock: int = LOG_APPEND_LOCK) -> None:  # noqa: ANN401 - a Connection or a Session
     """Take the log's (or the inbox's) append lock for this transaction (PostgreSQL; nothing elsewhere)."""
     connection = conn.connection() if isinstance(conn, Session) else conn
@@ -746,6 +757,32 @@ class Store:
             msg = f"cannot create the schema in {self.url}: {exc}"
             raise StoreError(msg) from exc
 
+    def probe_write(self) -> None:
+        """Whether a write to the log could commit now, without writing: SQLite's write lock taken
+        and given back (waiting up to its busy timeout); on PostgreSQL a read-write transaction
+        that gets the lock an insert into the log takes (waiting up to the lock timeout). Raises
+        `StoreError` (transient) when not."""
+        try:
+            with self.engine.connect() as conn:
+                if conn.dialect.name == "sqlite":
+                    dbapi = conn.connection.dbapi_connection
+                    assert dbapi is not None  # noqa: S101 - a live pooled connection
+                    dbapi.execute("BEGIN IMMEDIATE")
+                    dbapi.rollback()
+                    return
+                with conn.begin() as tx:
+                    if conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
+                        msg = "the database is read-only (a standby, or default_transaction_read_only)"
+                        raise StoreError(msg)
+                    conn.exec_driver_sql("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+                    tx.rollback()
+        except SQLAlchemyError as exc:
+            msg = f"cannot write to the database: {exc}"
+            raise StoreError(msg) from exc
+        except sqlite3.Error as exc:
+            msg = f"cannot write to the database: {exc}"
+            raise StoreError(msg) from exc
+
     def had_broker_session(self, client_id: str, broker: str) -> bool:
         """Whether the gateway held a persistent session as `client_id` on `broker` before."""
         with self.session() as tx:
@@ -829,7 +866,7 @@ class Store:
                     conn.execute(inbox.delete().where(inbox.c.id.in_(list(inbox_done))))
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
-            raise StoreError(msg) from exc
+            raise StoreError(msg, transient=_transient(exc)) from exc
         inserted = max(inserted, 0)
         return Stored(inserted, len(event_rows) - inserted, len(dead))
 
@@ -849,14 +886,14 @@ class Store:
                     self._insert_dead(conn, dead)
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
-            raise StoreError(msg) from exc
+            raise StoreError(msg, transient=_transient(exc)) from exc
         return max(inserted, 0)
 
     def _insert_dead(self, conn: Connection, dead: Sequence[DeadLetter]) -> None:
         # Values converted here and multi-row statements, like events: a flooding device's dead
         # letters (hundreds a second) must cost the database and the interpreter lock little.
         fields = ("topic", "reason", "detail", "payload_b64", "size")
-        rows = [(self._dt_param(r["received_at"]), *(r[k] for k in fields)) for r in map(_dead_row, dead)]
+        rows = [(self._dt_param(r["received_at"]), *(_no_nul(r[k]) for k in fields)) for r in map(_dead_row, dead)]
         self._dead_rows.run(conn, rows)
 
     def inbox_size(self) -> int:

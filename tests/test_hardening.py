@@ -24,9 +24,10 @@ from devices.connect import mqtt_client
 from gateway.api.limits import ConcurrencyLimit
 from gateway.broker import Mosquitto
 from gateway.config import Settings
+from gateway.errors import StoreError
 from gateway.security import create_api_key, revoke_api_key
 from gateway.service import Gateway
-from gateway.store import DeadLetterRow, EventRow
+from gateway.store import DeadLetterRow, EventRow, Store
 from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -154,6 +155,9 @@ async def test_a_replay_beyond_the_head_of_the_log_is_refused_and_the_consumer_g
                     r = await client.post(f"/api/consumers/{name}/replay", json={"from_position": position})
                     assert r.status_code == 422, r.text
                     assert f"its last event is at {head}" in r.json()["detail"]
+            for body in ({"from_time": "9999-12-31T23:59:59-01:00"}, {"from_position": True}, {"from_position": "5"}):
+                r = await client.post("/api/consumers/dispatch/replay", json=body)
+                assert r.status_code == 422, (body, r.text)
             r = await client.post("/api/consumers/dispatch/replay", json={"from_position": head + 1})
             assert r.status_code == 200
             assert r.json()["cursor"] == head
@@ -378,3 +382,71 @@ async def test_api_work_is_bounded_overall_and_per_key_with_429_and_retry_after(
         release.set()
         assert [r.status_code for r in await asyncio.gather(*running, stream)] == [200] * 4
         assert (await client.get("/api/events", headers=a)).status_code == 200, "slots are given back"
+
+
+NUL_SITE = b'{"type":"temperature","seq":1,"ts":1764324000000,"site":"a\\u0000b","data":{"value":1.0,"unit":"C"}}'
+NUL_KEY = b'{"type":"temperature","seq":2,"ts":1764324000000,"x\\u0000":1,"data":{"value":1.0,"unit":"C"}}'
+
+
+async def test_nul_characters_are_schema_dead_letters_and_the_fleet_goes_on(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        await publish(broker, "t-nul", NUL_SITE, NUL_KEY, channel="telemetry")
+        await publish(broker, "t-ok", *[reading(seq) for seq in range(1, 4)], channel="telemetry")
+        await settled(gw)
+        assert [(d.reason, "NUL" in d.detail) for d in dead_letters(gw)] == [("schema", True)] * 2
+        with gw.store.session() as tx:
+            assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 3
+        assert sample(gw, "iotgw_database_writable") == 1
+
+
+async def test_a_message_the_database_refuses_is_a_dead_letter_and_the_others_are_stored(
+    broker: Mosquitto, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the protocol lets through that the database then refuses (a value it cannot
+    # store): the real commit path, with the database's refusal made to order for one device.
+    real = Store.append_batch
+
+    def refusing(self: Store, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(e.subject == "t-poison" for e in events):
+            msg = "batch commit failed: (DataError) a value the database cannot store"
+            raise StoreError(msg, transient=False)
+        return real(self, events, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "append_batch", refusing)
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        await publish(broker, "t-poison", reading(1), channel="telemetry")
+        await publish(broker, "t-ok", *[reading(seq) for seq in range(1, 51)], channel="telemetry")
+        await settled(gw)
+        (dead,) = dead_letters(gw)
+        assert (dead.topic, dead.reason) == ("devices/t-poison/telemetry", "internal_error")
+        assert "cannot store" in dead.detail
+        with gw.store.session() as tx:
+            assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 50
+        assert sample(gw, "iotgw_database_writable") == 1
+
+
+async def test_a_quiet_gateway_whose_database_is_locked_says_so_and_recovers(
+    broker: Mosquitto, settings_for: Callable[..., Settings], database_url: str
+) -> None:
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        lock = HOLD_LOCK.replace("IN EXCLUSIVE MODE", "IN ACCESS EXCLUSIVE MODE").replace("consumer_cursors", "events")
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", lock, database_url, "25", stdout=asyncio.subprocess.PIPE
+        )
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"locked\n"
+        async with api(gw) as client:
+
+            async def not_writable() -> bool:
+                ready = await client.get("/ready")
+                return sample(gw, "iotgw_database_writable") == 0 and ready.status_code == 503
+
+            await wait_for(not_writable, timeout=22, what="a quiet gateway to see its database take no writes")
+            assert await asyncio.wait_for(holder.wait(), 60) == 0
+
+            async def writable() -> bool:
+                return sample(gw, "iotgw_database_writable") == 1 and (await client.get("/ready")).status_code == 200
+
+            await wait_for(writable, what="the database to be writable again")

@@ -164,3 +164,24 @@ def test_a_number_of_thousands_of_digits_is_a_schema_error_not_a_crash(field: st
         parse(topic, huge)
     assert info.value.reason == Reason.SCHEMA
     assert "too long" in info.value.detail
+
+
+@pytest.mark.parametrize("ts", [None, True, ["x"], {"a": 1}])
+def test_a_ts_of_the_wrong_json_type_is_a_schema_error_not_a_crash(ts: object) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse("devices/elev-1/state", msg(ts=ts))
+    assert info.value.reason == Reason.SCHEMA
+    assert info.value.detail.startswith("ts:")
+
+
+@pytest.mark.parametrize("where", ["site", "key", "nested"])
+def test_nul_characters_anywhere_are_schema_errors(where: str) -> None:
+    body = {
+        "site": msg(site="a\x00b"),
+        "key": msg(**{"x\x00": 1}),
+        "nested": msg(data={**ELEVATOR, "fault": "DOOR\x00JAM"}),
+    }[where]
+    with pytest.raises(PayloadError) as info:
+        parse("devices/elev-1/state", body)
+    assert info.value.reason == Reason.SCHEMA
+    assert "NUL" in info.value.detail

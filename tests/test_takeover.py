@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from gateway.broker import Mosquitto
+from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.security import PasswordFile, provision
 from gateway.service import Gateway
@@ -189,3 +189,18 @@ async def test_a_refused_login_is_retried_until_the_broker_takes_it_again(
         await wait_for(lambda: _true(gw.ingest.connected), what="the gateway to log in again")
         await asyncio.to_thread(publish_as_client_id, broker, "temp-r", creds["temp-r"], "temp-r", 100)
         await wait_for(lambda: _true(readings_stored(gw, "temp-r") == 100), what="100 new readings")
+
+
+async def test_the_gateway_will_not_start_under_a_name_a_device_was_provisioned_with(
+    broker: Mosquitto, database_url: str
+) -> None:
+    env = {"IOTGW_DATABASE_URL": database_url, "IOTGW_BROKER_PASSWORD_FILE": str(broker.passwords.path)}
+    done = iotgw("devices", "provision", "--id", "gwclient", env=env)  # no client id of that name yet
+    assert done.returncode == 0, done.stderr
+    run = {**env, "IOTGW_MQTT_URL": broker.url, "IOTGW_MQTT_CLIENT_ID": "gwclient", "IOTGW_API_AUTH": "false",
+           "IOTGW_HTTP_PORT": str(free_port())}  # fmt: skip
+    started = iotgw("run", env=run)
+    assert started.returncode == 1
+    assert "reserved for the gateway" in started.stderr
+    assert "gwclient" in started.stderr
+    assert "iotgw devices revoke" in started.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -34,7 +34,7 @@ class ConsumerPublic(BaseModel):
 class ReplayRequest(BaseModel):
     """Where to replay from: an event position, or a time (events at or after it)."""
 
-    from_position: int | None = Field(default=None, ge=1, le=MAX_ID)
+    from_position: int | None = Field(default=None, ge=1, le=MAX_ID, strict=True)
     from_time: datetime | None = None
 
     @model_validator(mode="after")
@@ -48,6 +48,12 @@ class ReplayRequest(BaseModel):
         if self.from_time is not None and self.from_time.tzinfo is None:
             msg = "from_time needs a time zone"
             raise ValueError(msg)
+        if self.from_time is not None:
+            try:
+                self.from_time.astimezone(UTC)
+            except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is in the year 10000 in UTC
+                msg = "from_time is out of range (years 1-9999 in UTC)"
+                raise ValueError(msg) from None
         return self
 
 
