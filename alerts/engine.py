@@ -25,7 +25,7 @@ from gateway import events as ev
 from gateway.events import Event
 from gateway.protocol import SENSOR_UNITS, DeviceType
 from gateway.router import BaseConsumer
-from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events, upsert
+from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events, replaying, upsert
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,19 @@ class AlertRow(SQLModel, table=True):
     resolved_at: datetime | None = _dt()
     resolved_by: str | None = None
     note: str | None = None
+
+
+class AlertReplayIdRow(SQLModel, table=True):
+    """An alert's id kept across a replay: the rebuilt alert of the same rule, device and firing
+    time takes it again, so that what others hold of it (dispatch's orders, pages) stays true."""
+
+    __tablename__ = "alert_replay_ids"
+    __table_args__ = (Index("ix_alert_replay_ids_key", "rule", "device_id"),)
+
+    id: int = Field(primary_key=True)
+    rule: str
+    device_id: str
+    fired_at: datetime = _dt(nullable=False)
 
 
 class AlertTransitionRow(SQLModel, table=True):
@@ -293,10 +306,17 @@ class AlertEngine(BaseConsumer):
         self._by_name = {r.name: r for r in self.rules}
 
     def reset(self, tx: Session) -> None:
-        """Forget everything derived (alerts included) before a replay from the start."""
-        mine = select(NotificationRow.id).where(col(NotificationRow.work_order_id).is_(None))
-        tx.exec(delete(DeliveryRow).where(col(DeliveryRow.notification_id).in_(mine)))
-        tx.exec(delete(NotificationRow).where(col(NotificationRow.work_order_id).is_(None)))  # pages are dispatch's
+        """Forget everything derived (alerts included) before a replay from the start.
+
+        The replay rebuilds it silently (`replaying`: no events, no notifications: they were sent
+        already, and stay in the outbox), and each rebuilt alert takes the id it had."""
+        tx.exec(delete(AlertReplayIdRow))
+        kept = [
+            {"id": a.id, "rule": a.rule, "device_id": a.device_id, "fired_at": a.fired_at}
+            for a in tx.exec(select(AlertRow))
+        ]
+        if kept:
+            tx.execute(AlertReplayIdRow.__table__.insert(), kept)  # type: ignore[attr-defined]
         for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
             tx.exec(delete(table))
         self.forget()
@@ -578,6 +598,7 @@ class AlertEngine(BaseConsumer):
                 return True
             info = DeviceInfo(device_id, dev.type, dev.site)
             alert = AlertRow(
+                id=_id_before_replay(tx, rule.name, device_id, at),
                 rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,
                 status=AlertStatus.FIRING.value, summary=rule.render(info, values)[:500], fired_at=at, updated_at=at,
             )  # fmt: skip
@@ -645,6 +666,23 @@ def _clears_later(rule: Rule) -> bool:
 ALERT_SOURCE = "iotgw/alerts"
 
 
+def _id_before_replay(tx: Session, rule: str, device_id: str, fired_at: datetime) -> int | None:
+    """While a replay rebuilds alerts: the id this alert had before it (None: a new id)."""
+    if not replaying(tx):
+        return None
+    kept = tx.exec(
+        select(AlertReplayIdRow).where(
+            col(AlertReplayIdRow.rule) == rule,
+            col(AlertReplayIdRow.device_id) == device_id,
+            col(AlertReplayIdRow.fired_at) == fired_at,
+        )
+    ).first()
+    if kept is None:
+        return None
+    tx.delete(kept)
+    return kept.id
+
+
 def record(  # noqa: PLR0913, PLR0917
     tx: Session,
     alert: AlertRow,
@@ -664,6 +702,8 @@ def record(  # noqa: PLR0913, PLR0917
     assert alert.id is not None  # noqa: S101 - flushed before
     transition = AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note)
     tx.add(transition)
+    if replaying(tx):
+        return  # rebuilt after a replay: its notification and its event went out the first time
     tx.flush()
     assert transition.id is not None  # noqa: S101 - flushed
     key = f"iotgw-alert-{alert.id}-{transition.id}"

@@ -35,6 +35,7 @@ from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.store import (
     LOG_GREW,
+    REPLAYING,
     ConsumerCursorRow,
     ConsumerDeadLetterRow,
     EventRow,
@@ -229,6 +230,7 @@ class ConsumerRunner:
         self._generation = 0
         self._inflight: tuple[Event | None, int] = (None, 0)  # (first event, last position) of the batch in hand
         self._single_until = 0  # after a failed batch, go event by event up to this position
+        self._replay_until = 0  # events up to here are handled again after a replay (REPLAYING)
         self._attempts = 0
         self._quiet = QuietLog(log, every_s=10.0)
 
@@ -469,6 +471,7 @@ class ConsumerRunner:
             stored = (row.position, row.updated_at)  # updated_at: aware UTC (UTCDateTime)
             self.position = max(self.position, row.position) if stored == self._stored else row.position
             self.paused = row.paused
+            self._replay_until = row.replay_until or 0
             self._stored = stored
             tx.commit()
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
@@ -508,6 +511,10 @@ class ConsumerRunner:
         with self.store.session(consumer=True) as tx:
             after = self.position
             upto = batch_end(tx, after, limit)
+            if upto is not None and after < self._replay_until:
+                # A batch lies wholly before the replay's end, or wholly after it.
+                upto = min(upto, self._replay_until)
+                tx.info[REPLAYING] = True
             if upto is None:
                 if self._stored is not None and self._stored[0] < self.position:
                     self._write_cursor(tx, self.position)  # caught up: the stored cursor catches up too
@@ -576,6 +583,9 @@ class ConsumerRunner:
             cursor = ConsumerCursorRow(name=self.name, position=0, paused=False)
         cursor.position = position
         cursor.updated_at = _utcnow()
+        if cursor.replay_until is not None and position >= cursor.replay_until:
+            cursor.replay_until = None  # the replay is over: events from here are new
+            self._replay_until = 0
         self._stored = (position, cursor.updated_at)
         tx.add(cursor)
 
@@ -631,6 +641,8 @@ class ConsumerRunner:
                 if from_position is not None and from_position > (head := self._head(tx)) + 1:
                     # A cursor past the head would skip every event up to it, silently.
                     raise ReplayRangeError(from_position, head)
+                row = tx.get(ConsumerCursorRow, self.name)
+                reached = max(self.position, row.position if row is not None else 0)
                 if resets:
                     target = 0  # derived state is rebuilt from the start of the log
                     self.consumer.reset(tx)  # type: ignore[attr-defined]
@@ -640,6 +652,11 @@ class ConsumerRunner:
                 else:
                     target = max((from_position or 1) - 1, 0)
                 self._write_cursor(tx, target, fenced=False)
+                cursor = tx.get(ConsumerCursorRow, self.name)
+                if cursor is not None and target < reached:
+                    cursor.replay_until = max(reached, cursor.replay_until or 0)
+                    tx.add(cursor)
+                    self._replay_until = cursor.replay_until
                 self._reload_holder(tx)
                 tx.commit()
                 self.lease.epoch = None

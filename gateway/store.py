@@ -138,6 +138,9 @@ class ConsumerCursorRow(SQLModel, table=True):
     position: int = Field(default=0, sa_column=Column(BigId, nullable=False))
     paused: bool = False
     updated_at: datetime | None = _dt()
+    # After a replay: the position the consumer had reached before. Up to it, the events are
+    # handled again to rebuild state (Session.info[REPLAYING]); their effects happened already.
+    replay_until: int | None = _big()
 
 
 class LeaseRow(SQLModel, table=True):
@@ -452,6 +455,15 @@ def upsert(tx: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]], k
 
 
 LOG_GREW = "iotgw_log_grew"  # Session.info flag: this transaction appended events to the log
+# Session.info flag set by the router: these events were handled before a replay moved the
+# cursor back. A consumer rebuilds its state from them and repeats no effect (no derived
+# events, no notifications): they happened already.
+REPLAYING = "iotgw_replaying"
+
+
+def replaying(tx: Session) -> bool:
+    """Whether `tx` handles events again after a replay (their effects happened already)."""
+    return bool(tx.info.get(REPLAYING))
 
 
 # Log positions in commit order. PostgreSQL hands out ids when rows are inserted, not when they
