@@ -33,8 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def consumer_processes(parent: int | None = None) -> list[psutil.Process]:
     """The consumers' processes started by `parent` (default: this test process)."""
-    children = psutil.Process(parent or os.getpid()).children()
-    return [c for c in children if "consumer-process" in c.cmdline()]
+    found = []
+    for child in psutil.Process(parent or os.getpid()).children():
+        # A child just killed is a zombie until its parent reaps it: no longer one of them.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "consumer-process" in child.cmdline():
+                found.append(child)
+    return found
 
 
 def metric_samples(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
