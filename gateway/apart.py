@@ -375,7 +375,9 @@ class _Link:
         metrics_due = 0.0
         while True:
             status = {n: [r.position, r.failing, r.last_error] for n, r in self.router.runners.items()}
-            if status != last_status:
+            # Changes at once, and all of it every second as well: an operation in the gateway (a
+            # replay) moves its view of a cursor, and the child's may end where it was before.
+            if status != last_status or time.monotonic() >= metrics_due:
                 self.send({"status": status})
                 last_status = status
             if time.monotonic() >= metrics_due:

@@ -191,7 +191,8 @@ class Settings(BaseSettings):
         """(user, password) for the broker: the URL's own (mqtt://user:pw@host), else the settings'."""
         parts = urlsplit(self.mqtt_url)
         if parts.username:
-            return unquote(parts.username), unquote(parts.password) if parts.password else None
+            password = unquote(parts.password) if parts.password else self.mqtt_password.get_secret_value()
+            return unquote(parts.username), password or None
         if self.mqtt_username:
             return self.mqtt_username, self.mqtt_password.get_secret_value() or None
         return None

@@ -405,6 +405,7 @@ async def test_credentials_in_the_mqtt_url_log_the_gateway_in_and_never_reach_th
     assert Settings(mqtt_url="mqtt://dev%2Bx:p%40ss@h:1884", mqtt_password="other").mqtt_login == ("dev+x", "p@ss")
     assert Settings(mqtt_url="mqtt://dev:secret@h:1884").mqtt_url_safe == "mqtt://h:1884"
     assert Settings(mqtt_password="pw").mqtt_login == ("iotgw", "pw")
+    assert Settings(mqtt_url="mqtt://gw@h:1884", mqtt_password="pw").mqtt_login == ("gw", "pw")
     secret = broker.users["iotgw"]
     caplog.set_level("INFO")
     async with running_gateway(settings_for(broker, mqtt_url=broker.url_as("iotgw"), mqtt_password="")) as gw:
