@@ -375,9 +375,7 @@ class _Link:
         metrics_due = 0.0
         while True:
             status = {n: [r.position, r.failing, r.last_error] for n, r in self.router.runners.items()}
-            # Changes at once, and all of it every second as well: an operation in the gateway (a
-            # replay) moves its view of a cursor, and the child's may end where it was before.
-            if status != last_status or time.monotonic() >= metrics_due:
+            if status != last_status:
                 self.send({"status": status})
                 last_status = status
             if time.monotonic() >= metrics_due:

@@ -335,23 +335,3 @@ async def test_a_frozen_consumers_process_is_reported_stalled_then_killed_and_st
             return [a["device_id"] for a in alerts] == ["el-9"]
 
         await wait_for(alerted, what="the door jam's alert")
-
-
-async def test_after_a_replay_on_a_quiet_log_the_api_shows_where_the_consumers_really_are(
-    broker: Mosquitto, settings_for: Callable[..., Settings]
-) -> None:
-    async with running_gateway(settings_for(broker, consumer_process=True, consumers="analytics,dispatch")) as gw:
-        await publish_numbered(broker.url_as("tester"), 2, 20)
-        all_handled = functools.partial(handled_all, gw)
-        await wait_for(all_handled, what="the consumers' process to handle everything")
-        head = (await consumers(gw))["dispatch"]["cursor"]
-        for name in ("dispatch", "analytics"):  # moving back, and resetting
-            r = await api(gw, "POST", f"/api/consumers/{name}/replay", json={"from_position": 1})
-            assert r.status_code == 200, r.text
-
-        async def current() -> bool:
-            states = await consumers(gw)
-            return all(s["cursor"] == head and s["lag_events"] == 0 for s in states.values())
-
-        # Nothing new is appended: the API must learn of the catch-up from the child all the same.
-        await wait_for(current, timeout=10, what="the API to show the consumers caught up again")
