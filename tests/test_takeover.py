@@ -180,7 +180,11 @@ async def test_a_refused_login_is_retried_until_the_broker_takes_it_again(
             return "refused the gateway's login" in caplog.text
 
         await wait_for(refused, what="the refusal to be logged")
-        await asyncio.sleep(3)  # several refusals: gmqtt alone stops at the first
+
+        async def refused_again() -> bool:  # gmqtt alone stops at the first refusal
+            return caplog.text.count("refused the gateway's login") >= 3
+
+        await wait_for(refused_again, what="the gateway to keep trying")
         assert not gw.ingest.connected
         # The password is put back: the gateway comes back by itself and stores new readings.
         broker.users["iotgw"] = password
