@@ -310,10 +310,12 @@ class AlertEngine(BaseConsumer):
 
         The replay rebuilds it silently (`replaying`: no events, no notifications: they were sent
         already, and stay in the outbox), and each rebuilt alert takes the id it had."""
-        tx.exec(delete(AlertReplayIdRow))
+        # Asked for during another replay: the alerts not rebuilt yet are still kept from the first.
+        waiting = set(tx.exec(select(AlertReplayIdRow.id)))
         kept = [
             {"id": a.id, "rule": a.rule, "device_id": a.device_id, "fired_at": a.fired_at}
             for a in tx.exec(select(AlertRow))
+            if a.id not in waiting
         ]
         if kept:
             tx.execute(AlertReplayIdRow.__table__.insert(), kept)  # type: ignore[attr-defined]
@@ -321,6 +323,11 @@ class AlertEngine(BaseConsumer):
             tx.exec(delete(table))
         self.forget()
         self._loaded = True  # the tables are empty now
+
+    def replayed(self, tx: Session) -> None:
+        """The replay is over (the router calls this in its last batch): ids not taken again
+        belong to alerts the replay did not rebuild; none is kept for a later one."""
+        tx.exec(delete(AlertReplayIdRow))
 
     def _load(self, tx: Session) -> None:
         if self._loaded:
@@ -387,9 +394,12 @@ class AlertEngine(BaseConsumer):
     def _observe(  # noqa: PLR0913, PLR0917
         self, tx: Session, b: _Batch, device_id: str, dev: _Device, obs: Observation, data: Mapping[str, Any]
     ) -> None:
+        rebuilding = replaying(tx)
         for rule in self._rules_for(obs.event_type, device_id, dev):
             k = (rule.name, device_id)
             before = b.keys.get(k) or self._keys.get(k) or KeyState()
+            if rebuilding:
+                before = self._catch_up(tx, rule, device_id, dev, before, obs.time)
             new, signal = step(rule, before, obs, obs.time)
             b.keys[k] = new
             if signal is not None and not self._transition(
@@ -398,6 +408,16 @@ class AlertEngine(BaseConsumer):
                 b.keys[k] = before  # held back for now: the key fires again when it may
             elif signal is None:
                 self._settle_flapping(tx, k, new, obs.time)
+
+    def _catch_up(  # noqa: PLR0913, PLR0917
+        self, tx: Session, rule: Rule, device_id: str, dev: _Device, ks: KeyState, at: datetime
+    ) -> KeyState:
+        """During a replay, events come faster than time passed: before an event, what the timer
+        did to its key up to then (a device silent beyond its heartbeat fired before it spoke again)."""
+        new, signal = step(rule, ks, None, at)
+        if signal is None:
+            return new
+        return new if self._transition(tx, rule, device_id, dev, signal, at, dict(dev.state)) else ks
 
     def handle_span(self, tx: Session, after: int, upto: int) -> None:
         """Sensor readings of the span, without reading most of them into Python.
@@ -409,7 +429,9 @@ class AlertEngine(BaseConsumer):
         self._load(tx)
         b = self._batch(tx)
         conn = tx.connection()
-        if conn.dialect.name != "sqlite" or self._reading_limits() is None:
+        # A replay reads every reading: the gaps between a device's readings are what its
+        # absence rules fired on the first time.
+        if conn.dialect.name != "sqlite" or self._reading_limits() is None or replaying(tx):
             readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
         else:
             beyond_sql, beyond_params = self._reading_limits() or ("0", [])
@@ -480,7 +502,8 @@ class AlertEngine(BaseConsumer):
         self._load(tx)
         b = self._batch(tx)
         timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
-        for (rule_name, device_id), stored in list(self._keys.items()):
+        # (Keys of this batch too: a replay ticks in the batch that rebuilt them.)
+        for (rule_name, device_id), stored in list({**self._keys, **b.keys}.items()):
             if rule_name not in timed:
                 continue
             rule = self._by_name[rule_name]
@@ -597,16 +620,19 @@ class AlertEngine(BaseConsumer):
                 change_status(tx, alert, AlertStatus.FLAPPING, at, "engine", f"fired {len(recent) + 1} times")
                 return True
             info = DeviceInfo(device_id, dev.type, dev.site)
+            # Rebuilt by a replay: the alert it was, under its id and from when it fired then.
+            alert_id, fired_at = _before_replay(tx, rule.name, device_id, at)
             alert = AlertRow(
-                id=_id_before_replay(tx, rule.name, device_id, at),
+                id=alert_id,
                 rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,
-                status=AlertStatus.FIRING.value, summary=rule.render(info, values)[:500], fired_at=at, updated_at=at,
+                status=AlertStatus.FIRING.value, summary=rule.render(info, values)[:500], fired_at=fired_at,
+                updated_at=fired_at,
             )  # fmt: skip
             tx.add(alert)
             tx.flush()
             # What dispatch needs to decide (an entrapment is a stuck car with load inside).
             context = {"device_type": dev.type, "state": {k: v for k, v in values.items() if k not in _VOLATILE}}
-            record(tx, alert, None, AlertStatus.FIRING, at, "engine", context=context)
+            record(tx, alert, None, AlertStatus.FIRING, fired_at, "engine", context=context)
         elif open_alert is not None:
             resolve(tx, open_alert, at, "engine", "condition cleared")
         return True
@@ -666,21 +692,31 @@ def _clears_later(rule: Rule) -> bool:
 ALERT_SOURCE = "iotgw/alerts"
 
 
-def _id_before_replay(tx: Session, rule: str, device_id: str, fired_at: datetime) -> int | None:
-    """While a replay rebuilds alerts: the id this alert had before it (None: a new id)."""
+# A timer fires as the replay's clock reaches a due time, which is the end of a batch of events
+# or the moment the replay was asked for; the first time it fired within a tick of that time.
+REPLAY_MATCH_S = 5.0
+
+
+def _before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tuple[int | None, datetime]:
+    """While a replay rebuilds alerts: the id and firing time this alert had before (None, `at`: new).
+
+    An alert fired by an event fires at that event's time again; one fired by the timer may fire
+    later in the replay than it did (or a little earlier): it is the alert of the rule and device
+    that fired closest to then."""
     if not replaying(tx):
-        return None
-    kept = tx.exec(
+        return None, at
+    candidates = tx.exec(
         select(AlertReplayIdRow).where(
             col(AlertReplayIdRow.rule) == rule,
             col(AlertReplayIdRow.device_id) == device_id,
-            col(AlertReplayIdRow.fired_at) == fired_at,
+            col(AlertReplayIdRow.fired_at) <= at + timedelta(seconds=REPLAY_MATCH_S),
         )
-    ).first()
+    ).all()
+    kept = min(candidates, key=lambda k: abs(k.fired_at - at), default=None)
     if kept is None:
-        return None
+        return None, at
     tx.delete(kept)
-    return kept.id
+    return kept.id, kept.fired_at
 
 
 def record(  # noqa: PLR0913, PLR0917

@@ -43,6 +43,7 @@ from gateway.store import (
     batch_end,
     event_from_row,
     read_events,
+    replaying,
 )
 from gateway.tasks import stop_task
 
@@ -206,6 +207,8 @@ class ConsumerRunner:
         # Consumers whose conditions become true by the passing of time get ticks, in their thread.
         self._tick: Callable[[Session, datetime], None] | None = getattr(consumer, "tick", None)
         self.tick_s = float(getattr(consumer, "tick_s", 1.0))
+        # A replay rebuilds such a consumer's state from nothing, its timer included (_replay_time).
+        self._rebuilds = bool(getattr(consumer, "replay_resets_state", False))
         # A consumer may bring its own clock for ticks (tests run escalations in simulated time).
         self._clock: Callable[[], datetime] = getattr(consumer, "clock", None) or _utcnow
         # Called (in the event loop) after a commit of this consumer appended events to the log.
@@ -231,6 +234,7 @@ class ConsumerRunner:
         self._inflight: tuple[Event | None, int] = (None, 0)  # (first event, last position) of the batch in hand
         self._single_until = 0  # after a failed batch, go event by event up to this position
         self._replay_until = 0  # events up to here are handled again after a replay (REPLAYING)
+        self._replay_at: datetime | None = None  # when the replay was asked for (ConsumerCursorRow.replay_at)
         self._attempts = 0
         self._quiet = QuietLog(log, every_s=10.0)
 
@@ -344,7 +348,8 @@ class ConsumerRunner:
             await asyncio.sleep(self.tick_s)
             # While catching up a backlog, "now" is far ahead of the events in hand: a tick
             # would see every device as silent. Ticks wait until the consumer is current.
-            if self.paused or not self._caught_up or not self.lease.held:
+            # Nor during a replay: the replay's own batches step the timer through the events' times.
+            if self.paused or not self._caught_up or not self.lease.held or self._replay_until:
                 continue
             try:
                 await asyncio.wait_for(self._call(self._tick_once), self.handler_timeout_s)
@@ -472,6 +477,7 @@ class ConsumerRunner:
             self.position = max(self.position, row.position) if stored == self._stored else row.position
             self.paused = row.paused
             self._replay_until = row.replay_until or 0
+            self._replay_at = row.replay_at
             self._stored = stored
             tx.commit()
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
@@ -528,6 +534,8 @@ class ConsumerRunner:
                     self._span(tx, after, upto)
                 if mine:
                     self.consumer.handle(mine, tx)
+                if replaying(tx):
+                    self._replay_time(tx, after, upto)
             except Exception as exc:
                 tx.rollback()
                 culprit = mine[0] if mine else read_events(tx, after, upto)[0]
@@ -541,7 +549,8 @@ class ConsumerRunner:
             # On SQLite it then takes no write lock at all: the consumers' cursor-only commits
             # (most of the alert engine's under a stream of ordinary readings) kept ingestion's
             # writer waiting for SQLite's one write lock.
-            if self._wrote(tx, mine) or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
+            ends_replay = 0 < self._replay_until <= upto
+            if self._wrote(tx, mine) or ends_replay or now - self._cursor_written >= CURSOR_IDLE_WRITE_S:
                 self._write_cursor(tx, upto)
                 tx.commit()
                 self._committed(tx)
@@ -550,6 +559,23 @@ class ConsumerRunner:
                 tx.commit()  # nothing to write; what the consumer keeps in memory follows commits
             self.position = upto
             return upto - after, len(mine)
+
+    def _replay_time(self, tx: Session, after: int, upto: int) -> None:
+        """During a replay, time passes as the events say: the timer steps to the batch's last
+        event time, and at the replay's end to the moment it was asked for. Whatever falls due by
+        then, the consumer did the first time; it is rebuilt in the same silence as the events.
+        (A consumer that keeps its state through a replay keeps its timer's doings too.)"""
+        if self._tick is None or not self._rebuilds:
+            return
+        last = tx.exec(select(func.max(EventRow.time)).where(col(EventRow.id) > after, col(EventRow.id) <= upto)).one()
+        if last is not None:
+            self._tick(tx, last)
+        if upto >= self._replay_until:
+            if self._replay_at is not None and (last is None or self._replay_at > last):
+                self._tick(tx, self._replay_at)
+            done = getattr(self.consumer, "replayed", None)
+            if done is not None:
+                done(tx)
 
     def _wrote(self, tx: Session, mine: Sequence[Event]) -> bool:
         """Whether handling the batch changed anything in `tx` (then its cursor commits with it)."""
@@ -584,8 +610,9 @@ class ConsumerRunner:
         cursor.position = position
         cursor.updated_at = _utcnow()
         if cursor.replay_until is not None and position >= cursor.replay_until:
-            cursor.replay_until = None  # the replay is over: events from here are new
+            cursor.replay_until = cursor.replay_at = None  # the replay is over: events from here are new
             self._replay_until = 0
+            self._replay_at = None
         self._stored = (position, cursor.updated_at)
         tx.add(cursor)
 
@@ -655,8 +682,11 @@ class ConsumerRunner:
                 cursor = tx.get(ConsumerCursorRow, self.name)
                 if cursor is not None and target < reached:
                     cursor.replay_until = max(reached, cursor.replay_until or 0)
+                    # A replay asked for during another one: the timer stopped at the first.
+                    cursor.replay_at = cursor.replay_at or self._clock()
                     tx.add(cursor)
                     self._replay_until = cursor.replay_until
+                    self._replay_at = cursor.replay_at
                 self._reload_holder(tx)
                 tx.commit()
                 self.lease.epoch = None

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import col, select
 
+from alerts.engine import ALERT_SOURCE, AlertRow, NotificationRow
 from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
+from gateway.store import ConsumerCursorRow, EventRow
 from tests.conftest import running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -325,3 +329,92 @@ rules:
     select: {type: [power]}
     threshold: {below: 50, clear_above: 500}
 """
+
+
+def reading_now(seq: int, value: float = 40) -> bytes:
+    return json.dumps({"type": "humidity", "seq": seq, "ts": int(time.time() * 1000), "site": "hq",
+                       "data": {"value": value, "unit": "%RH"}}).encode()  # fmt: skip
+
+
+def history(gw: Gateway) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]], int]:
+    """Alerts as fired (id, rule, device, status, fired_at), the engine's events, notifications made."""
+    with gw.store.session() as tx:
+        alerts = sorted(
+            (a.id, a.rule, a.device_id, a.status, a.fired_at, a.resolved_at) for a in tx.exec(select(AlertRow))
+        )
+        events = sorted(
+            (r.ce_id, r.type) for r in tx.exec(select(EventRow).where(col(EventRow.source) == ALERT_SOURCE))
+        )
+        return alerts, events, len(tx.exec(select(NotificationRow)).all())
+
+
+def replay_over(gw: Gateway) -> bool:
+    with gw.store.session() as tx:
+        cursor = tx.get(ConsumerCursorRow, "alerts")
+        return cursor is not None and cursor.replay_until is None and cursor.position > 0
+
+
+async def silent_alerts(broker: Mosquitto, gw: Gateway) -> None:
+    """h-1 falls silent (its alert stays open); h-2 falls silent, speaks again (resolved), falls silent again."""
+    async with mqtt_client(broker.url_as("tester"), "h-1") as c:
+        await c.publish("devices/h-1/telemetry", reading_now(1), qos=1)
+    async with mqtt_client(broker.url_as("tester"), "h-2") as c:
+        await c.publish("devices/h-2/telemetry", reading_now(1), qos=1)
+
+        async def both_fired() -> bool:
+            return len(await alerts_of(gw, status="open")) == 2
+
+        await wait_for(both_fired, timeout=15, what="two absence alerts from ticks")
+        await c.publish("devices/h-2/telemetry", reading_now(2), qos=1)
+    await caught_up(gw, "h-2", 2)
+
+    async def silent_again() -> bool:
+        return len(await alerts_of(gw, status="open")) == 2
+
+    await wait_for(silent_again, timeout=15, what="h-2's second absence alert")
+    statuses = sorted((a["device_id"], a["status"]) for a in await alerts_of(gw))
+    assert statuses == [("h-1", "firing"), ("h-2", "firing"), ("h-2", "resolved")]
+
+
+async def test_a_replay_rebuilds_alerts_fired_by_time_silently_under_their_ids(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw:
+        await silent_alerts(broker, gw)
+        before = history(gw)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            r = await client.post("/api/consumers/alerts/replay", json={"from_position": 1})
+            assert r.status_code == 200, r.text
+        await wait_for(lambda: asyncio.to_thread(replay_over, gw), what="the replay to end")
+        await asyncio.sleep(3.0)  # the timer ticked meanwhile, past every heartbeat
+        assert history(gw) == before, "the same alerts (ids, times), no event, no notification again"
+        # After the replay, the timer's doings are new ones again.
+        async with mqtt_client(broker.url_as("tester"), "h-3") as c:
+            await c.publish("devices/h-3/telemetry", reading_now(1), qos=1)
+
+        async def fired() -> bool:
+            return any(a["device_id"] == "h-3" for a in await alerts_of(gw, status="open"))
+
+        await wait_for(fired, timeout=15, what="a new absence alert")
+        alerts, events, notifications = history(gw)
+        assert (len(alerts), len(events), notifications) == (4, len(before[1]) + 1, before[2] + 1)
+
+
+async def test_a_replay_cut_short_by_a_restart_still_rebuilds_silently(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    settings = alert_settings(broker)
+    async with running_gateway(settings) as gw:
+        await silent_alerts(broker, gw)
+        before = history(gw)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            assert (await client.post("/api/consumers/alerts/pause")).status_code == 200
+            r = await client.post("/api/consumers/alerts/replay", json={"from_position": 1})
+            assert r.status_code == 200, r.text
+    await asyncio.sleep(3.0)  # the gateway is away for longer than a heartbeat
+    async with running_gateway(settings) as gw:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            assert (await client.post("/api/consumers/alerts/resume")).status_code == 200
+        await wait_for(lambda: asyncio.to_thread(replay_over, gw), what="the replay to end")
+        await asyncio.sleep(3.0)
+        assert history(gw) == before
