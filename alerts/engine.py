@@ -130,16 +130,18 @@ class DeliveryRow(SQLModel, table=True):
     """One notification to one receiver."""
 
     __tablename__ = "notification_deliveries"
+    __table_args__ = (Index("ix_notification_deliveries_lane", "status", "receiver", "id"),)  # a receiver's lane
 
     id: int | None = Field(default=None, primary_key=True)
     notification_id: int = Field(index=True)
     alert_id: int = Field(index=True)
     receiver: str
-    status: str = Field(default="pending", index=True)  # pending | delivered | skipped
+    status: str = Field(default="pending", index=True)  # pending | delivered | failed | skipped | silenced
     attempts: int = 0
     next_at: datetime = _dt(nullable=False, index=True)
     last_error: str | None = None
     delivered_at: datetime | None = _dt()
+    created_at: datetime | None = _dt()  # when it was fanned out: retries end at the maximum age
 
 
 class SilenceRow(SQLModel, table=True):

@@ -1,10 +1,16 @@
 """The notification sender: delivers the outbox to receivers, with retries, never losing one.
 
 Each notification (one per alert transition, written with the transition) is fanned out to the
-receivers whose severity filter admits it, as one delivery each. A delivery is retried with
-exponential backoff (capped at 5 minutes) until the receiver answers 2xx: a receiver that is
-down for a while gets everything when it is back. Every request carries the notification's
-`Idempotency-Key` (the same on every retry), so a receiver can drop a duplicate.
+receivers whose severity filter admits it, as one delivery each. Every receiver is a lane of its
+own, run side by side with the others: a receiver that fails, or hangs until its timeout, holds
+up nobody else's deliveries (a technician's page included). A transient failure (5xx, 408, 425,
+429, a timeout, a refused connection) is retried with exponential backoff (capped at 5 minutes;
+`Retry-After` is honoured) until the receiver answers 2xx or the delivery is older than the
+maximum age (`IOTGW_NOTIFY_MAX_AGE_S`, 24 h): a receiver that is down for a while gets
+everything when it is back. A permanent one (any other 4xx: the receiver refuses this request
+and would refuse it again; a URL that cannot be requested) fails the delivery at once, with the
+status and the start of the answer, and is not retried. Every request carries the
+notification's `Idempotency-Key` (the same on every retry), so a receiver can drop a duplicate.
 
 Work-order notifications (alerts/dispatch.py) go through the same outbox but page one person:
 they name their receiver, and silences do not apply to them (a trapped passenger is never quiet).
@@ -21,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
@@ -35,6 +42,9 @@ from gateway.store import Store
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
+LANE_BATCH = 100  # deliveries one lane tries per round at most
+TRANSIENT_4XX = frozenset({408, 425, 429})
+FAILURE_REASONS = ("rejected", "unreachable", "expired")  # iotgw_notifications_failed_total{reason}
 PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
 PD_ACTION = {"firing": "trigger", "flapping": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
 PD_PRIORITY = {"P1": "critical", "P2": "error", "P3": "warning"}
@@ -126,6 +136,7 @@ class Notifier:
         pagers: Callable[[], Sequence[Receiver]] = list,
         interval_s: float = 0.5,
         lease: Lease | None = None,
+        max_age_s: float = 86400.0,
     ) -> None:
         self.store = store
         self._receivers = receivers  # every alert notification fans out to these
@@ -134,66 +145,118 @@ class Notifier:
         self.pagers: dict[str, Receiver] = {}
         self.metrics = metrics
         self.interval_s = interval_s
+        self.max_age_s = max_age_s
         # In a cluster, one instance delivers: the one holding this lease.
         self.lease = lease
         self._stopping: asyncio.Event | None = None
         self._quiet = QuietLog(log, every_s=30.0)
 
     async def run(self) -> None:
-        """Deliver until `stop()` (the round in hand is finished) or cancelled; then give the lease up."""
+        """Deliver until `stop()` (the rounds in hand are finished) or cancelled; then give the lease up.
+
+        Every round fans out what is new; each receiver with deliveries waiting then has a round
+        of its own in its own thread, started again once its previous one is over."""
         self._stopping = asyncio.Event()
-        with httpx.Client(follow_redirects=False) as client:
+        lanes: dict[str, asyncio.Task[bool]] = {}
+        clients: dict[str, httpx.Client] = {}
+        try:
             while not self._stopping.is_set():
                 try:
-                    busy = await asyncio.to_thread(self.deliver_due, client)
+                    names = await asyncio.to_thread(self.fan_out)
                 except StoreError as exc:
                     self._quiet.warn("store", "notifications: database error: %s", exc)
-                    busy = False
-                if not busy:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+                    names = []
+                for name in names:
+                    lane = lanes.get(name)
+                    if lane is None or lane.done():
+                        client = clients.get(name) or clients.setdefault(name, httpx.Client(follow_redirects=False))
+                        lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, client, name))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+        finally:
+            if lanes:
+                await asyncio.wait(lanes.values())  # each ends after the request in hand
+            for client in clients.values():
+                client.close()
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.release)
 
     def stop(self) -> None:
-        """Ask `run` to end after the round in hand (its thread holds a database session)."""
+        """Ask `run` to end after the rounds in hand (their threads hold database sessions)."""
         if self._stopping is not None:
             self._stopping.set()
 
     def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
-        """Fan out new notifications and try every delivery that is due; True if any was tried."""
+        """One round: fan out, then every receiver's lane in turn; True if any delivery was tried."""
+        busy = False
+        for name in self.fan_out(now):
+            busy = self.deliver_lane(client, name, now) or busy
+        return busy
+
+    def fan_out(self, now: datetime | None = None) -> list[str]:
+        """Fan new notifications out to deliveries; the receivers with deliveries pending."""
         now = now or datetime.now(UTC)
         if self.lease is not None and not self._hold_lease():
-            return False
+            return []
         self.receivers = {r.name: r for r in self._receivers()}
         self.pagers = {r.name: r for r in self._pagers()}
         for name in (*self.receivers, *self.pagers):  # series from the start: 0, not absent
             self.metrics.notifications_sent.labels(name)
-            self.metrics.notifications_failed.labels(name)
+            self.metrics.notification_retries.labels(name)
+            self.metrics.notification_receiver_failing.labels(name)
+            for reason in FAILURE_REASONS:
+                self.metrics.notifications_failed.labels(name, reason)
         with self.store.session() as tx:
             self._fan_out(tx, now)
             pending = tx.exec(
-                select(DeliveryRow).where(col(DeliveryRow.status) == "pending").order_by(col(DeliveryRow.id)).limit(200)
+                select(DeliveryRow.receiver, func.count())
+                .where(col(DeliveryRow.status) == "pending")
+                .group_by(col(DeliveryRow.receiver))
             ).all()
-            # In order per (receiver, alert): a "resolve" must not overtake the "trigger" it ends.
-            blocked: set[tuple[str, int]] = set()
-            due = []
+        self.metrics.notifications_pending.set(sum(n for _, n in pending))
+        return sorted(name for name, _ in pending)
+
+    def _lane_round(self, client: httpx.Client, receiver: str) -> bool:
+        try:
+            return self.deliver_lane(client, receiver)
+        except StoreError as exc:
+            self._quiet.warn("store", "notifications to %s: database error: %s", receiver, exc)
+            return False
+
+    def deliver_lane(self, client: httpx.Client, receiver: str, now: datetime | None = None) -> bool:
+        """Try the due deliveries to one receiver, oldest first; True if any was tried.
+
+        In order per alert: a "resolve" must not overtake the "trigger" it ends. The round ends at
+        the first transient failure: the receiver is failing, and the rest of its lane waits for
+        the next round rather than each request waiting for the same timeout."""
+        if self.lease is not None and not self.lease.held:
+            return False
+        tried = False
+        with self.store.session() as tx:
+            pending = tx.exec(
+                select(DeliveryRow)
+                .where(col(DeliveryRow.status) == "pending", col(DeliveryRow.receiver) == receiver)
+                .order_by(col(DeliveryRow.id))
+                .limit(LANE_BATCH)
+            ).all()
+            blocked: set[int] = set()
             for d in pending:
-                pair = (d.receiver, d.alert_id)
-                if pair in blocked:
+                if self._stopping is not None and self._stopping.is_set():
+                    break
+                at = now or datetime.now(UTC)
+                if d.alert_id in blocked:
                     continue
-                if d.next_at > now:
-                    blocked.add(pair)
+                if d.next_at > at:
+                    blocked.add(d.alert_id)
                     continue
-                due.append(d)
-                self._attempt(tx, client, d, now)
+                tried = True
+                transient = self._attempt(tx, client, d, at)
                 tx.commit()  # one delivery's outcome at a time: a crash repeats at most one request
                 if d.status == "pending":
-                    blocked.add(pair)
-            self.metrics.notifications_pending.set(
-                len(tx.exec(select(DeliveryRow.id).where(col(DeliveryRow.status) == "pending")).all())
-            )
-            return bool(due)
+                    blocked.add(d.alert_id)
+                if transient:
+                    break
+        return tried
 
     def release(self) -> None:
         """Give the lease up (a clean stop: another instance may deliver at once)."""
@@ -223,7 +286,11 @@ class Notifier:
         silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now))) if fresh else []
         for n in fresh:
             if n.receiver is not None:  # a page for one person (dispatch): no fan-out, no silences
-                tx.add(DeliveryRow(notification_id=n.id or 0, alert_id=n.alert_id, receiver=n.receiver, next_at=now))
+                tx.add(
+                    DeliveryRow(
+                        notification_id=n.id or 0, alert_id=n.alert_id, receiver=n.receiver, next_at=now, created_at=now
+                    )
+                )
                 n.fanned_out = True
                 tx.add(n)
                 continue
@@ -235,7 +302,7 @@ class Notifier:
                     continue
                 tx.add(
                     DeliveryRow(
-                        notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now,
+                        notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now, created_at=now,
                         status="silenced" if silenced else "pending",
                     )
                 )  # fmt: skip
@@ -258,7 +325,8 @@ class Notifier:
         tr = tx.get(AlertTransitionRow, n.transition_id)
         return "alert no longer there" if alert is None or tr is None else build(receiver, n, alert, tr)
 
-    def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> None:
+    def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> bool:
+        """One try of `d` (its outcome in `tx`); True when it failed for now and is to be retried."""
         n = tx.get(NotificationRow, d.notification_id)
         receiver = None if n is None else (self.pagers if n.receiver else self.receivers).get(d.receiver)
         body = (
@@ -267,27 +335,61 @@ class Notifier:
         if body is None or isinstance(body, str):
             d.status, d.last_error = "skipped", body
             tx.add(d)
-            return
+            return False
         assert receiver is not None and n is not None  # noqa: PT018, S101 - body was built from them
         d.attempts += 1
         if receiver.kind == "log":
             log.info("notify %s [%s]: %s", receiver.name, n.key, json.dumps(body, default=str)[:500])
-            d.status, d.delivered_at, d.last_error = "delivered", now, None
-            self.metrics.notifications_sent.labels(receiver.name).inc()
+            self._delivered(d, receiver, now)
             tx.add(d)
-            return
+            return False
         assert receiver.url is not None  # noqa: S101 - validated: every kind but log has one
+        retry_after: float | None = None
+        error: str | None
         try:
             r = client.post(receiver.url, json=body, headers={"Idempotency-Key": n.key}, timeout=receiver.timeout_s)
-            ok, error = r.is_success, None if r.is_success else f"HTTP {r.status_code}"
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            outcome, error = "unreachable", f"{type(exc).__name__}: {exc}"[:300]
         except httpx.HTTPError as exc:
-            ok, error = False, f"{type(exc).__name__}: {exc}"[:300]
-        if ok:
-            d.status, d.delivered_at, d.last_error = "delivered", now, None
-            self.metrics.notifications_sent.labels(receiver.name).inc()
+            outcome, error = "transient", f"{type(exc).__name__}: {exc}"[:300]
         else:
-            d.last_error = error
-            d.next_at = now + timedelta(seconds=min(0.5 * 2 ** (d.attempts - 1), MAX_BACKOFF_S))
-            self.metrics.notifications_failed.labels(receiver.name).inc()
-            self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", n.key, receiver.name, error)
+            if r.is_success:
+                outcome, error = "delivered", None
+            else:
+                answer = " ".join(r.text.split())[:200]
+                error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
+                permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX
+                outcome = "rejected" if permanent else "transient"
+                retry_after = _retry_after(r)
         tx.add(d)
+        if outcome == "delivered":
+            self._delivered(d, receiver, now)
+            return False
+        d.last_error = error
+        self.metrics.notification_receiver_failing.labels(receiver.name).set(1)
+        first = d.created_at or d.next_at
+        if outcome == "transient" and (now - first).total_seconds() >= self.max_age_s:
+            outcome, d.last_error = "expired", f"{error}; retried for {self.max_age_s:g} s"
+        if outcome != "transient":
+            d.status = "failed"
+            self.metrics.notifications_failed.labels(receiver.name, outcome).inc()
+            self._quiet.warn(
+                receiver.name, "notification %s to %s failed for good: %s", n.key, receiver.name, d.last_error
+            )
+            return False
+        backoff = min(0.5 * 2 ** (d.attempts - 1), MAX_BACKOFF_S)
+        d.next_at = now + timedelta(seconds=max(backoff, min(retry_after or 0.0, MAX_BACKOFF_S)))
+        self.metrics.notification_retries.labels(receiver.name).inc()
+        self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", n.key, receiver.name, error)
+        return True
+
+    def _delivered(self, d: DeliveryRow, receiver: Receiver, now: datetime) -> None:
+        d.status, d.delivered_at, d.last_error = "delivered", now, None
+        self.metrics.notifications_sent.labels(receiver.name).inc()
+        self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    """A `Retry-After` in seconds (the HTTP-date form is rare from receivers: then None)."""
+    value = r.headers.get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None

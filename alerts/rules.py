@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import httpx
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -231,6 +232,15 @@ class Receiver(StrictModel):
         if (self.kind == "log") != (self.url is None):
             msg = "a log receiver has no url; every other kind needs one (http:// or https://)"
             raise ValueError(msg)
+        if self.url is not None:
+            try:
+                host = httpx.URL(self.url).host
+            except httpx.InvalidURL as exc:
+                msg = f"url {self.url!r} is not a URL: {exc}"
+                raise ValueError(msg) from exc
+            if not host or any(c.isspace() for c in self.url):
+                msg = f"url {self.url!r} names no host one could reach"
+                raise ValueError(msg)
         return self
 
 

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Cluster only: how long the sequencer holds a message whose predecessor (seq - 1) has not
     # arrived yet, before it gives up waiting and records the gap.
     reorder_window_s: float = Field(default=60.0, ge=0, le=3600)
+    # A notification that keeps failing for now (5xx, timeouts, no connection) is retried for this
+    # long, then given up as expired (iotgw_notifications_failed_total{reason="expired"}).
+    notify_max_age_s: float = Field(default=86400.0, gt=0)
     http_host: str = "127.0.0.1"
     http_port: Port = 8000
     max_message_bytes: int = Field(default=16 * 1024, ge=256, le=BROKER_MESSAGE_LIMIT)

@@ -155,8 +155,24 @@ class Metrics:
         self.notifications_sent = Counter(
             "iotgw_notifications_sent_total", "Notifications delivered, by receiver.", ["receiver"], registry=r
         )
+        self.notification_retries = Counter(
+            "iotgw_notification_retries_total",
+            "Delivery attempts that failed for now (5xx, 408, 425, 429, timeout, connection): retried.",
+            ["receiver"],
+            registry=r,
+        )
         self.notifications_failed = Counter(
-            "iotgw_notifications_failed_total", "Failed delivery attempts (each is retried).", ["receiver"], registry=r
+            "iotgw_notifications_failed_total",
+            "Deliveries given up: rejected (a 4xx), unreachable (a URL that cannot be requested), "
+            "expired (retried for the maximum age).",
+            ["receiver", "reason"],
+            registry=r,
+        )
+        self.notification_receiver_failing = Gauge(
+            "iotgw_notification_receiver_failing",
+            "1 while the receiver's last delivery attempt failed.",
+            ["receiver"],
+            registry=r,
         )
         self.notifications_pending = Gauge(
             "iotgw_notifications_pending", "Deliveries not yet acknowledged by their receiver.", registry=r

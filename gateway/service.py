@@ -258,7 +258,10 @@ class Gateway:
         names = [r.name for r in self.receivers()] + [r.name for r in self.pagers()]
         if names:
             lease = Lease("notifier", self.settings.instance_name, self.settings.lease_s)
-            notifier = Notifier(self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease)
+            notifier = Notifier(
+                self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease,
+                max_age_s=self.settings.notify_max_age_s,
+            )  # fmt: skip
             self._notifier = notifier
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(names))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,11 +26,16 @@ pytestmark = pytest.mark.anyio
 
 
 class Hooks(ThreadingHTTPServer):
-    """Records every request; answers 503 to the first `fail_first` of them."""
+    """Records every request; answers 503 to the first `fail_first` of them, or `always` to all
+    (with a short reason as the body), after `delay_s`."""
 
-    def __init__(self, port: int, fail_first: int) -> None:
+    daemon_threads = True
+
+    def __init__(self, port: int, fail_first: int, always: int | None = None, delay_s: float = 0.0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail_first = fail_first
+        self.always = always
+        self.delay_s = delay_s
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", port), _Handler)
 
@@ -42,13 +49,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            code = 503 if len(self.server.requests) < self.server.fail_first else 200
-            self.server.requests.append(
-                {"path": self.path, "key": self.headers.get("Idempotency-Key"), "body": body, "code": code}
-            )
-        self.send_response(code)
-        self.end_headers()
+        server = self.server
+        if server.delay_s:
+            time.sleep(server.delay_s)
+        with server.lock:
+            code = 503 if len(server.requests) < server.fail_first else 200
+            code = server.always or code
+            server.requests.append(
+                {"path": self.path, "key": self.headers.get("Idempotency-Key"), "body": body, "code": code,
+                 "headers": dict(self.headers)}
+            )  # fmt: skip
+        answer = b"" if code < 400 else f"refused: answer {code}".encode()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the sender timed out meanwhile
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # quiet test output
@@ -59,9 +75,9 @@ def client_of(gw: Any) -> httpx.AsyncClient:
 
 
 @contextmanager
-def serving(fail_first: int) -> Iterator[Hooks]:
+def serving(fail_first: int = 0, always: int | None = None, delay_s: float = 0.0) -> Iterator[Hooks]:
     """A receiver on a free port, in a thread, for the duration of the block."""
-    server = Hooks(free_port(), fail_first=fail_first)
+    server = Hooks(free_port(), fail_first=fail_first, always=always, delay_s=delay_s)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -143,7 +159,7 @@ receivers:
     assert pd[0]["body"]["payload"]["severity"] == "error"
     assert [r["body"]["status"] for r in by_path["/am"]] == ["firing", "resolved"]
     assert by_path["/am"][0]["body"]["alerts"][0]["labels"]["alertname"] == "door-jam"
-    assert "iotgw_notifications_failed_total{receiver=" in metrics
+    assert "iotgw_notification_retries_total{receiver=" in metrics
 
 
 async def test_a_silence_stops_notifications_but_not_the_alert(

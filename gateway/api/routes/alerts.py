@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
-from sqlmodel import col, select
+from sqlalchemy import ColumnElement
+from sqlmodel import Session, col, select
 
 from alerts.engine import (
     OPEN,
@@ -62,10 +63,27 @@ class DeliveryPublic(BaseModel):
     key: str
     status: str  # the alert status it announces
     receiver: str
-    delivery: str  # pending | delivered | skipped | silenced
+    delivery: str  # pending | delivered | failed (last_error says why) | skipped | silenced
     attempts: int
     last_error: str | None
     delivered_at: datetime | None
+
+
+def deliveries_of(tx: Session, *where: ColumnElement[bool]) -> list[DeliveryPublic]:
+    """The deliveries of the notifications matching `where`, oldest first."""
+    rows = tx.exec(
+        select(NotificationRow, DeliveryRow)
+        .join(DeliveryRow, col(DeliveryRow.notification_id) == col(NotificationRow.id))
+        .where(*where)
+        .order_by(col(DeliveryRow.id))
+    ).all()
+    return [
+        DeliveryPublic(
+            key=n.key, status=n.status, receiver=d.receiver, delivery=d.status, attempts=d.attempts,
+            last_error=d.last_error, delivered_at=d.delivered_at,
+        )
+        for n, d in rows
+    ]  # fmt: skip
 
 
 class AlertDetail(AlertPublic):
@@ -121,22 +139,13 @@ def _detail(store: Any, alert_id: int) -> AlertDetail:  # noqa: ANN401 - Store
             .where(col(AlertTransitionRow.alert_id) == alert_id)
             .order_by(col(AlertTransitionRow.id))
         ).all()
-        deliveries = tx.exec(
-            select(NotificationRow, DeliveryRow)
-            .join(DeliveryRow, col(DeliveryRow.notification_id) == col(NotificationRow.id))
-            .where(col(NotificationRow.alert_id) == alert_id)
-            .order_by(col(DeliveryRow.id))
-        ).all()
+        deliveries = deliveries_of(
+            tx, col(NotificationRow.alert_id) == alert_id, col(NotificationRow.work_order_id).is_(None)
+        )
         return AlertDetail(
             **_public(row).model_dump(),
             history=[TransitionPublic.model_validate(h, from_attributes=True) for h in history],
-            notifications=[
-                DeliveryPublic(
-                    key=n.key, status=n.status, receiver=d.receiver, delivery=d.status, attempts=d.attempts,
-                    last_error=d.last_error, delivered_at=d.delivered_at,
-                )
-                for n, d in deliveries
-            ],
+            notifications=deliveries,
         )  # fmt: skip
 
 

@@ -20,9 +20,11 @@ from alerts.dispatch import (
     WorkOrderEntryRow,
     WorkOrderRow,
 )
+from alerts.engine import NotificationRow
 from alerts.roster import Technician
 from gateway.api.auth import ADMIN, TECHNICIAN
 from gateway.api.deps import DispatchDep, RowId, StoreDep, changed, filtered
+from gateway.api.routes.alerts import DeliveryPublic, deliveries_of
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["work orders"])
@@ -78,10 +80,11 @@ class AttachedAlert(BaseModel):
 
 
 class WorkOrderDetail(WorkOrderPublic):
-    """A work order with its timeline and alerts."""
+    """A work order with its timeline, its alerts and the pages sent about it."""
 
     timeline: list[TimelineEntry]
     alerts: list[AttachedAlert]
+    pages: list[DeliveryPublic]
 
 
 class StepBody(BaseModel):
@@ -165,6 +168,7 @@ def _detail(store: Store, order_id: int) -> WorkOrderDetail:
             **public(row).model_dump(),
             timeline=[TimelineEntry.model_validate(e, from_attributes=True) for e in timeline],
             alerts=[AttachedAlert.model_validate(a, from_attributes=True) for a in attached],
+            pages=deliveries_of(tx, col(NotificationRow.work_order_id) == order_id),
         )
 
 

@@ -1,0 +1,183 @@
+"""Deliveries cannot block each other: each receiver is a lane, a refusal is final, a hang is one lane's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlmodel import col, select
+
+from alerts.engine import AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.rules import RulesError, load_rules
+from gateway.broker import Mosquitto
+from gateway.config import Settings
+from gateway.service import Gateway
+from tests.conftest import running_gateway, wait_for
+from tests.test_dispatch import RULES, WED_10_BERLIN, Clock, api, detail, dispatcher, message, one_order, publish, trap
+from tests.test_notify import Hooks, serving
+
+pytestmark = pytest.mark.anyio
+
+QUEUED = 500
+log = logging.getLogger(__name__)
+
+
+def receivers(broken: Hooks, hanging: Hooks, healthy: Hooks) -> str:
+    def url(h: Hooks) -> str:
+        return f"http://127.0.0.1:{h.server_address[1]}/hook"
+
+    return f"""
+receivers:
+  - {{name: broken, kind: webhook, url: "{url(broken)}"}}
+  - {{name: hanging, kind: webhook, url: "{url(hanging)}", timeout_s: 2s}}
+  - {{name: healthy, kind: webhook, url: "{url(healthy)}"}}
+"""
+
+
+def queue_for(gw: Gateway, receiver: str, count: int) -> None:
+    """`count` deliveries waiting for `receiver`, of the one alert there is (as a backlog would be)."""
+    now = datetime.now(UTC)
+    with gw.store.session() as tx:
+        tr = tx.exec(select(AlertTransitionRow)).first()
+        assert tr is not None
+        for i in range(count):
+            n = NotificationRow(
+                key=f"queued-{receiver}-{i}", alert_id=tr.alert_id, transition_id=tr.id or 0, status="firing",
+                created_at=now, fanned_out=True,
+            )  # fmt: skip
+            tx.add(n)
+            tx.flush()
+            tx.add(DeliveryRow(notification_id=n.id or 0, alert_id=tr.alert_id, receiver=receiver, next_at=now,
+                               created_at=now))  # fmt: skip
+        tx.commit()
+
+
+def deliveries_to(gw: Gateway, receiver: str) -> dict[str, str]:
+    """Notification key -> delivery status, of every delivery to `receiver`."""
+    with gw.store.session() as tx:
+        rows = tx.exec(
+            select(NotificationRow.key, DeliveryRow.status)
+            .join(DeliveryRow, col(DeliveryRow.notification_id) == col(NotificationRow.id))
+            .where(col(DeliveryRow.receiver) == receiver)
+        ).all()
+    return dict(rows)
+
+
+def refused_all(gw: Gateway) -> bool:
+    return "pending" not in deliveries_to(gw, "broken").values()
+
+
+def keys(h: Hooks, *, prefix: str = "") -> list[str]:
+    with h.lock:
+        return [str(r["key"]) for r in h.requests if str(r["key"]).startswith(prefix)]
+
+
+async def test_a_refusing_and_a_hanging_receiver_delay_neither_an_alert_nor_a_page(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    with serving(always=400) as broken, serving(delay_s=4) as hanging, serving() as healthy, serving() as pager:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(RULES + receivers(broken, hanging, healthy))
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        async with running_gateway(settings, consumers=[dispatcher(pager, clock)]) as gw:
+            await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
+            await wait_for(lambda: asyncio.sleep(0, len(healthy.ok()) == 1), what="the first alert")
+            await asyncio.to_thread(queue_for, gw, "broken", QUEUED)
+            await asyncio.to_thread(queue_for, gw, "hanging", 50)
+            started = time.monotonic()
+            await trap(broker, clock)
+
+            def firing_stuck() -> bool:
+                return any(r["body"]["data"]["rule"] == "stuck" for r in healthy.ok())
+
+            await wait_for(lambda: asyncio.sleep(0, firing_stuck()), timeout=10, what="the entrapment alert")
+            alert_s = time.monotonic() - started
+            await wait_for(lambda: asyncio.sleep(0, bool(pager.ok())), timeout=10, what="the technician's page")
+            page_s = time.monotonic() - started
+            log.warning("with %d refused and 50 hanging deliveries queued: alert after %.2f s, page after %.2f s",
+                        QUEUED, alert_s, page_s)  # fmt: skip
+            assert alert_s <= 2.0, f"the healthy receiver got the alert after {alert_s:.2f} s"
+            assert page_s <= 2.0, f"the page arrived after {page_s:.2f} s"
+
+            await wait_for(
+                lambda: asyncio.to_thread(refused_all, gw), timeout=30, what="every refused delivery to fail"
+            )
+            await asyncio.sleep(2.0)  # a retry, if there were one, would come within this
+            sent, failed = keys(broken), await asyncio.to_thread(deliveries_to, gw, "broken")
+            assert len(failed) > QUEUED
+            assert set(failed.values()) == {"failed"}
+            assert sorted(sent) == sorted(failed), "each refused delivery tried once, never again"
+            order = await one_order(gw, "the entrapment's work order", lambda o: o["device_id"] == "el-1")
+            pages = (await detail(gw, order["id"]))["pages"]
+            assert [p["delivery"] for p in pages] == ["delivered"]
+            async with api(gw) as c:
+                alerts = (await c.get("/api/alerts", params={"rule": "stuck"})).json()
+                shown = (await c.get(f"/api/alerts/{alerts[0]['id']}")).json()["notifications"]
+                metrics = (await c.get("/metrics")).text
+            by_receiver = {n["receiver"]: n for n in shown}
+            assert by_receiver["broken"]["delivery"] == "failed"
+            assert by_receiver["broken"]["last_error"] == "HTTP 400: refused: answer 400"
+            assert by_receiver["healthy"]["delivery"] == "delivered"
+            assert by_receiver["hanging"]["delivery"] == "pending", "a timeout is retried, not given up"
+            with gw.store.session() as tx:
+                errors = tx.exec(select(DeliveryRow.last_error).where(col(DeliveryRow.receiver) == "hanging")).all()
+            assert any("ReadTimeout" in (e or "") for e in errors)
+            assert "failed" not in (await asyncio.to_thread(deliveries_to, gw, "hanging")).values()
+            assert f'iotgw_notifications_failed_total{{reason="rejected",receiver="broken"}} {len(failed)}.0' in metrics
+            assert 'iotgw_notification_receiver_failing{receiver="broken"} 1.0' in metrics
+            assert 'iotgw_notification_receiver_failing{receiver="healthy"} 0.0' in metrics
+            assert 'iotgw_notification_receiver_failing{receiver="hanging"} 1.0' in metrics
+
+
+async def test_which_failures_are_final_and_how_long_others_are_retried(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    with serving(always=404) as gone, serving(always=429) as busy, serving(always=503) as down:
+
+        def url(h: Hooks) -> str:
+            return f"http://127.0.0.1:{h.server_address[1]}/hook"
+
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f"""{RULES}
+receivers:
+  - {{name: gone, kind: webhook, url: "{url(gone)}"}}
+  - {{name: busy, kind: webhook, url: "{url(busy)}"}}
+  - {{name: down, kind: webhook, url: "{url(down)}"}}
+""")
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules), notify_max_age_s=3.0)
+        async with running_gateway(settings) as gw:
+            await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
+
+            async def settled() -> bool:
+                states = {r: await asyncio.to_thread(deliveries_to, gw, r) for r in ("gone", "down", "busy")}
+                return all(s and set(s.values()) == {"failed"} for s in states.values())
+
+            await wait_for(settled, timeout=20, what="the final failures and the expiry")
+            async with api(gw) as c:
+                metrics = (await c.get("/metrics")).text
+        assert len(gone.requests) == 1, "a 404 is final: asked once"
+        assert len(busy.requests) >= 2, "a 429 is retried until the maximum age"
+        assert len(down.requests) >= 2, "a 503 is retried until the maximum age"
+        for receiver, reason in (
+            ("gone", "rejected"),
+            ("down", "expired"),
+            ("busy", "expired"),
+        ):
+            assert f'iotgw_notifications_failed_total{{reason="{reason}",receiver="{receiver}"}} 1.0' in metrics
+        with gw.store.session() as tx:
+            errors = dict(tx.exec(select(DeliveryRow.receiver, DeliveryRow.last_error)).all())
+        assert errors["gone"] == "HTTP 404: refused: answer 404"
+        assert errors["down"] == "HTTP 503: refused: answer 503; retried for 3 s"
+
+
+@pytest.mark.parametrize("url", ["http://exa mple.org/hook", "http://[::1/hook", "http:///hook"])
+def test_a_receiver_url_no_request_could_use_is_refused_when_the_rules_load(url: str) -> None:
+    with pytest.raises(RulesError, match=r"receivers\.0: Value error, url '"):
+        load_rules(f"rules: []\nreceivers:\n  - {{name: typo, kind: webhook, url: '{url}'}}\n")
