@@ -485,22 +485,28 @@ def record_step(  # noqa: PLR0913
     tx.add(entry)
     tx.flush()
     key = f"iotgw-workorder-{order.id}-{entry.id}"
-    if notify is not None:
-        tx.add(
-            NotificationRow(
-                key=key, alert_id=order.first_alert_id, transition_id=0, status=kind, created_at=at,
-                work_order_id=order.id, entry_id=entry.id, receiver=notify.contact,
-            )
-        )  # fmt: skip
     data = {
         "work_order_id": order.id, "kind": kind, "status": order.status, "priority": order.priority,
-        "assignee": order.assignee, "level": order.level, "by": by, "note": note, "summary": order.summary,
+        "summary": order.summary, "device_id": order.device_id, "site": order.site, "assignee": order.assignee,
+        "level": order.level, "by": by, "note": note,
+        "ack_deadline": _iso(order.ack_deadline),
     }  # fmt: skip
-    append_event(
+    position = append_event(
         tx, ce_id=key, source=WORK_ORDER_SOURCE, type=f"workorder.{kind}", subject=order.device_id, time=at,
         site=order.site, data=data,
     )  # fmt: skip
+    if notify is not None:  # the page is this event (same id), to one person's contact
+        tx.add(
+            NotificationRow(
+                key=key, alert_id=order.first_alert_id, transition_id=0, status=kind, created_at=at,
+                work_order_id=order.id, entry_id=entry.id, receiver=notify.contact, event_position=position,
+            )
+        )  # fmt: skip
     return entry
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class WorkOrderMetrics:

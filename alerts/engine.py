@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, delete, event
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, delete, event
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
@@ -124,6 +124,8 @@ class NotificationRow(SQLModel, table=True):
     work_order_id: int | None = Field(default=None, index=True)
     entry_id: int | None = None
     receiver: str | None = None
+    # The event of the log this notification announces (same id): what CloudEvents receivers get.
+    event_position: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer(), "sqlite")))
 
 
 class DeliveryRow(SQLModel, table=True):
@@ -745,15 +747,20 @@ def record(  # noqa: PLR0913, PLR0917
     tx.flush()
     assert transition.id is not None  # noqa: S101 - flushed
     key = f"iotgw-alert-{alert.id}-{transition.id}"
-    tx.add(NotificationRow(key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at))
+    notification = NotificationRow(
+        key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at
+    )
     data = {
         "alert_id": alert.id, "rule": alert.rule, "severity": alert.severity, "status": new.value,
-        "from_status": old, "summary": alert.summary, "by": by, "note": note, **(context or {}),
+        "from_status": old, "summary": alert.summary, "device_id": alert.device_id, "site": alert.site,
+        "fired_at": _iso(alert.fired_at), "by": by, "note": note, **(context or {}),
     }  # fmt: skip
-    append_event(
+    # The notification is this event: receivers of CloudEvents get it as the log holds it.
+    notification.event_position = append_event(
         tx, ce_id=key, source=ALERT_SOURCE, type=f"alert.{new.value}", subject=alert.device_id, time=at,
         site=alert.site, data=data,
     )  # fmt: skip
+    tx.add(notification)
 
 
 def change_status(  # noqa: PLR0913, PLR0917
@@ -782,6 +789,10 @@ def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | Non
 def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
     """Acknowledge a firing alert."""
     change_status(tx, alert, AlertStatus.ACKNOWLEDGED, at, by, note)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def utcnow() -> datetime:

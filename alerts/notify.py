@@ -22,9 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import httpx
 from sqlalchemy import func
@@ -37,7 +38,7 @@ from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.store import Store
+from gateway.store import EventRow, Store, cloudevent_of
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,13 @@ def _iso(t: datetime | None) -> str | None:
 
 
 def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTransitionRow) -> dict[str, Any] | None:
-    """The request body for `receiver`, or None when the receiver has no such transition."""
+    """The request body for an Alertmanager or PagerDuty receiver, or None when the receiver has
+    no such transition (CloudEvents receivers get the log's event: `cloudevent_request`)."""
     facts = {
         "alert_id": alert.id, "rule": alert.rule, "device_id": alert.device_id, "site": alert.site,
         "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": _iso(alert.fired_at),
         "by": tr.by, "note": tr.note, "from_status": tr.from_status,
     }  # fmt: skip
-    if receiver.kind in ("webhook", "log"):
-        return {
-            "specversion": "1.0", "id": n.key, "source": "iotgw/alerts", "type": f"iotgw.alert.{n.status}",
-            "time": _iso(tr.at), "subject": alert.device_id, "datacontenttype": "application/json", "data": facts,
-        }  # fmt: skip
     if receiver.kind == "alertmanager":
         if n.status == "acknowledged":
             return None  # Alertmanager knows only firing and resolved
@@ -99,14 +96,14 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
     return body
 
 
-def build_page(receiver: Receiver, n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow) -> dict[str, Any]:
+def build_page(receiver: Receiver, order: WorkOrderRow, entry: WorkOrderEntryRow) -> dict[str, Any]:
     """The request body paging a person about a work order."""
     facts = {
         "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
         "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
         "level": (entry.level or 0) + 1, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
     }  # fmt: skip
-    if receiver.kind == "pagerduty":
+    if receiver.kind == "pagerduty":  # (CloudEvents receivers get the log's event: `cloudevent_request`)
         return {
             "routing_key": receiver.routing_key, "event_action": "trigger", "dedup_key": f"iotgw-workorder-{order.id}",
             "payload": {
@@ -115,10 +112,30 @@ def build_page(receiver: Receiver, n: NotificationRow, order: WorkOrderRow, entr
                 "component": "work-order", "group": order.site, "custom_details": facts,
             },
         }  # fmt: skip
-    return {
-        "specversion": "1.0", "id": n.key, "source": "iotgw/dispatch", "type": f"iotgw.workorder.{entry.kind}",
-        "time": _iso(entry.at), "subject": order.device_id, "datacontenttype": "application/json", "data": facts,
-    }  # fmt: skip
+    msg = f"no page body for a {receiver.kind} receiver"  # webhooks: cloudevent_request
+    raise ValueError(msg)
+
+
+STRUCTURED = "application/cloudevents+json; charset=utf-8"
+Request: TypeAlias = tuple[bytes, dict[str, str]]  # body and headers
+# Header values of the HTTP binding: printable ASCII but for space, '"' and '%' as they are.
+_HEADER_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "%"}
+
+
+def _header_value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "".join(c if c in _HEADER_SAFE else urllib.parse.quote(c, safe="") for c in text)
+
+
+def cloudevent_request(receiver: Receiver, event: dict[str, Any]) -> Request:
+    """The HTTP request (body, headers) carrying `event` by the CloudEvents HTTP binding:
+    structured mode (the whole event as JSON) or, with `mode: binary`, its attributes as
+    `ce-*` headers and its data as the body."""
+    if receiver.mode == "structured":
+        return json.dumps(event, separators=(",", ":")).encode(), {"Content-Type": STRUCTURED}
+    headers = {f"ce-{k}": _header_value(v) for k, v in event.items() if k not in ("data", "datacontenttype")}
+    headers["Content-Type"] = str(event.get("datacontenttype", "application/json"))
+    return json.dumps(event.get("data"), separators=(",", ":")).encode(), headers
 
 
 class Notifier:
@@ -311,35 +328,51 @@ class Notifier:
         if fresh:
             tx.commit()
 
-    def _body(self, tx: Session, receiver: Receiver, n: NotificationRow) -> dict[str, Any] | str | None:
-        """The body to send; None: nothing for this receiver; a string: why it cannot be built."""
+    def _request(
+        self, tx: Session, receiver: Receiver, n: NotificationRow
+    ) -> tuple[bytes, dict[str, str]] | str | None:
+        """The request (body, headers) to send; None: nothing for this receiver; a string: why it
+        cannot be built."""
+        if receiver.kind in ("webhook", "log"):
+            row = tx.get(EventRow, n.event_position) if n.event_position is not None else None
+            if row is None or row.ce_id != n.key:
+                return "its event is not in the log"
+            return cloudevent_request(receiver, cloudevent_of(row))
+        body: dict[str, Any] | None
         if n.work_order_id is not None:
             order = tx.get(WorkOrderRow, n.work_order_id)
             entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
-            return (
-                "work order no longer there"
-                if order is None or entry is None
-                else build_page(receiver, n, order, entry)
-            )
-        alert = tx.get(AlertRow, n.alert_id)
-        tr = tx.get(AlertTransitionRow, n.transition_id)
-        return "alert no longer there" if alert is None or tr is None else build(receiver, n, alert, tr)
+            if order is None or entry is None:
+                return "work order no longer there"
+            body = build_page(receiver, order, entry)
+        else:
+            alert = tx.get(AlertRow, n.alert_id)
+            tr = tx.get(AlertTransitionRow, n.transition_id)
+            if alert is None or tr is None:
+                return "alert no longer there"
+            body = build(receiver, n, alert, tr)
+        if body is None:
+            return None
+        return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
 
     def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> bool:
         """One try of `d` (its outcome in `tx`); True when it failed for now and is to be retried."""
         n = tx.get(NotificationRow, d.notification_id)
         receiver = None if n is None else (self.pagers if n.receiver else self.receivers).get(d.receiver)
-        body = (
-            self._body(tx, receiver, n) if receiver is not None and n is not None else "receiver no longer configured"
+        request = (
+            self._request(tx, receiver, n)
+            if receiver is not None and n is not None
+            else "receiver no longer configured"
         )
-        if body is None or isinstance(body, str):
-            d.status, d.last_error = "skipped", body
+        if request is None or isinstance(request, str):
+            d.status, d.last_error = "skipped", request
             tx.add(d)
             return False
-        assert receiver is not None and n is not None  # noqa: PT018, S101 - body was built from them
+        assert receiver is not None and n is not None  # noqa: PT018, S101 - the request was built from them
+        content, headers = request
         d.attempts += 1
         if receiver.kind == "log":
-            log.info("notify %s [%s]: %s", receiver.name, n.key, json.dumps(body, default=str)[:500])
+            log.info("notify %s [%s]: %s", receiver.name, n.key, content[:500].decode(errors="replace"))
             self._delivered(d, receiver, now)
             tx.add(d)
             return False
@@ -347,7 +380,9 @@ class Notifier:
         retry_after: float | None = None
         error: str | None
         try:
-            r = client.post(receiver.url, json=body, headers={"Idempotency-Key": n.key}, timeout=receiver.timeout_s)
+            r = client.post(
+                receiver.url, content=content, headers={**headers, "Idempotency-Key": n.key}, timeout=receiver.timeout_s
+            )
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             outcome, error = "unreachable", f"{type(exc).__name__}: {exc}"[:300]
         except httpx.HTTPError as exc:

@@ -223,11 +223,16 @@ class Receiver(StrictModel):
     severities: list[Severity] | None = None  # only these (default: all)
     routing_key: str | None = None  # PagerDuty integration key
     timeout_s: Duration = 5.0
+    # webhook: the CloudEvents HTTP binding's mode (structured: the event as JSON; binary: ce-* headers)
+    mode: Literal["structured", "binary"] = "structured"
 
     @model_validator(mode="after")
     def _pagerduty_key(self) -> Receiver:
         if self.kind == "pagerduty" and not self.routing_key:
             msg = "a pagerduty receiver needs routing_key"
+            raise ValueError(msg)
+        if self.mode == "binary" and self.kind != "webhook":
+            msg = "mode: binary is for webhook receivers (CloudEvents' binary content mode)"
             raise ValueError(msg)
         if (self.kind == "log") != (self.url is None):
             msg = "a log receiver has no url; every other kind needs one (http:// or https://)"

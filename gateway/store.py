@@ -426,6 +426,28 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def _ce_time(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def cloudevent_of(row: EventRow) -> dict[str, Any]:
+    """A stored event as a CloudEvent 1.0 in the JSON format (structured mode), the one form the
+    API serves and webhooks send. Extensions (names of lowercase letters and digits, as the spec
+    wants): `position` (its place in the log), `receivedat` (when the gateway received it),
+    `seq` (the device's message counter; not the spec's string-valued `sequence`) and `site`,
+    each left out when it has no value."""
+    ce: dict[str, Any] = {
+        "specversion": "1.0", "id": row.ce_id, "source": row.source, "type": row.type, "time": _ce_time(row.time),
+        "subject": row.subject, "datacontenttype": "application/json", "data": row.data,
+        "position": row.id, "receivedat": _ce_time(row.received_at),
+    }  # fmt: skip
+    if row.sequence is not None:
+        ce["seq"] = row.sequence
+    if row.site is not None:
+        ce["site"] = row.site
+    return ce
+
+
 def event_from_row(row: EventRow) -> Event:
     """The stored event as consumers see it, with its log position."""
     return Event(
@@ -508,21 +530,24 @@ def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
     time: datetime,
     site: str | None,
     data: dict[str, Any],
-) -> None:
-    """Append an event the gateway itself derived (an alert, a work order) to the log, in `tx`.
+) -> int:
+    """Append an event the gateway itself derived (an alert, a work order) to the log, in `tx`;
+    returns its position.
 
     Such events have no device sequence (NULL never collides in the idempotency key); they
     commit with whatever caused them, and the flag on the session tells the router to wake the
     consumers after the commit.
     """  # fmt: skip
     lock_log(tx)
-    tx.add(
-        EventRow(
-            ce_id=ce_id[:200], source=source, type=type, subject=subject, time=time,
-            received_at=datetime.now(UTC), sequence=None, part=0, site=site, data=data,
-        )
+    row = EventRow(
+        ce_id=ce_id[:200], source=source, type=type, subject=subject, time=time,
+        received_at=datetime.now(UTC), sequence=None, part=0, site=site, data=data,
     )  # fmt: skip
+    tx.add(row)
+    tx.flush()
     tx.info[LOG_GREW] = True
+    assert row.id is not None  # noqa: S101 - flushed
+    return row.id
 
 
 def shadow_from_row(row: DeviceRow) -> Shadow:

@@ -2,15 +2,16 @@
 # Install what iotgw needs from Debian's packages when it is missing: Mosquitto (broker and
 # clients, for the tests, the demo and the benchmark) and python3-venv (for the virtualenv).
 # With --test also what the tests drive: Chromium (the staff page, headless), Prometheus with
-# promtool (the dashboards' queries and rules) and PostgreSQL (the suite runs on it as well as on
-# SQLite: the server is started when it is not running, with a role `iotgw` and a database
-# `iotgw_test` for the tests).
+# promtool (the dashboards' queries and rules), Alertmanager (the peer of the alertmanager
+# receiver) and PostgreSQL (the suite runs on it as well as on SQLite: the server is started
+# when it is not running, with a role `iotgw` and a database `iotgw_test` for the tests).
 set -euo pipefail
 
 need=()
 if [ "${1:-}" = "--test" ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
     command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+    command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
     command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 fi
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)

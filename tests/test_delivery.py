@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, select
 
-from alerts.engine import AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.engine import ALERT_SOURCE, AlertTransitionRow, DeliveryRow, NotificationRow
 from alerts.rules import RulesError, load_rules
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
+from gateway.store import append_event
 from tests.conftest import running_gateway, wait_for
 from tests.test_dispatch import RULES, WED_10_BERLIN, Clock, api, detail, dispatcher, message, one_order, publish, trap
 from tests.test_notify import Hooks, serving
@@ -46,9 +47,14 @@ def queue_for(gw: Gateway, receiver: str, count: int) -> None:
         tr = tx.exec(select(AlertTransitionRow)).first()
         assert tr is not None
         for i in range(count):
+            key = f"queued-{receiver}-{i}"
+            position = append_event(
+                tx, ce_id=key, source=ALERT_SOURCE, type="alert.acknowledged", subject="el-2", time=now, site="hq",
+                data={"alert_id": tr.alert_id},
+            )  # fmt: skip
             n = NotificationRow(
-                key=f"queued-{receiver}-{i}", alert_id=tr.alert_id, transition_id=tr.id or 0, status="firing",
-                created_at=now, fanned_out=True,
+                key=key, alert_id=tr.alert_id, transition_id=tr.id or 0, status="acknowledged", created_at=now,
+                fanned_out=True, event_position=position,
             )  # fmt: skip
             tx.add(n)
             tx.flush()

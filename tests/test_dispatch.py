@@ -161,7 +161,7 @@ async def ticked(d: Dispatch, clock: Clock, to: datetime) -> None:
 
 
 def pages(pager: Hooks, step: str) -> list[dict[str, Any]]:
-    return [r["body"] for r in pager.ok() if r["body"]["type"] == f"iotgw.workorder.{step}"]
+    return [r["body"] for r in pager.ok() if r["body"]["type"] == f"workorder.{step}"]
 
 
 def ts(value: str) -> datetime:
@@ -211,7 +211,7 @@ async def test_unacknowledged_order_escalates_exactly_at_the_timeout_and_pages_o
         await wait_for(lambda: asyncio.sleep(0, bool(pages(pager, "escalated"))), what="the escalation page")
         await ticked(d, clock, deadline + timedelta(seconds=31))
         (page,) = pages(pager, "escalated")
-        assert (page["data"]["assignee"], page["data"]["level"]) == ("sue", 2)
+        assert (page["data"]["assignee"], page["data"]["level"]) == ("sue", 1)
         sample = gw.metrics.registry.get_sample_value
 
         async def counted() -> bool:

@@ -87,7 +87,7 @@ async def test_seeded_fleet_run_shows_expected_event_types(
             assert e["data"]["floors"] == abs(e["data"]["to_floor"] - e["data"]["from_floor"])
     # Sensor readings: exactly one per acknowledged telemetry message (seq 1..last).
     readings = [e for e in events if e["type"] == "sensor.reading" and e["subject"] == "temp-001"]
-    assert [e["sequence"] for e in readings] == list(range(1, expected_last["temp-001"] + 1))
+    assert [e["seq"] for e in readings] == list(range(1, expected_last["temp-001"] + 1))
 
 
 def _telemetry(seq: int, value: float = 21.0) -> bytes:
@@ -124,7 +124,7 @@ async def test_duplicate_seq_is_stored_once_and_bad_input_is_dead_lettered(
             readings = await _all_events(client, device_id="temp-dup", type="sensor.reading")
             dead = (await client.get("/api/dead-letters")).json()["items"]
             metrics = (await client.get("/metrics")).text
-    assert [e["sequence"] for e in readings] == list(range(1, 12))
+    assert [e["seq"] for e in readings] == list(range(1, 12))
     assert [d["reason"] for d in dead] == reasons
     assert all(d["payload_b64"] for d in dead)
     too_large = next(d for d in dead if d["reason"] == "too_large")

@@ -48,7 +48,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: Hooks
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(raw)
         server = self.server
         if server.delay_s:
             time.sleep(server.delay_s)
@@ -57,7 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
             code = server.always or code
             server.requests.append(
                 {"path": self.path, "key": self.headers.get("Idempotency-Key"), "body": body, "code": code,
-                 "headers": dict(self.headers)}
+                 "headers": dict(self.headers), "raw": raw}
             )  # fmt: skip
         answer = b"" if code < 400 else f"refused: answer {code}".encode()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the sender timed out meanwhile
@@ -150,7 +151,7 @@ receivers:
     assert failed_keys, "the outage really happened"
     assert failed_keys <= {r["key"] for r in ok}, "every failed request was retried with its key until it got through"
     assert [r["body"]["type"] for r in by_path["/hook"]] == [
-        "iotgw.alert.firing", "iotgw.alert.acknowledged", "iotgw.alert.resolved",
+        "alert.firing", "alert.acknowledged", "alert.resolved",
     ]  # fmt: skip
     pd = by_path["/pd"]
     assert [r["body"]["event_action"] for r in pd] == ["trigger", "acknowledge", "resolve"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -22,18 +22,22 @@ class DevicePublic(BaseModel):
 
 
 class EventPublic(BaseModel):
-    """An event of the log: CloudEvents attributes plus its log position."""
+    """An event of the log, as a CloudEvent 1.0 (JSON format), with the extensions `position`
+    (its place in the log), `receivedat`, `seq` (the device's message counter) and `site`;
+    an extension without a value is left out."""
 
-    position: int
+    specversion: Literal["1.0"]
     id: str
     source: str
     type: str
     time: datetime
     subject: str
-    sequence: int | None
-    site: str | None
-    received_at: datetime
+    datacontenttype: Literal["application/json"]
     data: dict[str, Any]
+    position: int
+    receivedat: datetime
+    seq: int | None = None
+    site: str | None = None
 
 
 class EventPage(BaseModel):

@@ -10,12 +10,11 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
-from gateway.api.routes.events import event_public
 from gateway.api.schemas import DevicePublic, EventPublic
 from gateway.errors import GatewayError, ReservedNameError
 from gateway.protocol import DeviceType
 from gateway.security import PasswordFile, provision, reload_broker, revoke
-from gateway.store import DeviceRow, get_device, list_devices, recent_events
+from gateway.store import DeviceRow, cloudevent_of, get_device, list_devices, recent_events
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 DEVICE_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -57,7 +56,8 @@ async def device_events(
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> list[EventPublic]:
     """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
-    return [event_public(r) for r in await asyncio.to_thread(recent_events, store, device_id, limit)]
+    rows = await asyncio.to_thread(recent_events, store, device_id, limit)
+    return [EventPublic.model_validate(cloudevent_of(r)) for r in rows]
 
 
 class ProvisionRequest(BaseModel):
