@@ -86,6 +86,9 @@ class AlertReplayIdRow(SQLModel, table=True):
     rule: str
     device_id: str
     fired_at: datetime = _dt(nullable=False)
+    status: str | None = None  # as it was when the replay was asked for
+    resolved_at: datetime | None = _dt()
+    taken: bool = False  # a rebuilt alert has this id again
 
 
 class AlertTransitionRow(SQLModel, table=True):
@@ -302,6 +305,7 @@ class AlertEngine(BaseConsumer):
     def forget(self) -> None:
         """Drop what is held in memory; it is loaded again from the database when next needed."""
         self._loaded = False
+        self._kept_pending = False  # alerts kept by a replay wait for the first tick after it (tick)
         self._flapping: dict[tuple[str, str], datetime] = {}  # key -> last toggle of its flapping alert
         self._current: _Batch | None = None
         self._devices: dict[str, _Device] = {}
@@ -314,24 +318,24 @@ class AlertEngine(BaseConsumer):
 
         The replay rebuilds it silently (`replaying`: no events, no notifications: they were sent
         already, and stay in the outbox), and each rebuilt alert takes the id it had."""
-        # Asked for during another replay: the alerts not rebuilt yet are still kept from the first.
-        waiting = set(tx.exec(select(AlertReplayIdRow.id)))
+        # Asked for during another replay: what was kept at the first is what happened.
+        waiting = {k.id: k for k in tx.exec(select(AlertReplayIdRow))}
+        for k in waiting.values():
+            k.taken = False
+            tx.add(k)
         kept = [
-            {"id": a.id, "rule": a.rule, "device_id": a.device_id, "fired_at": a.fired_at}
+            {"id": a.id, "rule": a.rule, "device_id": a.device_id, "fired_at": a.fired_at, "status": a.status,
+             "resolved_at": a.resolved_at, "taken": False}
             for a in tx.exec(select(AlertRow))
             if a.id not in waiting
-        ]
+        ]  # fmt: skip
         if kept:
             tx.execute(AlertReplayIdRow.__table__.insert(), kept)  # type: ignore[attr-defined]
         for table in (AlertTransitionRow, AlertRow, AlertKeyRow, AlertDeviceRow):
             tx.exec(delete(table))
         self.forget()
         self._loaded = True  # the tables are empty now
-
-    def replayed(self, tx: Session) -> None:
-        """The replay is over (the router calls this in its last batch): ids not taken again
-        belong to alerts the replay did not rebuild; none is kept for a later one."""
-        tx.exec(delete(AlertReplayIdRow))
+        self._kept_pending = bool(kept or waiting)
 
     def _load(self, tx: Session) -> None:
         if self._loaded:
@@ -343,6 +347,7 @@ class AlertEngine(BaseConsumer):
                 self._keys[(k.rule, k.device_id)] = _decode(dict(k.state))
         for a in tx.exec(select(AlertRow).where(col(AlertRow.status) == AlertStatus.FLAPPING.value)):
             self._flapping[(a.rule, a.device_id)] = a.updated_at
+        self._kept_pending = tx.exec(select(AlertReplayIdRow.id).limit(1)).first() is not None
         self._loaded = True
 
     def _rules_for(self, event_type: str, device_id: str, dev: _Device) -> list[Rule]:
@@ -502,9 +507,17 @@ class AlertEngine(BaseConsumer):
         return (" OR ".join(terms) or "0"), params
 
     def tick(self, tx: Session, now: datetime) -> None:
-        """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`."""
+        """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`.
+
+        The first tick after a replay settles it (`RECONCILING`): what the timer finds due now
+        and what was kept from before the replay tell what happened already (an alert open then
+        fires again silently, under its id; one resolved then resolves silently, at its time)
+        from what is new (told as ever); then nothing is kept any more."""
         self._load(tx)
         b = self._batch(tx)
+        if self._kept_pending and not replaying(tx):
+            tx.info[RECONCILING] = True
+            event.listen(tx, "after_commit", lambda _s: setattr(self, "_kept_pending", False), once=True)
         timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
         # (Keys of this batch too: a replay ticks in the batch that rebuilt them.)
         for (rule_name, device_id), stored in list({**self._keys, **b.keys}.items()):
@@ -520,6 +533,8 @@ class AlertEngine(BaseConsumer):
                 if not self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state)):
                     b.keys[(rule_name, device_id)] = old  # held back: the next tick tries again
         self._write(tx, b)
+        if tx.info.get(RECONCILING):
+            tx.exec(delete(AlertReplayIdRow))
 
     def _inhibited(self, tx: Session, rule: Rule, dev: _Device, at: datetime) -> str | None:
         """Why this rule may not fire now: "broker" (lost; absence rules), "site" (an inhibiting alert)."""
@@ -638,6 +653,9 @@ class AlertEngine(BaseConsumer):
             context = {"device_type": dev.type, "state": {k: v for k, v in values.items() if k not in _VOLATILE}}
             record(tx, alert, None, AlertStatus.FIRING, fired_at, "engine", context=context)
         elif open_alert is not None:
+            kept = tx.get(AlertReplayIdRow, open_alert.id) if _rebuilding(tx) else None
+            if kept is not None and kept.resolved_at is not None and kept.status == AlertStatus.RESOLVED.value:
+                at = max(kept.resolved_at, open_alert.fired_at)  # rebuilt: it resolved then
             resolve(tx, open_alert, at, "engine", "condition cleared")
         return True
 
@@ -696,31 +714,46 @@ def _clears_later(rule: Rule) -> bool:
 ALERT_SOURCE = "iotgw/alerts"
 
 
-# A timer fires as the replay's clock reaches a due time, which is the end of a batch of events
-# or the moment the replay was asked for; the first time it fired within a tick of that time.
-REPLAY_MATCH_S = 5.0
+RECONCILING = "iotgw_alerts_reconciling"  # Session.info: the first tick after a replay (AlertEngine.tick)
+
+
+def _rebuilding(tx: Session) -> bool:
+    return replaying(tx) or bool(tx.info.get(RECONCILING))
 
 
 def _before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tuple[int | None, datetime]:
     """While a replay rebuilds alerts: the id and firing time this alert had before (None, `at`: new).
 
-    An alert fired by an event fires at that event's time again; one fired by the timer may fire
-    later in the replay than it did (or a little earlier): it is the alert of the rule and device
-    that fired closest to then."""
-    if not replaying(tx):
+    An alert fired by an event fires at that event's time again; one fired by the timer fires
+    when the replay's clock (the log's receive times) passes its due time, which may be earlier
+    or later than the first time (the engine was paused, say): it is the alert of the rule and
+    device, not rebuilt yet, that fired closest to then. After the replay, only an alert still
+    open before it can be the one firing again."""
+    if not _rebuilding(tx):
         return None, at
-    candidates = tx.exec(
-        select(AlertReplayIdRow).where(
-            col(AlertReplayIdRow.rule) == rule,
-            col(AlertReplayIdRow.device_id) == device_id,
-            col(AlertReplayIdRow.fired_at) <= at + timedelta(seconds=REPLAY_MATCH_S),
-        )
-    ).all()
+    where = [
+        col(AlertReplayIdRow.rule) == rule,
+        col(AlertReplayIdRow.device_id) == device_id,
+        col(AlertReplayIdRow.taken).is_(False),
+    ]
+    if not replaying(tx):
+        where.append(col(AlertReplayIdRow.status) != AlertStatus.RESOLVED.value)
+    candidates = tx.exec(select(AlertReplayIdRow).where(*where)).all()
     kept = min(candidates, key=lambda k: abs(k.fired_at - at), default=None)
     if kept is None:
         return None, at
-    tx.delete(kept)
+    kept.taken = True
+    tx.add(kept)
     return kept.id, kept.fired_at
+
+
+def _happened_before(tx: Session, alert: AlertRow, new: AlertStatus) -> bool:
+    """On the first tick after a replay: whether this transition of a rebuilt alert happened
+    before the replay (then it is not told again)."""
+    if not tx.info.get(RECONCILING):
+        return False
+    kept = tx.get(AlertReplayIdRow, alert.id)
+    return kept is not None and kept.taken and (new is AlertStatus.FIRING or kept.status == new.value)
 
 
 def record(  # noqa: PLR0913, PLR0917
@@ -742,7 +775,7 @@ def record(  # noqa: PLR0913, PLR0917
     assert alert.id is not None  # noqa: S101 - flushed before
     transition = AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note)
     tx.add(transition)
-    if replaying(tx):
+    if replaying(tx) or _happened_before(tx, alert, new):
         return  # rebuilt after a replay: its notification and its event went out the first time
     tx.flush()
     assert transition.id is not None  # noqa: S101 - flushed

@@ -376,26 +376,10 @@ class Notifier:
             self._delivered(d, receiver, now)
             tx.add(d)
             return False
-        assert receiver.url is not None  # noqa: S101 - validated: every kind but log has one
-        retry_after: float | None = None
-        error: str | None
-        try:
-            r = client.post(
-                receiver.url, content=content, headers={**headers, "Idempotency-Key": n.key}, timeout=receiver.timeout_s
-            )
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            outcome, error = "unreachable", f"{type(exc).__name__}: {exc}"[:300]
-        except httpx.HTTPError as exc:
-            outcome, error = "transient", f"{type(exc).__name__}: {exc}"[:300]
-        else:
-            if r.is_success:
-                outcome, error = "delivered", None
-            else:
-                answer = " ".join(r.text.split())[:200]
-                error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
-                permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX
-                outcome = "rejected" if permanent else "transient"
-                retry_after = _retry_after(r)
+        # Every target (both of an Alertmanager HA pair) must take it; the worst outcome counts.
+        results = [post(client, url, content, {**headers, "Idempotency-Key": n.key}, receiver.timeout_s)
+                   for url in receiver.targets]  # fmt: skip
+        outcome, error, retry_after = max(results, key=lambda x: OUTCOME_RANK[x[0]])
         tx.add(d)
         if outcome == "delivered":
             self._delivered(d, receiver, now)
@@ -422,6 +406,28 @@ class Notifier:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
         self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
+
+
+OUTCOME_RANK = {"delivered": 0, "transient": 1, "rejected": 2, "unreachable": 3}
+
+
+def post(
+    client: httpx.Client, url: str, content: bytes, headers: dict[str, str], timeout_s: float
+) -> tuple[str, str | None, float | None]:
+    """POST once: (outcome, error, Retry-After seconds); outcome delivered, transient (to retry),
+    rejected (a 4xx other than 408, 425, 429: final) or unreachable (a URL no request can use)."""
+    try:
+        r = client.post(url, content=content, headers=headers, timeout=timeout_s)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        return "unreachable", f"{type(exc).__name__}: {exc}"[:300], None
+    except httpx.HTTPError as exc:
+        return "transient", f"{type(exc).__name__}: {exc}"[:300], None
+    if r.is_success:
+        return "delivered", None, None
+    answer = " ".join(r.text.split())[:200]
+    error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
+    permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX
+    return ("rejected" if permanent else "transient"), error, _retry_after(r)
 
 
 def _retry_after(r: httpx.Response) -> float | None:

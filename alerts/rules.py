@@ -181,6 +181,12 @@ class Rule(StrictModel):
     # While an alert of this rule is open at a site, these rules raise no alerts at that site
     # (e.g. a mains failure inhibits the offline alerts it causes).
     inhibits: list[str] = Field(default_factory=list)
+    # For Alertmanager (and anyone reading the alert): extra labels, a longer text, a runbook.
+    labels: dict[
+        Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")], Annotated[str, Field(max_length=200)]
+    ] = Field(default_factory=dict)
+    description: str | None = Field(default=None, max_length=2000)
+    runbook_url: str | None = Field(default=None, pattern=r"^https?://", max_length=500)
 
     @model_validator(mode="after")
     def _exactly_one_condition(self) -> Rule:
@@ -214,22 +220,26 @@ class _Missing(dict[str, Any]):
 
 
 class Receiver(StrictModel):
-    """Where notifications go: a generic webhook (CloudEvents JSON), Alertmanager v4, PagerDuty v2,
-    or `log` (the gateway's own log, for trying things out: no URL)."""
+    """Where notifications go: a generic webhook (CloudEvents), Alertmanager (its API, kept in
+    sync), a consumer of Alertmanager's webhook format, PagerDuty Events v2, or `log` (the
+    gateway's own log, for trying things out: no URL)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    kind: Literal["webhook", "alertmanager", "pagerduty", "log"] = "webhook"
-    url: str | None = Field(default=None, pattern=r"^https?://")
+    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "log"] = "webhook"
+    # alertmanager: the base URL of Alertmanager, or a list of them (an HA pair: each is sent to)
+    url: str | list[str] | None = None
     severities: list[Severity] | None = None  # only these (default: all)
     routing_key: str | None = None  # PagerDuty integration key
     timeout_s: Duration = 5.0
     # webhook: the CloudEvents HTTP binding's mode (structured: the event as JSON; binary: ce-* headers)
     mode: Literal["structured", "binary"] = "structured"
+    # alertmanager: every open alert is sent again this often (and endsAt is 4 times this ahead)
+    resend_interval: Duration = Field(default=60.0, ge=1, le=3600)
 
     @model_validator(mode="after")
-    def _pagerduty_key(self) -> Receiver:
-        if self.kind == "pagerduty" and not self.routing_key:
-            msg = "a pagerduty receiver needs routing_key"
+    def _consistent(self) -> Receiver:
+        if self.kind == "pagerduty" and not PD_ROUTING_KEY.match(self.routing_key or ""):
+            msg = "a pagerduty receiver needs routing_key, its integration key of 32 characters"
             raise ValueError(msg)
         if self.mode == "binary" and self.kind != "webhook":
             msg = "mode: binary is for webhook receivers (CloudEvents' binary content mode)"
@@ -237,16 +247,41 @@ class Receiver(StrictModel):
         if (self.kind == "log") != (self.url is None):
             msg = "a log receiver has no url; every other kind needs one (http:// or https://)"
             raise ValueError(msg)
-        if self.url is not None:
-            try:
-                host = httpx.URL(self.url).host
-            except httpx.InvalidURL as exc:
-                msg = f"url {self.url!r} is not a URL: {exc}"
-                raise ValueError(msg) from exc
-            if not host or any(c.isspace() for c in self.url):
-                msg = f"url {self.url!r} names no host one could reach"
-                raise ValueError(msg)
+        if isinstance(self.url, list) and (self.kind != "alertmanager" or not self.url):
+            msg = "a list of urls is for an alertmanager receiver (an HA pair); other kinds have one url"
+            raise ValueError(msg)
+        for url in self.urls:
+            _check_url(url)
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs as given (none for `log`)."""
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @property
+    def targets(self) -> list[str]:
+        """Where a request goes: Alertmanager's alerts API under each base URL; else the URL."""
+        if self.kind == "alertmanager":
+            return [u.rstrip("/") + "/api/v2/alerts" for u in self.urls]
+        return self.urls
+
+
+PD_ROUTING_KEY = re.compile(r"^[A-Za-z0-9]{32}$")
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        msg = f"url {url!r}: http:// or https:// only"
+        raise ValueError(msg)
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL as exc:
+        msg = f"url {url!r} is not a URL: {exc}"
+        raise ValueError(msg) from exc
+    if not host or any(c.isspace() for c in url):
+        msg = f"url {url!r} names no host one could reach"
+        raise ValueError(msg)
 
 
 class RuleSet(StrictModel):

@@ -234,7 +234,6 @@ class ConsumerRunner:
         self._inflight: tuple[Event | None, int] = (None, 0)  # (first event, last position) of the batch in hand
         self._single_until = 0  # after a failed batch, go event by event up to this position
         self._replay_until = 0  # events up to here are handled again after a replay (REPLAYING)
-        self._replay_at: datetime | None = None  # when the replay was asked for (ConsumerCursorRow.replay_at)
         self._attempts = 0
         self._quiet = QuietLog(log, every_s=10.0)
 
@@ -477,7 +476,6 @@ class ConsumerRunner:
             self.position = max(self.position, row.position) if stored == self._stored else row.position
             self.paused = row.paused
             self._replay_until = row.replay_until or 0
-            self._replay_at = row.replay_at
             self._stored = stored
             tx.commit()
         # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
@@ -561,21 +559,18 @@ class ConsumerRunner:
             return upto - after, len(mine)
 
     def _replay_time(self, tx: Session, after: int, upto: int) -> None:
-        """During a replay, time passes as the events say: the timer steps to the batch's last
-        event time, and at the replay's end to the moment it was asked for. Whatever falls due by
-        then, the consumer did the first time; it is rebuilt in the same silence as the events.
+        """During a replay, time passes as the log says: the timer steps to the time the batch's
+        last event was received (the gateway's clock, which the timer read the first time;
+        device clocks may run ahead). What falls due after the replay, the consumer's own timer
+        finds on its first tick (the alert engine then tells new from rebuilt: `AlertEngine.tick`).
         (A consumer that keeps its state through a replay keeps its timer's doings too.)"""
         if self._tick is None or not self._rebuilds:
             return
-        last = tx.exec(select(func.max(EventRow.time)).where(col(EventRow.id) > after, col(EventRow.id) <= upto)).one()
+        last = tx.exec(
+            select(func.max(EventRow.received_at)).where(col(EventRow.id) > after, col(EventRow.id) <= upto)
+        ).one()
         if last is not None:
             self._tick(tx, last)
-        if upto >= self._replay_until:
-            if self._replay_at is not None and (last is None or self._replay_at > last):
-                self._tick(tx, self._replay_at)
-            done = getattr(self.consumer, "replayed", None)
-            if done is not None:
-                done(tx)
 
     def _wrote(self, tx: Session, mine: Sequence[Event]) -> bool:
         """Whether handling the batch changed anything in `tx` (then its cursor commits with it)."""
@@ -610,9 +605,8 @@ class ConsumerRunner:
         cursor.position = position
         cursor.updated_at = _utcnow()
         if cursor.replay_until is not None and position >= cursor.replay_until:
-            cursor.replay_until = cursor.replay_at = None  # the replay is over: events from here are new
+            cursor.replay_until = None  # the replay is over: events from here are new
             self._replay_until = 0
-            self._replay_at = None
         self._stored = (position, cursor.updated_at)
         tx.add(cursor)
 
@@ -682,11 +676,8 @@ class ConsumerRunner:
                 cursor = tx.get(ConsumerCursorRow, self.name)
                 if cursor is not None and target < reached:
                     cursor.replay_until = max(reached, cursor.replay_until or 0)
-                    # A replay asked for during another one: the timer stopped at the first.
-                    cursor.replay_at = cursor.replay_at or self._clock()
                     tx.add(cursor)
                     self._replay_until = cursor.replay_until
-                    self._replay_at = cursor.replay_at
                 self._reload_holder(tx)
                 tx.commit()
                 self.lease.epoch = None

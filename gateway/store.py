@@ -141,9 +141,6 @@ class ConsumerCursorRow(SQLModel, table=True):
     # After a replay: the position the consumer had reached before. Up to it, the events are
     # handled again to rebuild state (Session.info[REPLAYING]); their effects happened already.
     replay_until: int | None = _big()
-    # When the replay was asked for, by the consumer's clock: the consumer's timer had acted up
-    # to then, so what falls due by then is rebuilt silently too (see ConsumerRunner).
-    replay_at: datetime | None = _dt()
 
 
 class LeaseRow(SQLModel, table=True):

@@ -418,3 +418,26 @@ async def test_a_replay_cut_short_by_a_restart_still_rebuilds_silently(
         await wait_for(lambda: asyncio.to_thread(replay_over, gw), what="the replay to end")
         await asyncio.sleep(3.0)
         assert history(gw) == before
+
+
+async def test_what_falls_due_while_the_engine_is_paused_is_new_after_a_replay(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with (
+        running_gateway(alert_settings(broker)) as gw,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client,
+    ):
+        async with mqtt_client(broker.url_as("tester"), "h-7") as c:
+            await c.publish("devices/h-7/telemetry", reading_now(1), qos=1)
+        await caught_up(gw, "h-7", 1)
+        assert (await client.post("/api/consumers/alerts/pause")).status_code == 200
+        await asyncio.sleep(3.0)  # past h-7's heartbeat, with no tick: nothing has fired yet
+        assert history(gw)[0] == []
+        assert (await client.post("/api/consumers/alerts/replay", json={"from_position": 1})).status_code == 200
+        assert (await client.post("/api/consumers/alerts/resume")).status_code == 200
+
+        async def told() -> bool:
+            alerts, events, notifications = await asyncio.to_thread(history, gw)
+            return len(alerts) == 1 and len(events) == 1 and notifications == 1
+
+        await wait_for(told, timeout=15, what="the new alert with its event and notification")

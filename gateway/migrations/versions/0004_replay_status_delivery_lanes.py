@@ -1,4 +1,4 @@
-"""consumer cursors: when a replay was asked for (its timer is rebuilt up to then); deliveries: lanes, age; notifications: their event
+"""alerts kept across a replay: their status then; deliveries: lanes, age; notifications: their event
 
 Revision ID: 0004
 Revises: 0003
@@ -8,6 +8,7 @@ Create Date: 2026-12-01 12:30:00
 from __future__ import annotations
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 import gateway.store
@@ -19,7 +20,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("consumer_cursors", sa.Column("replay_at", gateway.store.UTCDateTime(), nullable=True))
+    op.add_column("alert_replay_ids", sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
+    op.add_column("alert_replay_ids", sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True))
+    op.add_column("alert_replay_ids", sa.Column("taken", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("notification_deliveries", sa.Column("created_at", gateway.store.UTCDateTime(), nullable=True))
     op.add_column(
         "notifications",
@@ -34,4 +37,6 @@ def downgrade() -> None:
     op.drop_index("ix_notification_deliveries_lane", table_name="notification_deliveries")
     op.drop_column("notifications", "event_position")
     op.drop_column("notification_deliveries", "created_at")
-    op.drop_column("consumer_cursors", "replay_at")
+    op.drop_column("alert_replay_ids", "taken")
+    op.drop_column("alert_replay_ids", "resolved_at")
+    op.drop_column("alert_replay_ids", "status")
