@@ -94,6 +94,10 @@ class WorkOrderRow(SQLModel, table=True):
     resolved_by: str | None = None
     problem: str | None = None  # the callback record: what was found...
     action: str | None = None  # ...and what was done
+    # Who was paged last, and at which contact: their page is followed (acknowledged, resolved,
+    # or resolved when the order passes to someone else), so every incident opened is closed.
+    paged: str | None = None
+    paged_contact: str | None = None
     version: int | None = Field(default=None, sa_column=_version)
 
 
@@ -273,7 +277,15 @@ class Dispatch(BaseConsumer):
                 deadline = now + timedelta(seconds=timeout)
                 if order.ack_deadline is None or deadline < order.ack_deadline:
                     order.ack_deadline = deadline
-            record_step(tx, order, "priority_raised", now, note=f"now {priority.value}: {summary}"[:2000], notify=to)
+            record_step(
+                tx,
+                order,
+                "priority_raised",
+                now,
+                note=f"now {priority.value}: {summary}"[:2000],
+                notify=to,
+                follow=self._follows(to),
+            )
         order.updated_at = now
         tx.add(order)
 
@@ -362,7 +374,14 @@ class Dispatch(BaseConsumer):
         note = f"level {a.level + 1}: {a.technician.role} {a.technician.name}; acknowledge by {a.deadline:%H:%M:%S}Z"
         if a.skipped:
             note += f" (nobody on shift at level {', '.join(str(i + 1) for i in a.skipped)})"
-        record_step(tx, order, kind, now, note=note, notify=a.technician)
+        record_step(tx, order, kind, now, note=note, notify=a.technician, follow=self._follows(a.technician))
+
+    def _follows(self, person: Technician | None) -> bool:
+        """Whether a page to this person opens an incident that the order's steps then follow."""
+        if person is None:
+            return False
+        contact = next((r for r in self.roster.receivers if r.name == person.contact), None)
+        return contact is not None and contact.kind == "pagerduty"
 
     def _escalate(self, tx: Session, order: WorkOrderRow, now: datetime) -> None:
         policy = self.roster.policy_for(order.site, Priority(order.priority))
@@ -386,7 +405,7 @@ class Dispatch(BaseConsumer):
         order.updated_at = now
         tx.add(order)
         note = f"still not acknowledged; paging {person.name} again (last level)"
-        record_step(tx, order, "renotified", now, note=note, notify=person)
+        record_step(tx, order, "renotified", now, note=note, notify=person, follow=self._follows(person))
 
     # -- people's actions (the API) ----------------------------------------------------------------
 
@@ -443,7 +462,9 @@ class Dispatch(BaseConsumer):
                 note = f"problem: {problem}; action: {corrective}" + (f"; {note}" if note else "")
         order.updated_at = now
         tx.add(order)
-        record_step(tx, order, _STEP_OF_ACTION[action], now, by=by, note=note, notify=notify)
+        record_step(
+            tx, order, _STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
+        )
         return order
 
 
@@ -475,6 +496,7 @@ def record_step(  # noqa: PLR0913
     by: str = "dispatch",
     note: str | None = None,
     notify: Technician | None = None,
+    follow: bool = False,
 ) -> WorkOrderEntryRow:
     """One timeline entry, its `workorder.<kind>` event in the log and, for `notify`, a page."""
     assert order.id is not None  # noqa: S101 - flushed before
@@ -495,14 +517,38 @@ def record_step(  # noqa: PLR0913
         tx, ce_id=key, source=WORK_ORDER_SOURCE, type=f"workorder.{kind}", subject=order.device_id, time=at,
         site=order.site, data=data,
     )  # fmt: skip
-    if notify is not None:  # the page is this event (same id), to one person's contact
+
+    def page(person: str, contact: str, status: str, suffix: str = "") -> None:
         tx.add(
             NotificationRow(
-                key=key, alert_id=order.first_alert_id, transition_id=0, status=kind, created_at=at,
-                work_order_id=order.id, entry_id=entry.id, receiver=notify.contact, event_position=position,
+                key=key + suffix, alert_id=order.first_alert_id, transition_id=0, status=status, created_at=at,
+                work_order_id=order.id, entry_id=entry.id, receiver=contact, person=person, event_position=position,
             )
         )  # fmt: skip
+
+    previous = (order.paged, order.paged_contact) if order.paged and order.paged_contact else None
+    if notify is not None:  # the page is this event (same id), to one person's contact
+        if previous is not None and previous[0] != notify.id:
+            page(*previous, HANDED_OVER, "-handover")  # the order is someone else's now
+            order.paged = order.paged_contact = None
+        page(notify.id, notify.contact, kind)
+        if follow:  # an incident (PagerDuty), to be acknowledged and resolved as the order goes
+            order.paged, order.paged_contact = notify.id, notify.contact
+        tx.add(order)
+    elif previous is not None and kind == "unassigned":
+        page(*previous, HANDED_OVER, "-handover")  # nobody has it now: not that person either
+        order.paged = order.paged_contact = None
+        tx.add(order)
+    elif previous is not None and kind in FOLLOWED_STEPS:
+        page(*previous, kind)  # the person paged learns the order moved on
+        if kind == "resolved":
+            order.paged = order.paged_contact = None
+            tx.add(order)
     return entry
+
+
+HANDED_OVER = "handed_over"  # a page's status: the order passed from this person to another
+FOLLOWED_STEPS = ("acknowledged", "en_route", "on_site", "resolved")  # told to the person paged
 
 
 def _iso(t: datetime | None) -> str | None:

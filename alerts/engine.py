@@ -127,7 +127,8 @@ class NotificationRow(SQLModel, table=True):
     work_order_id: int | None = Field(default=None, index=True)
     entry_id: int | None = None
     receiver: str | None = None
-    # The event of the log this notification announces (same id): what CloudEvents receivers get.
+    person: str | None = None  # a page: the technician it is for (PagerDuty: one incident per order and person)
+    # The event of the log this notification announces: what CloudEvents receivers get.
     event_position: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer(), "sqlite")))
 
 

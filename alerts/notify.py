@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -31,9 +33,9 @@ import httpx
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
-from alerts.engine import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
-from alerts.rules import Receiver
+from alerts.dispatch import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
+from alerts.engine import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
+from alerts.rules import Receiver, Rule
 from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
 LANE_BATCH = 100  # deliveries one lane tries per round at most
+SYNC_BATCH = 500  # alerts per request to Alertmanager
+SYNC_RETRY_S = 5.0  # an Alertmanager that did not take the state is tried again this soon
 TRANSIENT_4XX = frozenset({408, 425, 429})
 FAILURE_REASONS = ("rejected", "unreachable", "expired")  # iotgw_notifications_failed_total{reason}
 PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
@@ -55,7 +59,59 @@ def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTransitionRow) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class Links:
+    """What bodies say beyond the alert itself: where the staff page is, the rules' extras."""
+
+    public_url: str = "http://127.0.0.1:8000"
+    rules: Mapping[str, Rule] = field(default_factory=dict)
+
+    def alert(self, alert_id: int | None) -> str:
+        return f"{self.public_url}/ui/?alert={alert_id}"
+
+    def order(self, order_id: int | None) -> str:
+        return f"{self.public_url}/ui/?work_order={order_id}"
+
+
+def am_alert(alert: AlertRow, device_type: str | None, links: Links, ends_at: datetime) -> dict[str, Any]:
+    """One alert as Alertmanager's API takes it (`POST /api/v2/alerts`, a list of these)."""
+    rule = links.rules.get(alert.rule)
+    labels = {
+        **(rule.labels if rule is not None else {}),
+        "alertname": alert.rule, "device": alert.device_id, "severity": alert.severity, "source": "iotgw",
+    }  # fmt: skip
+    if alert.site:
+        labels["site"] = alert.site  # (an empty label is no label to Alertmanager)
+    if device_type:
+        labels["device_type"] = device_type
+    annotations = {"summary": alert.summary}
+    if rule is not None and rule.description:
+        annotations["description"] = rule.description
+    if rule is not None and rule.runbook_url:
+        annotations["runbook_url"] = rule.runbook_url
+    return {
+        "labels": labels, "annotations": annotations, "startsAt": _iso(alert.fired_at), "endsAt": _iso(ends_at),
+        "generatorURL": links.alert(alert.id),
+    }  # fmt: skip
+
+
+def am_ends_at(receiver: Receiver, alert: AlertRow, now: datetime) -> datetime:
+    """As Prometheus does: an open alert ends 4 resend intervals ahead unless sent again; a
+    resolved one ended when it resolved."""
+    if alert.status == "resolved" and alert.resolved_at is not None:
+        return alert.resolved_at
+    return now + timedelta(seconds=4 * receiver.resend_interval)
+
+
+def build(  # noqa: PLR0913, PLR0917
+    receiver: Receiver,
+    n: NotificationRow,
+    alert: AlertRow,
+    tr: AlertTransitionRow,
+    links: Links,
+    device_type: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any] | list[dict[str, Any]] | None:
     """The request body for an Alertmanager or PagerDuty receiver, or None when the receiver has
     no such transition (CloudEvents receivers get the log's event: `cloudevent_request`)."""
     facts = {
@@ -64,8 +120,11 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
         "by": tr.by, "note": tr.note, "from_status": tr.from_status,
     }  # fmt: skip
     if receiver.kind == "alertmanager":
+        # Its current state: a late retry never sends Alertmanager back to an older one.
+        return [am_alert(alert, device_type, links, am_ends_at(receiver, alert, now or datetime.now(UTC)))]
+    if receiver.kind == "alertmanager-webhook":
         if n.status == "acknowledged":
-            return None  # Alertmanager knows only firing and resolved
+            return None  # Alertmanager's webhook format knows only firing and resolved
         am_status = "resolved" if n.status == "resolved" else "firing"
         labels = {
             "alertname": alert.rule,
@@ -76,11 +135,11 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
         return {
             "version": "4", "groupKey": f"{alert.rule}:{alert.device_id}", "truncatedAlerts": 0,
             "status": am_status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
-            "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": "",
+            "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": links.public_url,
             "alerts": [{
                 "status": am_status, "labels": labels, "annotations": {"summary": alert.summary},
                 "startsAt": _iso(alert.fired_at), "endsAt": _iso(alert.resolved_at) or "0001-01-01T00:00:00Z",
-                "generatorURL": "", "fingerprint": f"iotgw-{alert.id}",
+                "generatorURL": links.alert(alert.id), "fingerprint": f"iotgw-{alert.id}",
             }],
         }  # fmt: skip
     body: dict[str, Any] = {
@@ -90,30 +149,52 @@ def build(receiver: Receiver, n: NotificationRow, alert: AlertRow, tr: AlertTran
     }
     if n.status in ("firing", "flapping"):
         body["payload"] = {
-            "summary": alert.summary, "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
-            "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site, "custom_details": facts,
+            "summary": alert.summary[:1024], "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
+            "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site or NO_SITE,
+            "class": alert.rule, "custom_details": facts,
         }  # fmt: skip
+        body |= _pd_links(links, links.alert(alert.id), "The alert on the staff page")
     return body
 
 
-def build_page(receiver: Receiver, order: WorkOrderRow, entry: WorkOrderEntryRow) -> dict[str, Any]:
-    """The request body paging a person about a work order."""
-    facts = {
-        "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
-        "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
-        "level": (entry.level or 0) + 1, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
-    }  # fmt: skip
-    if receiver.kind == "pagerduty":  # (CloudEvents receivers get the log's event: `cloudevent_request`)
-        return {
-            "routing_key": receiver.routing_key, "event_action": "trigger", "dedup_key": f"iotgw-workorder-{order.id}",
-            "payload": {
-                "summary": f"[{order.priority}] {order.summary}"[:1024], "source": order.device_id,
-                "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": _iso(entry.at),
-                "component": "work-order", "group": order.site, "custom_details": facts,
-            },
+NO_SITE = "no site"  # PagerDuty's payload.group is a string
+
+
+def _pd_links(links: Links, href: str, text: str) -> dict[str, Any]:
+    return {"links": [{"href": href, "text": text}], "client": "iotgw", "client_url": f"{links.public_url}/ui/"}
+
+
+PD_PAGE_ACTION = {"acknowledged": "acknowledge", "en_route": "acknowledge", "on_site": "acknowledge",
+                  "resolved": "resolve", HANDED_OVER: "resolve"}  # fmt: skip
+
+
+def build_page(
+    receiver: Receiver, n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow, links: Links
+) -> dict[str, Any]:
+    """The PagerDuty event for a page: one incident per order and person, triggered when the
+    person is paged, acknowledged when the order is acknowledged, en route or on site, resolved
+    when it is resolved or passes to someone else."""
+    if receiver.kind != "pagerduty":
+        msg = f"no page body for a {receiver.kind} receiver"  # webhooks: cloudevent_request
+        raise ValueError(msg)
+    person = n.person or entry.assignee
+    action = PD_PAGE_ACTION.get(n.status, "trigger")
+    dedup_key = f"iotgw-workorder-{order.id}-{person}"
+    body: dict[str, Any] = {"routing_key": receiver.routing_key, "event_action": action, "dedup_key": dedup_key}
+    if action == "trigger":
+        facts = {
+            "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
+            "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
+            "level": entry.level, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
         }  # fmt: skip
-    msg = f"no page body for a {receiver.kind} receiver"  # webhooks: cloudevent_request
-    raise ValueError(msg)
+        body["payload"] = {
+            "summary": f"[{order.priority}] {order.summary}"[:1024], "source": order.device_id,
+            "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": _iso(entry.at),
+            "component": order.device_type or "device", "group": order.site or NO_SITE,
+            "class": f"work-order {order.priority}", "custom_details": facts,
+        }  # fmt: skip
+        body |= _pd_links(links, links.order(order.id), "The work order on the staff page")
+    return body
 
 
 STRUCTURED = "application/cloudevents+json; charset=utf-8"
@@ -154,6 +235,7 @@ class Notifier:
         interval_s: float = 0.5,
         lease: Lease | None = None,
         max_age_s: float = 86400.0,
+        links: Callable[[], Links] = Links,
     ) -> None:
         self.store = store
         self._receivers = receivers  # every alert notification fans out to these
@@ -163,6 +245,8 @@ class Notifier:
         self.metrics = metrics
         self.interval_s = interval_s
         self.max_age_s = max_age_s
+        self.links = links  # the staff page's address and the rules (read afresh: they may change)
+        self._synced: dict[str, float] = {}  # Alertmanager receiver -> when all its open alerts were sent (monotonic)
         # In a cluster, one instance delivers: the one holding this lease.
         self.lease = lease
         self._stopping: asyncio.Event | None = None
@@ -188,6 +272,12 @@ class Notifier:
                     if lane is None or lane.done():
                         client = clients.get(name) or clients.setdefault(name, httpx.Client(follow_redirects=False))
                         lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, client, name))
+                for name in self._syncs_due():  # Alertmanager: the whole state again, beside its lane
+                    key = f"sync:{name}"
+                    sync = lanes.get(key)
+                    if sync is None or sync.done():
+                        client = clients.get(key) or clients.setdefault(key, httpx.Client(follow_redirects=False))
+                        lanes[key] = asyncio.create_task(asyncio.to_thread(self._sync_round, client, name))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.interval_s)
         finally:
@@ -197,6 +287,58 @@ class Notifier:
                 client.close()
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.release)
+
+    def _syncs_due(self) -> list[str]:
+        if self.lease is not None and not self.lease.held:
+            return []
+        now = time.monotonic()
+        return [
+            r.name for r in self.receivers.values() if r.kind == "alertmanager" and self._synced.get(r.name, 0) <= now
+        ]
+
+    def _sync_round(self, client: httpx.Client, name: str) -> bool:
+        receiver = self.receivers.get(name)
+        if receiver is None:
+            return False
+        try:
+            ok = self.sync_alertmanager(client, receiver)
+        except StoreError as exc:
+            self._quiet.warn("store", "alertmanager %s: database error: %s", name, exc)
+            ok = False
+        # Sent: again after the resend interval; not: soon (Alertmanager restarting, say).
+        wait = receiver.resend_interval if ok else min(receiver.resend_interval, SYNC_RETRY_S)
+        self._synced[name] = time.monotonic() + wait
+        return ok
+
+    def sync_alertmanager(self, client: httpx.Client, receiver: Receiver, now: datetime | None = None) -> bool:
+        """Send every open alert to Alertmanager (each of its URLs), as Prometheus does: state, not
+        one message per change. A lost request, or either side restarting with no memory, is made
+        good within one resend interval. Alerts under a silence of the gateway's are not sent (they
+        end in Alertmanager with their endsAt); when the silence ends they are sent again."""
+        now = now or datetime.now(UTC)
+        links = self.links()
+        with self.store.session() as tx:
+            alerts = list(tx.exec(select(AlertRow).where(col(AlertRow.status).in_(OPEN)).order_by(col(AlertRow.id))))
+            silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now)))
+            devices = {a.device_id for a in alerts}
+            seen = tx.exec(select(AlertDeviceRow).where(col(AlertDeviceRow.device_id).in_(devices))).all()
+            types = {d.device_id: d.type for d in seen}
+        wanted = [
+            a for a in alerts
+            if (receiver.severities is None or a.severity in receiver.severities)
+            and not any(s.matches(a, now) for s in silences)
+        ]  # fmt: skip
+        bodies = [am_alert(a, types.get(a.device_id), links, am_ends_at(receiver, a, now)) for a in wanted]
+        ok = True
+        for i in range(0, len(bodies), SYNC_BATCH):
+            content = json.dumps(bodies[i : i + SYNC_BATCH], separators=(",", ":")).encode()
+            for url in receiver.targets:
+                outcome, error, _ = post(client, url, content, {"Content-Type": "application/json"}, receiver.timeout_s)
+                if outcome != "delivered":
+                    ok = False
+                    self._quiet.warn(f"sync:{receiver.name}", "alertmanager %s at %s: %s", receiver.name, url, error)
+        self.metrics.notification_receiver_failing.labels(receiver.name).set(0 if ok else 1)
+        return ok
 
     def stop(self) -> None:
         """Ask `run` to end after the rounds in hand (their threads hold database sessions)."""
@@ -328,29 +470,29 @@ class Notifier:
         if fresh:
             tx.commit()
 
-    def _request(
-        self, tx: Session, receiver: Receiver, n: NotificationRow
-    ) -> tuple[bytes, dict[str, str]] | str | None:
+    def _request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | str | None:
         """The request (body, headers) to send; None: nothing for this receiver; a string: why it
         cannot be built."""
         if receiver.kind in ("webhook", "log"):
             row = tx.get(EventRow, n.event_position) if n.event_position is not None else None
-            if row is None or row.ce_id != n.key:
+            if row is None:
                 return "its event is not in the log"
             return cloudevent_request(receiver, cloudevent_of(row))
-        body: dict[str, Any] | None
+        body: dict[str, Any] | list[dict[str, Any]] | None
+        links = self.links()
         if n.work_order_id is not None:
             order = tx.get(WorkOrderRow, n.work_order_id)
             entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
             if order is None or entry is None:
                 return "work order no longer there"
-            body = build_page(receiver, order, entry)
+            body = build_page(receiver, n, order, entry, links)
         else:
             alert = tx.get(AlertRow, n.alert_id)
             tr = tx.get(AlertTransitionRow, n.transition_id)
             if alert is None or tr is None:
                 return "alert no longer there"
-            body = build(receiver, n, alert, tr)
+            seen = tx.get(AlertDeviceRow, alert.device_id)
+            body = build(receiver, n, alert, tr, links, seen.type if seen is not None else None)
         if body is None:
             return None
         return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}

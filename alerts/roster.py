@@ -178,7 +178,7 @@ class Roster(StrictModel):
             if receiver is None:
                 msg = f"technician {t.id}: contact {t.contact!r} is not one of the receivers ({', '.join(receivers)})"
                 raise ValueError(msg)
-            if receiver.kind == "alertmanager":
+            if receiver.kind in ("alertmanager", "alertmanager-webhook"):
                 msg = f"technician {t.id}: an alertmanager receiver cannot page a person; use webhook or pagerduty"
                 raise ValueError(msg)
         if not any(p.sites == ["*"] and p.priorities is None for p in self.policies):

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # A notification that keeps failing for now (5xx, timeouts, no connection) is retried for this
     # long, then given up as expired (iotgw_notifications_failed_total{reason="expired"}).
     notify_max_age_s: float = Field(default=86400.0, gt=0)
+    # The gateway's address as people reach it (behind a proxy, say): links in notifications
+    # (Alertmanager's generatorURL, PagerDuty's links) point to its staff page. Empty: the
+    # address it listens on.
+    public_url: str = Field(default="", pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$")
     http_host: str = "127.0.0.1"
     http_port: Port = 8000
     max_message_bytes: int = Field(default=16 * 1024, ge=256, le=BROKER_MESSAGE_LIMIT)

@@ -8,7 +8,7 @@ import functools
 import logging
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -26,6 +26,9 @@ from gateway.security import PasswordFile, has_api_keys, reserved_in_use
 from gateway.sequencer import Sequencer
 from gateway.store import Store
 from gateway.tasks import stop_task
+
+if TYPE_CHECKING:
+    from alerts.notify import Links
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,16 @@ class Gateway:
         roster = getattr(runner.consumer, "roster", None) if runner is not None else None
         return list(getattr(roster, "receivers", None) or [])
 
+    def _links(self) -> Links:
+        """The staff page's address and the alert rules, for what notifications link and label."""
+        from alerts.notify import Links  # noqa: PLC0415 - only with the alert engine or dispatch
+
+        s = self.settings
+        base = s.public_url.rstrip("/") or f"http://{s.http_host}:{s.http_port}"
+        runner = self.router.runners.get("alerts")
+        rules = getattr(runner.consumer, "rules", None) if runner is not None else None
+        return Links(base, {r.name: r for r in rules or ()})
+
     def _start_notifier(self) -> None:
         from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine or dispatch
 
@@ -260,7 +273,7 @@ class Gateway:
             lease = Lease("notifier", self.settings.instance_name, self.settings.lease_s)
             notifier = Notifier(
                 self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease,
-                max_age_s=self.settings.notify_max_age_s,
+                max_age_s=self.settings.notify_max_age_s, links=self._links,
             )  # fmt: skip
             self._notifier = notifier
             self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")

@@ -6,21 +6,36 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlmodel import col, select
 
+from alerts.dispatch import Dispatch
 from alerts.engine import ALERT_SOURCE, AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.roster import load_roster
 from alerts.rules import RulesError, load_rules
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway
 from gateway.store import append_event
 from tests.conftest import running_gateway, wait_for
-from tests.test_dispatch import RULES, WED_10_BERLIN, Clock, api, detail, dispatcher, message, one_order, publish, trap
-from tests.test_notify import Hooks, serving
+from tests.test_dispatch import (
+    ROSTER,
+    RULES,
+    WED_10_BERLIN,
+    Clock,
+    api,
+    detail,
+    dispatcher,
+    message,
+    one_order,
+    publish,
+    ticked,
+    trap,
+)
+from tests.test_notify import PD_KEY, Hooks, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +202,62 @@ receivers:
 def test_a_receiver_url_no_request_could_use_is_refused_when_the_rules_load(url: str) -> None:
     with pytest.raises(RulesError, match=r"receivers\.0: Value error, url '"):
         load_rules(f"rules: []\nreceivers:\n  - {{name: typo, kind: webhook, url: '{url}'}}\n")
+
+
+async def test_pagerduty_incidents_follow_the_work_order_and_every_one_opened_is_closed(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    with serving() as pd:
+        url = f"http://127.0.0.1:{pd.server_address[1]}/v2/enqueue"
+        contact = f'{{{{name: pager, kind: pagerduty, url: "{url}", routing_key: {PD_KEY}}}}}'
+        roster = ROSTER.replace('{{name: pager, kind: webhook, url: "{url}"}}', contact)
+        d = Dispatch(load_roster(roster.format()), clock=clock)
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(RULES)
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules), public_url="https://gw.example")
+        async with running_gateway(settings, consumers=[d]) as gw, api(gw) as c:
+            await trap(broker, clock)
+            order = await one_order(gw, "the entrapment's work order")
+            oid = order["id"]
+
+            def sent() -> list[tuple[str, str]]:
+                return [(r["body"]["event_action"], r["body"]["dedup_key"]) for r in pd.ok()]
+
+            await wait_for(lambda: asyncio.sleep(0, len(sent()) == 1), what="tina's incident")
+            await ticked(d, clock, WED_10_BERLIN + timedelta(minutes=5))  # not acknowledged: on to sue
+            await wait_for(lambda: asyncio.sleep(0, len(sent()) == 3), what="the hand-over")
+            for step, path in (("acknowledge", "ack"), ("en_route", "en-route"), ("on_site", "on-site")):
+                r = await c.post(f"/api/work-orders/{oid}/{path}", json={"by": "sue"})
+                assert r.status_code == 200, (step, r.text)
+            r = await c.post(
+                f"/api/work-orders/{oid}/resolve", json={"by": "sue", "problem": "door", "action": "fixed"}
+            )
+            assert r.status_code == 200, r.text
+            await wait_for(lambda: asyncio.sleep(0, len(sent()) == 7), what="every step told")
+            pages = (await detail(gw, oid))["pages"]
+        tina, sue = f"iotgw-workorder-{oid}-tina", f"iotgw-workorder-{oid}-sue"
+        assert sent() == [
+            ("trigger", tina),
+            ("resolve", tina), ("trigger", sue),  # handed over: tina's incident closed, sue's opened
+            ("acknowledge", sue), ("acknowledge", sue), ("acknowledge", sue),
+            ("resolve", sue),
+        ]  # fmt: skip
+        opened = {k for a, k in sent() if a == "trigger"}
+        assert opened == {k for a, k in sent() if a == "resolve"}, "every incident opened is closed"
+        assert [p["delivery"] for p in pages] == ["delivered"] * 7
+        first = pd.ok()[0]["body"]
+        assert first["routing_key"] == PD_KEY
+        payload = first["payload"]
+        assert (payload["group"], payload["class"], payload["severity"]) == ("hq", "work-order P1", "critical")
+        assert first["links"] == [{"href": f"https://gw.example/ui/?work_order={oid}",
+                                   "text": "The work order on the staff page"}]  # fmt: skip
+        assert (first["client"], first["client_url"]) == ("iotgw", "https://gw.example/ui/")
+
+
+def test_a_pagerduty_routing_key_is_checked_when_the_rules_load() -> None:
+    with pytest.raises(RulesError, match="32 characters"):
+        load_rules(
+            "rules: []\nreceivers:\n  - {name: pd, kind: pagerduty, url: 'https://events.pagerduty.com/v2/enqueue',"
+            " routing_key: KEY}\n"
+        )

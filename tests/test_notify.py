@@ -24,6 +24,8 @@ from tests.test_alerts import alerts_of, caught_up, state
 
 pytestmark = pytest.mark.anyio
 
+PD_KEY = "R0123456789abcdef0123456789abcde"  # an integration key: 32 characters
+
 
 class Hooks(ThreadingHTTPServer):
     """Records every request; answers 503 to the first `fail_first` of them, or `always` to all
@@ -110,8 +112,8 @@ rules:
       clear: {{type: elevator.fault.cleared, data: {{code: DOOR_JAM}}}}
 receivers:
   - {{name: hook, kind: webhook, url: "{base}/hook"}}
-  - {{name: am, kind: alertmanager, url: "{base}/am"}}
-  - {{name: pd, kind: pagerduty, url: "{base}/pd", routing_key: rk-123}}
+  - {{name: am, kind: alertmanager-webhook, url: "{base}/am"}}
+  - {{name: pd, kind: pagerduty, url: "{base}/pd", routing_key: {PD_KEY}}}
   - {{name: pager-critical-only, kind: webhook, url: "{base}/critical", severities: [critical]}}
 """)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
@@ -156,7 +158,7 @@ receivers:
     pd = by_path["/pd"]
     assert [r["body"]["event_action"] for r in pd] == ["trigger", "acknowledge", "resolve"]
     assert len({r["body"]["dedup_key"] for r in pd}) == 1
-    assert pd[0]["body"]["routing_key"] == "rk-123"
+    assert pd[0]["body"]["routing_key"] == PD_KEY
     assert pd[0]["body"]["payload"]["severity"] == "error"
     assert [r["body"]["status"] for r in by_path["/am"]] == ["firing", "resolved"]
     assert by_path["/am"][0]["body"]["alerts"][0]["labels"]["alertname"] == "door-jam"

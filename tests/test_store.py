@@ -116,7 +116,7 @@ def test_an_older_database_gains_the_new_nullable_columns_at_start(tmp_path: Pat
     with sqlite3.connect(db) as conn:
         columns = [row[1] for row in conn.execute("pragma table_info(notifications)")]
         kept = conn.execute("select key, receiver from notifications").fetchall()
-    assert columns[-4:] == ["work_order_id", "entry_id", "receiver", "event_position"]
+    assert columns[-5:] == ["work_order_id", "entry_id", "receiver", "person", "event_position"]
     assert kept == [("k", None)]
 
 

@@ -1,4 +1,4 @@
-"""alerts kept across a replay: their status then; deliveries: lanes, age; notifications: their event
+"""alerts kept across a replay: their status then; deliveries: lanes, age; notifications: their event and person; work orders: who was paged
 
 Revision ID: 0004
 Revises: 0003
@@ -28,6 +28,9 @@ def upgrade() -> None:
         "notifications",
         sa.Column("event_position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
     )
+    op.add_column("notifications", sa.Column("person", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
+    op.add_column("work_orders", sa.Column("paged", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
+    op.add_column("work_orders", sa.Column("paged_contact", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
     op.create_index(
         "ix_notification_deliveries_lane", "notification_deliveries", ["status", "receiver", "id"], unique=False
     )
@@ -35,6 +38,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_notification_deliveries_lane", table_name="notification_deliveries")
+    op.drop_column("work_orders", "paged_contact")
+    op.drop_column("work_orders", "paged")
+    op.drop_column("notifications", "person")
     op.drop_column("notifications", "event_position")
     op.drop_column("notification_deliveries", "created_at")
     op.drop_column("alert_replay_ids", "taken")
