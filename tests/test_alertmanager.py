@@ -182,3 +182,22 @@ async def test_alerts_reach_a_real_alertmanager_stay_in_step_and_come_back_after
                            what="the open alert sent again")  # fmt: skip
             assert time.monotonic() - started <= 2.0 + 1.5, "within one resend interval (2 s), and a little"
             assert await asyncio.to_thread(am.of, "el-1") is None, "a resolved alert is not sent again"
+
+
+async def test_an_ha_pair_gets_every_alert_each_and_one_down_delays_nothing_for_the_other(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with serving() as hook, alertmanager(tmp_path / "a", hook) as one, alertmanager(tmp_path / "b", hook) as two:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(RULES.format(url=one.url).replace(f'url: "{one.url}"', f'url: ["{one.url}", "{two.url}"]'))
+        async with running_gateway(settings_for(broker, consumers="alerts", rules_file=str(rules))):
+            await asyncio.to_thread(two.stop)  # one of the pair is away
+            jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening"}
+            await publish(broker, "el-1", message(1, clock.now), message(2, clock.now, **jam))
+            await wait_for(lambda: asyncio.to_thread(lambda: one.of("el-1") is not None), what="the alert in one")
+            await asyncio.to_thread(two.start)  # back, with nothing stored
+            await wait_for(lambda: asyncio.to_thread(lambda: two.of("el-1") is not None), timeout=10,
+                           what="the alert in the other, once it is back")  # fmt: skip
