@@ -557,7 +557,8 @@ def post(
     client: httpx.Client, url: str, content: bytes, headers: dict[str, str], timeout_s: float
 ) -> tuple[str, str | None, float | None]:
     """POST once: (outcome, error, Retry-After seconds); outcome delivered, transient (to retry),
-    rejected (a 4xx other than 408, 425, 429: final) or unreachable (a URL no request can use)."""
+    rejected (a 4xx other than 408, 425, 429, or a redirect: final) or unreachable (a URL no
+    request can use)."""
     try:
         r = client.post(url, content=content, headers=headers, timeout=timeout_s)
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
@@ -566,6 +567,9 @@ def post(
         return "transient", f"{type(exc).__name__}: {exc}"[:300], None
     if r.is_success:
         return "delivered", None, None
+    if r.is_redirect:  # not followed (the body would not go on as it was): the URL to set is that one
+        where = r.headers.get("Location", "?")[:200]
+        return "rejected", f"HTTP {r.status_code} to {where}: set that as the receiver's url", None
     answer = " ".join(r.text.split())[:200]
     error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
     permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX

@@ -160,7 +160,12 @@ async def test_which_failures_are_final_and_how_long_others_are_retried(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
 ) -> None:
     clock = Clock(WED_10_BERLIN)
-    with serving(always=404) as gone, serving(always=429) as busy, serving(always=503) as down:
+    with (
+        serving(always=404) as gone,
+        serving(always=429) as busy,
+        serving(always=503) as down,
+        serving(always=301) as moved,
+    ):
 
         def url(h: Hooks) -> str:
             return f"http://127.0.0.1:{h.server_address[1]}/hook"
@@ -171,13 +176,14 @@ receivers:
   - {{name: gone, kind: webhook, url: "{url(gone)}"}}
   - {{name: busy, kind: webhook, url: "{url(busy)}"}}
   - {{name: down, kind: webhook, url: "{url(down)}"}}
+  - {{name: moved, kind: webhook, url: "{url(moved)}"}}
 """)
         settings = settings_for(broker, consumers="alerts", rules_file=str(rules), notify_max_age_s=3.0)
         async with running_gateway(settings) as gw:
             await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
 
             async def settled() -> bool:
-                states = {r: await asyncio.to_thread(deliveries_to, gw, r) for r in ("gone", "down", "busy")}
+                states = {r: await asyncio.to_thread(deliveries_to, gw, r) for r in ("gone", "down", "busy", "moved")}
                 return all(s and set(s.values()) == {"failed"} for s in states.values())
 
             await wait_for(settled, timeout=20, what="the final failures and the expiry")
@@ -196,6 +202,8 @@ receivers:
             errors = dict(tx.exec(select(DeliveryRow.receiver, DeliveryRow.last_error)).all())
         assert errors["gone"] == "HTTP 404: refused: answer 404"
         assert errors["down"] == "HTTP 503: refused: answer 503; retried for 3 s"
+        assert errors["moved"] == "HTTP 301 to http://127.0.0.1:9/moved: set that as the receiver's url"
+        assert len(moved.requests) == 1, "a redirect is final, and not followed"
 
 
 @pytest.mark.parametrize("url", ["http://exa mple.org/hook", "http://[::1/hook", "http:///hook"])

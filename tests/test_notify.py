@@ -65,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         answer = b"" if code < 400 else f"refused: answer {code}".encode()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the sender timed out meanwhile
             self.send_response(code)
+            if 300 <= code < 400:
+                self.send_header("Location", "http://127.0.0.1:9/moved")
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)
