@@ -2,18 +2,29 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SUM    := $(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(SUM)
+DEV    := $(VENV)/.installed-dev-$(SUM)
 
-.PHONY: setup demo run test lint bench clean
+.PHONY: setup setup-dev demo run test lint bench clean
 
+# What running iotgw needs (the demo, `make run`): the runtime dependencies only.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup-system.sh
 	./scripts/setup-system.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-[0-9]*
+	touch $@
+
+# The tests, linters and benchmarks add the dev tools.
+setup-dev: $(DEV)
+
+$(DEV): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-*
+	rm -f $(VENV)/.installed-dev-*
 	touch $@
 
 demo: setup
@@ -23,17 +34,17 @@ run: setup
 	$(BIN)/iotgw run
 
 # The whole suite twice: on SQLite (the embedded default), then on PostgreSQL.
-test: setup
+test: setup-dev
 	./scripts/setup-system.sh --test
 	$(BIN)/pytest
 	IOTGW_TEST_DATABASE=postgresql $(BIN)/pytest
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup
+bench: setup-dev
 	./scripts/setup-system.sh --test
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/growth.py

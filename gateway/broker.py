@@ -10,14 +10,17 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import quote
 
 from gateway.errors import BrokerError
 from gateway.security import PasswordFile, broker_owner, mosquitto_tool
 
-PROJECT_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
-PROJECT_ACL = Path(__file__).resolve().parent.parent / "mosquitto.acl"
+# The broker set-up ships in the package (the repository's top-level files link to these):
+# an installed iotgw runs its demo with the very same files.
+PROJECT_CONF = Path(str(files("gateway") / "mosquitto.conf"))
+PROJECT_ACL = Path(str(files("gateway") / "mosquitto.acl"))
 
 
 def find_mosquitto() -> str:

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
     demo.add_argument("--data-dir", type=Path, default=Path(".iotgw-demo"), help="where the demo keeps its files")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="go on from the last run's database (alerts, work orders, its API key); default: start afresh",
+    )
     return parser
 
 
@@ -205,6 +210,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
+    if not args.keep:  # a demo starts afresh: no open alerts and overdue orders from the last run
+        for name in ("iotgw.db", "iotgw.db-wal", "iotgw.db-shm", "api-key"):
+            (args.data_dir / name).unlink(missing_ok=True)
     settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
     _logging(settings.log_level)
     return asyncio.run(_demo(args, settings))
@@ -415,6 +423,11 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     # Its own broker, authentication on: every device logs in with provisioned credentials.
     port = DEVICE_LISTENER if not port_open("127.0.0.1", DEVICE_LISTENER) else free_port()
     gateway_port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
+    check_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
+    if port_open(check_host, settings.http_port):  # taken: another port, said in the banner
+        taken, http_port = settings.http_port, free_port()
+        log.warning("port %d is taken: the demo's staff page and API are on port %d", taken, http_port)
+        settings = settings.model_copy(update={"http_port": http_port})
     gateway_secret = new_secret()
     # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
     broker = Mosquitto(
@@ -423,27 +436,28 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         gateway_port=gateway_port,
         users={settings.mqtt_username: gateway_secret},
     )
-    await asyncio.to_thread(broker.start)
-    log.info(
-        "started Mosquitto with mosquitto.conf and mosquitto.acl: devices on port %d, the gateway on %d",
-        port,
-        gateway_port,
-    )
-    settings = settings.model_copy(
-        update={
-            "mqtt_url": broker.url,
-            "mqtt_password": SecretStr(gateway_secret),
-            "broker_password_file": str(broker.passwords.path),
-            "broker_pid_file": str(broker.data_dir / "mosquitto.pid"),
-            "require_registered_devices": True,
-            "device_rate": max(settings.device_rate, 20.0),
-        }
-    )
     stop = _stop_event()
-    gw = Gateway(settings)
+    gw: Gateway | None = None
     fleet: Fleet | None = None
     fleet_task: asyncio.Task[Any] | None = None
-    try:
+    try:  # whatever fails from here, nothing is left behind: no broker, no temp folder
+        await asyncio.to_thread(broker.start)
+        log.info(
+            "started Mosquitto with mosquitto.conf and mosquitto.acl: devices on port %d, the gateway on %d",
+            port,
+            gateway_port,
+        )
+        settings = settings.model_copy(
+            update={
+                "mqtt_url": broker.url,
+                "mqtt_password": SecretStr(gateway_secret),
+                "broker_password_file": str(broker.passwords.path),
+                "broker_pid_file": str(broker.data_dir / "mosquitto.pid"),
+                "require_registered_devices": True,
+                "device_rate": max(settings.device_rate, 20.0),
+            }
+        )
+        gw = Gateway(settings)
         await asyncio.to_thread(gw.store.create_schema)
         fleet_cfg = _fleet_config(args, broker.device_url, prefix="demo-")
         rogue = "demo-rogue-001"
@@ -451,10 +465,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         reserved = settings.reserved_names
         creds = await asyncio.to_thread(provision, gw.store, broker.passwords, devices, reserved=reserved)
         await asyncio.to_thread(broker.reload)
-        key = (await asyncio.to_thread(create_api_key, gw.store, "demo", "admin"))[1]
         key_file = args.data_dir / "api-key"
-        key_file.touch(mode=0o600)
-        key_file.write_text(key + "\n")
+        key = await asyncio.to_thread(_demo_key, gw.store, key_file)
         await gw.start()
         fleet = Fleet(dataclasses.replace(fleet_cfg, credentials=creds))
         fleet_task = asyncio.create_task(fleet.run())
@@ -468,11 +480,26 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         if fleet is not None and fleet_task is not None:
             fleet.stop()
             await asyncio.gather(fleet_task, return_exceptions=True)
-        await gw.stop()
+        if gw is not None:
+            await gw.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(broker.data_dir, ignore_errors=True)
         print("\niotgw demo stopped.", file=sys.stderr)  # noqa: T201
     return 0
+
+
+def _demo_key(store: Any, key_file: Path) -> str:  # noqa: ANN401
+    """The demo's admin key: the one it made last time if that still holds (--keep), else a new one."""
+    from gateway.security import verify_api_key  # noqa: PLC0415
+
+    if key_file.exists():
+        old = key_file.read_text().strip()
+        if verify_api_key(store, old) is not None:
+            return old
+    key = create_api_key(store, "demo", "admin")[1]
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    return key
 
 
 def _print_banner(base: str, broker: Mosquitto, settings: Settings, *, key: str, key_file: Path, devices: int) -> None:  # noqa: PLR0913

@@ -152,10 +152,14 @@ class Gateway:
                 timeout_graceful_shutdown=3,  # an open event stream must not hold up a stop
             )
             self._server = _EmbeddedServer(config)
-            self._server_task = asyncio.create_task(self._server.serve(), name="iotgw-http")
+            self._server_task = asyncio.create_task(self._serve(self._server), name="iotgw-http")
             while not self._server.started:
                 if self._server_task.done():
-                    msg = f"the API could not listen on {self.settings.http_host}:{self.settings.http_port}"
+                    self._server_task = None  # (its failure is this error)
+                    msg = (
+                        f"the API could not listen on {self.settings.http_host}:{self.settings.http_port}"
+                        " (in use? IOTGW_HTTP_PORT / --http-port)"
+                    )
                     raise GatewayError(msg)
                 await asyncio.sleep(0.02)
         if self.settings.api_auth and not await asyncio.to_thread(has_api_keys, self.store):
@@ -204,6 +208,12 @@ class Gateway:
         if left:
             msg = f"{left} inbox messages could not be made into events (another instance holds the sequencer lease?)"
             raise GatewayError(msg)
+
+    @staticmethod
+    async def _serve(server: uvicorn.Server) -> None:
+        # uvicorn ends with SystemExit when it cannot bind: that must not end the event loop.
+        with contextlib.suppress(SystemExit):
+            await server.serve()
 
     async def stop(self) -> None:
         """Flush and acknowledge what was received, leave the broker, stop the API."""

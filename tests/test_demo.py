@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,3 +83,82 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
 async def _exists(path: Path, proc: subprocess.Popen[bytes], log: Path) -> bool:
     assert proc.poll() is None, log.read_text()
     return path.exists() and bool(path.read_text().strip())
+
+
+async def test_a_taken_http_port_moves_the_demo_to_a_free_one_and_says_so(tmp_path: Path) -> None:
+    mqtt_port = free_port()
+    data_dir, tmp = tmp_path / "demo", private_tmp()
+    with socket.socket() as squatter:  # something else listens on the port asked for
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
+               "--http-port", str(taken), "--data-dir", str(data_dir), "--rate", "5", "--duration", "120"]  # fmt: skip
+        log = tmp_path / "demo.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+        try:
+            await wait_for(lambda: _exists(data_dir / "api-key", proc, log), timeout=60, what="the demo's API key")
+            moved = re.search(
+                rf"port {taken} is taken: the demo's staff page and API are on port (\d+)", log.read_text()
+            )
+            assert moved, log.read_text()
+            port = int(moved.group(1))
+            await wait_for(lambda: asyncio.sleep(0, f"staff page  http://127.0.0.1:{port}/ui/" in log.read_text()),
+                           what="the banner with the port chosen")  # fmt: skip
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                assert (await client.get("/health")).status_code == 200
+            os.killpg(proc.pid, signal.SIGINT)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+            assert "Traceback" not in log.read_text()
+            assert list(tmp.iterdir()) == [], "no temp folder left behind"
+            tmp.rmdir()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_a_demo_that_fails_after_its_broker_started_leaves_nothing_behind(tmp_path: Path) -> None:
+    mqtt_port, tmp = free_port(), private_tmp()
+    cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
+           "--http-port", str(free_port()), "--data-dir", str(tmp_path / "demo"), "--fault-rate", "2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp)}, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "--fault-rate is a probability" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not port_open("127.0.0.1", mqtt_port), "its broker was stopped"
+    assert list(tmp.iterdir()) == [], "and its temp folder removed"
+    tmp.rmdir()
+
+
+def private_tmp() -> Path:
+    """A TMPDIR of the test's own, where the demo's Mosquitto (its own user) may write too."""
+    tmp = Path(tempfile.mkdtemp(prefix="iotgw-test-tmp-"))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def test_a_rerun_starts_afresh_and_keep_goes_on_with_the_same_key(tmp_path: Path) -> None:
+    import sqlite3  # noqa: PLC0415
+
+    data_dir = tmp_path / "demo"
+
+    def run(*extra: str) -> tuple[str, int]:
+        cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{free_port()}",
+               "--http-port", str(free_port()), "--data-dir", str(data_dir), "--rate", "5", "--duration", "4",
+               *extra]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with sqlite3.connect(data_dir / "iotgw.db") as db:
+            keys = db.execute("select count(*) from api_keys where revoked_at is null").fetchone()[0]
+        return (data_dir / "api-key").read_text().strip(), keys
+
+    first, keys = run()
+    assert keys == 1
+    second, keys = run()
+    assert (second != first, keys) == (True, 1), "afresh: a new database, one key"
+    third, keys = run("--keep")
+    assert (third, keys) == (second, 1), "--keep: the same database and the same key"
