@@ -6,6 +6,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -141,3 +142,27 @@ async def test_the_page_asks_for_a_valid_key_and_a_viewer_may_watch_but_not_act(
         await card.locator("button[data-action=ack]").click()
         await expect(page.locator("#error")).to_contain_text("the viewer role may not do this")
         await expect(card).to_have_attribute("data-status", "firing")
+
+
+async def test_the_api_docs_render_with_no_other_host_reachable(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    async with running_gateway(ui_settings(broker), serve_http=True) as gw:
+        base = f"http://127.0.0.1:{gw.settings.http_port}"
+        page = await browser.new_page()
+        elsewhere: list[str] = []
+
+        async def only_the_gateway(route: Any) -> None:
+            if route.request.url.startswith(base):
+                await route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                await route.abort()
+
+        await page.route("**/*", only_the_gateway)
+        await page.goto(f"{base}/docs")
+        await expect(page.locator(".swagger-ui .info .title")).to_contain_text("iotgw")
+        await expect(page.locator(".opblock-summary-path").first).to_be_visible()
+        await page.goto(f"{base}/redoc")  # ReDoc's bundle would fetch its logo from its CDN: the same page
+        await expect(page.locator(".swagger-ui .info .title")).to_contain_text("iotgw")
+        assert elsewhere == [], f"the docs asked other hosts for {elsewhere}"

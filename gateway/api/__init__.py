@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from gateway import __version__
 from gateway.api.auth import VIEWER, ApiSecurity, Guard
@@ -51,7 +52,10 @@ class AppState:
 
 def create_app(state: AppState) -> FastAPI:
     """The FastAPI application over a store, metrics and readiness probes."""
-    app = FastAPI(
+    # The API docs' scripts and styles come from the package, not a CDN: /docs works offline.
+    # (ReDoc's bundle fetches its logo from its CDN: /redoc leads to /docs instead.)
+    app = FastAPIOffline(
+        redoc_url=None,
         title="iotgw",
         version=__version__,
         description="IoT event gateway: devices, the event log and dead letters.",
@@ -83,6 +87,10 @@ def create_app(state: AppState) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def _home() -> RedirectResponse:
         return RedirectResponse("/ui/")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def _redoc() -> RedirectResponse:
+        return RedirectResponse("/docs")
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
