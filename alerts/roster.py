@@ -157,7 +157,7 @@ class Roster(StrictModel):
 
     timezone: str = "UTC"
     receivers: list[Receiver] = Field(default_factory=list)
-    technicians: list[Technician]
+    technicians: list[Technician] = Field(min_length=1)  # nobody to dispatch: not a roster
     policies: list[Policy] = Field(min_length=1)
     dispatch: DispatchRules = Field(default_factory=DispatchRules)
 

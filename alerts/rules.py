@@ -355,7 +355,38 @@ def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
 
 def load_rules(text: str, path: str = "<rules>") -> RuleSet:
     """Parse and validate a rules file; every problem is reported with its line number."""
+    _duplicate_names(text, path)
     return load_yaml_model(text, path, RuleSet, "rules", RulesError)
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+
+
+def _duplicate_names(text: str, path: str) -> None:
+    """A rule name used twice, at the line of its second use."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # said by load_yaml_model
+    rules = _child(node, "rules")
+    seen: dict[str, int] = {}
+    problems: list[tuple[int | None, str]] = []
+    for i, item in enumerate(rules.value if isinstance(rules, yaml.SequenceNode) else []):
+        name = _child(item, "name")
+        if not isinstance(name, yaml.ScalarNode):
+            continue
+        line = name.start_mark.line + 1
+        if name.value in seen:
+            problems.append(
+                (line, f"rules.{i}.name: rule name {name.value!r} is used twice (first at line {seen[name.value]})")
+            )
+        else:
+            seen[name.value] = line
+    if problems:
+        raise RulesError(path, problems)
 
 
 def load_rules_file(path: Path) -> RuleSet:

@@ -38,6 +38,8 @@ class FleetStats:
     connected: int = 0
     reconnects: int = 0
     devices: int = 0
+    ever_connected: set[str] = field(default_factory=set)  # devices the broker let in at least once
+    refused: dict[str, str] = field(default_factory=dict)  # device -> why the broker last refused it
     started: float = field(default_factory=time.monotonic)
     by_device: dict[str, int] = field(default_factory=dict)
 
@@ -154,6 +156,8 @@ class SimDevice:
             try:
                 async with client:
                     self.stats.connected += 1
+                    self.stats.ever_connected.add(self.model.device_id)
+                    self.stats.refused.pop(self.model.device_id, None)
                     try:
                         await client.publish(self.topic_status, self._status(online=True), qos=1, retain=True)
                         backoff = 0.2
@@ -164,6 +168,10 @@ class SimDevice:
                         self.stats.connected -= 1
             except (aiomqtt.MqttError, TimeoutError) as exc:
                 settle(client)
+                if isinstance(exc, aiomqtt.MqttCodeError) and self.model.device_id not in self.stats.refused:
+                    self.stats.refused[self.model.device_id] = str(exc)  # the CONNACK's reason, say
+                elif not isinstance(exc, aiomqtt.MqttCodeError):
+                    self.stats.refused.setdefault(self.model.device_id, f"{type(exc).__name__}: {exc}")
                 self.stats.reconnects += 1
                 log.debug("%s: %s; reconnecting in %.1fs", self.model.device_id, exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -313,6 +321,9 @@ class Progress:
             f"{stats.connected}/{stats.devices} devices connected, {stats.reconnects} reconnects, "
             f"{now - stats.started:,.0f}s"
         )
+        if stats.refused:
+            reason = next(iter(stats.refused.values()))
+            line += f"; {len(stats.refused)} not connected ({reason[:120]})"
         if self.tty:
             self.out.write("\r" + line + "   ")
         elif now - self.last_print >= 5:

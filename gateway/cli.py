@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
@@ -63,7 +64,11 @@ _SETTING_FLAGS = {
 def _add_settings(p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(_SETTING_FLAGS)) -> None:
     for name in fields:
         kind = int if name == "http_port" else str
-        p.add_argument(_SETTING_FLAGS[name], dest=name, type=kind, default=None, help=f"overrides IOTGW_{name.upper()}")
+        default = Settings.model_fields[name].default
+        shown = f"default {default}" if default not in ("", None) else "default: none"
+        p.add_argument(
+            _SETTING_FLAGS[name], dest=name, type=kind, default=None, help=f"overrides IOTGW_{name.upper()} ({shown})"
+        )
 
 
 def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fault_rate: float) -> None:
@@ -93,6 +98,13 @@ def _simulate_args(sim: argparse.ArgumentParser) -> None:
         "--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)"
     )
     sim.add_argument("--steps", type=int, default=None, help="stop each device after this many steps")
+    sim.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="exit 1, saying why (the broker's refusal), when no device could connect within this many "
+        "seconds (default %(default)s)",
+    )
     sim.add_argument("--prefix", default="", help="prefix for device ids (several fleets on one broker)")
     sim.add_argument(
         "--credentials",
@@ -153,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     roster_check.add_argument("file", type=Path)
 
     demo = sub.add_parser("demo", help="everything on one machine: Mosquitto, gateway, API and a fleet with faults")
-    _add_settings(demo)
+    # (Its own broker, database and API key: only what means something for a demo.)
+    _add_settings(demo, fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"))
     _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.01)
     demo.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
@@ -230,6 +243,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def _check_file(kind: str, path: Path) -> int:
     """`iotgw rules check` / `iotgw roster check`: 0 and a summary, or 1 and every problem with its line."""
     from alerts.roster import load_roster_file  # noqa: PLC0415
@@ -239,13 +256,14 @@ def _check_file(kind: str, path: Path) -> int:
         if kind == "rules":
             ruleset = load_rules_file(path)
             kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
-            summary = f"{len(ruleset.rules)} rules OK ({kinds})"
+            summary = f"{_plural(len(ruleset.rules), 'rule')} OK ({kinds})"
         else:
             roster = load_roster_file(path)
-            roles = ", ".join(
-                f"{sum(t.role == r for t in roster.technicians)} {r}" for r in ("technician", "supervisor", "manager")
-            )
-            summary = f"OK ({roles}; {len(roster.policies)} escalation policies)"
+            counts = [
+                (sum(t.role == r for t in roster.technicians), r) for r in ("technician", "supervisor", "manager")
+            ]
+            roles = ", ".join(_plural(n, r) for n, r in counts)
+            summary = f"OK ({roles}; {_plural(len(roster.policies), 'escalation policy', 'escalation policies')})"
     except FileProblemsError as exc:
         print(exc, file=sys.stderr)  # noqa: T201
         return 1
@@ -375,15 +393,40 @@ async def _simulate(args: argparse.Namespace) -> int:
     if args.credentials is not None:
         cfg = dataclasses.replace(cfg, credentials=_read_credentials(args.credentials))
     fleet = Fleet(cfg, on_tick=Progress())
+    where = _safe_url(cfg.mqtt_url)
+    print(f"simulate: {len(fleet.devices)} devices publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())
     watcher.add_done_callback(lambda _: fleet.stop())
+    nobody: list[bool] = []
+
+    async def give_up() -> None:  # no device let in within the timeout: say why, and stop
+        await asyncio.sleep(args.connect_timeout)
+        if not fleet.stats.ever_connected:
+            nobody.append(True)
+            fleet.stop()
+
+    giving_up = asyncio.create_task(give_up())
     try:
         stats = await fleet.run()
     finally:
         watcher.cancel()
+        giving_up.cancel()
     print("\n" + json.dumps(summary(stats)), file=sys.stderr)  # noqa: T201
+    if nobody or not stats.ever_connected:
+        why = next(iter(stats.refused.values()), "no answer")
+        msg = f"no device could connect to {where} within {args.connect_timeout:g} s: {why}"
+        raise GatewayError(msg)
     return 0
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password in it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _fleet_config(args: argparse.Namespace, device_url: str, **extra: Any) -> FleetConfig:  # noqa: ANN401
@@ -511,11 +554,13 @@ iotgw demo is running (Ctrl-C to stop)
               (admin; also in {key_file}: the staff page asks for it, curl sends
                -H "Authorization: Bearer $(cat {key_file})")
   broker      devices {broker.device_url}, gateway {broker.url}
-              (authentication on: {devices} provisioned devices, ACL per device)
+              (authentication on: {devices} provisioned devices, ACL per device: {devices - 1}
+               simulated, and one that misbehaves on purpose; the WARNING lines about its
+               rejected messages are expected, they are the dead letters below)
   database    {settings.database_url}
   API docs    {base}/docs
   devices     {base}/api/devices
-  events      {base}/api/events?limit=20
+  events      {base}/api/events?order=desc&limit=20   (the newest)
   faults      {base}/api/events?type=elevator.fault.raised
   dead letters {base}/api/dead-letters
   consumers   {base}/api/consumers

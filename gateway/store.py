@@ -977,11 +977,16 @@ class EventQuery:
     until: datetime | None = None
     after: int = 0
     limit: int = 100
+    newest_first: bool = False  # then `after` (0: from the newest) is the last id seen going back
 
 
 def list_events(store: Store, q: EventQuery) -> list[EventRow]:
-    """Events in log order, after `q.after`; `type` may end in `.*` to match a prefix."""
-    stmt = select(EventRow).where(col(EventRow.id) > q.after)
+    """Events in log order after `q.after` (or newest first, before it); `type` may end in `.*`
+    to match a prefix."""
+    if q.newest_first:
+        stmt = select(EventRow).where(col(EventRow.id) < q.after) if q.after else select(EventRow)
+    else:
+        stmt = select(EventRow).where(col(EventRow.id) > q.after)
     if q.device_id:
         stmt = stmt.where(col(EventRow.subject) == q.device_id)
     if q.type:
@@ -993,7 +998,7 @@ def list_events(store: Store, q: EventQuery) -> list[EventRow]:
         stmt = stmt.where(col(EventRow.time) >= q.since)
     if q.until:
         stmt = stmt.where(col(EventRow.time) < q.until)
-    stmt = stmt.order_by(col(EventRow.id)).limit(q.limit)
+    stmt = stmt.order_by(col(EventRow.id).desc() if q.newest_first else col(EventRow.id)).limit(q.limit)
     with store.session() as s:
         return list(s.exec(stmt))
 

@@ -77,6 +77,22 @@ async def test_events_paginate_with_a_cursor_in_log_order(client: httpx.AsyncCli
     assert pages == 3
 
 
+async def test_events_newest_first_paginate_back_through_the_whole_log(client: httpx.AsyncClient) -> None:
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params = {"limit": 100, "order": "desc", **({"cursor": cursor} if cursor else {})}
+        body = (await client.get("/api/events", params=params)).json()
+        seen.extend(e["position"] for e in body["items"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(seen, reverse=True)
+    assert len(seen) == len(set(seen)) == 250
+    r = await client.get("/api/events", params={"order": "newest"})
+    assert r.status_code == 422
+
+
 async def test_event_filters(client: httpx.AsyncClient) -> None:
     r = await client.get("/api/events", params={"device_id": "e1", "type": "elevator.door.opened", "limit": 1000})
     items = r.json()["items"]

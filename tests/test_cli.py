@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import render_config
+from gateway.broker import Mosquitto, render_config
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.errors import BrokerError
@@ -68,3 +68,35 @@ def test_rules_check_reports_ok_and_errors_with_lines(tmp_path: Path, capsys: py
     bad.write_text("rules:\n  - name: a\n    severity: loud\n    summary: s\n    absence: {heartbeat: 1m}\n")
     assert main(["rules", "check", str(bad)]) == 1
     assert f"{bad}:3: rules.0.severity" in capsys.readouterr().err
+    twice = tmp_path / "twice.yaml"
+    rule = "  - name: a\n    severity: info\n    summary: s\n    absence: {heartbeat: 1m}\n"
+    twice.write_text("rules:\n" + rule + rule)
+    assert main(["rules", "check", str(twice)]) == 1
+    assert f"{twice}:6: rules.1.name: rule name 'a' is used twice (first at line 2)" in capsys.readouterr().err
+
+
+def test_roster_check_refuses_a_roster_without_people_and_counts_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["roster", "check", str(ROOT / "alerts" / "roster.yaml")]) == 0
+    said = capsys.readouterr().out
+    assert "3 technicians, 1 supervisor, 1 manager; 2 escalation policies" in said, said
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("technicians: []\npolicies:\n  - {name: d, levels: [{role: technician, ack_timeout: 5m}]}\n")
+    assert main(["roster", "check", str(empty)]) == 1
+    assert f"{empty}:1: technicians:" in capsys.readouterr().err
+
+
+def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(broker: Mosquitto) -> None:
+    url = broker.device_url  # the project's broker: a device without provisioned credentials is refused
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "simulate", "--mqtt-url", url, "--elevators", "1", "--sensors", "0",
+         "--connect-timeout", "3", "--duration", "30"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert first == f"simulate: 1 devices publishing to {url}"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"iotgw: no device could connect to {url} within 3 s: ")
+    assert "authori" in last.lower(), last  # the broker's CONNACK: not authorised (no credentials given)

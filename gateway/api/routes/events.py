@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
@@ -42,10 +42,13 @@ async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filte
     until: Annotated[datetime | None, Query(description="event time < until (RFC 3339)")] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="asc: oldest first (log order); desc: the newest first")
+    ] = "asc",
 ) -> Response:
-    """Events in log order, filtered; at most `limit` (≤ 1000) per page."""
+    """Events in log order (or the newest first: `order=desc`), filtered; at most `limit` (≤ 1000) per page."""
     for name, value in (("since", since), ("until", until)):
         if value is not None and value.tzinfo is None:
             raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
-    q = EventQuery(device_id, type, since, until, decode_cursor(cursor), limit)
+    q = EventQuery(device_id, type, since, until, decode_cursor(cursor), limit, newest_first=order == "desc")
     return Response(await asyncio.to_thread(_page, store, q), media_type="application/json")
