@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
+from sqlalchemy.engine import make_url
 
 from gateway import __version__
 from gateway.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--type", choices=[t.value for t in DeviceType], default=None, help="the device's type")
     prov.add_argument("--out", type=Path, default=None, help="append ID:PASSWORD lines here instead of printing")
     _add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
+    _create_flag(prov)
     rev = devices_sub.add_parser("revoke", help="remove a device's credentials (its events stay)")
     rev.add_argument("device_id")
     _add_settings(rev, fields=("database_url", "broker_password_file", "broker_pid_file"))
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a key; prints it once")
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--name", required=True, help="who or what uses the key (shown in the audit trail)")
+    _create_flag(create)
     _add_settings(create, fields=("database_url",))
     klist = keys_sub.add_parser("list", help="keys (ids, names, roles; never the keys themselves)")
     _add_settings(klist, fields=("database_url",))
@@ -271,7 +274,27 @@ def _check_file(kind: str, path: Path) -> int:
     return 0
 
 
-def _store(settings: Settings) -> Store:
+def _create_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--create-database",
+        action="store_true",
+        help="make the database if there is none yet (default: refuse; a new one is no gateway's)",
+    )
+
+
+def _store(settings: Settings, *, create: bool = False) -> Store:
+    """The gateway's database, for a command that reads it or adds to it: never a new one made by
+    mistake (a key or a device in a database no gateway reads is refused in silence later)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database)
+        if not path.exists() and not create:
+            msg = (
+                f"no database at {path.resolve()} (IOTGW_DATABASE_URL / --database-url); "
+                "name the one the gateway uses (the demo's: --database-url sqlite:///.iotgw-demo/iotgw.db), "
+                "or --create-database to make it"
+            )
+            raise GatewayError(msg)
     store = Store(settings.database_url)
     store.create_schema()
     return store
@@ -285,7 +308,7 @@ def _reload_note(settings: Settings) -> str:
 
 def _devices(args: argparse.Namespace, settings: Settings) -> int:
     """`iotgw devices provision|revoke|list`."""
-    store = _store(settings)
+    store = _store(settings, create=getattr(args, "create_database", False))
     passwords = PasswordFile(settings.broker_password_file)
     if args.devices_command == "list":
         for row in list_registered(store):
@@ -314,7 +337,7 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
 
 def _apikeys(args: argparse.Namespace, settings: Settings) -> int:
     """`iotgw apikeys create|list|revoke`."""
-    store = _store(settings)
+    store = _store(settings, create=getattr(args, "create_database", False))
     if args.apikeys_command == "create":
         key_id, key = create_api_key(store, args.name, args.role)
         print(f"API key {key_id} for {args.name} ({args.role}); shown once, keep it safe:\n{key}")  # noqa: T201
@@ -558,6 +581,7 @@ iotgw demo is running (Ctrl-C to stop)
                simulated, and one that misbehaves on purpose; the WARNING lines about its
                rejected messages are expected, they are the dead letters below)
   database    {settings.database_url}
+              (another key: iotgw apikeys create --role viewer --name NAME --database-url {settings.database_url})
   API docs    {base}/docs
   devices     {base}/api/devices
   events      {base}/api/events?order=desc&limit=20   (the newest)

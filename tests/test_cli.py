@@ -100,3 +100,21 @@ def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"iotgw: no device could connect to {url} within 3 s: ")
     assert "authori" in last.lower(), last  # the broker's CONNACK: not authorised (no credentials given)
+
+
+def test_a_command_that_adds_to_a_database_makes_none_by_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "iotgw.db"
+    url = f"sqlite:///{missing}"
+    for argv in (["apikeys", "create", "--role", "admin", "--name", "ana"], ["apikeys", "list"], ["devices", "list"]):
+        assert main([*argv, "--database-url", url]) == 1, argv
+        said = capsys.readouterr().err
+        assert f"no database at {missing}" in said
+        assert "--database-url sqlite:///.iotgw-demo/iotgw.db" in said, "where the demo's is"
+        assert not missing.exists()
+    assert (
+        main(["apikeys", "create", "--role", "admin", "--name", "ana", "--database-url", url, "--create-database"]) == 0
+    )
+    assert missing.exists()
+    assert main(["apikeys", "list", "--database-url", url]) == 0

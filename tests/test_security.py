@@ -174,7 +174,7 @@ async def test_the_cli_provisions_a_device_that_can_then_log_in_and_revokes_it(
         "IOTGW_BROKER_PASSWORD_FILE": str(broker.passwords.path),
         "IOTGW_BROKER_PID_FILE": str(broker.data_dir / "mosquitto.pid"),
     }
-    done = iotgw("devices", "provision", "--id", "elev-042", "--type", "elevator", env=env)
+    done = iotgw("devices", "provision", "--create-database", "--id", "elev-042", "--type", "elevator", env=env)
     assert done.returncode == 0, done.stderr
     assert "broker reloaded" in done.stdout
     secret = next(line.split()[1] for line in done.stdout.splitlines() if line.strip().startswith("password"))

@@ -134,7 +134,7 @@ async def test_the_gateways_names_cannot_be_provisioned_by_the_cli(
         "IOTGW_MQTT_CLIENT_ID": "my-gateway",
     }
     before = broker.passwords.path.read_text()
-    done = iotgw("devices", "provision", "--id", name, env=env)
+    done = iotgw("devices", "provision", "--create-database", "--id", name, env=env)
     assert done.returncode == 1
     assert "reserved for the gateway" in done.stderr
     assert "password" not in done.stdout
@@ -199,7 +199,9 @@ async def test_the_gateway_will_not_start_under_a_name_a_device_was_provisioned_
     broker: Mosquitto, database_url: str
 ) -> None:
     env = {"IOTGW_DATABASE_URL": database_url, "IOTGW_BROKER_PASSWORD_FILE": str(broker.passwords.path)}
-    done = iotgw("devices", "provision", "--id", "gwclient", env=env)  # no client id of that name yet
+    done = iotgw(
+        "devices", "provision", "--create-database", "--id", "gwclient", env=env
+    )  # no client id of that name yet
     assert done.returncode == 0, done.stderr
     run = {**env, "IOTGW_MQTT_URL": broker.url, "IOTGW_MQTT_CLIENT_ID": "gwclient", "IOTGW_API_AUTH": "false",
            "IOTGW_HTTP_PORT": str(free_port())}  # fmt: skip
