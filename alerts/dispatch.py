@@ -528,8 +528,9 @@ def record_step(  # noqa: PLR0913
 
     previous = (order.paged, order.paged_contact) if order.paged and order.paged_contact else None
     if notify is not None:  # the page is this event (same id), to one person's contact
-        if previous is not None and previous[0] != notify.id:
-            page(*previous, HANDED_OVER, "-handover")  # the order is someone else's now
+        if previous is not None and previous != (notify.id, notify.contact):
+            # The order is someone else's now, or reaches its person elsewhere (a new contact).
+            page(*previous, HANDED_OVER, "-handover")
             order.paged = order.paged_contact = None
         page(notify.id, notify.contact, kind)
         if follow:  # an incident (PagerDuty), to be acknowledged and resolved as the order goes

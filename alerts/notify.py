@@ -259,7 +259,6 @@ class Notifier:
         of its own in its own thread, started again once its previous one is over."""
         self._stopping = asyncio.Event()
         lanes: dict[str, asyncio.Task[bool]] = {}
-        clients: dict[str, httpx.Client] = {}
         try:
             while not self._stopping.is_set():
                 try:
@@ -270,21 +269,16 @@ class Notifier:
                 for name in names:
                     lane = lanes.get(name)
                     if lane is None or lane.done():
-                        client = clients.get(name) or clients.setdefault(name, httpx.Client(follow_redirects=False))
-                        lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, client, name))
+                        lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, name))
                 for name in self._syncs_due():  # Alertmanager: the whole state again, beside its lane
-                    key = f"sync:{name}"
-                    sync = lanes.get(key)
+                    sync = lanes.get(f"sync:{name}")
                     if sync is None or sync.done():
-                        client = clients.get(key) or clients.setdefault(key, httpx.Client(follow_redirects=False))
-                        lanes[key] = asyncio.create_task(asyncio.to_thread(self._sync_round, client, name))
+                        lanes[f"sync:{name}"] = asyncio.create_task(asyncio.to_thread(self._sync_round, name))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.interval_s)
         finally:
             if lanes:
-                await asyncio.wait(lanes.values())  # each ends after the request in hand
-            for client in clients.values():
-                client.close()
+                await asyncio.wait(lanes.values())  # each ends after the request in hand (its timeout at most)
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.release)
 
@@ -296,21 +290,24 @@ class Notifier:
             r.name for r in self.receivers.values() if r.kind == "alertmanager" and self._synced.get(r.name, 0) <= now
         ]
 
-    def _sync_round(self, client: httpx.Client, name: str) -> bool:
+    def _sync_round(self, name: str) -> bool:
         receiver = self.receivers.get(name)
         if receiver is None:
             return False
         try:
-            ok = self.sync_alertmanager(client, receiver)
+            ok = self.sync_alertmanager(receiver)
         except StoreError as exc:
             self._quiet.warn("store", "alertmanager %s: database error: %s", name, exc)
+            ok = False
+        except Exception:  # a bug must not end the sender: said, and tried again
+            log.exception("alertmanager %s: unexpected error", name)
             ok = False
         # Sent: again after the resend interval; not: soon (Alertmanager restarting, say).
         wait = receiver.resend_interval if ok else min(receiver.resend_interval, SYNC_RETRY_S)
         self._synced[name] = time.monotonic() + wait
         return ok
 
-    def sync_alertmanager(self, client: httpx.Client, receiver: Receiver, now: datetime | None = None) -> bool:
+    def sync_alertmanager(self, receiver: Receiver, now: datetime | None = None) -> bool:
         """Send every open alert to Alertmanager (each of its URLs), as Prometheus does: state, not
         one message per change. A lost request, or either side restarting with no memory, is made
         good within one resend interval. Alerts under a silence of the gateway's are not sent (they
@@ -333,7 +330,7 @@ class Notifier:
         for i in range(0, len(bodies), SYNC_BATCH):
             content = json.dumps(bodies[i : i + SYNC_BATCH], separators=(",", ":")).encode()
             for url in receiver.targets:
-                outcome, error, _ = post(client, url, content, {"Content-Type": "application/json"}, receiver.timeout_s)
+                outcome, error, _ = post(url, content, {"Content-Type": "application/json"}, receiver.timeout_s)
                 if outcome != "delivered":
                     ok = False
                     self._quiet.warn(f"sync:{receiver.name}", "alertmanager %s at %s: %s", receiver.name, url, error)
@@ -345,11 +342,11 @@ class Notifier:
         if self._stopping is not None:
             self._stopping.set()
 
-    def deliver_due(self, client: httpx.Client, now: datetime | None = None) -> bool:
+    def deliver_due(self, now: datetime | None = None) -> bool:
         """One round: fan out, then every receiver's lane in turn; True if any delivery was tried."""
         busy = False
         for name in self.fan_out(now):
-            busy = self.deliver_lane(client, name, now) or busy
+            busy = self.deliver_lane(name, now) or busy
         return busy
 
     def fan_out(self, now: datetime | None = None) -> list[str]:
@@ -375,47 +372,79 @@ class Notifier:
         self.metrics.notifications_pending.set(sum(n for _, n in pending))
         return sorted(name for name, _ in pending)
 
-    def _lane_round(self, client: httpx.Client, receiver: str) -> bool:
+    def _lane_round(self, receiver: str) -> bool:
         try:
-            return self.deliver_lane(client, receiver)
+            return self.deliver_lane(receiver)
         except StoreError as exc:
             self._quiet.warn("store", "notifications to %s: database error: %s", receiver, exc)
-            return False
+        except Exception:  # a bug must not end the sender: said, and tried again next round
+            log.exception("notifications to %s: unexpected error", receiver)
+        return False
 
-    def deliver_lane(self, client: httpx.Client, receiver: str, now: datetime | None = None) -> bool:
+    def deliver_lane(self, receiver: str, now: datetime | None = None) -> bool:
         """Try the due deliveries to one receiver, oldest first; True if any was tried.
 
-        In order per alert: a "resolve" must not overtake the "trigger" it ends. The round ends at
-        the first transient failure: the receiver is failing, and the rest of its lane waits for
-        the next round rather than each request waiting for the same timeout."""
+        In order per alert: a "resolve" must not overtake the "trigger" it ends (a delivery
+        waits while an older one of its alert waits out its backoff). Deliveries waiting out a
+        backoff do not hold up due ones of other alerts. Those past the maximum age fail as
+        expired without another try. The round ends at the first transient failure: the
+        receiver is failing, and the rest of its lane waits for the next round rather than each
+        request waiting for the same timeout."""
         if self.lease is not None and not self.lease.held:
             return False
         tried = False
+        start = now or datetime.now(UTC)
+        mine = (col(DeliveryRow.status) == "pending", col(DeliveryRow.receiver) == receiver)
         with self.store.session() as tx:
-            pending = tx.exec(
+            self._expire(tx, receiver, start)
+            waiting = {
+                alert: first
+                for alert, first in tx.exec(
+                    select(DeliveryRow.alert_id, func.min(DeliveryRow.id))
+                    .where(*mine, col(DeliveryRow.next_at) > start)
+                    .group_by(col(DeliveryRow.alert_id))
+                ).all()
+                if first is not None
+            }
+            due = tx.exec(
                 select(DeliveryRow)
-                .where(col(DeliveryRow.status) == "pending", col(DeliveryRow.receiver) == receiver)
+                .where(*mine, col(DeliveryRow.next_at) <= start)
                 .order_by(col(DeliveryRow.id))
                 .limit(LANE_BATCH)
             ).all()
-            blocked: set[int] = set()
-            for d in pending:
+            for d in due:
                 if self._stopping is not None and self._stopping.is_set():
                     break
-                at = now or datetime.now(UTC)
-                if d.alert_id in blocked:
-                    continue
-                if d.next_at > at:
-                    blocked.add(d.alert_id)
+                own = d.id or 0
+                first = waiting.get(d.alert_id)
+                if first is not None and first < own:
                     continue
                 tried = True
-                transient = self._attempt(tx, client, d, at)
+                transient = self._attempt(tx, d, now or datetime.now(UTC))
                 tx.commit()  # one delivery's outcome at a time: a crash repeats at most one request
                 if d.status == "pending":
-                    blocked.add(d.alert_id)
+                    waiting[d.alert_id] = min(first or own, own)
                 if transient:
                     break
         return tried
+
+    def _expire(self, tx: Session, receiver: str, now: datetime) -> None:
+        """Fail the receiver's deliveries older than the maximum age, without another try."""
+        old = tx.exec(
+            select(DeliveryRow).where(
+                col(DeliveryRow.status) == "pending",
+                col(DeliveryRow.receiver) == receiver,
+                col(DeliveryRow.created_at) <= now - timedelta(seconds=self.max_age_s),
+            )
+        ).all()
+        for d in old:
+            d.status = "failed"
+            d.last_error = f"{d.last_error or 'not delivered'}; retried for {self.max_age_s:g} s"
+            tx.add(d)
+            self.metrics.notifications_failed.labels(receiver, "expired").inc()
+        if old:
+            tx.commit()
+            self._quiet.warn(receiver, "%d notifications to %s expired undelivered", len(old), receiver)
 
     def release(self) -> None:
         """Give the lease up (a clean stop: another instance may deliver at once)."""
@@ -441,7 +470,12 @@ class Notifier:
         return True
 
     def _fan_out(self, tx: Session, now: datetime) -> None:
-        fresh = tx.exec(select(NotificationRow).where(col(NotificationRow.fanned_out).is_(False)).limit(500)).all()
+        fresh = tx.exec(
+            select(NotificationRow)
+            .where(col(NotificationRow.fanned_out).is_(False))
+            .order_by(col(NotificationRow.id))  # a resolve's deliveries after its trigger's
+            .limit(500)
+        ).all()
         silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now))) if fresh else []
         for n in fresh:
             if n.receiver is not None:  # a page for one person (dispatch): no fan-out, no silences
@@ -459,10 +493,25 @@ class Notifier:
             for r in self.receivers.values():
                 if alert is None or (r.severities is not None and alert.severity not in r.severities):
                     continue
+                # What a receiver was told, it is told the end of: an alert it knows of (a PagerDuty
+                # incident, say) is not left open by a silence that came after.
+                told = (
+                    silenced
+                    and tx.exec(
+                        select(DeliveryRow.id)
+                        .where(
+                            col(DeliveryRow.alert_id) == n.alert_id,
+                            col(DeliveryRow.receiver) == r.name,
+                            col(DeliveryRow.status).not_in(("silenced", "skipped")),
+                        )
+                        .limit(1)
+                    ).first()
+                    is not None
+                )
                 tx.add(
                     DeliveryRow(
                         notification_id=n.id or 0, alert_id=n.alert_id, receiver=r.name, next_at=now, created_at=now,
-                        status="silenced" if silenced else "pending",
+                        status="silenced" if silenced and not told else "pending",
                     )
                 )  # fmt: skip
             n.fanned_out = True
@@ -497,7 +546,7 @@ class Notifier:
             return None
         return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
 
-    def _attempt(self, tx: Session, client: httpx.Client, d: DeliveryRow, now: datetime) -> bool:
+    def _attempt(self, tx: Session, d: DeliveryRow, now: datetime) -> bool:
         """One try of `d` (its outcome in `tx`); True when it failed for now and is to be retried."""
         n = tx.get(NotificationRow, d.notification_id)
         receiver = None if n is None else (self.pagers if n.receiver else self.receivers).get(d.receiver)
@@ -511,6 +560,10 @@ class Notifier:
             tx.add(d)
             return False
         assert receiver is not None and n is not None  # noqa: PT018, S101 - the request was built from them
+        if receiver.kind == "alertmanager" and n.work_order_id is None and self._silenced_now(tx, n.alert_id, now):
+            d.status = "silenced"  # a retry sends the current state: not while a silence of ours covers it
+            tx.add(d)
+            return False
         content, headers = request
         d.attempts += 1
         if receiver.kind == "log":
@@ -519,7 +572,7 @@ class Notifier:
             tx.add(d)
             return False
         # Every target (both of an Alertmanager HA pair) must take it; the worst outcome counts.
-        results = [post(client, url, content, {**headers, "Idempotency-Key": n.key}, receiver.timeout_s)
+        results = [post(url, content, {**headers, "Idempotency-Key": n.key}, receiver.timeout_s)
                    for url in receiver.targets]  # fmt: skip
         outcome, error, retry_after = max(results, key=lambda x: OUTCOME_RANK[x[0]])
         tx.add(d)
@@ -544,6 +597,14 @@ class Notifier:
         self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", n.key, receiver.name, error)
         return True
 
+    @staticmethod
+    def _silenced_now(tx: Session, alert_id: int, now: datetime) -> bool:
+        alert = tx.get(AlertRow, alert_id)
+        if alert is None or alert.status == "resolved":
+            return False  # an end is always told
+        silences = tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now))
+        return any(s.matches(alert, now) for s in silences)
+
     def _delivered(self, d: DeliveryRow, receiver: Receiver, now: datetime) -> None:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
@@ -553,15 +614,15 @@ class Notifier:
 OUTCOME_RANK = {"delivered": 0, "transient": 1, "rejected": 2, "unreachable": 3}
 
 
-def post(
-    client: httpx.Client, url: str, content: bytes, headers: dict[str, str], timeout_s: float
-) -> tuple[str, str | None, float | None]:
-    """POST once: (outcome, error, Retry-After seconds); outcome delivered, transient (to retry),
-    rejected (a 4xx other than 408, 425, 429, or a redirect: final) or unreachable (a URL no
-    request can use)."""
+def post(url: str, content: bytes, headers: dict[str, str], timeout_s: float) -> tuple[str, str | None, float | None]:
+    """POST once, all of it (connecting, sending, the whole answer) within `timeout_s`:
+    (outcome, error, Retry-After seconds); outcome delivered, transient (to retry), rejected (a
+    4xx other than 408, 425, 429, or a redirect: final) or unreachable (a URL no request can use)."""
     try:
-        r = client.post(url, content=content, headers=headers, timeout=timeout_s)
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        r = asyncio.run(_post(url, content, headers, timeout_s))
+    except TimeoutError:
+        return "transient", f"no complete answer within {timeout_s:g} s", None
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as exc:
         return "unreachable", f"{type(exc).__name__}: {exc}"[:300], None
     except httpx.HTTPError as exc:
         return "transient", f"{type(exc).__name__}: {exc}"[:300], None
@@ -574,6 +635,15 @@ def post(
     error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
     permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX
     return ("rejected" if permanent else "transient"), error, _retry_after(r)
+
+
+async def _post(url: str, content: bytes, headers: dict[str, str], timeout_s: float) -> httpx.Response:
+    # httpx's timeouts are per read: a receiver trickling its answer a byte at a time would hold
+    # the lane for ever. The whole exchange has one deadline here, the answer's body included.
+    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout_s) as client, asyncio.timeout(timeout_s):
+        r = await client.post(url, content=content, headers=headers)
+        await r.aread()
+        return r
 
 
 def _retry_after(r: httpx.Response) -> float | None:

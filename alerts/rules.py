@@ -238,7 +238,7 @@ class Receiver(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Receiver:
-        if self.kind == "pagerduty" and not PD_ROUTING_KEY.match(self.routing_key or ""):
+        if self.kind == "pagerduty" and not PD_ROUTING_KEY.fullmatch(self.routing_key or ""):
             msg = "a pagerduty receiver needs routing_key, its integration key of 32 characters"
             raise ValueError(msg)
         if self.mode == "binary" and self.kind != "webhook":
@@ -267,7 +267,7 @@ class Receiver(StrictModel):
         return self.urls
 
 
-PD_ROUTING_KEY = re.compile(r"^[A-Za-z0-9]{32}$")
+PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
 
 
 def _check_url(url: str) -> None:
@@ -275,12 +275,17 @@ def _check_url(url: str) -> None:
         msg = f"url {url!r}: http:// or https:// only"
         raise ValueError(msg)
     try:
-        host = httpx.URL(url).host
-    except httpx.InvalidURL as exc:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port
+        host.encode("idna")  # an empty or too long label: no name a resolver would take
+    except (httpx.InvalidURL, UnicodeError) as exc:
         msg = f"url {url!r} is not a URL: {exc}"
         raise ValueError(msg) from exc
     if not host or any(c.isspace() for c in url):
         msg = f"url {url!r} names no host one could reach"
+        raise ValueError(msg)
+    if port is not None and not 0 < port < 65536:
+        msg = f"url {url!r}: port {port} is not a TCP port"
         raise ValueError(msg)
 
 
