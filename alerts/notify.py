@@ -567,7 +567,7 @@ class Notifier:
         content, headers = request
         d.attempts += 1
         if receiver.kind == "log":
-            log.info("notify %s [%s]: %s", receiver.name, n.key, content[:500].decode(errors="replace"))
+            log.info("notify %s: %s", receiver.name, _readable(content))
             self._delivered(d, receiver, now)
             tx.add(d)
             return False
@@ -644,6 +644,19 @@ async def _post(url: str, content: bytes, headers: dict[str, str], timeout_s: fl
         r = await client.post(url, content=content, headers=headers)
         await r.aread()
         return r
+
+
+def _readable(content: bytes) -> str:
+    """One short line for a person reading the log, from a CloudEvent's JSON."""
+    try:
+        ev = json.loads(content)
+        data = ev.get("data") or {}
+        what = data.get("summary") or data.get("note") or ""
+        who = f" -> {data['assignee']}" if data.get("assignee") else ""
+        severity = data.get("severity") or data.get("priority") or ""
+        return f"{ev.get('type')} [{severity}] {ev.get('subject')}{who}: {what}"[:300]
+    except (ValueError, AttributeError, TypeError):
+        return content[:300].decode(errors="replace")
 
 
 def _retry_after(r: httpx.Response) -> float | None:

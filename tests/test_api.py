@@ -170,3 +170,15 @@ async def test_openapi_docs_are_served(client: httpx.AsyncClient) -> None:
         spec["paths"]
     )
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_a_misspelt_parameter_or_value_is_a_422_that_says_what_is_taken(client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/events", params={"typ": "sensor.reading"})
+    assert r.status_code == 422
+    assert "unknown query parameter typ; this endpoint takes: " in r.json()["detail"]
+    assert "type" in r.json()["detail"]
+    r = await client.get("/api/alerts", params={"status": "opne"})
+    assert r.status_code == 422
+    assert "'open'" in r.text and "pattern" not in r.text, "the allowed values, not a regex"
+    assert (await client.get("/api/events", params={"type": "sensor.reading", "limit": 5})).status_code == 200
+    assert (await client.get("/api/devices/nope/events")).status_code == 404, "as /api/devices/nope is"

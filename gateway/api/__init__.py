@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -50,6 +51,29 @@ class AppState:
     security: ApiSecurity = field(default_factory=ApiSecurity)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def known_parameters(request: Request) -> None:
+    """A query parameter the endpoint does not take is a 422 naming it: a typo (`typ=`) must
+    not quietly answer with everything."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    takes = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - takes)
+    if unknown:
+        offer = ", ".join(sorted(takes)) or "none"
+        raise HTTPException(
+            status_code=422, detail=f"unknown query parameter {', '.join(unknown)}; this endpoint takes: {offer}"
+        )
+
+
 def create_app(state: AppState) -> FastAPI:
     """The FastAPI application over a store, metrics and readiness probes."""
     # The API docs' scripts and styles come from the package, not a CDN: /docs works offline.
@@ -62,10 +86,11 @@ def create_app(state: AppState) -> FastAPI:
     )
     app.state.iotgw = state
     # Every /api route needs at least a viewer's key; mutations declare more (gateway/api/auth.py).
-    app.include_router(health.router, dependencies=[] if state.security.open_probes else VIEWER)
+    known = [Depends(known_parameters)]
+    app.include_router(health.router, dependencies=known + ([] if state.security.open_probes else VIEWER))
     modules = (devices, events, dead_letters, consumers, analytics, alerts, silences, work_orders, stream, audit)
     for module in modules:
-        app.include_router(module.router, dependencies=VIEWER)
+        app.include_router(module.router, dependencies=[*known, *VIEWER])
     app.add_middleware(Guard, security=state.security, store=state.store)
     if state.security.cors_origins:
         # Off unless origins are configured: the staff page is served from the gateway itself.

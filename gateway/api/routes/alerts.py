@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
@@ -107,8 +107,8 @@ def _public(row: AlertRow) -> AlertPublic:
 @router.get("/alerts")
 async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
     store: StoreDep,
-    status: Annotated[str | None, Query(pattern="^(open|firing|acknowledged|flapping|resolved)$")] = None,
-    severity: Annotated[str | None, Query(pattern="^(critical|major|minor|warning|info)$")] = None,
+    status: Literal["open", "firing", "acknowledged", "flapping", "resolved"] | None = None,
+    severity: Literal["critical", "major", "minor", "warning", "info"] | None = None,
     device_id: str | None = None,
     site: str | None = None,
     rule: str | None = None,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
@@ -139,7 +139,7 @@ async def parked(
     r: RouterDep,
     store: StoreDep,
     name: str,
-    status: Annotated[str | None, Query(pattern="^(parked|retried)$")] = None,
+    status: Literal["parked", "retried"] | None = None,
 ) -> list[ParkedEvent]:
     """Events the consumer parked after too many failures."""
     r.get(name)

@@ -49,13 +49,15 @@ async def device(store: StoreDep, device_id: str = Path(pattern=DEVICE_ID)) -> D
     return _public(row)
 
 
-@router.get("/{device_id}/events")
+@router.get("/{device_id}/events", responses={404: {"description": "no such device"}})
 async def device_events(
     store: StoreDep,
     device_id: Annotated[str, Path(pattern=DEVICE_ID)],
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> list[EventPublic]:
     """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
+    if await asyncio.to_thread(get_device, store, device_id) is None:
+        raise HTTPException(status_code=404, detail=f"no device {device_id}")
     rows = await asyncio.to_thread(recent_events, store, device_id, limit)
     return [EventPublic.model_validate(cloudevent_of(r)) for r in rows]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field, ValidationError
@@ -123,10 +123,8 @@ def public(row: WorkOrderRow) -> WorkOrderPublic:
 @router.get("/work-orders")
 async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
     store: StoreDep,
-    status: Annotated[
-        str | None, Query(pattern="^(open|unassigned|assigned|acknowledged|en_route|on_site|resolved)$")
-    ] = None,
-    priority: Annotated[str | None, Query(pattern="^P[123]$")] = None,
+    status: Literal["open", "unassigned", "assigned", "acknowledged", "en_route", "on_site", "resolved"] | None = None,
+    priority: Literal["P1", "P2", "P3"] | None = None,
     device_id: str | None = None,
     site: str | None = None,
     assignee: str | None = None,
