@@ -8,9 +8,11 @@ alert engine owns the lifecycle (acknowledge, flapping, silences) and the clock.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import operator
 import re
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -20,9 +22,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import GatewayError
+from gateway.events import EVENT_TYPES
+from gateway.protocol import FAULT_CODES, DeviceType, ElevatorData, SensorData
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -59,6 +63,22 @@ class Severity(StrEnum):
     INFO = "info"
 
 
+# What the gateway knows, for rules to be checked against (a typo would never match anything).
+DEVICE_TYPES = tuple(t.value for t in DeviceType)
+# Device events, and those the gateway derives (a rule may watch them too).
+KNOWN_EVENT_TYPES = (*EVENT_TYPES, "alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved")
+STATE_FIELDS = (*ElevatorData.model_fields, *SensorData.model_fields, "online")
+EVENT_FIELDS = ("code", "floor", "load_kg", "duration_s", "from_floor", "to_floor", "floors", "direction",
+                "reason", "from", "to", "value", "unit", "last_seq", "seq", "state")  # fmt: skip
+SUMMARY_FIELDS = ("device", "site", "type", *STATE_FIELDS, *EVENT_FIELDS)
+
+
+def _unknown(what: str, value: str, known: tuple[str, ...]) -> ValueError:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(set(known)))})"
+    return ValueError(f"{what} {value!r} is not one the gateway knows{hint}")
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -70,6 +90,14 @@ class Selector(StrictModel):
     site: list[str] | None = None
     ids: list[str] | None = None  # fnmatch patterns, e.g. "elev-*"
     labels: dict[str, str] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_types(cls, types: list[str] | None) -> list[str] | None:
+        for t in types or ():
+            if t not in DEVICE_TYPES:
+                raise _unknown("device type", t, DEVICE_TYPES)
+        return types
 
     def matches(self, device: DeviceInfo) -> bool:
         """True when `device` is selected."""
@@ -87,6 +115,23 @@ class EventMatch(StrictModel):
 
     type: str
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type")
+    @classmethod
+    def _known_event(cls, pattern: str) -> str:
+        if not any(fnmatch.fnmatchcase(t, pattern) for t in KNOWN_EVENT_TYPES):
+            raise _unknown("event type", pattern, KNOWN_EVENT_TYPES)
+        return pattern
+
+    @field_validator("data")
+    @classmethod
+    def _known_data(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for key, value in data.items():
+            if key not in EVENT_FIELDS:
+                raise _unknown("event data field", key, EVENT_FIELDS)
+            if key == "code" and value not in FAULT_CODES:
+                raise _unknown("fault code", str(value), FAULT_CODES)
+        return data
 
     def matches(self, event_type: str, data: Mapping[str, Any]) -> bool:
         """True when the event is of that type and carries those data values."""
@@ -118,6 +163,13 @@ class StateCondition(StrictModel):
     field: str
     op: Literal["==", "!=", ">", ">=", "<", "<="] = "=="
     value: Any
+
+    @field_validator("field")
+    @classmethod
+    def _known_field(cls, name: str) -> str:
+        if name not in STATE_FIELDS:
+            raise _unknown("state field", name, STATE_FIELDS)
+        return name
 
 
 class ThresholdCondition(StrictModel):
@@ -187,6 +239,19 @@ class Rule(StrictModel):
     ] = Field(default_factory=dict)
     description: str | None = Field(default=None, max_length=2000)
     runbook_url: str | None = Field(default=None, pattern=r"^https?://", max_length=500)
+
+    @field_validator("summary")
+    @classmethod
+    def _known_placeholders(cls, summary: str) -> str:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(summary) if name]
+        except ValueError as exc:
+            msg = f"summary {summary!r}: {exc} (a literal brace is written {{{{ or }}}})"
+            raise ValueError(msg) from exc
+        for name in names:
+            if name not in SUMMARY_FIELDS:
+                raise _unknown("summary field", "{" + name + "}", tuple("{" + f + "}" for f in SUMMARY_FIELDS))
+        return summary
 
     @model_validator(mode="after")
     def _exactly_one_condition(self) -> Rule:

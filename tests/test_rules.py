@@ -71,7 +71,7 @@ def test_errors_name_the_line_and_field() -> None:
         ("rules: [", "not valid YAML"),
         ("- 1\n", "mapping with a `rules:` list"),
         ("rules:\n  - {name: a, severity: info, summary: s}\n", "exactly one condition"),
-        ("rules:\n  - {name: a, severity: info, summary: s, event: {type: x}}\n", "needs `clear`"),
+        ("rules:\n  - {name: a, severity: info, summary: s, event: {type: elevator.stuck}}\n", "needs `clear`"),
         ("rules:\n  - {name: a, severity: info, summary: s, absence: {heartbeat: 1m}, rate: {}}\n", "rules.0.rate"),
         (
             "rules:\n  - {name: a, severity: info, summary: s, absence: {heartbeat: 1m}}\n"
@@ -163,9 +163,9 @@ def test_rate_over_a_sliding_window() -> None:
 
 
 def test_summary_template_fills_device_and_fields() -> None:
-    r = rule(summary="{device} at {site}: door {door} on floor {floor} ({unknown})", absence={"heartbeat": 1})
+    r = rule(summary="{device} at {site}: door {door} on floor {floor} ({load_kg})", absence={"heartbeat": 1})
     text = r.render(DeviceInfo("el-1", "elevator", "hq"), {"door": "open", "floor": 3})
-    assert text == "el-1 at hq: door open on floor 3 ({unknown})"
+    assert text == "el-1 at hq: door open on floor 3 ({load_kg})", "a field without a value stays as written"
 
 
 def test_selector() -> None:
@@ -176,13 +176,15 @@ def test_selector() -> None:
     assert not r.select.matches(DeviceInfo("el-1", "temperature", "hq", {"zone": "a"}))
 
 
+OPENED, CLOSED = "elevator.door.opened", "elevator.door.closed"
+TYPES = [OPENED, CLOSED, "elevator.trip.started"]
 RULES = [
     rule(threshold={"above": 5, "clear_below": 3}, consecutive=2, clear_for=3),
     rule(state={"field": "door", "value": "open"}, **{"for": 5}),
-    rule(event={"type": "a", "clear": {"type": "b"}}),
-    rule(event={"type": "a", "clear_after": 4}),
+    rule(event={"type": OPENED, "clear": {"type": CLOSED}}),
+    rule(event={"type": OPENED, "clear_after": 4}),
     rule(absence={"heartbeat": 5}),
-    rule(rate={"event": {"type": "a"}, "window": 10, "above": 2}),
+    rule(rate={"event": {"type": OPENED}, "window": 10, "above": 2}),
 ]
 
 
@@ -191,7 +193,10 @@ RULES = [
     st.lists(
         st.tuples(
             st.integers(0, 5),
-            st.one_of(st.none(), st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 8), st.booleans())),
+            st.one_of(
+                st.none(),
+                st.tuples(st.sampled_from(TYPES), st.integers(0, 8), st.booleans()),
+            ),
         ),
         max_size=60,
     ),
@@ -205,3 +210,32 @@ def test_fire_and_clear_always_alternate_starting_with_fire(r: Rule, script: lis
         )
     signals = [s for _, s in run(r, inputs)]
     assert signals == [Signal.FIRE, Signal.CLEAR] * (len(signals) // 2) + [Signal.FIRE] * (len(signals) % 2)
+
+
+def test_a_rule_is_checked_against_what_the_gateway_knows_with_a_guess() -> None:
+    text = """rules:
+  - name: a
+    severity: major
+    summary: "{flor}"
+    select: {type: [elevatr]}
+    event:
+      type: elevator.fault.rasied
+      data: {code: DOOR_JAMM}
+      clear: {type: elevator.fault.cleared}
+  - name: b
+    severity: minor
+    summary: "x"
+    state: {field: dor, value: open}
+"""
+    with pytest.raises(RulesError) as caught:
+        load_rules(text, "r.yaml")
+    said = str(caught.value)
+    for line, what in (
+        (4, "summary field '{flor}' is not one the gateway knows; did you mean '{floor}'?"),
+        (5, "device type 'elevatr' is not one the gateway knows; did you mean 'elevator'?"),
+        (7, "event type 'elevator.fault.rasied' is not one the gateway knows; did you mean 'elevator.fault.raised'?"),
+        (8, "fault code 'DOOR_JAMM' is not one the gateway knows; did you mean 'DOOR_JAM'?"),
+        (13, "state field 'dor' is not one the gateway knows; did you mean 'door'?"),
+    ):
+        assert f"r.yaml:{line}: " in said, line
+        assert what in said, what
