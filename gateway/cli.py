@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="everything on one machine: Mosquitto, gateway, API and a fleet with faults")
     # (Its own broker, database and API key: only what means something for a demo.)
     _add_settings(demo, fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"))
-    _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.01)
+    # A building, not a disaster: most cars in service, a fault every few minutes (and one at once).
+    _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.003)
     demo.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
@@ -482,18 +483,13 @@ def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from devices.elevator import Elevator  # noqa: PLC0415
     from devices.fleet import Fleet, build_models  # noqa: PLC0415
     from devices.misbehave import publish_bad  # noqa: PLC0415
     from gateway.service import Gateway  # noqa: PLC0415
 
     # Its own broker, authentication on: every device logs in with provisioned credentials.
-    port = DEVICE_LISTENER if not port_open("127.0.0.1", DEVICE_LISTENER) else free_port()
-    gateway_port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
-    check_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
-    if port_open(check_host, settings.http_port):  # taken: another port, said in the banner
-        taken, http_port = settings.http_port, free_port()
-        log.warning("port %d is taken: the demo's staff page and API are on port %d", taken, http_port)
-        settings = settings.model_copy(update={"http_port": http_port})
+    port, gateway_port, settings = _demo_ports(settings)
     gateway_secret = new_secret()
     # In /tmp, not the data dir: mosquitto drops to its own user, who may not reach a home dir.
     broker = Mosquitto(
@@ -536,6 +532,9 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         await gw.start()
         fleet = Fleet(dataclasses.replace(fleet_cfg, credentials=creds))
         fleet_task = asyncio.create_task(fleet.run())
+        first = next((d.model.device_id for d in fleet.devices if isinstance(d.model, Elevator)), None)
+        if first is not None:  # something to see in the first minute: a door jam, then its work order
+            asyncio.get_running_loop().call_later(10, fleet.force_fault, first, "DOOR_JAM", 30)
         base = f"http://{settings.http_host}:{settings.http_port}"
         _print_banner(base, broker, settings, key=key, key_file=key_file, devices=len(creds))
         # The rogue device's messages must find the gateway subscribed, or the demo shows none.
@@ -552,6 +551,18 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         shutil.rmtree(broker.data_dir, ignore_errors=True)
         print("\niotgw demo stopped.", file=sys.stderr)  # noqa: T201
     return 0
+
+
+def _demo_ports(settings: Settings) -> tuple[int, int, Settings]:
+    """The broker's two ports and the HTTP port: the usual ones, or free ones when taken (said)."""
+    port = DEVICE_LISTENER if not port_open("127.0.0.1", DEVICE_LISTENER) else free_port()
+    gateway_port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
+    check_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
+    if port_open(check_host, settings.http_port):  # taken: another port, said in the banner
+        taken, http_port = settings.http_port, free_port()
+        log.warning("port %d is taken: the demo's staff page and API are on port %d", taken, http_port)
+        settings = settings.model_copy(update={"http_port": http_port})
+    return port, gateway_port, settings
 
 
 def _demo_key(store: Any, key_file: Path) -> str:  # noqa: ANN401
