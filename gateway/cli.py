@@ -592,6 +592,9 @@ iotgw demo is running (Ctrl-C to stop)
                simulated, and one that misbehaves on purpose; the WARNING lines about its
                rejected messages are expected, they are the dead letters below)
   database    {settings.database_url}
+  devices'    password file {settings.broker_password_file}, broker pid file {settings.broker_pid_file}
+              (another device: iotgw devices provision --id ID --database-url {settings.database_url}
+               --password-file {settings.broker_password_file} --pid-file {settings.broker_pid_file})
               (another key: iotgw apikeys create --role viewer --name NAME --database-url {settings.database_url})
   API docs    {base}/docs
   devices     {base}/api/devices

@@ -85,3 +85,18 @@ async def test_the_demo_runs_from_a_wheel_in_a_clean_venv_and_stops_cleanly(whee
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_the_image_installs_its_dependencies_before_the_code_and_probes_liveness_on_its_port() -> None:
+    steps = [line.split()[0:2] for line in (ROOT / "Dockerfile").read_text().splitlines() if line[:1].isupper()]
+    copies = [i for i, (op, _) in enumerate(steps) if op == "COPY"]
+    deps = next(i for i, (op, what) in enumerate(steps) if op == "COPY" and what == "pyproject.toml")
+    code = next(i for i, (op, what) in enumerate(steps) if op == "COPY" and what == "gateway")
+    installs = [i for i, (op, _) in enumerate(steps) if op == "RUN"]
+    assert deps == copies[0], "pyproject.toml is copied first"
+    assert any(deps < i < code for i in installs), "the dependencies are installed before the code is copied"
+    text = (ROOT / "Dockerfile").read_text()
+    health = text[text.index("HEALTHCHECK") :]
+    assert "/health" in health, "liveness, not readiness"
+    assert "/ready" not in health
+    assert "IOTGW_HTTP_PORT" in health, "on the configured port"
