@@ -195,6 +195,9 @@ async def check_step(client: httpx.AsyncClient, gw: Gateway, step: Step, keys: d
     r = await client.request(step.method, step.path, **request)
     assert r.status_code == 401, f"{what} without a key: {r.status_code}"
     assert r.headers["www-authenticate"].startswith("Bearer")
+    r = await client.request(step.method, step.path, headers={"Authorization": keys[step.role]}, **request)
+    assert r.status_code == 401, f"{what} with a key but no Bearer: {r.status_code}"
+    assert "needs the Bearer scheme: `Authorization: Bearer <key>`" in r.json()["detail"]
     for lower in ROLES[: ROLES.index(step.role)]:
         r = await client.request(step.method, step.path, headers=bearer(keys[lower]), **request)
         assert r.status_code == 403, f"{what} as {lower}: {r.status_code} {r.text}"

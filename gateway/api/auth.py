@@ -72,7 +72,11 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
             else:
                 key = _presented_key(request, credentials)
                 if key is None:
-                    msg = "an API key is required: send `Authorization: Bearer <key>` (iotgw apikeys create)"
+                    sent = request.headers.get("authorization", "")
+                    if sent and not sent.lower().startswith("bearer "):
+                        msg = "the Authorization header needs the Bearer scheme: `Authorization: Bearer <key>`"
+                    else:
+                        msg = "an API key is required: send `Authorization: Bearer <key>` (iotgw apikeys create)"
                     raise _unauthorized(msg)
                 principal = await asyncio.to_thread(verify_api_key, state.store, key)
                 if principal is None:
