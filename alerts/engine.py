@@ -398,26 +398,30 @@ class AlertEngine(BaseConsumer):
         for e in events:
             dev = self._device(b, e.subject)
             _project(dev, e)
-            self._observe(tx, b, e.subject, dev, Observation(e.time, e.type, e.data, dev.state), e.data)
+            self._observe(tx, b, e, dev)
         self._write(tx, b)
 
-    def _observe(  # noqa: PLR0913, PLR0917
-        self, tx: Session, b: _Batch, device_id: str, dev: _Device, obs: Observation, data: Mapping[str, Any]
-    ) -> None:
+    def _observe(self, tx: Session, b: _Batch, e: Event, dev: _Device) -> None:
         rebuilding = replaying(tx)
+        device_id = e.subject
+        obs = Observation(e.time, e.type, e.data, dev.state)
+        # Silence is measured on the gateway's clock, as the timer measures it: a device whose
+        # clock runs behind must not look silent (its events keep their own time otherwise).
+        heard = replace(obs, time=e.received_at) if e.received_at is not None else obs
         for rule in self._rules_for(obs.event_type, device_id, dev):
+            seen = heard if rule.absence is not None else obs
             k = (rule.name, device_id)
             before = b.keys.get(k) or self._keys.get(k) or KeyState()
             if rebuilding:
-                before = self._catch_up(tx, rule, device_id, dev, before, obs.time)
-            new, signal = step(rule, before, obs, obs.time)
+                before = self._catch_up(tx, rule, device_id, dev, before, seen.time)
+            new, signal = step(rule, before, seen, seen.time)
             b.keys[k] = new
             if signal is not None and not self._transition(
-                tx, rule, device_id, dev, signal, obs.time, {**dev.state, **data}
+                tx, rule, device_id, dev, signal, seen.time, {**dev.state, **e.data}
             ):
                 b.keys[k] = before  # held back for now: the key fires again when it may
             elif signal is None:
-                self._settle_flapping(tx, k, new, obs.time)
+                self._settle_flapping(tx, k, new, seen.time)
 
     def _catch_up(  # noqa: PLR0913, PLR0917
         self, tx: Session, rule: Rule, device_id: str, dev: _Device, ks: KeyState, at: datetime
@@ -481,7 +485,7 @@ class AlertEngine(BaseConsumer):
         for e in readings:
             dev = self._device(b, e.subject)
             _project(dev, e)
-            self._observe(tx, b, e.subject, dev, Observation(e.time, e.type, e.data, dev.state), e.data)
+            self._observe(tx, b, e, dev)
         self._write(tx, b)
 
     def _reading_limits(self) -> tuple[str, list[object]] | None:
@@ -663,7 +667,7 @@ class AlertEngine(BaseConsumer):
 
 _READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
 _SQL_READERS = (  # {beyond}: the rules' limits, see _reading_limits
-    "SELECT subject, max(time), max(site), max(json_extract(data, '$.unit')), "
+    "SELECT subject, max(received_at), max(site), max(json_extract(data, '$.unit')), "
     f"max(CASE WHEN ({{beyond}}) THEN 1 ELSE 0 END) {_READINGS_SPAN} GROUP BY subject"
 )
 _SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"

@@ -55,6 +55,7 @@ class Event:
     part: int = 0
     site: str | None = None
     position: int = 0  # place in the log once stored (0 before)
+    received_at: datetime | None = None  # when the gateway received it (read from the log; None before)
 
     def to_cloudevent(self) -> dict[str, Any]:
         """The structured-mode CloudEvents JSON form."""

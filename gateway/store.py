@@ -330,7 +330,7 @@ def _table(model: type[SQLModel]) -> Table:
     return table
 
 
-EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data")
+EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data", "received_at")
 
 
 def batch_end(tx: Session, position: int, limit: int) -> int | None:
@@ -391,9 +391,9 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
     return [
         Event(
             id=ce_id, source=source, type=etype, time=_as_utc(time), subject=subject,
-            data=dict(data), sequence=sequence, part=part, site=site, position=pos,
+            data=dict(data), sequence=sequence, part=part, site=site, position=pos, received_at=_as_utc(received),
         )
-        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in conn.execute(
+        for pos, ce_id, source, etype, subject, time, sequence, part, site, data, received in conn.execute(
             stmt.order_by(table.c.id)
         )
     ]  # fmt: skip
@@ -408,8 +408,9 @@ def read_sql_events(conn: Any, sql: str, params: Sequence[object]) -> list[Event
         Event(
             id=ce_id, source=source, type=etype, time=_sqlite_time(time), subject=subject,
             data=json.loads(data), sequence=sequence, part=part, site=site, position=pos,
+            received_at=_sqlite_time(received),
         )
-        for pos, ce_id, source, etype, subject, time, sequence, part, site, data in conn.exec_driver_sql(
+        for pos, ce_id, source, etype, subject, time, sequence, part, site, data, received in conn.exec_driver_sql(
             sql, tuple(params)
         ).fetchall()
     ]  # fmt: skip
@@ -458,6 +459,7 @@ def event_from_row(row: EventRow) -> Event:
         part=row.part,
         site=row.site,
         position=row.id or 0,
+        received_at=row.received_at,
     )
 
 

@@ -441,3 +441,17 @@ async def test_what_falls_due_while_the_engine_is_paused_is_new_after_a_replay(
             return len(alerts) == 1 and len(events) == 1 and notifications == 1
 
         await wait_for(told, timeout=15, what="the new alert with its event and notification")
+
+
+async def test_a_device_whose_clock_runs_behind_is_not_silent_while_it_speaks(
+    broker: Mosquitto, alert_settings: Callable[[Mosquitto], Settings]
+) -> None:
+    async with running_gateway(alert_settings(broker)) as gw, mqtt_client(broker.url_as("tester"), "h-slow") as c:
+        for seq in range(1, 9):  # every 0.5 s, stamped 10 s in the past (within the skew bound)
+            body = json.loads(reading_now(seq))
+            body["ts"] -= 10_000
+            await c.publish("devices/h-slow/telemetry", json.dumps(body).encode(), qos=1)
+            await asyncio.sleep(0.5)
+        await caught_up(gw, "h-slow", 8)
+        await asyncio.sleep(1.2)  # ticks pass; the last reading is 1.2 s old by the gateway's clock
+        assert await alerts_of(gw) == [], "its heartbeat is 2 s and it spoke every 0.5 s"
