@@ -183,3 +183,9 @@ async def test_a_misspelt_parameter_or_value_is_a_422_that_says_what_is_taken(cl
     assert "pattern" not in r.text, "not a regex"
     assert (await client.get("/api/events", params={"type": "sensor.reading", "limit": 5})).status_code == 200
     assert (await client.get("/api/devices/nope/events")).status_code == 404, "as /api/devices/nope is"
+    r = await client.get("/api/events", params={"type": "elevator.fault.rasied"})
+    assert r.status_code == 422
+    assert "did you mean elevator.fault.raised?" in r.json()["detail"]
+    for fine in ("elevator.*", "alert.firing", "workorder.assigned", "elevator.door.opened"):
+        assert (await client.get("/api/events", params={"type": fine})).status_code == 200, fine
+    assert (await client.get("/api/events", params={"type": "elevatr.*"})).status_code == 422

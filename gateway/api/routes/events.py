@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 from datetime import datetime
 from typing import Annotated, Literal
@@ -11,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 
 from gateway.api.deps import MAX_ID, StoreDep
 from gateway.api.schemas import EventPage
+from gateway.events import EVENT_TYPES
 from gateway.store import EventQuery, Store, cloudevent_of, list_events
 
 router = APIRouter(prefix="/api/events", tags=["events"])
@@ -33,6 +35,27 @@ def _page(store: Store, q: EventQuery) -> bytes:
     return json.dumps({"items": items, "next_cursor": next_cursor}, separators=(",", ":")).encode()
 
 
+# The types of the log: the devices' events, and those the gateway derives (any `workorder.<step>`).
+KNOWN_TYPES = (*EVENT_TYPES, "alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved")
+DERIVED_PREFIXES = ("workorder.",)
+
+
+def _check_type(wanted: str) -> None:
+    """A type no event has is a 422 listing the known ones (a typo must not answer "nothing")."""
+    prefix = wanted[:-1] if wanted.endswith(".*") else None
+    if prefix is not None:
+        if any(t.startswith(prefix) for t in (*KNOWN_TYPES, *DERIVED_PREFIXES)) or "workorder.".startswith(prefix):
+            return
+    elif wanted in KNOWN_TYPES or wanted.startswith(DERIVED_PREFIXES):
+        return
+    close = difflib.get_close_matches(wanted, KNOWN_TYPES, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    known = ", ".join(KNOWN_TYPES)
+    raise HTTPException(
+        status_code=422, detail=f"type: no event is of type {wanted!r}; {hint}known: {known}, workorder.*"
+    )
+
+
 @router.get("", response_model=EventPage)
 async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filter
     store: StoreDep,
@@ -50,5 +73,7 @@ async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filte
     for name, value in (("since", since), ("until", until)):
         if value is not None and value.tzinfo is None:
             raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
+    if type is not None:
+        _check_type(type)
     q = EventQuery(device_id, type, since, until, decode_cursor(cursor), limit, newest_first=order == "desc")
     return Response(await asyncio.to_thread(_page, store, q), media_type="application/json")
