@@ -181,6 +181,12 @@ class Roster(StrictModel):
             if receiver.kind in ("alertmanager", "alertmanager-webhook"):
                 msg = f"technician {t.id}: an alertmanager receiver cannot page a person; use webhook or pagerduty"
                 raise ValueError(msg)
+        roles = {t.role for t in self.technicians}
+        for p in self.policies:  # (a level nobody holds is passed over; a policy with none pages nobody)
+            if not any(level.role in roles for level in p.levels):
+                wanted = ", ".join(sorted({level.role for level in p.levels}))
+                msg = f"policy {p.name}: nobody in the roster is a {wanted}: it could page nobody"
+                raise ValueError(msg)
         if not any(p.sites == ["*"] and p.priorities is None for p in self.policies):
             msg = 'the last resort is missing: add a policy with sites ["*"] and no priorities'
             raise ValueError(msg)

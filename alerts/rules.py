@@ -408,11 +408,16 @@ def load_yaml_model(text: str, path: str, model: type[M], required: str, error: 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            (_line_of(node, err["loc"]), f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
-            for err in exc.errors()
-        ]
+        problems = [(_line_of(node, err["loc"]), _where(err["loc"]) + _said(err["msg"])) for err in exc.errors()]
         raise error(path, problems) from None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) + ": " if loc else ""  # a whole-file problem has no path
+
+
+def _said(msg: str) -> str:
+    return msg.removeprefix("Value error, ")  # pydantic's prefix to our own words
 
 
 def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
@@ -425,8 +430,14 @@ def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
 
 def load_rules(text: str, path: str = "<rules>") -> RuleSet:
     """Parse and validate a rules file; every problem is reported with its line number."""
-    _duplicate_names(text, path)
-    return load_yaml_model(text, path, RuleSet, "rules", RulesError)
+    twice = _duplicate_names(text)
+    try:
+        ruleset = load_yaml_model(text, path, RuleSet, "rules", RulesError)
+    except RulesError as exc:  # every problem at once, the duplicates with the rest, by line
+        raise RulesError(path, sorted([*twice, *exc.problems], key=lambda p: p[0] or 0)) from None
+    if twice:
+        raise RulesError(path, twice)
+    return ruleset
 
 
 def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -435,12 +446,12 @@ def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
     return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
 
 
-def _duplicate_names(text: str, path: str) -> None:
-    """A rule name used twice, at the line of its second use."""
+def _duplicate_names(text: str) -> list[tuple[int | None, str]]:
+    """Each rule name used twice, at the line of its second use."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return  # said by load_yaml_model
+        return []  # said by load_yaml_model
     rules = _child(node, "rules")
     seen: dict[str, int] = {}
     problems: list[tuple[int | None, str]] = []
@@ -455,8 +466,7 @@ def _duplicate_names(text: str, path: str) -> None:
             )
         else:
             seen[name.value] = line
-    if problems:
-        raise RulesError(path, problems)
+    return problems
 
 
 def load_rules_file(path: Path) -> RuleSet:

@@ -39,6 +39,7 @@ class Elevator:
     target: int | None = None
     hold: int = 0
     maintenance_left: int = 0
+    published: dict[str, Any] | None = None  # the state last returned by step (what the broker has)
 
     def state(self) -> dict[str, Any]:
         """The `data` object of a state message."""
@@ -53,9 +54,11 @@ class Elevator:
 
     def step(self) -> dict[str, Any] | None:
         """Advance one phase; the new state if it changed."""
-        before = self.state()
+        before = self.state() if self.published is None else self.published
         self._step()
         after = self.state()
+        self.published = after
+        # Against what was published: a fault forced between steps is a change too.
         return after if after != before else None
 
     def force_fault(self, code: str, steps: int = 10) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
+from sqlalchemy import delete
 from sqlalchemy.engine import make_url
 
 from gateway import __version__
@@ -201,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"iotgw: invalid {flag} (IOTGW_{field.upper()}): {err['msg']}", file=sys.stderr)  # noqa: T201
         return 2
     except GatewayError as exc:
-        print(f"iotgw: {exc}", file=sys.stderr)  # noqa: T201
+        # One line: a database's own words come with its SQL and a link, which say nothing more.
+        said = str(exc) or type(exc).__name__
+        if not hasattr(exc, "problems"):  # (a file's problems are one per line: all of them)
+            said = said.splitlines()[0]
+        print(f"iotgw: {said}", file=sys.stderr)  # noqa: T201
         return 1
 
 
@@ -226,10 +231,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    if not args.keep:  # a demo starts afresh: no open alerts and overdue orders from the last run
-        for name in ("iotgw.db", "iotgw.db-wal", "iotgw.db-shm", "api-key"):
-            (args.data_dir / name).unlink(missing_ok=True)
+    _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)  # before anything is touched
+    try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        if not args.keep:  # a demo starts afresh: no open alerts and overdue orders from the last run
+            for name in ("iotgw.db", "iotgw.db-wal", "iotgw.db-shm", "api-key"):
+                (args.data_dir / name).unlink(missing_ok=True)
+    except OSError as exc:
+        msg = f"--data-dir {args.data_dir}: {exc.strerror or exc}"
+        raise GatewayError(msg) from None
     settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
     _logging(settings.log_level)
     return asyncio.run(_demo(args, settings))
@@ -418,7 +428,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, credentials=_read_credentials(args.credentials))
     fleet = Fleet(cfg, on_tick=Progress())
     where = _safe_url(cfg.mqtt_url)
-    print(f"simulate: {len(fleet.devices)} devices publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
+    print(f"simulate: {_plural(len(fleet.devices), 'device')} publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())
     watcher.add_done_callback(lambda _: fleet.stop())
@@ -521,6 +531,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         )
         gw = Gateway(settings)
         await asyncio.to_thread(gw.store.create_schema)
+        if args.keep:  # a new broker every run: the gateway's session there is new, not lost
+            await asyncio.to_thread(_forget_broker_sessions, gw.store)
         fleet_cfg = _fleet_config(args, broker.device_url, prefix="demo-")
         rogue = "demo-rogue-001"
         devices = {m.device_id: getattr(m, "type", "elevator") for m in build_models(fleet_cfg)} | {rogue: None}
@@ -542,15 +554,24 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         await publish_bad(broker.device_url, rogue, seq=int(time.time()), password=creds[rogue])
         await _demo_status(gw, fleet, stop, args.duration)
     finally:
+        # The gateway first: devices going away as the demo ends are no news (no offline alerts).
+        if gw is not None:
+            await gw.stop()
         if fleet is not None and fleet_task is not None:
             fleet.stop()
             await asyncio.gather(fleet_task, return_exceptions=True)
-        if gw is not None:
-            await gw.stop()
         await asyncio.to_thread(broker.stop)
         shutil.rmtree(broker.data_dir, ignore_errors=True)
         print("\niotgw demo stopped.", file=sys.stderr)  # noqa: T201
     return 0
+
+
+def _forget_broker_sessions(store: Store) -> None:
+    from gateway.store import BrokerSessionRow  # noqa: PLC0415
+
+    with store.session() as tx:
+        tx.exec(delete(BrokerSessionRow))
+        tx.commit()
 
 
 def _demo_ports(settings: Settings) -> tuple[int, int, Settings]:

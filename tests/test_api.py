@@ -189,3 +189,8 @@ async def test_a_misspelt_parameter_or_value_is_a_422_that_says_what_is_taken(cl
     for fine in ("elevator.*", "alert.firing", "workorder.assigned", "elevator.door.opened"):
         assert (await client.get("/api/events", params={"type": fine})).status_code == 200, fine
     assert (await client.get("/api/events", params={"type": "elevatr.*"})).status_code == 422
+    assert (await client.get("/api/devices", params={"type": "elevatr"})).status_code == 422
+    assert (await client.get("/api/dead-letters", params={"reason": "badjson"})).status_code == 422
+    assert (await client.get("/api/dead-letters", params={"reason": "bad_json"})).status_code == 200
+    r = await client.get("/api/events", params={"type": "elevatr.*"})
+    assert "did you mean elevator.*?" in r.json()["detail"]

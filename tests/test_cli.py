@@ -85,6 +85,14 @@ def test_roster_check_refuses_a_roster_without_people_and_counts_in_words(
     empty.write_text("technicians: []\npolicies:\n  - {name: d, levels: [{role: technician, ack_timeout: 5m}]}\n")
     assert main(["roster", "check", str(empty)]) == 1
     assert f"{empty}:1: technicians:" in capsys.readouterr().err
+    bosses = tmp_path / "bosses.yaml"
+    bosses.write_text(
+        "timezone: UTC\nreceivers:\n  - {name: pager, kind: log}\ntechnicians:\n"
+        "  - {id: sue, name: Sue, role: supervisor, contact: pager, shifts: [{start: '00:00', end: '24:00'}]}\n"
+        "policies:\n  - {name: default, levels: [{role: technician, ack_timeout: 5m}]}\n"
+    )
+    assert main(["roster", "check", str(bosses)]) == 1
+    assert "policy default: nobody in the roster is a technician: it could page nobody" in capsys.readouterr().err
 
 
 def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(broker: Mosquitto) -> None:
@@ -96,7 +104,7 @@ def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     first = done.stderr.splitlines()[0]
-    assert first == f"simulate: 1 devices publishing to {url}"
+    assert first == f"simulate: 1 device publishing to {url}"
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"iotgw: no device could connect to {url} within 3 s: ")
     assert "authori" in last.lower(), last  # the broker's CONNACK: not authorised (no credentials given)

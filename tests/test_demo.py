@@ -53,7 +53,9 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
                     orders = (await client.get("/api/work-orders")).json()
                 except httpx.TransportError:
                     return False
-                return len(devices) >= 40 and len(events) > 0 and len(dead) > 0 and len(orders) > 0
+                jams = (await client.get("/api/events", params={"type": "elevator.fault.raised"})).json()["items"]
+                jammed = any(e["data"].get("code") == "DOOR_JAM" for e in jams)  # the demo's own, at 10 s
+                return len(devices) >= 40 and len(events) > 0 and len(dead) > 0 and len(orders) > 0 and jammed
 
             await wait_for(
                 api_has_everything, timeout=60, what="devices, events, dead letters and work orders in the API"
@@ -122,12 +124,14 @@ async def test_a_taken_http_port_moves_the_demo_to_a_free_one_and_says_so(tmp_pa
 
 def test_a_demo_that_fails_after_its_broker_started_leaves_nothing_behind(tmp_path: Path) -> None:
     mqtt_port, tmp = free_port(), private_tmp()
+    (tmp_path / "demo" / "iotgw.db").mkdir(parents=True)  # no database can be opened there
     cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
-           "--http-port", str(free_port()), "--data-dir", str(tmp_path / "demo"), "--fault-rate", "2"]  # fmt: skip
+           "--http-port", str(free_port()), "--data-dir", str(tmp_path / "demo"), "--keep"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "TMPDIR": str(tmp)}, check=False)  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert "--fault-rate is a probability" in done.stderr
+    assert "started Mosquitto" in done.stderr, "it failed after its broker started"
+    assert done.stderr.strip().splitlines()[-1].startswith("iotgw: "), "one clear line at the end"
     assert "Traceback" not in done.stderr
     assert not port_open("127.0.0.1", mqtt_port), "its broker was stopped"
     assert list(tmp.iterdir()) == [], "and its temp folder removed"
@@ -162,3 +166,24 @@ def test_a_rerun_starts_afresh_and_keep_goes_on_with_the_same_key(tmp_path: Path
     assert (second != first, keys) == (True, 1), "afresh: a new database, one key"
     third, keys = run("--keep")
     assert (third, keys) == (second, 1), "--keep: the same database and the same key"
+
+
+def test_a_mistyped_demo_flag_touches_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    data_dir.mkdir()
+    (data_dir / "api-key").write_text("the last run's key\n")
+    for argv in (["--fault-rate", "2"], ["--rate", "0"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "demo", "--data-dir", str(data_dir), *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1, f"one line: {done.stderr}"
+        assert (data_dir / "api-key").read_text() == "the last run's key\n", "the last run is still there"
+    file = tmp_path / "a-file"
+    file.write_text("")
+    done = subprocess.run([sys.executable, "-m", "gateway", "demo", "--data-dir", str(file)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"iotgw: --data-dir {file}: "), done.stderr
+    assert "Traceback" not in done.stderr

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from gateway.api.deps import StoreDep
 from gateway.api.routes.events import decode_cursor
 from gateway.api.schemas import DeadLetterPage, DeadLetterPublic
+from gateway.protocol import Reason
 from gateway.store import list_dead_letters
 
 router = APIRouter(prefix="/api/dead-letters", tags=["dead letters"])
@@ -21,12 +22,13 @@ PREVIEW_CHARS = 200
 @router.get("")
 async def dead_letters(
     store: StoreDep,
-    reason: Annotated[str | None, Query(max_length=40)] = None,
+    reason: Reason | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DeadLetterPage:
     """Dead letters in arrival order, optionally of one reason."""
-    rows = await asyncio.to_thread(list_dead_letters, store, reason=reason, after=decode_cursor(cursor), limit=limit)
+    why = reason.value if reason else None
+    rows = await asyncio.to_thread(list_dead_letters, store, reason=why, after=decode_cursor(cursor), limit=limit)
     items = [
         DeadLetterPublic(
             id=r.id or 0,

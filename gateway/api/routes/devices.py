@@ -34,9 +34,9 @@ def _public(row: DeviceRow) -> DevicePublic:
 
 
 @router.get("")
-async def devices(store: StoreDep, type: str | None = None, site: str | None = None) -> list[DevicePublic]:  # noqa: A002
+async def devices(store: StoreDep, type: DeviceType | None = None, site: str | None = None) -> list[DevicePublic]:  # noqa: A002
     """Every known device, optionally of one type and/or site."""
-    rows = await asyncio.to_thread(list_devices, store, type_=type, site=site)
+    rows = await asyncio.to_thread(list_devices, store, type_=type.value if type else None, site=site)
     return [_public(r) for r in rows]
 
 
@@ -57,7 +57,7 @@ async def device_events(
 ) -> list[EventPublic]:
     """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
     if await asyncio.to_thread(get_device, store, device_id) is None:
-        raise HTTPException(status_code=404, detail=f"no device {device_id}")
+        raise HTTPException(status_code=404, detail=f"no device {device_id!r}")
     rows = await asyncio.to_thread(recent_events, store, device_id, limit)
     return [EventPublic.model_validate(cloudevent_of(r)) for r in rows]
 

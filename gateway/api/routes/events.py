@@ -48,7 +48,8 @@ def _check_type(wanted: str) -> None:
             return
     elif wanted in KNOWN_TYPES or wanted.startswith(DERIVED_PREFIXES):
         return
-    close = difflib.get_close_matches(wanted, KNOWN_TYPES, n=1, cutoff=0.6)
+    families = sorted({t.split(".")[0] + ".*" for t in KNOWN_TYPES} | {"workorder.*"})
+    close = difflib.get_close_matches(wanted, families if prefix is not None else KNOWN_TYPES, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     known = ", ".join(KNOWN_TYPES)
     raise HTTPException(
