@@ -168,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     roster_check = roster_sub.add_parser("check", help="validate a roster file; errors name their line")
     roster_check.add_argument("file", type=Path)
 
-    demo = sub.add_parser("demo", help="everything on one machine: Mosquitto, gateway, API and a fleet with faults")
+    demo = sub.add_parser(
+        "demo",
+        help="everything on one machine: Mosquitto, gateway, API and a fleet with faults",
+        description="Starts its own Mosquitto (authentication on), the gateway with every consumer, the API "
+        "and staff page, and a simulated fleet of elevators and sensors with faults; prints the URLs and an "
+        "admin key. Ctrl-C stops everything. Each run starts afresh unless --keep.",
+    )
     # (Its own broker, database and API key: only what means something for a demo.)
     _add_settings(demo, fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"))
     # A building, not a disaster: most cars in service, a fault every few minutes (and one at once).
@@ -176,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
-    demo.add_argument("--data-dir", type=Path, default=Path(".iotgw-demo"), help="where the demo keeps its files")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".iotgw-demo"),
+        help="where the demo keeps its files (default %(default)s)",
+    )
     demo.add_argument(
         "--keep",
         action="store_true",
