@@ -45,13 +45,16 @@ class Failing(BaseConsumer):
     max_attempts = 3
     retry_base_s = 0.001
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.broken = True
         self.calls = 0
         self.positions: list[int] = []
+        self.delay_s = delay_s  # each try takes this long (a downstream system timing out, say)
 
     def handle(self, events: Sequence[Event], tx: Session) -> None:  # noqa: ARG002
         self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.broken:
             raise RuntimeError("boom: the downstream system is down")
         self.positions.extend(e.position for e in events)
@@ -107,21 +110,25 @@ async def test_failing_consumer_parks_events_without_slowing_ingestion_or_others
         await stored_all(gw, n)
         calm_rate = n / (time.monotonic() - t0)
 
-    counting, failing = Counting(), Failing()
+    # Each of its tries takes 10 ms: tried 3 times an event, it needs minutes for this load.
+    counting, failing = Counting(), Failing(delay_s=0.01)
     settings = settings_for(broker, consumers="analytics", mqtt_client_id="stormy")
     async with running_gateway(settings, consumers=[counting, failing]) as gw, client_for(gw) as client:
         t0 = time.monotonic()
         await publish_numbered(broker.url_as("tester"), devices, per_device, prefix="stormy-")
         await stored_all(gw, 2 * n)
         stormy_rate = n / (time.monotonic() - t0)
+        # Ingestion did not wait for the failing consumer: everything is stored while it is still
+        # far behind (the rates are printed; comparing them is the benchmark's business).
+        behind = (await consumer_state(client, "failing"))["cursor"]
+        assert isinstance(behind, int)
+        assert behind < n, f"the failing consumer is at {behind} of {2 * n} when all is stored"
         print(f"ingest without a failing consumer {calm_rate:,.0f} msg/s, with one {stormy_rate:,.0f} msg/s")  # noqa: T201
 
         async def others_caught_up() -> bool:
             return len(counting.positions) == 2 * n and (await consumer_state(client, "analytics"))["lag_events"] == 0
 
         await wait_for(others_caught_up, what="the healthy consumers to catch up")
-        # Ingestion did not wait for the failing consumer: everything was stored while it failed.
-        assert stormy_rate > calm_rate / 3
         state = await consumer_state(client, "failing")
         assert state["state"] == "failing"
         assert "boom" in str(state["last_error"])
@@ -139,7 +146,7 @@ async def test_failing_consumer_parks_events_without_slowing_ingestion_or_others
         assert 'iotgw_consumer_parked_total{consumer="failing"}' in metrics
 
         # Fix the fault, replay from the first parked event: from there on, everything is handled.
-        failing.broken = False
+        failing.broken, failing.delay_s = False, 0.0
         r = await client.post("/api/consumers/failing/replay", json={"from_position": first["position"]})
         assert r.status_code == 200
         assert r.json() == {"name": "failing", "cursor": first["position"] - 1, "reset": False}
