@@ -344,13 +344,6 @@ class Notifier:
         if self._stopping is not None:
             self._stopping.set()
 
-    def deliver_due(self, now: datetime | None = None) -> bool:
-        """One round: fan out, then every receiver's lane in turn; True if any delivery was tried."""
-        busy = False
-        for name in self.fan_out(now):
-            busy = self.deliver_lane(name, now) or busy
-        return busy
-
     def fan_out(self, now: datetime | None = None) -> list[str]:
         """Fan new notifications out to deliveries; the receivers with deliveries pending."""
         now = now or datetime.now(UTC)

@@ -17,7 +17,7 @@ import pytest
 from sqlmodel import col, select
 
 from alerts.dispatch import Dispatch
-from alerts.engine import ALERT_SOURCE, AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.engine import ALERT_SOURCE, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
 from alerts.roster import load_roster
 from alerts.rules import RulesError, load_rules
 from gateway.broker import Mosquitto
@@ -388,7 +388,16 @@ receivers:
             await publish(broker, "el-2", message(3, clock.now))  # cleared
             await publish(broker, "el-4", message(1, clock.now), message(2, clock.now, **jam))  # new, silenced
             await wait_for(lambda: asyncio.sleep(0, len(pd.ok()) == 2), timeout=10, what="the resolve")
-            await asyncio.sleep(1.5)
+
+            def el4_decided() -> bool:  # the new alert's delivery is fanned out, and held back
+                with gw.store.session() as tx:
+                    alert = tx.exec(select(AlertRow).where(col(AlertRow.device_id) == "el-4")).first()
+                    if alert is None:
+                        return False
+                    rows = tx.exec(select(DeliveryRow.status).where(col(DeliveryRow.alert_id) == alert.id)).all()
+                return list(rows) == ["silenced"]
+
+            await wait_for(lambda: asyncio.to_thread(el4_decided), timeout=10, what="the silenced alert's delivery")
         actions = [(r["body"]["event_action"], r["body"]["dedup_key"]) for r in pd.ok()]
         assert [a for a, _ in actions] == ["trigger", "resolve"], "the silenced new alert is not sent"
         assert actions[0][1] == actions[1][1], "the incident opened is the one closed"
