@@ -120,7 +120,7 @@ def _caught_up_after(http_port: int, last_stored: float, timeout: float) -> floa
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            states = httpx.get(f"http://127.0.0.1:{http_port}/api/consumers").json()
+            states = httpx.get(f"http://127.0.0.1:{http_port}/api/consumers").json()["items"]
         except httpx.TransportError:
             states = [{"lag_events": None}]  # its API is not up yet (a backlog drains meanwhile)
         if all(c["lag_events"] == 0 for c in states):

@@ -1005,9 +1005,18 @@ def list_events(store: Store, q: EventQuery) -> list[EventRow]:
         return list(s.exec(stmt))
 
 
-def list_devices(store: Store, *, type_: str | None = None, site: str | None = None) -> list[DeviceRow]:
-    """Every device, by id, optionally filtered by type and site."""
-    stmt = select(DeviceRow)
+def list_devices(
+    store: Store,
+    *,
+    type_: str | None = None,
+    site: str | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> list[DeviceRow]:
+    """Devices by id (those after `after`, at most `limit`), optionally filtered by type and site."""
+    stmt = select(DeviceRow).limit(limit)
+    if after is not None:
+        stmt = stmt.where(col(DeviceRow.device_id) > after)
     if type_:
         stmt = stmt.where(col(DeviceRow.type) == type_)
     if site:
@@ -1022,9 +1031,11 @@ def get_device(store: Store, device_id: str) -> DeviceRow | None:
         return s.get(DeviceRow, device_id)
 
 
-def recent_events(store: Store, device_id: str, limit: int) -> list[EventRow]:
-    """A device's latest events (its own and the gateway's about it), newest first."""
+def recent_events(store: Store, device_id: str, limit: int, *, before: int | None = None) -> list[EventRow]:
+    """A device's latest events (its own and the gateway's about it) before position `before`, newest first."""
     stmt = select(EventRow).where(col(EventRow.subject) == device_id).order_by(col(EventRow.id).desc()).limit(limit)
+    if before is not None:
+        stmt = stmt.where(col(EventRow.id) < before)
     with store.session() as s:
         return list(s.exec(stmt))
 

@@ -71,7 +71,7 @@ async def alerts_of(gw: Gateway, **params: Any) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as c:
         r = await c.get("/api/alerts", params=params)
         assert r.status_code == 200, r.text
-        return list(r.json())
+        return list(r.json()["items"])
 
 
 async def caught_up(gw: Gateway, device: str, seq: int) -> None:
@@ -171,7 +171,7 @@ async def test_people_acknowledge_and_resolve_with_clear_errors(
             assert [h["to_status"] for h in r.json()["history"]] == ["firing", "acknowledged", "resolved"]
             assert (await client.post("/api/alerts/99999/ack", json={"by": "x"})).status_code == 404
             assert (await client.get("/api/alerts", params={"status": "bogus"})).status_code == 422
-            rules = (await client.get("/api/rules")).json()
+            rules = (await client.get("/api/rules")).json()["items"]
             assert [r["name"] for r in rules] == ["door-jam", "hot", "silent"]
 
             async def counted() -> bool:

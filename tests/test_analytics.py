@@ -150,9 +150,9 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
         async with httpx.AsyncClient(base_url=base) as client:
 
             async def caught_up() -> bool:
-                devices = {d["device_id"]: d["last_seq"] for d in (await client.get("/api/devices")).json()}
+                devices = {d["device_id"]: d["last_seq"] for d in (await client.get("/api/devices")).json()["items"]}
                 done = all(devices.get(k) == v for k, v in stats.by_device.items())
-                lag = max(c["lag_events"] for c in (await client.get("/api/consumers")).json())
+                lag = max(c["lag_events"] for c in (await client.get("/api/consumers")).json()["items"])
                 return done and lag == 0
 
             await wait_for(caught_up, timeout=90, what="every message stored and analysed")
@@ -161,7 +161,7 @@ async def test_analytics_after_kill_9_equal_a_clean_rebuild_from_the_log(
             assert r.json()["reset"] is True
 
             async def rebuilt() -> bool:
-                states = (await client.get("/api/consumers")).json()
+                states = (await client.get("/api/consumers")).json()["items"]
                 return next(c for c in states if c["name"] == "analytics")["lag_events"] == 0
 
             await wait_for(rebuilt, timeout=60, what="the replay to finish")

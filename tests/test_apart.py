@@ -57,7 +57,7 @@ async def api(gw: Gateway, method: str, url: str, **kw: Any) -> httpx.Response:
 
 
 async def consumers(gw: Gateway) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in (await api(gw, "GET", "/api/consumers")).json()}
+    return {c["name"]: c for c in (await api(gw, "GET", "/api/consumers")).json()["items"]}
 
 
 async def handled_all(gw: Gateway) -> bool:
@@ -81,7 +81,7 @@ async def test_consumers_run_apart_and_the_gateway_shows_and_steers_them(
         all_handled = functools.partial(handled_all, gw)
 
         await wait_for(all_handled, what="the consumers' process to handle everything")
-        alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()
+        alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()["items"]
         assert [a["device_id"] for a in alerts] == ["el-2"], "the alert engine ran (in the other process)"
         assert gw.router.changes.version > seen, "its new alert woke the gateway's live views"
         states = await consumers(gw)
@@ -208,7 +208,7 @@ async def test_a_roster_edit_in_the_api_reaches_dispatch_in_the_consumers_proces
             await c.publish("devices/el-2/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
 
         async def order_is(status: str, assignee: str | None = None) -> bool:
-            orders = (await api(gw, "GET", "/api/work-orders")).json()
+            orders = (await api(gw, "GET", "/api/work-orders")).json()["items"]
             return [(o["status"], o["assignee"]) for o in orders] == [(status, assignee)]
 
         # Nobody on the roster mends elevators: the order waits for somebody.
@@ -275,7 +275,7 @@ async def test_a_failing_consumer_in_its_own_process_shows_as_failing_and_its_pa
 
         await wait_for(parked_and_moved_on, what="the event parked and the consumer going on")
         assert seen.read_text().split() == ["good-00000"]
-        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()
+        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()["items"]
         assert (dead["subject"], dead["attempts"]) == ("bad-00000", 3)
         assert "bad device" in dead["error"]
         r = await api(gw, "POST", f"/api/consumers/flaky/dead-letters/{dead['id']}/retry")
@@ -285,7 +285,7 @@ async def test_a_failing_consumer_in_its_own_process_shows_as_failing_and_its_pa
         r = await api(gw, "POST", f"/api/consumers/flaky/dead-letters/{dead['id']}/retry")
         assert r.status_code == 200, r.text
         assert seen.read_text().split() == ["good-00000", "bad-00000"]
-        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()
+        (dead,) = (await api(gw, "GET", "/api/consumers/flaky/dead-letters")).json()["items"]
         assert dead["status"] == "retried"
     assert not [r for r in caplog.records if "unreadable" in r.getMessage()], "what it printed stayed off the link"
 
@@ -331,7 +331,7 @@ async def test_a_frozen_consumers_process_is_reported_stalled_then_killed_and_st
             await c.publish("devices/el-9/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
 
         async def alerted() -> bool:
-            alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()
+            alerts = (await api(gw, "GET", "/api/alerts", params={"rule": "door-jam"})).json()["items"]
             return [a["device_id"] for a in alerts] == ["el-9"]
 
         await wait_for(alerted, what="the door jam's alert")

@@ -128,9 +128,9 @@ async def test_bad_event_queries_get_a_clear_422(
 
 async def test_devices_list_filter_and_404(client: httpx.AsyncClient) -> None:
     r = await client.get("/api/devices")
-    assert [d["device_id"] for d in r.json()] == ["e0", "e1", "e2"]
+    assert [d["device_id"] for d in r.json()["items"]] == ["e0", "e1", "e2"]
     r = await client.get("/api/devices", params={"site": "north"})
-    assert [d["device_id"] for d in r.json()] == ["e0"]
+    assert [d["device_id"] for d in r.json()["items"]] == ["e0"]
     r = await client.get("/api/devices/e2")
     assert r.json()["last_seq"] == 2
     r = await client.get("/api/devices/nope")
@@ -194,3 +194,76 @@ async def test_a_misspelt_parameter_or_value_is_a_422_that_says_what_is_taken(cl
     assert (await client.get("/api/dead-letters", params={"reason": "bad_json"})).status_code == 200
     r = await client.get("/api/events", params={"type": "elevatr.*"})
     assert "did you mean elevator.*?" in r.json()["detail"]
+
+
+async def walk(client: httpx.AsyncClient, path: str, key: str, **params: object) -> list[object]:
+    """Every item of a list, a page of 2 at a time; each page has the one shape, the last a null cursor."""
+    seen: list[object] = []
+    cursor = None
+    for _ in range(100):
+        r = await client.get(path, params={**params, "limit": 2, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"items", "next_cursor"}, path
+        seen += [item[key] for item in body["items"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            assert len(body["items"]) <= 2
+            return seen
+        assert len(body["items"]) == 2, "a page with a cursor is full"
+    raise AssertionError(f"{path} never ended")
+
+
+async def test_every_list_has_one_shape_and_pages_through_every_item_once(make_store: Callable[[], Store]) -> None:
+    from alerts.dispatch import WorkOrderRow  # noqa: PLC0415 - the tables the lists read
+    from alerts.engine import AlertRow, SilenceRow  # noqa: PLC0415
+    from gateway.security import AuditRow  # noqa: PLC0415
+
+    store = make_store()
+    shadows = [Shadow(f"d{i:02}", type="elevator", site="hq", last_seq=i, online=True) for i in range(7)]
+    events = [
+        Event(id=f"d00-{i}", source="devices/d00", type="sensor.reading", time=T0 + timedelta(seconds=i),
+              subject="d00", data={"i": i}, sequence=i, site="hq")
+        for i in range(1, 6)
+    ]  # fmt: skip
+    store.append_batch(events, shadows, [], now=T0)
+    # Work orders in every rank of the list's order: open before resolved, P1 before P3, newest first.
+    kinds = [("P3", "assigned"), ("P1", "resolved"), ("P1", "assigned"), ("P2", "unassigned"), ("P3", "resolved"),
+             ("P1", "acknowledged"), ("P2", "resolved")]  # fmt: skip
+    with store.session() as tx:
+        for i, (priority, status) in enumerate(kinds):
+            tx.add(WorkOrderRow(device_id=f"d{i:02}", priority=priority, status=status, summary="s", first_alert_id=i,
+                                created_at=T0, updated_at=T0))  # fmt: skip
+            tx.add(AlertRow(rule="r", device_id=f"d{i:02}", severity="major", status="firing", summary="s",
+                            fired_at=T0, updated_at=T0))  # fmt: skip
+            tx.add(AuditRow(at=T0, who="ann", role="admin", method="POST", path="/api/x", status=200))
+            forever = T0 + timedelta(days=9999)
+            tx.add(SilenceRow(matchers={"rule": "r"}, created_by="ann", comment="c", starts_at=T0, ends_at=forever))
+        tx.commit()
+    app = create_app(AppState(store, Metrics(CollectorRegistry()), lambda: True, lambda: True,
+                              security=ApiSecurity(auth=False)))  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        whole = (await c.get("/api/work-orders", params={"limit": 1000})).json()
+        expected = [o["id"] for o in whole["items"]]
+        assert [(o["status"] == "resolved", o["priority"]) for o in whole["items"]] == sorted(
+            (s == "resolved", p) for p, s in kinds
+        ), "open first, then by priority"
+        assert whole["next_cursor"] is None
+        assert await walk(c, "/api/work-orders", "id") == expected
+        opened = [o["id"] for o in whole["items"] if o["status"] != "resolved"]
+        assert await walk(c, "/api/work-orders", "id", status="open") == opened
+        assert await walk(c, "/api/alerts", "id") == list(range(7, 0, -1)), "newest first"
+        assert await walk(c, "/api/audit", "id") == list(range(7, 0, -1))
+        assert await walk(c, "/api/silences", "id") == list(range(1, 8))
+        assert await walk(c, "/api/devices", "device_id") == [f"d{i:02}" for i in range(7)]
+        assert await walk(c, "/api/devices/d00/events", "seq") == [5, 4, 3, 2, 1]
+        for path in ("/api/work-orders", "/api/alerts", "/api/audit", "/api/silences", "/api/devices/d00/events"):
+            for bad in ("x", "0.P1.3", "2.P1.3", "1.P9.3", "-1", "99999999999999999999"):
+                r = await c.get(path, params={"cursor": bad})
+                if r.status_code == 200:
+                    continue
+                assert r.status_code == 422, (path, bad, r.text)
+                assert "cursor" in r.json()["detail"], (path, bad)
+        assert (await c.get("/api/work-orders", params={"cursor": "0.P1"})).status_code == 422
+        assert (await c.get("/api/alerts", params={"cursor": "0.P1.3"})).status_code == 422
+    store.close()

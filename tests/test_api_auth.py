@@ -157,7 +157,7 @@ async def test_every_route_wants_a_key_of_its_role_and_mutations_are_audited(
             orders = await client.get("/api/work-orders", headers=bearer(keys["viewer"]))
             parked = await client.get("/api/consumers/failing/dead-letters", headers=bearer(keys["viewer"]))
             analysed = await client.get("/api/analytics/devices/el-1", headers=bearer(keys["viewer"]))
-            return len(orders.json()) == 1 and len(parked.json()) == 1 and analysed.status_code == 200
+            return len(orders.json()["items"]) == 1 and len(parked.json()["items"]) == 1 and analysed.status_code == 200
 
         await wait_for(ready, what="the work order, the parked event and el-1's analytics")
         failing.broken = False  # so that the retry step succeeds

@@ -86,7 +86,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
             async def settled_and_caught_up() -> bool:
                 # Redelivered duplicates, if any, are received and committed by now, and handled.
                 text = (await client.get("/metrics")).text
-                lags = [c["lag_events"] for c in (await client.get("/api/consumers")).json()]
+                lags = [c["lag_events"] for c in (await client.get("/api/consumers")).json()["items"]]
                 return "iotgw_ingest_pending_messages 0.0" in text and max(lags) == 0
 
             await wait_for(settled_and_caught_up, timeout=60, what="the gateway to commit and route everything")
@@ -99,7 +99,7 @@ async def test_three_kill_9s_during_50000_messages_lose_duplicate_and_miscount_n
             assert r.json()["reset"] is True
 
             async def rebuilt() -> bool:
-                states = (await client.get("/api/consumers")).json()
+                states = (await client.get("/api/consumers")).json()["items"]
                 return next(c for c in states if c["name"] == "analytics")["lag_events"] == 0
 
             await wait_for(rebuilt, timeout=60, what="the analytics replay")

@@ -143,7 +143,7 @@ async def test_a_refusing_and_a_hanging_receiver_delay_neither_an_alert_nor_a_pa
             pages = (await detail(gw, order["id"]))["pages"]
             assert [p["delivery"] for p in pages] == ["delivered"]
             async with api(gw) as c:
-                alerts = (await c.get("/api/alerts", params={"rule": "stuck"})).json()
+                alerts = (await c.get("/api/alerts", params={"rule": "stuck"})).json()["items"]
                 shown = (await c.get(f"/api/alerts/{alerts[0]['id']}")).json()["notifications"]
                 metrics = (await c.get("/metrics")).text
             by_receiver = {n["receiver"]: n for n in shown}

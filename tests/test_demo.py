@@ -47,10 +47,10 @@ async def test_demo_shows_devices_events_dead_letters_and_work_orders_then_stops
             async def api_has_everything() -> bool:
                 assert proc.poll() is None, log.read_text()
                 try:
-                    devices = (await client.get("/api/devices")).json()
+                    devices = (await client.get("/api/devices")).json()["items"]
                     events = (await client.get("/api/events", params={"type": "elevator.*"})).json()["items"]
                     dead = (await client.get("/api/dead-letters")).json()["items"]
-                    orders = (await client.get("/api/work-orders")).json()
+                    orders = (await client.get("/api/work-orders")).json()["items"]
                 except httpx.TransportError:
                     return False
                 jams = (await client.get("/api/events", params={"type": "elevator.fault.raised"})).json()["items"]

@@ -129,7 +129,7 @@ async def orders(gw: Gateway, **params: Any) -> list[dict[str, Any]]:
     async with api(gw) as c:
         r = await c.get("/api/work-orders", params=params)
         assert r.status_code == 200, r.text
-        return list(r.json())
+        return list(r.json()["items"])
 
 
 async def detail(gw: Gateway, order_id: int) -> dict[str, Any]:
@@ -330,7 +330,7 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
 async def _events(c: httpx.AsyncClient, device: str) -> Any:
     r = await c.get(f"/api/devices/{device}/events", params={"limit": 50})
     assert r.status_code == 200, r.text
-    for e in r.json():
+    for e in r.json()["items"]:
         yield e
 
 
@@ -341,7 +341,7 @@ async def test_technicians_can_be_edited_through_the_api_and_survive_a_restart(
     roster_file.write_text(ROSTER.format(url="http://127.0.0.1:9/page"))
     settings = settings_for(broker, consumers="dispatch", roster_file=str(roster_file))
     async with running_gateway(settings) as gw, api(gw) as c:
-        people = (await c.get("/api/technicians")).json()
+        people = (await c.get("/api/technicians")).json()["items"]
         assert [p["technician"]["id"] for p in people] == ["abe", "tina", "sue", "max"]
         bad = [*[p["technician"] for p in people], {"id": "zoe", "name": "Zoe", "contact": "sms", "shifts": []}]
         r = await c.put("/api/technicians", params={"by": "sue"}, json=bad)
@@ -351,13 +351,13 @@ async def test_technicians_can_be_edited_through_the_api_and_survive_a_restart(
                "shifts": [{"start": "00:00", "end": "24:00"}]}  # fmt: skip
         r = await c.put("/api/technicians", params={"by": "sue"}, json=[people[1]["technician"], zoe])
         assert r.status_code == 200, r.text
-        assert [(p["technician"]["id"], p["on_shift"]) for p in r.json()][1] == ("zoe", True)
+        assert [(p["technician"]["id"], p["on_shift"]) for p in r.json()["items"]][1] == ("zoe", True)
     async with running_gateway(settings) as gw, api(gw) as c:
-        assert [p["technician"]["id"] for p in (await c.get("/api/technicians")).json()] == ["tina", "zoe"]
+        assert [p["technician"]["id"] for p in (await c.get("/api/technicians")).json()["items"]] == ["tina", "zoe"]
     roster_file.write_text(ROSTER.format(url="http://127.0.0.1:9/page") + "\n# edited\n")
     async with running_gateway(settings) as gw, api(gw) as c:
         # The file changed since: it is the roster again.
-        assert len((await c.get("/api/technicians")).json()) == 4
+        assert len((await c.get("/api/technicians")).json()["items"]) == 4
 
 
 async def test_replaying_the_alert_engine_rebuilds_it_silently_and_rewrites_no_history(
@@ -370,7 +370,7 @@ async def test_replaying_the_alert_engine_rebuilds_it_silently_and_rewrites_no_h
         order = await one_order(gw, "a work order")
         await wait_for(lambda: asyncio.sleep(0, bool(pages(pager, "assigned"))), what="the page")
         before = await detail(gw, order["id"])
-        (alert,) = (await c.get("/api/alerts")).json()
+        (alert,) = (await c.get("/api/alerts")).json()["items"]
         derived = derived_events(gw)
         notifications = notification_count(gw)
         paged = len(pager.ok())
@@ -378,11 +378,11 @@ async def test_replaying_the_alert_engine_rebuilds_it_silently_and_rewrites_no_h
         assert r.status_code == 200, r.text
 
         async def rebuilt() -> bool:
-            (alerts,) = [s for s in (await c.get("/api/consumers")).json() if s["name"] == "alerts"]
+            (alerts,) = [s for s in (await c.get("/api/consumers")).json()["items"] if s["name"] == "alerts"]
             return alerts["lag_events"] == 0 and alerts["cursor"] > 0
 
         await wait_for(rebuilt, what="the alert engine to rebuild its state")
-        assert (await c.get("/api/alerts")).json() == [alert], "the same alert, under the same id"
+        assert (await c.get("/api/alerts")).json()["items"] == [alert], "the same alert, under the same id"
         assert derived_events(gw) == derived, "no alert or work-order event appended again"
         assert notification_count(gw) == notifications, "no notification made again"
         await asyncio.sleep(1.0)  # dispatch and the sender had the time to act on anything new

@@ -164,7 +164,8 @@ async def test_a_replay_beyond_the_head_of_the_log_is_refused_and_the_consumer_g
             await publish(broker, "el-1", state(3, 1764324002000, door="closed"))
 
             async def caught_up() -> bool:
-                (dispatch,) = [c for c in (await client.get("/api/consumers")).json() if c["name"] == "dispatch"]
+                states = (await client.get("/api/consumers")).json()["items"]
+                (dispatch,) = [c for c in states if c["name"] == "dispatch"]
                 return dispatch["cursor"] == head + 1 and dispatch["lag_events"] == 0
 
             await wait_for(caught_up, what="analytics to handle the new event")
@@ -237,7 +238,7 @@ with engine.connect() as conn:
 
 async def consumer_states(gw: Gateway) -> dict[str, dict[str, Any]]:
     async with api(gw) as client:
-        return {c["name"]: c for c in (await client.get("/api/consumers")).json()}
+        return {c["name"]: c for c in (await client.get("/api/consumers")).json()["items"]}
 
 
 async def test_a_long_database_lock_stalls_the_consumers_and_they_recover_by_themselves(
@@ -267,7 +268,7 @@ async def test_a_long_database_lock_stalls_the_consumers_and_they_recover_by_the
         await settled(gw)
         await wait_for(all_running_and_current, timeout=60, what="the consumers to recover after the lock")
         async with api(gw) as client:
-            alerts = (await client.get("/api/alerts", params={"rule": "door-jam"})).json()
+            alerts = (await client.get("/api/alerts", params={"rule": "door-jam"})).json()["items"]
         assert [a["device_id"] for a in alerts] == ["el-1"]
         assert sample(gw, "iotgw_consumer_stalled", {"consumer": "alerts"}) == 0
 
@@ -336,7 +337,7 @@ async def test_one_huge_seq_does_not_mute_a_device_and_a_restarted_counter_is_ta
         async with api(gw) as client:
 
             async def jammed() -> bool:
-                alerts = (await client.get("/api/alerts", params={"rule": "door-jam"})).json()
+                alerts = (await client.get("/api/alerts", params={"rule": "door-jam"})).json()["items"]
                 return [a["device_id"] for a in alerts] == ["el-7"]
 
             await wait_for(jammed, what="the door jam's alert")

@@ -61,7 +61,7 @@ async def test_seeded_fleet_run_shows_expected_event_types(
         transport = httpx.ASGITransport(app=gw.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             events = await _all_events(client)
-            devices = (await client.get("/api/devices")).json()
+            devices = (await client.get("/api/devices")).json()["items"]
             one = (await client.get("/api/devices/elev-001")).json()
     types = {e["type"] for e in events}
     for t in (

@@ -70,7 +70,7 @@ async def test_the_demo_runs_from_a_wheel_in_a_clean_venv_and_stops_cleanly(whee
             async def devices_and_events() -> bool:
                 assert proc.poll() is None, log.read_text()
                 try:
-                    devices = (await client.get("/api/devices")).json()
+                    devices = (await client.get("/api/devices")).json()["items"]
                     events = (await client.get("/api/events", params={"type": "elevator.*"})).json()["items"]
                 except httpx.TransportError:
                     return False

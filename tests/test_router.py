@@ -88,7 +88,7 @@ def client_for(gw: Gateway) -> httpx.AsyncClient:
 async def consumer_state(client: httpx.AsyncClient, name: str) -> dict[str, object]:
     r = await client.get("/api/consumers")
     assert r.status_code == 200
-    return next(c for c in r.json() if c["name"] == name)
+    return next(c for c in r.json()["items"] if c["name"] == name)
 
 
 async def stored_all(gw: Gateway, n: int) -> None:
@@ -137,7 +137,7 @@ async def test_failing_consumer_parks_events_without_slowing_ingestion_or_others
             return (await consumer_state(client, "failing"))["dead_letters"] >= 1
 
         await wait_for(first_parked, what="an event to be parked")
-        parked = (await client.get("/api/consumers/failing/dead-letters")).json()
+        parked = (await client.get("/api/consumers/failing/dead-letters")).json()["items"]
         first = parked[0]
         assert first["attempts"] == 3
         assert first["event_type"] == "sensor.reading"
@@ -297,7 +297,7 @@ async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_c
                 return (await consumer_state(client, "hanging"))["dead_letters"] == 1
 
             await wait_for(parked, timeout=10, what="the hung event to be parked")
-            (dead,) = (await client.get("/api/consumers/hanging/dead-letters")).json()
+            (dead,) = (await client.get("/api/consumers/hanging/dead-letters")).json()["items"]
             assert "did not return within 0.5 s" in dead["error"]
             assert dead["subject"] == "hang-00002"
 

@@ -89,7 +89,7 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
 
             await order.locator("button[data-action=ack]").click()
             await expect(order).to_have_attribute("data-status", "acknowledged")
-            (wo,) = (await api.get("/api/work-orders")).json()
+            (wo,) = (await api.get("/api/work-orders")).json()["items"]
             assert (wo["status"], wo["acked_by"]) == ("acknowledged", "tina")
 
         # Usable on a phone: nothing wider than the screen.

@@ -187,7 +187,7 @@ async function showDevice(id) {
     list.replaceChildren(el("li", {}, `could not load: ${response.status}`));
     return;
   }
-  const events = await response.json();
+  const events = (await response.json()).items;
   list.replaceChildren(...events.map((e) => el("li", {},
     el("strong", {}, e.type), ` ${new Date(e.time).toLocaleString()} `,
     el("span", { class: "meta" }, JSON.stringify(e.data).slice(0, 160)))));
@@ -205,7 +205,7 @@ function render(snapshot) {
 
 async function loadTechnicians() {
   const response = await api("/api/technicians");
-  technicians = response.ok ? await response.json() : [];
+  technicians = response.ok ? (await response.json()).items : [];
 }
 
 // Server-sent events over fetch (EventSource cannot send the key): a `snapshot` after every change.

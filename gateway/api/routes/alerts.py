@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
@@ -23,7 +23,8 @@ from alerts.engine import (
     utcnow,
 )
 from gateway.api.auth import TECHNICIAN
-from gateway.api.deps import RowId, StoreDep, changed, filtered
+from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep, changed, filtered
+from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 
@@ -112,9 +113,11 @@ async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
     device_id: str | None = None,
     site: str | None = None,
     rule: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[AlertPublic]:
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> Page[AlertPublic]:
     """Alerts, newest first; `status=open` means firing or acknowledged."""
+    before = id_cursor(cursor, MAX_ROW_ID)
 
     def read() -> list[AlertRow]:
         stmt = filtered(
@@ -123,10 +126,12 @@ async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
             [(AlertRow.severity, severity), (AlertRow.device_id, device_id), (AlertRow.site, site),
              (AlertRow.rule, rule)],
         )  # fmt: skip
+        if before is not None:
+            stmt = stmt.where(col(AlertRow.id) < before)
         with store.session() as tx:
-            return list(tx.exec(stmt.order_by(col(AlertRow.id).desc()).limit(limit)))
+            return list(tx.exec(stmt.order_by(col(AlertRow.id).desc()).limit(limit + 1)))
 
-    return [_public(r) for r in await asyncio.to_thread(read)]
+    return page_of(await asyncio.to_thread(read), limit, lambda r: str(r.id), _public)
 
 
 def _detail(store: Any, alert_id: int) -> AlertDetail:  # noqa: ANN401 - Store
@@ -199,9 +204,9 @@ async def resolve_alert(request: Request, store: StoreDep, alert_id: RowId, body
 
 
 @router.get("/rules")
-async def rules(request: Request) -> list[dict[str, Any]]:
-    """The alert rules in force (empty when the alerts consumer is not running)."""
+async def rules(request: Request) -> Page[dict[str, Any]]:
+    """The alert rules in force, the whole list (empty when the alerts consumer is not running)."""
     runner = getattr(request.app.state.iotgw.router, "runners", {}).get("alerts")
     if runner is None:
-        return []
-    return [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in runner.consumer.rules]
+        return whole([])
+    return whole([r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in runner.consumer.rules])

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from gateway.api.auth import ADMIN
 from gateway.api.deps import MAX_ROW_ID, StoreDep
+from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of
 from gateway.security import list_audit
 
 router = APIRouter(prefix="/api/audit", tags=["security"])
@@ -33,9 +34,10 @@ class AuditEntry(BaseModel):
 async def audit(
     store: StoreDep,
     who: Annotated[str | None, Query(max_length=100)] = None,
-    before: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID, description="only entries older than this id")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[AuditEntry]:
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> Page[AuditEntry]:
     """Audit entries, newest first."""
-    rows = await asyncio.to_thread(list_audit, store, who=who, before=before, limit=limit)
-    return [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
+    before = id_cursor(cursor, MAX_ROW_ID)
+    rows = await asyncio.to_thread(list_audit, store, who=who, before=before, limit=limit + 1)
+    return page_of(rows, limit, lambda r: str(r.id), lambda r: AuditEntry.model_validate(r, from_attributes=True))

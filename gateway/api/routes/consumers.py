@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
 from gateway.api.auth import ADMIN
-from gateway.api.deps import MAX_ID, RouterDep, RowId, StoreDep
+from gateway.api.deps import MAX_ID, MAX_ROW_ID, RouterDep, RowId, StoreDep
+from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
 from gateway.errors import ReplayRangeError
 from gateway.store import ConsumerDeadLetterRow
 
@@ -100,9 +101,9 @@ async def _status(r: RouterDep, name: str | None = None) -> list[ConsumerPublic]
 
 
 @router.get("")
-async def consumers(r: RouterDep) -> list[ConsumerPublic]:
-    """Every consumer with its state, cursor, lag and parked events."""
-    return await _status(r)
+async def consumers(r: RouterDep) -> Page[ConsumerPublic]:
+    """Every consumer (the whole list) with its state, cursor, lag and parked events."""
+    return whole(await _status(r))
 
 
 @router.post("/{name}/pause", dependencies=ADMIN, responses={404: {"description": "no such consumer"}})
@@ -135,23 +136,31 @@ async def replay(r: RouterDep, name: str, body: ReplayRequest) -> ReplayResult:
 
 
 @router.get("/{name}/dead-letters", responses={404: {"description": "no such consumer"}})
-async def parked(
+async def parked(  # noqa: PLR0913, PLR0917 - one parameter per filter
     r: RouterDep,
     store: StoreDep,
     name: str,
     status: Literal["parked", "retried"] | None = None,
-) -> list[ParkedEvent]:
-    """Events the consumer parked after too many failures."""
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> Page[ParkedEvent]:
+    """Events the consumer parked after too many failures, in the order they were parked."""
     r.get(name)
+    after = id_cursor(cursor, MAX_ROW_ID)
 
     def read() -> list[ConsumerDeadLetterRow]:
         stmt = select(ConsumerDeadLetterRow).where(col(ConsumerDeadLetterRow.consumer) == name)
         if status:
             stmt = stmt.where(col(ConsumerDeadLetterRow.status) == status)
+        if after is not None:
+            stmt = stmt.where(col(ConsumerDeadLetterRow.id) > after)
         with store.session() as tx:
-            return list(tx.exec(stmt.order_by(col(ConsumerDeadLetterRow.id))))
+            return list(tx.exec(stmt.order_by(col(ConsumerDeadLetterRow.id)).limit(limit + 1)))
 
-    return [ParkedEvent.model_validate(row, from_attributes=True) for row in await asyncio.to_thread(read)]
+    def parked_event(row: ConsumerDeadLetterRow) -> ParkedEvent:
+        return ParkedEvent.model_validate(row, from_attributes=True)
+
+    return page_of(await asyncio.to_thread(read), limit, lambda row: str(row.id), parked_event)
 
 
 @router.post(

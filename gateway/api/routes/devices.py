@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
+from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of
 from gateway.api.schemas import DevicePublic, EventPublic
 from gateway.errors import GatewayError, ReservedNameError
 from gateway.protocol import DeviceType
@@ -34,10 +35,17 @@ def _public(row: DeviceRow) -> DevicePublic:
 
 
 @router.get("")
-async def devices(store: StoreDep, type: DeviceType | None = None, site: str | None = None) -> list[DevicePublic]:  # noqa: A002
-    """Every known device, optionally of one type and/or site."""
-    rows = await asyncio.to_thread(list_devices, store, type_=type.value if type else None, site=site)
-    return [_public(r) for r in rows]
+async def devices(
+    store: StoreDep,
+    type: DeviceType | None = None,  # noqa: A002
+    site: str | None = None,
+    cursor: Annotated[str | None, Query(pattern=DEVICE_ID, description="next_cursor of the previous page")] = None,
+    limit: Limit = 100,
+) -> Page[DevicePublic]:
+    """Known devices by id, optionally of one type and/or site."""
+    kind = type.value if type else None
+    rows = await asyncio.to_thread(list_devices, store, type_=kind, site=site, after=cursor, limit=limit + 1)
+    return page_of(rows, limit, lambda r: r.device_id, _public)
 
 
 @router.get("/{device_id}", responses={404: {"description": "no such device"}})
@@ -53,13 +61,15 @@ async def device(store: StoreDep, device_id: str = Path(pattern=DEVICE_ID)) -> D
 async def device_events(
     store: StoreDep,
     device_id: Annotated[str, Path(pattern=DEVICE_ID)],
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-) -> list[EventPublic]:
+) -> Page[EventPublic]:
     """A device's latest events, newest first (its own, and the alerts and work orders about it)."""
+    before = id_cursor(cursor)
     if await asyncio.to_thread(get_device, store, device_id) is None:
         raise HTTPException(status_code=404, detail=f"no device {device_id!r}")
-    rows = await asyncio.to_thread(recent_events, store, device_id, limit)
-    return [EventPublic.model_validate(cloudevent_of(r)) for r in rows]
+    rows = await asyncio.to_thread(recent_events, store, device_id, limit + 1, before=before)
+    return page_of(rows, limit, lambda r: str(r.id), lambda r: EventPublic.model_validate(cloudevent_of(r)))
 
 
 class ProvisionRequest(BaseModel):

@@ -13,7 +13,8 @@ from sqlmodel import col, select
 from alerts.engine import SilenceRow
 from alerts.rules import parse_duration
 from gateway.api.auth import ADMIN
-from gateway.api.deps import RowId, StoreDep
+from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep
+from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of
 
 router = APIRouter(prefix="/api/silences", tags=["silences"])
 MATCHER_FIELDS = ("rule", "device_id", "site", "severity")
@@ -67,18 +68,23 @@ def _public(row: SilenceRow, now: datetime) -> SilencePublic:
 
 
 @router.get("")
-async def silences(store: StoreDep, *, active: Annotated[bool, Query()] = True) -> list[SilencePublic]:
-    """Silences, active ones by default."""
+async def silences(
+    store: StoreDep, *, active: Annotated[bool, Query()] = True, cursor: Cursor = None, limit: Limit = 100
+) -> Page[SilencePublic]:
+    """Silences in the order they were made, active ones by default (`active=false`: all)."""
     now = datetime.now(UTC)
+    after = id_cursor(cursor, MAX_ROW_ID)
 
     def read() -> list[SilenceRow]:
-        stmt = select(SilenceRow).order_by(col(SilenceRow.id))
+        stmt = select(SilenceRow).order_by(col(SilenceRow.id)).limit(limit + 1)
         if active:
             stmt = stmt.where(col(SilenceRow.ends_at) > now)
+        if after is not None:
+            stmt = stmt.where(col(SilenceRow.id) > after)
         with store.session() as tx:
             return list(tx.exec(stmt))
 
-    return [_public(r, now) for r in await asyncio.to_thread(read)]
+    return page_of(await asyncio.to_thread(read), limit, lambda r: str(r.id), lambda r: _public(r, now))
 
 
 @router.post("", dependencies=ADMIN, status_code=201)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, select
 
@@ -24,6 +25,7 @@ from alerts.engine import NotificationRow
 from alerts.roster import Technician
 from gateway.api.auth import ADMIN, TECHNICIAN
 from gateway.api.deps import DispatchDep, RowId, StoreDep, changed, filtered
+from gateway.api.pages import Cursor, Limit, Page, bad_cursor, page_of, whole
 from gateway.api.routes.alerts import DeliveryPublic, deliveries_of
 from gateway.store import Store
 
@@ -128,9 +130,11 @@ async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
     device_id: str | None = None,
     site: str | None = None,
     assignee: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[WorkOrderPublic]:
+    cursor: Cursor = None,
+    limit: Limit = 100,
+) -> Page[WorkOrderPublic]:
     """Work orders, most urgent open ones first (then newest); `status=open` is everything not resolved."""
+    after = _order_cursor(cursor)
 
     def read() -> list[WorkOrderRow]:
         stmt = filtered(
@@ -139,12 +143,42 @@ async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
             [(WorkOrderRow.priority, priority), (WorkOrderRow.device_id, device_id), (WorkOrderRow.site, site),
              (WorkOrderRow.assignee, assignee)],
         )  # fmt: skip
-        resolved_last = col(WorkOrderRow.status) == "resolved"
-        order = (resolved_last, col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
+        if after is not None:
+            stmt = stmt.where(_after(*after))
+        order = (resolved_rank, col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
         with store.session() as tx:
-            return list(tx.exec(stmt.order_by(*order).limit(limit)))
+            return list(tx.exec(stmt.order_by(*order).limit(limit + 1)))
 
-    return [public(r) for r in await asyncio.to_thread(read)]
+    return page_of(await asyncio.to_thread(read), limit, _cursor_of, public)
+
+
+# The list's order: open before resolved, then by priority, then the newest first. A cursor is the
+# last row's place in it, `<0|1>.<priority>.<id>`.
+resolved_rank = case((col(WorkOrderRow.status) == "resolved", 1), else_=0)
+PRIORITIES = ("P1", "P2", "P3")
+
+
+def _cursor_of(row: WorkOrderRow) -> str:
+    return f"{int(row.status == 'resolved')}.{row.priority}.{row.id}"
+
+
+def _order_cursor(cursor: str | None) -> tuple[int, str, int] | None:
+    if cursor is None:
+        return None
+    rank, _, rest = cursor.partition(".")
+    priority, _, order_id = rest.partition(".")
+    if rank not in {"0", "1"} or priority not in PRIORITIES or not order_id.isdigit() or len(order_id) > 10:
+        raise bad_cursor(cursor)
+    return int(rank), priority, int(order_id)
+
+
+def _after(rank: int, priority: str, order_id: int) -> ColumnElement[bool]:
+    """Rows after (rank, priority, id) in the list's order (id descending)."""
+    return or_(
+        resolved_rank > rank,
+        and_(resolved_rank == rank, col(WorkOrderRow.priority) > priority),
+        and_(resolved_rank == rank, col(WorkOrderRow.priority) == priority, col(WorkOrderRow.id) < order_id),
+    )
 
 
 def _detail(store: Store, order_id: int) -> WorkOrderDetail:
@@ -258,20 +292,22 @@ async def reassign(
     return await _step(request, store, dispatch, order_id, "reassign", by=body.by, note=body.note, to=body.to)
 
 
-def _technicians(store: Store, dispatch: Any) -> list[TechnicianPublic]:  # noqa: ANN401
+def _technicians(store: Store, dispatch: Any) -> Page[TechnicianPublic]:  # noqa: ANN401
     roster = dispatch.roster
     now = dispatch.clock()
     with store.session() as tx:
         counts = dispatch.open_counts(tx)
-    return [
-        TechnicianPublic(technician=t, on_shift=t.on_shift(now, roster.timezone), open_orders=counts.get(t.id, 0))
-        for t in roster.technicians
-    ]
+    return whole(
+        [
+            TechnicianPublic(technician=t, on_shift=t.on_shift(now, roster.timezone), open_orders=counts.get(t.id, 0))
+            for t in roster.technicians
+        ]
+    )
 
 
 @router.get("/technicians")
-async def technicians(store: StoreDep, dispatch: DispatchDep) -> list[TechnicianPublic]:
-    """The people in the roster, who is on shift now, and how many open orders each has."""
+async def technicians(store: StoreDep, dispatch: DispatchDep) -> Page[TechnicianPublic]:
+    """The people in the roster (the whole list), who is on shift now, and how many open orders each has."""
     return await asyncio.to_thread(_technicians, store, dispatch)
 
 
@@ -282,7 +318,7 @@ async def put_technicians(
     dispatch: DispatchDep,
     body: list[dict[str, Any]],
     by: Annotated[str, Query(min_length=1, max_length=100, description="who edits the roster")],
-) -> list[TechnicianPublic]:
+) -> Page[TechnicianPublic]:
     """Replace the technicians (validated with the rest of the roster; kept until the roster file changes)."""
 
     def write() -> None:
