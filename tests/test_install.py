@@ -4,7 +4,9 @@ Its demo must find everything it needs in the package (the broker's config inclu
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -100,3 +102,102 @@ def test_the_image_installs_its_dependencies_before_the_code_and_probes_liveness
     assert "/health" in health, "liveness, not readiness"
     assert "/ready" not in health
     assert "IOTGW_HTTP_PORT" in health, "on the configured port"
+
+
+class Image:
+    """The Dockerfile's steps run in a folder standing for the image's root: no daemon runs here,
+    so its COPY, WORKDIR, ENV and RUN steps are played as `docker build` would, with a clean
+    virtualenv's python and pip first on the PATH in place of the base image's."""
+
+    def __init__(self, root: Path, venv: Path) -> None:
+        self.root, self.venv = root, venv
+        self.env: dict[str, str] = {}
+        self.workdir = root
+        self.healthcheck = ""
+        self.cmd: list[str] = []
+        self.skipped: list[str] = []
+
+    def inside(self, text: str) -> str:
+        """Absolute paths of the image, as paths under its root here."""
+        for top in ("/src", "/var/lib/iotgw"):
+            text = text.replace(top, f"{self.root}{top}")
+        return text
+
+    def steps(self) -> list[tuple[str, str]]:
+        joined = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+        lines = [line.strip() for line in joined.splitlines()]
+        return [(line.split(None, 1)[0], line.split(None, 1)[1]) for line in lines if line and line[0] != "#"]
+
+    def copy(self, *sources_and_dest: str) -> None:
+        """COPY from the build context (the checkout, less what .dockerignore leaves out)."""
+        *sources, dest = sources_and_dest
+        for source in sources:
+            target = self.workdir / dest / source if dest.endswith("/") else self.workdir / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*.db"))
+            else:
+                shutil.copy(ROOT / source, target)
+
+    def build(self) -> None:
+        host = {k: v for k, v in os.environ.items() if not k.startswith(("IOTGW_", "PYTHON", "VIRTUAL_ENV"))}
+        for op, arg in self.steps():
+            if op == "FROM":
+                assert arg.startswith(f"python:{sys.version_info.major}.{sys.version_info.minor}-"), arg
+            elif op == "ENV":
+                for pair in shlex.split(arg):
+                    name, _, value = pair.partition("=")
+                    self.env[name] = self.inside(value)
+            elif op == "WORKDIR":
+                self.workdir = Path(self.inside(arg))
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            elif op == "COPY":
+                self.copy(*arg.split())
+            elif op == "RUN" and arg.startswith("useradd"):
+                self.skipped.append(arg)  # a system account: root's business on this machine, not the test's
+            elif op == "RUN":
+                env = {**host, **self.env, "PATH": f"{self.venv / 'bin'}:{host['PATH']}"}
+                done = subprocess.run(["/bin/bash", "-c", self.inside(arg)], cwd=self.workdir, env=env,
+                                      capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+                assert done.returncode == 0, f"RUN {arg[:80]}: {done.stderr[-2000:]}"
+            elif op == "HEALTHCHECK":
+                self.healthcheck = arg.split(" CMD ", 1)[1]
+            elif op == "CMD":
+                self.cmd = json.loads(arg)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    root = tmp_path_factory.mktemp("image")
+    venv = root / "usr-local"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    built = Image(root, venv)
+    built.build()
+    return built
+
+
+async def test_the_images_python_layers_build_and_its_healthcheck_passes_with_the_broker_away(image: Image) -> None:
+    assert not (image.root / "src").exists(), "the sources are gone: the image runs the installed package"
+    assert image.skipped == ["useradd --system --uid 10001 --create-home --home-dir /var/lib/iotgw iotgw"]
+    http_port, away = free_port(), free_port()  # no broker listens on `away`
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTGW_", "PYTHON", "VIRTUAL_ENV"))}
+    env |= {**image.env, "PATH": f"{image.venv / 'bin'}:{env['PATH']}", "IOTGW_HTTP_PORT": str(http_port),
+            "IOTGW_HTTP_HOST": "127.0.0.1", "IOTGW_MQTT_URL": f"mqtt://127.0.0.1:{away}"}  # fmt: skip
+    log = image.workdir / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(image.cmd, cwd=image.workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        async def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            cmd = ["/bin/bash", "-c", image.healthcheck]
+            probe = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, timeout=9, check=False)
+            return probe.returncode == 0
+
+        await wait_for(healthy, timeout=60, what="the image's HEALTHCHECK to pass")
+        ready = httpx.get(f"http://127.0.0.1:{http_port}/ready", timeout=5)
+        assert ready.status_code == 503, "the broker is away: not ready, yet healthy"
+        assert (image.workdir / "iotgw.db").exists(), "its database where the image's ENV puts it"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
