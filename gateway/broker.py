@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,30 @@ PROJECT_ACL = Path(str(files("gateway") / "mosquitto.acl"))
 def find_mosquitto() -> str:
     """Path of the mosquitto binary, or a `BrokerError` telling how to install it."""
     return mosquitto_tool("mosquitto")
+
+
+# A guard beside a demo's broker, in a session of its own: it waits for its stdin to close (the
+# demo ended, however: SIGKILL too), then stops the broker and removes its folder. The broker
+# itself cannot watch its parent: the parent-death signal is cleared when it drops to its user.
+GUARD = """
+import os, shutil, signal, sys, time
+pid, folder = int(sys.argv[1]), sys.argv[2]
+sys.stdin.buffer.read()
+def alive():
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mosquitto" in f.read()
+    except OSError:
+        return False
+if alive():
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+shutil.rmtree(folder, ignore_errors=True)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +156,11 @@ class Mosquitto:
         extra_acl: str = "",
         users: Mapping[str, str] | None = None,
         tls: Sequence[TlsListener] = (),
+        dies_with_parent: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        self.dies_with_parent = dies_with_parent  # stopped, its folder removed, when this process ends
+        self.guard: subprocess.Popen[bytes] | None = None
         self.port = port
         self.gateway_port = gateway_port or free_port()
         self.conf = conf
@@ -213,7 +241,16 @@ class Mosquitto:
             # gateway, then this broker), not the broker first (the gateway then spent its
             # shutdown reconnecting to it, with warnings).
             self.proc = subprocess.Popen(  # noqa: S603
-                [binary, "-c", str(conf_path)], stdout=log, stderr=log, start_new_session=True
+                [binary, "-c", str(conf_path)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        if self.dies_with_parent:
+            self.guard = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+                [sys.executable, "-c", GUARD, str(self.proc.pid), str(self.data_dir)],
+                stdin=subprocess.PIPE,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while not (port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.gateway_port)):
@@ -229,11 +266,15 @@ class Mosquitto:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker gracefully (it writes its persistence file on the way out)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.guard is not None:  # its work is done: closing its stdin lets it end
+            if self.guard.stdin is not None:
+                self.guard.stdin.close()
+            self.guard.wait(timeout)
+            self.guard = None

@@ -518,6 +518,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         port,
         gateway_port=gateway_port,
         users={settings.mqtt_username: gateway_secret},
+        dies_with_parent=True,
     )
     stop = _stop_event()
     gw: Gateway | None = None

@@ -187,3 +187,36 @@ def test_a_mistyped_demo_flag_touches_nothing(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith(f"iotgw: --data-dir {file}: "), done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_demo_killed_with_sigkill_leaves_no_broker_and_no_folder_behind(tmp_path: Path) -> None:
+    mqtt_port, tmp = free_port(), private_tmp()
+    data_dir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
+           "--http-port", str(free_port()), "--data-dir", str(data_dir), "--duration", "120"]  # fmt: skip
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+    try:
+        await wait_for(lambda: _exists(data_dir / "api-key", proc, log), timeout=60, what="the demo's API key")
+        (folder,) = tmp.iterdir()
+        broker_pid = int((folder / "mosquitto.pid").read_text())
+        os.killpg(proc.pid, signal.SIGKILL)  # the demo's whole process group: no finally block runs
+        proc.wait()
+
+        async def cleaned_up() -> bool:
+            try:
+                os.kill(broker_pid, 0)
+            except ProcessLookupError:
+                return not folder.exists()
+            return False
+
+        await wait_for(cleaned_up, timeout=20, what="the killed demo's Mosquitto to stop and its folder to go")
+        assert not port_open("127.0.0.1", mqtt_port)
+        assert list(tmp.iterdir()) == []
+        tmp.rmdir()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
