@@ -6,7 +6,7 @@ SUM    := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP  := $(VENV)/.installed-$(SUM)
 DEV    := $(VENV)/.installed-dev-$(SUM)
 
-.PHONY: setup setup-dev demo run test lint bench clean
+.PHONY: setup setup-dev demo run test lint docs bench clean
 
 # What running iotgw needs (the demo, `make run`): the runtime dependencies only.
 setup: $(STAMP)
@@ -44,6 +44,10 @@ lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The docs site, into site/ (open site/index.html); the tests build it with --strict too.
+docs: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: setup-dev
 	./scripts/setup-system.sh --test
 	$(BIN)/python bench/ingest.py
@@ -54,4 +58,4 @@ bench: setup-dev
 	$(BIN)/python bench/api_load.py
 
 clean:
-	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results
+	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results site

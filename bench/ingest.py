@@ -404,7 +404,7 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         results["backlog_msg_s"] = round(total / (done[1] - t0))
         say(f"  backlog: caught up {total:,} queued messages at {results['backlog_msg_s']:,} msg/s")
         # The latency phases measure a steady state: they start once the consumers have caught up
-        # with the backlog too (on a saturated machine they yield the CPU to ingestion, see README).
+        # with the backlog too (on a saturated machine they yield the CPU to ingestion, see docs/decisions.md).
         results["backlog_consumers_caught_up_s"] = round(_caught_up_after(http_port, done[1], args.timeout), 1)
         say(f"    the consumers caught up {results['backlog_consumers_caught_up_s']} s after its last event was stored")
         # 4. Latency at fixed offered loads (paced aiomqtt devices, ts set at publish); during the

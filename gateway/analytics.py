@@ -156,12 +156,11 @@ class Analytics(BaseConsumer):
     def handle_span(self, tx: Session, after: int, upto: int) -> None:
         """Fold the sensor readings with after < position <= upto into the minute buckets.
 
-        On SQLite aggregated in SQL (JSON1, in C): reading each row into Python cost ingestion
-        a quarter of its rate in the benchmark. The aggregates are read first and written after:
-        SQLite takes its one write lock at a transaction's first write, and an INSERT ... SELECT
-        held it while scanning the span, stalling ingestion's commits (measured: its first insert
-        of a batch waited 2x longer at the median, up to 125 ms). Elsewhere, the rows go through
-        `handle`.
+        On SQLite aggregated in SQL (JSON1, in C): readings are most of the log, and reading each
+        into Python would take the CPU ingestion needs. The aggregates are read first and written
+        after: SQLite takes its one write lock at a transaction's first write, and an INSERT ...
+        SELECT would hold it while scanning the span, stalling ingestion's commits. Elsewhere,
+        the rows go through `handle`.
         """
         conn = tx.connection()
         if conn.dialect.name != "sqlite":

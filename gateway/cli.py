@@ -66,11 +66,11 @@ _SETTING_FLAGS = {
 def _add_settings(p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(_SETTING_FLAGS)) -> None:
     for name in fields:
         kind = int if name == "http_port" else str
-        default = Settings.model_fields[name].default
-        shown = f"default {default}" if default not in ("", None) else "default: none"
-        p.add_argument(
-            _SETTING_FLAGS[name], dest=name, type=kind, default=None, help=f"overrides IOTGW_{name.upper()} ({shown})"
-        )
+        field = Settings.model_fields[name]
+        shown = f"default {field.default}" if field.default not in ("", None) else "default: none"
+        about = f"{field.description}; " if field.description else ""
+        help_text = f"{about}overrides IOTGW_{name.upper()} ({shown})".replace("%", "%%")
+        p.add_argument(_SETTING_FLAGS[name], dest=name, type=kind, default=None, help=help_text)
 
 
 def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fault_rate: float) -> None:
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
     _create_flag(prov)
     rev = devices_sub.add_parser("revoke", help="remove a device's credentials (its events stay)")
-    rev.add_argument("device_id")
+    rev.add_argument("device_id", help="the device to revoke")
     _add_settings(rev, fields=("database_url", "broker_password_file", "broker_pid_file"))
     dlist = devices_sub.add_parser("list", help="provisioned devices")
     _add_settings(dlist, fields=("database_url",))
@@ -148,25 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("apikeys", help="API keys (roles: viewer, technician, admin)")
     keys_sub = keys.add_subparsers(dest="apikeys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key; prints it once")
-    create.add_argument("--role", required=True, choices=ROLES)
+    create.add_argument(
+        "--role", required=True, choices=ROLES, help="what the key may do: read, act on work, or administer"
+    )
     create.add_argument("--name", required=True, help="who or what uses the key (shown in the audit trail)")
     _create_flag(create)
     _add_settings(create, fields=("database_url",))
     klist = keys_sub.add_parser("list", help="keys (ids, names, roles; never the keys themselves)")
     _add_settings(klist, fields=("database_url",))
     krev = keys_sub.add_parser("revoke", help="revoke a key by id")
-    krev.add_argument("key_id")
+    krev.add_argument("key_id", help="the key's id, from `iotgw apikeys list`")
     _add_settings(krev, fields=("database_url",))
 
     rules = sub.add_parser("rules", help="alert rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate a rules file; errors name their line")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the rules file (YAML)")
 
     roster = sub.add_parser("roster", help="the maintenance roster")
     roster_sub = roster.add_subparsers(dest="roster_command", required=True)
     roster_check = roster_sub.add_parser("check", help="validate a roster file; errors name their line")
-    roster_check.add_argument("file", type=Path)
+    roster_check.add_argument("file", type=Path, help="the roster file (YAML)")
 
     demo = sub.add_parser(
         "demo",

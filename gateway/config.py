@@ -22,111 +22,232 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IOTGW_", extra="forbid", frozen=True)
 
-    # The broker's listener for the gateway (mosquitto.conf: 1884; devices have 1883); mqtts://
-    # for TLS.
-    mqtt_url: str = "mqtt://localhost:1884"
-    # The gateway's broker account (mosquitto.acl lets user `iotgw` read devices/#); credentials
-    # in mqtt_url (mqtt://user:password@host) win over these. Logs never show them.
-    mqtt_username: str = "iotgw"
-    mqtt_password: SecretStr = SecretStr("")
-    # TLS (mqtts://): the CA that signed the broker's certificate (empty: the system's CAs), and
-    # a client certificate and key when the broker requires one.
-    mqtt_ca_file: str = ""
-    mqtt_cert_file: str = ""
-    mqtt_key_file: str = ""
-    mqtt_client_id: str = Field(default="iotgw", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    # In-flight window: with ack-after-commit the broker sends at most this many unacknowledged
-    # messages, so it bounds both the batch size and the throughput (see README, design notes).
-    mqtt_receive_maximum: int = Field(default=2000, ge=10, le=65535)
-    mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60)
-    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0)
-    database_url: str = "sqlite:///iotgw.db"
-    # False: this process does not subscribe; it runs the consumers, the notifier and the API over
-    # the log that another gateway process on the same database fills (README, "Consumers").
-    ingest: bool = True
-    # The consumers (alerts, dispatch, analytics...) run in a child process of their own, at a
-    # lower CPU priority (`consumer_nice`): their work never takes the interpreter lock or the CPU
-    # from ingestion, and they catch up with what ingestion stored (README, "Consumers beside
-    # ingest"). False: one process does everything.
-    consumer_process: bool = True
-    consumer_nice: int = Field(default=10, ge=0, le=19)
-    # --- Scaling out (README "Scaling out") ---
-    # This instance's name in a cluster of gateways on one PostgreSQL database: set, the gateway
-    # connects as `<mqtt_client_id>-<instance>` and shares `$share/<mqtt_client_id>/devices/+/+`
-    # with the other instances; its consumers run wherever their lease is held.
-    instance: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,40}$")
-    # How long a consumer's (or the notifier's, or the sequencer's) lease lasts unrenewed: when
-    # an instance dies, another takes its jobs over within this time.
-    lease_s: float = Field(default=10.0, ge=1, le=600)
-    # Cluster only: how long the sequencer holds a message whose predecessor (seq - 1) has not
-    # arrived yet, before it gives up waiting and records the gap.
-    reorder_window_s: float = Field(default=60.0, ge=0, le=3600)
-    # A notification that keeps failing for now (5xx, timeouts, no connection) is retried for this
-    # long, then given up as expired (iotgw_notifications_failed_total{reason="expired"}).
-    notify_max_age_s: float = Field(default=86400.0, gt=0)
-    # The gateway's address as people reach it (behind a proxy, say): links in notifications
-    # (Alertmanager's generatorURL, PagerDuty's links) point to its staff page. Empty: the
-    # address it listens on.
-    public_url: str = Field(default="", pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$")
-    http_host: str = "127.0.0.1"
-    http_port: Port = 8000
-    max_message_bytes: int = Field(default=16 * 1024, ge=256, le=BROKER_MESSAGE_LIMIT)
-    batch_max: int = Field(default=1000, ge=1, le=10000)
-    stuck_after_s: float = Field(default=60.0, gt=0)
-    # Device time further than this from the gateway's clock (either way) is not trusted: the
-    # message's events carry the receive time instead, counted in iotgw_device_clock_skew_total.
-    max_clock_skew_s: float = Field(default=86400.0, gt=0)
-    # A seq more than this far below a device's last one is a counter reset (the device restarted
-    # its count, or one huge seq came before): taken as new, after a `device.seq.reset` event.
-    # Within it, an older seq is a late or repeated message (stored once, no state change).
-    seq_reset_below: int = Field(default=1000, ge=1)
-    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    # Consumers to run, by entry point name, comma-separated; "*" runs every registered one.
-    consumers: str = Field(default="*", pattern=r"^\s*(\*|[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*)?\s*$")
-    consumer_poll_s: float = Field(default=1.0, gt=0, le=60)
-    # A consumer's batch or tick not done within this many seconds counts as failed and its thread
-    # is abandoned (0: each consumer's own, 30 s for the built-in ones).
-    consumer_timeout_s: float = Field(default=0.0, ge=0)
-    # Events waiting and a consumer's cursor still for this long: its state is "stalled", with why
-    # (/api/consumers, iotgw_consumer_stalled, Prometheus rule IotgwConsumerStalled).
-    consumer_stall_s: float = Field(default=60.0, gt=0)
-    # The consumers' process not heard from (it reports every second) for this long is killed and
-    # started again: a frozen process must not stop the consumers for good.
-    consumer_process_timeout_s: float = Field(default=30.0, gt=0)
-    # Alert rules; empty: the rules shipped in alerts/rules.yaml.
-    rules_file: str = ""
-    # The maintenance roster for dispatch (empty: the shipped alerts/roster.yaml).
-    roster_file: str = ""
-    # Whether a device in maintenance mode raises alerts (by default it does not).
-    alerts_in_maintenance: bool = False
-    # Per-elevator analytics series exist only while the fleet has at most this many elevators.
-    analytics_device_series_max: int = Field(default=100, ge=0)
+    mqtt_url: str = Field(
+        default="mqtt://localhost:1884",
+        description=(
+            "the broker's listener for the gateway (mosquitto.conf: 1884; devices use 1883); mqtts:// "
+            "for TLS; credentials in the URL (mqtt://user:password@host) win over "
+            "mqtt_username/mqtt_password"
+        ),
+    )
+    mqtt_username: str = Field(
+        default="iotgw", description="the gateway's broker account (mosquitto.acl lets `iotgw` read devices/#)"
+    )
+    mqtt_password: SecretStr = Field(
+        default=SecretStr(""), description="the gateway's broker password (logs and banners never show it)"
+    )
+    mqtt_ca_file: str = Field(
+        default="", description="TLS: the CA that signed the broker's certificate (empty: the system's CAs)"
+    )
+    mqtt_cert_file: str = Field(default="", description="TLS: a client certificate, when the broker requires one")
+    mqtt_key_file: str = Field(default="", description="TLS: the client certificate's key")
+    mqtt_client_id: str = Field(
+        default="iotgw",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description=(
+            "fixed: it names the gateway's persistent session at the broker; no device may be provisioned with it"
+        ),
+    )
+    mqtt_receive_maximum: int = Field(
+        default=2000,
+        ge=10,
+        le=65535,
+        description=(
+            "in-flight window: with ack-after-commit the broker sends at most this many unacknowledged "
+            "messages, so it bounds the batch size and the throughput"
+        ),
+    )
+    mqtt_session_expiry_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="how long the broker keeps the gateway's session (and queues its messages) while it is away",
+    )
+    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0, description="cap of the exponential reconnect backoff")
+    database_url: str = Field(
+        default="sqlite:///iotgw.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user:password@host:5432/db",
+    )
+    ingest: bool = Field(
+        default=True,
+        description=(
+            "false: do not subscribe; run the consumers, the notifier and the API over the log that "
+            "another gateway process on the same database fills"
+        ),
+    )
+    consumer_process: bool = Field(
+        default=True,
+        description=(
+            "run the consumers in a process of their own beside ingestion, at a lower CPU priority; "
+            "false: one process does everything"
+        ),
+    )
+    consumer_nice: int = Field(
+        default=10, ge=0, le=19, description="how much lower the consumers' process runs in CPU priority (nice, 0-19)"
+    )
+    # --- Scaling out (docs/scaling.md) ---
+    instance: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_-]{0,40}$",
+        description=(
+            "this instance's name in a cluster of gateways on one PostgreSQL database (empty: on its "
+            "own); it connects as <mqtt_client_id>-<instance> and shares the subscription"
+        ),
+    )
+    lease_s: float = Field(
+        default=10.0,
+        ge=1,
+        le=600,
+        description=(
+            "how long a consumer's, the notifier's or the sequencer's lease lasts unrenewed: when an "
+            "instance dies, another takes its jobs over within this time"
+        ),
+    )
+    reorder_window_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description=(
+            "cluster: how long the sequencer holds a message whose predecessor (seq - 1) has not "
+            "arrived, before it records the gap"
+        ),
+    )
+    notify_max_age_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description=(
+            "a notification failing for now (5xx, timeouts, no connection) is retried this long, then "
+            "given up as expired"
+        ),
+    )
+    public_url: str = Field(
+        default="",
+        pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
+        description=(
+            "the gateway's address as people reach it (behind a proxy, say): links in notifications "
+            "point to its staff page; empty: the address it listens on"
+        ),
+    )
+    http_host: str = Field(default="127.0.0.1", description="the API's listening address")
+    http_port: Port = Field(default=8000, description="the API's port")
+    max_message_bytes: int = Field(
+        default=16 * 1024,
+        ge=256,
+        le=BROKER_MESSAGE_LIMIT,
+        description="payload limit of a device message (at most the broker's 256 KiB); larger ones are dead letters",
+    )
+    batch_max: int = Field(default=1000, ge=1, le=10000, description="most messages per commit")
+    stuck_after_s: float = Field(
+        default=60.0, gt=0, description="an elevator moving without reaching a floor this long: elevator.stuck"
+    )
+    max_clock_skew_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description=(
+            "device time further than this from the gateway's clock (either way) is not trusted: the "
+            "events carry the receive time (iotgw_device_clock_skew_total)"
+        ),
+    )
+    seq_reset_below: int = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "a seq this far below a device's last one is a counter reset (device.seq.reset); within it,"
+            " an older seq is a late or repeated message"
+        ),
+    )
+    log_level: str = Field(
+        default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="DEBUG, INFO, WARNING or ERROR"
+    )
+    consumers: str = Field(
+        default="*",
+        pattern=r"^\s*(\*|[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*)?\s*$",
+        description="consumers to run, by entry point name, comma-separated; * runs every registered one, empty none",
+    )
+    consumer_poll_s: float = Field(default=1.0, gt=0, le=60, description="fallback poll when no commit woke a consumer")
+    consumer_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "a consumer's batch or tick not done by then counts as failed and its thread is abandoned "
+            "(0: each consumer's own, 30 s for the built-in ones)"
+        ),
+    )
+    consumer_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "events waiting and a consumer's cursor still this long: its state is stalled, with why "
+            "(iotgw_consumer_stalled)"
+        ),
+    )
+    consumer_process_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "the consumers' process not heard from (it reports every second) this long is killed and started again"
+        ),
+    )
+    rules_file: str = Field(default="", description="the alert rules (empty: the shipped alerts/rules.yaml)")
+    roster_file: str = Field(
+        default="",
+        description="technicians, shifts and escalation policies for dispatch (empty: the shipped alerts/roster.yaml)",
+    )
+    alerts_in_maintenance: bool = Field(default=False, description="whether a device in maintenance mode raises alerts")
+    analytics_device_series_max: int = Field(
+        default=100,
+        ge=0,
+        description="per-elevator analytics series exist only while the fleet has at most this many elevators",
+    )
 
     # --- Security ---
-    # Only provisioned devices (`iotgw devices provision`): others are dead letters `unknown_device`.
-    require_registered_devices: bool = False
-    # Messages per second each device may send (token bucket of `device_burst`); 0: no limit.
-    # The excess is dead-lettered (`rate_limited`) so one flooding device cannot starve the others.
-    device_rate: float = Field(default=0.0, ge=0)
-    device_burst: int = Field(default=200, ge=1)
-    # API keys: every /api route needs one (roles viewer < technician < admin).
-    api_auth: bool = True
-    # /health, /ready and /metrics readable without a key.
-    api_open_probes: bool = True
-    # Origins allowed to call the API from a browser, comma-separated; empty: no CORS at all.
-    cors_origins: str = ""
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    # API requests answered at once (the event stream aside), overall and per API key; more get a
-    # 429 with Retry-After at once: a reader with a key cannot take ingestion's CPU.
-    api_max_concurrent: int = Field(default=8, ge=1, le=1000)
-    api_max_concurrent_per_key: int = Field(default=4, ge=1, le=1000)
-    # `iotgw run`: the API's worker threads run this much lower in CPU priority (nice) than
-    # ingestion's, so that under load the cores go to ingestion first.
-    api_nice: int = Field(default=10, ge=0, le=19)
-    # Where `iotgw devices provision/revoke` write the broker's password file, and the broker's
-    # pid file (mosquitto.conf `pid_file`) to signal it to reload; empty: no reload.
-    broker_password_file: str = "/etc/mosquitto/iotgw.passwd"  # noqa: S105 - a path
-    broker_pid_file: str = ""
+    require_registered_devices: bool = Field(
+        default=False,
+        description="only provisioned devices (iotgw devices provision); others are dead letters unknown_device",
+    )
+    device_rate: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "messages per second each device may send (token bucket of device_burst); 0: no limit; the "
+            "excess is dead-lettered as rate_limited"
+        ),
+    )
+    device_burst: int = Field(default=200, ge=1, description="the token bucket's size for device_rate")
+    api_auth: bool = Field(
+        default=True, description="API keys required on every /api route (roles viewer < technician < admin)"
+    )
+    api_open_probes: bool = Field(default=True, description="/health, /ready and /metrics readable without a key")
+    cors_origins: str = Field(
+        default="", description="browser origins allowed to call the API, comma-separated; empty: no CORS"
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger request bodies get a 413"
+    )
+    api_max_concurrent: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="/api requests answered at once (the event stream aside); more get a 429 with Retry-After",
+    )
+    api_max_concurrent_per_key: int = Field(
+        default=4, ge=1, le=1000, description="/api requests answered at once for one API key"
+    )
+    api_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="iotgw run: how much lower the API's worker threads run in CPU priority than ingestion",
+    )
+    broker_password_file: str = Field(
+        default="/etc/mosquitto/iotgw.passwd",
+        description="the devices' password file of the broker, written by iotgw devices and POST /api/devices",
+    )
+    broker_pid_file: str = Field(
+        default="",
+        description=(
+            "the broker's pid file (mosquitto.conf pid_file): SIGHUP after provisioning so it reloads; empty: no reload"
+        ),
+    )
 
     @field_validator("mqtt_url")
     @classmethod

@@ -332,8 +332,7 @@ class Ingest:
         self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
         self._limited: list[_Pending] = []  # over their device's rate, waiting to be dead-lettered
         # Their commits run on a thread of their own: the writer, which every other device's
-        # messages wait for, never waits for a flood's dead letters (on PostgreSQL 500 of them
-        # took 35-90 ms to commit; the others' median latency rose by up to 1.6x while it did).
+        # messages wait for, never waits for a flood's dead letters.
         self._limited_executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-limited") if self._buckets else None
         )

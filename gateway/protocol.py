@@ -213,7 +213,7 @@ def _has_nul(value: object) -> bool:
 
 
 def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMessage:
-    """Validate one MQTT message against the device contract (see README, "Protocol")."""
+    """Validate one MQTT message against the device contract (docs/protocol.md)."""
     if len(payload) > max_bytes:
         raise PayloadError(Reason.TOO_LARGE, f"{len(payload)} bytes exceeds the limit of {max_bytes}", topic)
     device_id, channel = parse_topic(topic)

@@ -368,8 +368,7 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
     """Events with after < position <= upto whose type may match `patterns`, in log order.
 
     On SQLite the rows come straight from the driver and are converted here (fromisoformat and
-    json.loads, both in C): validated ORM objects, then SQLAlchemy's per-column processing, were
-    most of a consumer's time in the benchmark.
+    json.loads, both in C), without ORM objects or SQLAlchemy's per-column processing.
     """
     conn = tx.connection()
     wanted = type_filter(patterns)
