@@ -16,6 +16,7 @@ COPY README.md LICENSE ./
 COPY gateway ./gateway
 COPY devices ./devices
 COPY alerts ./alerts
+COPY analytics ./analytics
 RUN pip install --no-deps . && rm -rf /src
 
 # Never root: the gateway needs nothing but its data directory.

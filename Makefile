@@ -43,6 +43,7 @@ lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The docs site, into site/ (open site/index.html); the tests build it with --strict too.
 docs: setup-dev

@@ -564,7 +564,7 @@ class WorkOrderMetrics:
         self.seen_open: set[tuple[str, str]] = set()
         self.levels = levels  # escalation levels of the longest policy: their series exist from the start
 
-    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - gateway.metrics.Metrics
+    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
         """Observe the steps written since the last call, and set the open-order gauges."""
         for level in range(1, self.levels + 1):
             metrics.work_order_escalations.labels(str(level))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -289,7 +289,6 @@ class AlertEngine(BaseConsumer):
         self.receivers: list[Receiver] = list(ruleset.receivers)
         self.alerts_in_maintenance = alerts_in_maintenance
         # Set by the gateway: whether it holds its broker session (inhibits absence alerts).
-        self.broker_connected: Callable[[], bool] | None = None
         self._absence_quiet_until: datetime | None = None
         self.forget()
 
@@ -846,7 +845,7 @@ class AlertMetrics:
         self.seen_open: set[tuple[str, str, str]] = set()
         self._started = False
 
-    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - gateway.metrics.Metrics
+    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
         """Observe the transitions written since the last call, and set the open-alert gauges."""
         if not self._started:
             for status in AlertStatus:

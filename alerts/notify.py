@@ -37,11 +37,11 @@ from sqlmodel import Session, col, select
 
 from alerts.dispatch import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
 from alerts.engine import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
+from alerts.metrics import AlertFamilies
 from alerts.rules import Receiver, Rule
 from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
-from gateway.metrics import Metrics
 from gateway.store import EventRow, Store, cloudevent_of
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Notifier:
         self,
         store: Store,
         receivers: Callable[[], Sequence[Receiver]],
-        metrics: Metrics,
+        metrics: AlertFamilies,
         *,
         pagers: Callable[[], Sequence[Receiver]] = list,
         interval_s: float = 0.5,

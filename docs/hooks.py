@@ -13,6 +13,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from gateway.cli import _SETTING_FLAGS, build_parser
 from gateway.config import Settings
 from gateway.metrics import Metrics
+from gateway.plugins import plugin_classes
 
 
 def _cell(text: object) -> str:
@@ -74,15 +75,24 @@ def cli_reference() -> str:
 def metric_families() -> list[tuple[str, str, str, tuple[str, ...]]]:
     """(name, type, help, labels) of every metric the gateway exposes."""
     metrics = Metrics(CollectorRegistry())
-    labels = {
-        w._name: tuple(w._labelnames)  # noqa: SLF001 - the wrapper keeps its label names
-        for w in vars(metrics).values()
-        if isinstance(w, MetricWrapperBase)
-    }
+    families = [metrics, *(cls.define_metrics(metrics.registry) for cls in plugin_classes().values())]
+    wrappers = [w for f in families if f is not None for w in _wrappers(vars(f).values())]
+    labels = {w._name: tuple(w._labelnames) for w in wrappers}  # noqa: SLF001 - the wrapper keeps its label names
     found = {}
     for family in metrics.registry.collect():
         found[family.name] = (family.name, family.type, family.documentation, labels.get(family.name, ()))
     return sorted(found.values())
+
+
+def _wrappers(values: Any) -> list[MetricWrapperBase]:  # noqa: ANN401
+    """The metric objects among an object's attributes (also inside dicts of them)."""
+    found: list[MetricWrapperBase] = []
+    for v in values:
+        if isinstance(v, MetricWrapperBase):
+            found.append(v)
+        elif isinstance(v, dict):
+            found += _wrappers(v.values())
+    return found
 
 
 def metrics_table() -> str:

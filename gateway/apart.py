@@ -409,9 +409,9 @@ async def serve(settings: Settings) -> int:
     link = _Link(router, metrics)
     for runner in router.runners.values():
         runner.on_log_grew = link.grew
-    alerts = router.runners.get("alerts")
-    if alerts is not None:
-        alerts.consumer.broker_connected = lambda: link.broker_up  # type: ignore[attr-defined]
+    for runner in router.runners.values():
+        if hasattr(runner.consumer, "broker_connected"):
+            runner.consumer.broker_connected = lambda: link.broker_up
     reader = await link.open()
     await router.start()
     link.send({"ready": True})

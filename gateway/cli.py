@@ -27,6 +27,7 @@ from gateway import __version__
 from gateway.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.plugins import plugin_classes
 from gateway.protocol import DeviceType
 from gateway.security import (
     ROLES,
@@ -41,6 +42,7 @@ from gateway.security import (
     revoke_api_key,
 )
 from gateway.store import Store
+from gateway.text import plural
 
 if TYPE_CHECKING:
     from devices.fleet import FleetConfig
@@ -160,15 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     krev.add_argument("key_id", help="the key's id, from `iotgw apikeys list`")
     _add_settings(krev, fields=("database_url",))
 
-    rules = sub.add_parser("rules", help="alert rules")
-    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    check = rules_sub.add_parser("check", help="validate a rules file; errors name their line")
-    check.add_argument("file", type=Path, help="the rules file (YAML)")
-
-    roster = sub.add_parser("roster", help="the maintenance roster")
-    roster_sub = roster.add_subparsers(dest="roster_command", required=True)
-    roster_check = roster_sub.add_parser("check", help="validate a roster file; errors name their line")
-    roster_check.add_argument("file", type=Path, help="the roster file (YAML)")
+    for plugin in plugin_classes().values():  # the plugins' command groups (`iotgw rules`...)
+        plugin.add_commands(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -207,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `iotgw` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        command = getattr(args, "func", None) or _COMMANDS[args.command]
+        return int(command(args))
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
@@ -263,39 +259,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "consumer-process": _cmd_consumer_process,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
-    "rules": lambda args: _check_file("rules", args.file),
-    "roster": lambda args: _check_file("roster", args.file),
     "devices": lambda args: _devices(args, _settings(args)),
     "apikeys": lambda args: _apikeys(args, _settings(args)),
 }
-
-
-def _plural(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def _check_file(kind: str, path: Path) -> int:
-    """`iotgw rules check` / `iotgw roster check`: 0 and a summary, or 1 and every problem with its line."""
-    from alerts.roster import load_roster_file  # noqa: PLC0415
-    from alerts.rules import FileProblemsError, load_rules_file  # noqa: PLC0415
-
-    try:
-        if kind == "rules":
-            ruleset = load_rules_file(path)
-            kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
-            summary = f"{_plural(len(ruleset.rules), 'rule')} OK ({kinds})"
-        else:
-            roster = load_roster_file(path)
-            counts = [
-                (sum(t.role == r for t in roster.technicians), r) for r in ("technician", "supervisor", "manager")
-            ]
-            roles = ", ".join(_plural(n, r) for n, r in counts)
-            summary = f"OK ({roles}; {_plural(len(roster.policies), 'escalation policy', 'escalation policies')})"
-    except FileProblemsError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201
-        return 1
-    print(f"{path}: {summary}")  # noqa: T201
-    return 0
 
 
 def _create_flag(p: argparse.ArgumentParser) -> None:
@@ -441,7 +407,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, credentials=_read_credentials(args.credentials))
     fleet = Fleet(cfg, on_tick=Progress())
     where = _safe_url(cfg.mqtt_url)
-    print(f"simulate: {_plural(len(fleet.devices), 'device')} publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
+    print(f"simulate: {plural(len(fleet.devices), 'device')} publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
     stop = _stop_event()
     watcher = asyncio.create_task(stop.wait())
     watcher.add_done_callback(lambda _: fleet.stop())
@@ -657,13 +623,13 @@ async def _demo_status(gw: Any, fleet: Any, stop: asyncio.Event, duration: float
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
         events = await asyncio.to_thread(gw.store.count_events)
-        live = await asyncio.to_thread(snapshot, gw.store)
+        live = await asyncio.to_thread(snapshot, gw.store, gw.plugins)  # what the staff page shows: open ones
+        shown = "".join(f", {len(items)} open {name.replace('_', ' ')}" for name, items in live.items())
         m = gw.metrics
         rejected = sum(s.value for s in m.messages_rejected.collect()[0].samples if s.name.endswith("_total"))
         print(  # noqa: T201
             f"demo: {fleet.stats.connected}/{fleet.stats.devices} devices connected, "
-            f"{fleet.stats.sent} messages sent, {events} events stored, {int(rejected)} dead letters, "
-            f"{len(live['alerts'])} open alerts, {len(live['work_orders'])} open work orders",
+            f"{fleet.stats.sent} messages sent, {events} events stored, {int(rejected)} dead letters{shown}",
             flush=True,
         )
         if duration is not None and time.monotonic() - started >= duration:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.errors import ConfigError
 from gateway.protocol import SUBSCRIPTION
 
 # The broker refuses anything above its own limit (mosquitto.conf: message_size_limit 262144),
@@ -17,8 +19,9 @@ BROKER_MESSAGE_LIMIT = 256 * 1024
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class Settings(BaseSettings):
-    """Gateway configuration; every field is also `IOTGW_<FIELD>` in the environment."""
+class GatewaySettings(BaseSettings):
+    """The gateway's own configuration; every field is also `IOTGW_<FIELD>` in the environment.
+    `Settings` adds the fields of the plugins' settings models."""
 
     model_config = SettingsConfigDict(env_prefix="IOTGW_", extra="forbid", frozen=True)
 
@@ -111,14 +114,6 @@ class Settings(BaseSettings):
             "arrived, before it records the gap"
         ),
     )
-    notify_max_age_s: float = Field(
-        default=86400.0,
-        gt=0,
-        description=(
-            "a notification failing for now (5xx, timeouts, no connection) is retried this long, then "
-            "given up as expired"
-        ),
-    )
     public_url: str = Field(
         default="",
         pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
@@ -186,17 +181,6 @@ class Settings(BaseSettings):
         description=(
             "the consumers' process not heard from (it reports every second) this long is killed and started again"
         ),
-    )
-    rules_file: str = Field(default="", description="the alert rules (empty: the shipped alerts/rules.yaml)")
-    roster_file: str = Field(
-        default="",
-        description="technicians, shifts and escalation policies for dispatch (empty: the shipped alerts/roster.yaml)",
-    )
-    alerts_in_maintenance: bool = Field(default=False, description="whether a device in maintenance mode raises alerts")
-    analytics_device_series_max: int = Field(
-        default=100,
-        ge=0,
-        description="per-elevator analytics series exist only while the fleet has at most this many elevators",
     )
 
     # --- Security ---
@@ -346,3 +330,40 @@ class Settings(BaseSettings):
     def mqtt_port(self) -> int:
         """Port part of `mqtt_url` (1883, or 8883 for TLS, when absent)."""
         return urlsplit(self.mqtt_url).port or (8883 if self.mqtt_tls else 1883)
+
+
+# Plugins' settings models (pydantic models whose fields, each with a description, join the
+# gateway's: `IOTGW_<FIELD>` in the environment). Their modules import nothing of the gateway:
+# they are loaded here, when this module is.
+SETTINGS_GROUP = "iotgw.settings"
+
+
+def plugin_settings() -> dict[str, type[BaseModel]]:
+    """The settings models registered under `iotgw.settings`, by entry point name."""
+    found: dict[str, type[BaseModel]] = {}
+    taken = dict.fromkeys(GatewaySettings.model_fields, "the gateway")
+    for ep in entry_points(group=SETTINGS_GROUP):
+        model = ep.load()
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            msg = f"settings {ep.name!r} ({ep.value}) is not a pydantic model"
+            raise ConfigError(msg)
+        for name in model.model_fields:
+            if name in taken:
+                msg = f"setting {name!r} of {ep.name!r} is taken by {taken[name]}"
+                raise ConfigError(msg)
+            taken[name] = ep.name
+        found[ep.name] = model
+    return found
+
+
+def _compose() -> type[GatewaySettings]:
+    models = tuple(plugin_settings().values())
+    if not models:
+        return GatewaySettings
+    return type("Settings", (GatewaySettings, *models), {"__module__": __name__, "__doc__": GatewaySettings.__doc__})
+
+
+if TYPE_CHECKING:
+    Settings = GatewaySettings
+else:
+    Settings = _compose()

@@ -1,11 +1,11 @@
-"""Every Prometheus metric of the gateway, defined once, against an injectable registry."""
+"""The platform's Prometheus metrics, defined once, against an injectable registry (plugins define
+theirs on the same registry: gateway/plugins.py)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -133,87 +133,3 @@ class Metrics:
             "iotgw_consumer_process_restarts_total", "Times the consumers' process ended and was started again.",
             registry=r,
         )  # fmt: skip
-        # Analytics, as gauges: a replay rebuilds them, so they may go down.
-        figures = {
-            "trips": "Trips completed.",
-            "door_cycles": "Door openings.",
-            "faults": "Faults raised.",
-            "entrapments": "Stuck with load inside.",
-            "availability_ratio": "Share of observed time in normal service.",
-            "mtbf_seconds": "Time in service per fault.",
-            "mttr_seconds": "Mean time from fault raised to cleared.",
-        }
-        self.site_figures = {
-            k: Gauge(f"iotgw_site_elevator_{k}", doc + " Per site.", ["site"], registry=r) for k, doc in figures.items()
-        }
-        # Per elevator only while the fleet is within IOTGW_ANALYTICS_DEVICE_SERIES_MAX.
-        self.elevator_figures = {
-            k: Gauge(f"iotgw_elevator_{k}", doc + " Per elevator.", ["device", "site"], registry=r)
-            for k, doc in figures.items()
-        }
-        # Notifications (one series per configured receiver).
-        self.notifications_sent = Counter(
-            "iotgw_notifications_sent_total", "Notifications delivered, by receiver.", ["receiver"], registry=r
-        )
-        self.notification_retries = Counter(
-            "iotgw_notification_retries_total",
-            "Delivery attempts that failed for now (5xx, 408, 425, 429, timeout, connection): retried.",
-            ["receiver"],
-            registry=r,
-        )
-        self.notifications_failed = Counter(
-            "iotgw_notifications_failed_total",
-            "Deliveries given up: rejected (a 4xx), unreachable (a URL that cannot be requested), "
-            "expired (retried for the maximum age).",
-            ["receiver", "reason"],
-            registry=r,
-        )
-        self.notification_receiver_failing = Gauge(
-            "iotgw_notification_receiver_failing",
-            "1 while the receiver's last delivery attempt failed.",
-            ["receiver"],
-            registry=r,
-        )
-        self.notifications_pending = Gauge(
-            "iotgw_notifications_pending", "Deliveries not yet acknowledged by their receiver.", registry=r
-        )
-        # Alerts (label values bounded by the rules file and the five severities).
-        self.alerts_open = Gauge(
-            "iotgw_alerts_open", "Open alerts (firing or acknowledged).", ["severity", "rule", "status"], registry=r
-        )
-        self.alert_transitions = Counter(
-            "iotgw_alert_transitions_total", "Alert status changes, by new status.", ["status"], registry=r
-        )
-        self.alert_time_to_ack = Histogram(
-            "iotgw_alert_time_to_acknowledge_seconds", "Fired to acknowledged.", buckets=_HUMAN_BUCKETS, registry=r
-        )
-        self.alert_time_to_resolve = Histogram(
-            "iotgw_alert_time_to_resolve_seconds", "Fired to resolved.", buckets=_HUMAN_BUCKETS, registry=r
-        )
-        self.work_orders_open = Gauge(
-            "iotgw_work_orders_open", "Open work orders, by priority and status.", ["priority", "status"], registry=r
-        )
-        self.work_order_time_to_assign = Histogram(
-            "iotgw_work_order_time_to_assign_seconds",
-            "Work order created to first assigned.",
-            buckets=(0.1, 0.5, 1, *_HUMAN_BUCKETS),
-            registry=r,
-        )
-        self.work_order_time_to_ack = Histogram(
-            "iotgw_work_order_time_to_acknowledge_seconds",
-            "Work order created to acknowledged by a technician.",
-            buckets=_HUMAN_BUCKETS,
-            registry=r,
-        )
-        self.work_order_time_to_resolve = Histogram(
-            "iotgw_work_order_time_to_resolve_seconds",
-            "Work order created to resolved.",
-            buckets=_HUMAN_BUCKETS,
-            registry=r,
-        )
-        self.work_order_escalations = Counter(
-            "iotgw_work_order_escalations_total",
-            "Work orders escalated to a further level (or re-notified at the last), by the level reached.",
-            ["level"],
-            registry=r,
-        )

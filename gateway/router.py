@@ -87,6 +87,9 @@ class BaseConsumer(abc.ABC):
     handler_timeout_s = 30.0  # a batch (or tick) not done by then counts as failed; its thread is abandoned
     batch_size = 500
     replay_resets_state = False  # True: a replay starts from scratch, after reset(tx)
+    # Whether the gateway holds its broker session now, set by the runtime where that is known
+    # (None: unknown). A consumer that judges devices by their silence asks it first.
+    broker_connected: Callable[[], bool] | None = None
 
     def reset(self, tx: Session) -> None:  # noqa: B027 - an optional hook; most consumers keep no state
         """Forget all derived state (called before a full replay when replay_resets_state)."""

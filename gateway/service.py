@@ -1,14 +1,12 @@
-"""One gateway process: ingest, (later) the consumer router, and the HTTP API in one asyncio loop."""
+"""One gateway process: ingest, the consumer router, the plugins and the HTTP API in one asyncio loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -16,19 +14,16 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from gateway.apart import ConsumerProcess
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
-from gateway.cluster import Lease
 from gateway.config import Settings
-from gateway.errors import ConfigError, GatewayError, StoreError
+from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
+from gateway.plugins import Host, plugin_classes, start_plugins
 from gateway.router import Consumer, Router, load_consumers
 from gateway.security import PasswordFile, has_api_keys, reserved_in_use
 from gateway.sequencer import Sequencer
 from gateway.store import Store
 from gateway.tasks import stop_task
-
-if TYPE_CHECKING:
-    from alerts.notify import Links
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +84,19 @@ class Gateway:
             on_commit=self.router.notify,
             on_inbox=self.sequencer.notify if self.sequencer is not None else None,
         )
+        # Every installed plugin: its routes, metrics and live view; its background work (`run`)
+        # only where one of its consumers runs (Plugin.active).
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iotgw-background")
+        host = Host(
+            settings=settings,
+            store=self.store,
+            registry=registry,
+            consumers={name: runner.consumer for name, runner in self.router.runners.items()},
+            background=self._background,
+            public_url=settings.public_url.rstrip("/") or f"http://{settings.http_host}:{settings.http_port}",
+        )
+        self.plugins = start_plugins(host, plugin_classes())
+        self._plugin_tasks: list[asyncio.Task[None]] = []
         self.app = create_app(
             AppState(
                 store=self.store,
@@ -108,17 +116,12 @@ class Gateway:
                     max_concurrent=settings.api_max_concurrent,
                     max_concurrent_per_key=settings.api_max_concurrent_per_key,
                 ),
+                plugins=self.plugins,
             )
         )
         self.serve_http = serve_http
         self._server: _EmbeddedServer | None = None
         self._server_task: asyncio.Task[None] | None = None
-        self._metrics_task: asyncio.Task[None] | None = None
-        self._notifier_task: asyncio.Task[None] | None = None
-        self._notifier: Any = None
-        # Periodic jobs' threads: stop() waits for them, so none holds a connection past close().
-        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iotgw-background")
-        self._alert_metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Create the schema, start ingest and the API."""
@@ -133,14 +136,11 @@ class Gateway:
             await self.ingest.start()
         if self.consumer_process is not None:
             await self.consumer_process.ready()
-        alerts = self.router.runners.get("alerts")
-        if alerts is not None and self.settings.ingest and not self.apart:  # apart: the link tells the child
-            alerts.consumer.broker_connected = lambda: self.ingest.connected  # type: ignore[attr-defined]
-        if alerts is not None or "dispatch" in self.router.runners:
-            self._start_notifier()
-            self._alert_metrics_task = asyncio.create_task(self._publish_alert_metrics(), name="iotgw-alert-metrics")
-        if "analytics" in self.router.runners:
-            self._metrics_task = asyncio.create_task(self._publish_analytics(), name="iotgw-analytics-metrics")
+        if self.settings.ingest and not self.apart:  # apart: the link tells the consumers' process
+            for runner in self.router.runners.values():
+                if hasattr(runner.consumer, "broker_connected"):
+                    runner.consumer.broker_connected = lambda: self.ingest.connected
+        self._start_plugins()
         if self.serve_http:
             config = uvicorn.Config(
                 self.app,
@@ -171,6 +171,12 @@ class Gateway:
             self.settings.http_host,
             self.settings.http_port,
         )
+
+    def _start_plugins(self) -> None:
+        """The background work of the plugins whose consumers run here."""
+        for name, plugin in self.plugins.items():
+            if plugin.active:
+                self._plugin_tasks.append(asyncio.create_task(plugin.run(), name=f"iotgw-plugin-{name}"))
 
     def _check_reserved(self) -> None:
         # A device provisioned under the gateway's client id would, on the devices' listener, get
@@ -222,12 +228,10 @@ class Gateway:
             await self.sequencer.stop()
         if self.consumer_process is not None:
             await self.consumer_process.stop()
-        if self._notifier is not None and self._notifier_task is not None:
-            # Let it finish the round in hand: its thread must not hold a connection past close().
-            self._notifier.stop()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._notifier_task), 15)
-        for task in (self._metrics_task, self._notifier_task, self._alert_metrics_task):
+        for plugin in self.plugins.values():
+            if plugin.active:
+                await plugin.stop()
+        for task in self._plugin_tasks:
             await stop_task(task)
         await asyncio.to_thread(self._background.shutdown, wait=True)
         await self.router.stop()
@@ -235,81 +239,3 @@ class Gateway:
             self._server.should_exit = True
             await asyncio.gather(self._server_task, return_exceptions=True)
         self.store.close()
-
-    async def _publish_analytics(self) -> None:
-        from gateway.analytics import publish_metrics  # noqa: PLC0415 - only with the analytics consumer
-
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._background,
-                    functools.partial(
-                        publish_metrics,
-                        self.store,
-                        self.metrics,
-                        max_device_series=self.settings.analytics_device_series_max,
-                    ),
-                )
-            except StoreError as exc:
-                log.debug("analytics metrics not refreshed: %s", exc)
-            await asyncio.sleep(10.0)
-
-    def receivers(self) -> list[Any]:
-        """Where every alert notification goes: the rules file's receivers."""
-        runner = self.router.runners.get("alerts")
-        return list(getattr(runner.consumer, "receivers", None) or []) if runner is not None else []
-
-    def pagers(self) -> list[Any]:
-        """People's contacts for work-order pages: the roster's receivers (read afresh: the API may edit it)."""
-        runner = self.router.runners.get("dispatch")
-        roster = getattr(runner.consumer, "roster", None) if runner is not None else None
-        return list(getattr(roster, "receivers", None) or [])
-
-    def _links(self) -> Links:
-        """The staff page's address and the alert rules, for what notifications link and label."""
-        from alerts.notify import Links  # noqa: PLC0415 - only with the alert engine or dispatch
-
-        s = self.settings
-        base = s.public_url.rstrip("/") or f"http://{s.http_host}:{s.http_port}"
-        runner = self.router.runners.get("alerts")
-        rules = getattr(runner.consumer, "rules", None) if runner is not None else None
-        return Links(base, {r.name: r for r in rules or ()})
-
-    def _start_notifier(self) -> None:
-        from alerts.notify import Notifier  # noqa: PLC0415 - only with the alert engine or dispatch
-
-        names = [r.name for r in self.receivers()] + [r.name for r in self.pagers()]
-        if names:
-            lease = Lease("notifier", self.settings.instance_name, self.settings.lease_s)
-            notifier = Notifier(
-                self.store, self.receivers, self.metrics, pagers=self.pagers, lease=lease,
-                max_age_s=self.settings.notify_max_age_s, links=self._links,
-            )  # fmt: skip
-            self._notifier = notifier
-            self._notifier_task = asyncio.create_task(notifier.run(), name="iotgw-notifier")
-            log.info("notifications to %s", ", ".join(names))
-
-    async def _publish_alert_metrics(self) -> None:
-        from alerts.dispatch import WorkOrderMetrics  # noqa: PLC0415 - only with the alert engine or dispatch
-        from alerts.engine import AlertMetrics  # noqa: PLC0415
-
-        publishers: list[Any] = []
-        if "alerts" in self.router.runners:
-            publishers.append(AlertMetrics())
-        dispatch = self.router.runners.get("dispatch")
-        if dispatch is not None:
-            roster = getattr(dispatch.consumer, "roster", None)
-            levels = max((len(p.levels) for p in getattr(roster, "policies", [])), default=0)
-            publishers.append(WorkOrderMetrics(levels))
-
-        def once() -> None:
-            with self.store.session() as tx:
-                for publisher in publishers:
-                    publisher.publish(tx, self.metrics)
-
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._background, once)
-            except StoreError as exc:
-                log.debug("alert metrics not refreshed: %s", exc)
-            await asyncio.sleep(2.0)

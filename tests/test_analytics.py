@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from analytics.consumer import Analytics, device, fleet
 from devices.fleet import Fleet, FleetConfig
-from gateway.analytics import Analytics, device, fleet
 from gateway.broker import Mosquitto, free_port
 from gateway.events import Event
 from gateway.store import Store

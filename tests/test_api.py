@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -11,14 +12,23 @@ from prometheus_client import CollectorRegistry
 
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
+from gateway.config import Settings
 from gateway.events import Event
 from gateway.metrics import Metrics
 from gateway.normalize import Shadow
+from gateway.plugins import Host, Plugin, plugin_classes, start_plugins
 from gateway.store import DeadLetter, Store
 
 pytestmark = pytest.mark.anyio
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def installed_plugins(store: Store, registry: CollectorRegistry) -> dict[str, Plugin]:
+    """The installed plugins (their routes), as a gateway over `store` that runs no consumer has them."""
+    host = Host(settings=Settings(), store=store, registry=registry, consumers={},
+                background=ThreadPoolExecutor(max_workers=1), public_url="http://gw")  # fmt: skip
+    return start_plugins(host, plugin_classes())
 
 
 class Probe:
@@ -53,7 +63,10 @@ async def client(make_store: Callable[[], Store], probe: Probe) -> AsyncIterator
     metrics = Metrics(CollectorRegistry())
     metrics.messages_received.labels("state").inc(250)
     security = ApiSecurity(auth=False)  # keys: tests/test_security.py
-    app = create_app(AppState(store, metrics, lambda: probe.broker, lambda: probe.database, security=security))
+    plugins = installed_plugins(store, metrics.registry)
+    app = create_app(
+        AppState(store, metrics, lambda: probe.broker, lambda: probe.database, security=security, plugins=plugins)
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
     store.close()
@@ -240,8 +253,9 @@ async def test_every_list_has_one_shape_and_pages_through_every_item_once(make_s
             forever = T0 + timedelta(days=9999)
             tx.add(SilenceRow(matchers={"rule": "r"}, created_by="ann", comment="c", starts_at=T0, ends_at=forever))
         tx.commit()
-    app = create_app(AppState(store, Metrics(CollectorRegistry()), lambda: True, lambda: True,
-                              security=ApiSecurity(auth=False)))  # fmt: skip
+    metrics = Metrics(CollectorRegistry())
+    app = create_app(AppState(store, metrics, lambda: True, lambda: True, security=ApiSecurity(auth=False),
+                              plugins=installed_plugins(store, metrics.registry)))  # fmt: skip
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         whole = (await c.get("/api/work-orders", params={"limit": 1000})).json()
         expected = [o["id"] for o in whole["items"]]

@@ -1,8 +1,9 @@
-"""The HTTP API (FastAPI): health, readiness, metrics and read access to devices, events and dead letters."""
+"""The HTTP API (FastAPI): health, readiness, metrics, devices, events, dead letters, consumers and
+the audit; the plugins' routers mounted beside them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,21 +18,10 @@ from fastapi_offline import FastAPIOffline
 from gateway import __version__
 from gateway.api.auth import VIEWER, ApiSecurity, Guard
 from gateway.api.limits import ConcurrencyLimit
-from gateway.api.routes import (
-    alerts,
-    analytics,
-    audit,
-    consumers,
-    dead_letters,
-    devices,
-    events,
-    health,
-    silences,
-    stream,
-    work_orders,
-)
+from gateway.api.routes import audit, consumers, dead_letters, devices, events, health, stream
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
+from gateway.plugins import Plugin
 from gateway.router import ConsumerError, Router, UnknownConsumerError
 from gateway.store import Store
 
@@ -49,6 +39,7 @@ class AppState:
     router: Router | None = None
     ingest: bool = True  # False: this process does not subscribe (its readiness ignores the broker)
     security: ApiSecurity = field(default_factory=ApiSecurity)
+    plugins: Mapping[str, Plugin] = field(default_factory=dict)  # their routes are mounted, their `live` streamed
 
 
 def _query_names(dependant: Dependant) -> set[str]:
@@ -88,9 +79,12 @@ def create_app(state: AppState) -> FastAPI:
     # Every /api route needs at least a viewer's key; mutations declare more (gateway/api/auth.py).
     known = [Depends(known_parameters)]
     app.include_router(health.router, dependencies=known + ([] if state.security.open_probes else VIEWER))
-    modules = (devices, events, dead_letters, consumers, analytics, alerts, silences, work_orders, stream, audit)
-    for module in modules:
+    for module in (devices, events, dead_letters, consumers, stream, audit):
         app.include_router(module.router, dependencies=[*known, *VIEWER])
+    for plugin in state.plugins.values():  # mounted, not imported: the platform knows no plugin
+        plugin_router = plugin.api()
+        if plugin_router is not None:
+            app.include_router(plugin_router, dependencies=[*known, *VIEWER])
     app.add_middleware(Guard, security=state.security, store=state.store)
     if state.security.cors_origins:
         # Off unless origins are configured: the staff page is served from the gateway itself.

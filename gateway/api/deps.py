@@ -44,23 +44,12 @@ RouterDep = Annotated[Router, Depends(get_router)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_dispatch(request: Request) -> Any:  # noqa: ANN401 - alerts.dispatch.Dispatch (alerts is not core)
-    """The dispatch consumer (503 when this gateway does not run it)."""
-    router: Router | None = request.app.state.iotgw.router
-    runner = router.runners.get("dispatch") if router is not None else None
-    if runner is None:
-        raise HTTPException(status_code=503, detail="this gateway does not run the dispatch consumer")
-    return runner.consumer
-
-
 def changed(request: Request) -> None:
     """Tell the gateway an API action appended to the log (wakes consumers and live views)."""
     router: Router | None = request.app.state.iotgw.router
     if router is not None:
         router.log_grew_threadsafe()
 
-
-DispatchDep = Annotated[Any, Depends(get_dispatch)]
 
 S = TypeVar("S", bound=SelectOfScalar[Any])
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-# The core tables; consumers from other packages may add their own (created, not migrated).
-import alerts.dispatch
-import alerts.engine
-import gateway.analytics
+# The platform's tables, and the plugins' and consumers' (their modules define them): the
+# migrations compare against all of them.
 import gateway.security
 import gateway.store
+from gateway.plugins import plugin_classes
+from gateway.router import available_consumers
+
+plugin_classes()
+for load in available_consumers().values():
+    load()
 
 connection = context.config.attributes["connection"]
 # render_as_batch: SQLite alters a table by copying it, which Alembic's batch mode does.

@@ -1,22 +1,19 @@
-"""Live updates for the staff page: server-sent events with the open alerts and work orders."""
+"""Live updates for the staff page: server-sent events with what the plugins show live (the alerts
+plugin: the open alerts and work orders)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from sqlmodel import col, select
 
-from alerts.dispatch import OPEN_ORDER, WorkOrderRow
-from alerts.engine import OPEN, AlertRow
 from gateway.api.deps import RouterDep, StoreDep
-from gateway.api.routes.alerts import AlertPublic
-from gateway.api.routes.work_orders import public
+from gateway.plugins import Plugin
 from gateway.security import Principal, key_in_force
 from gateway.store import Store
 
@@ -25,30 +22,21 @@ router = APIRouter(prefix="/api", tags=["live"])
 KEEP_ALIVE_S = 15.0
 KEY_RECHECK_S = 5.0  # an open stream ends this soon after its API key is revoked
 COALESCE_S = 0.2  # a burst of changes becomes one message
-LIST_MAX = 200
 
 
-def snapshot(store: Store) -> dict[str, Any]:
-    """The open alerts (newest first) and open work orders (most urgent first)."""
+def snapshot(store: Store, plugins: Mapping[str, Plugin]) -> dict[str, Any]:
+    """What every plugin shows live, in one transaction."""
+    out: dict[str, Any] = {}
     with store.session() as tx:
-        alerts = tx.exec(
-            select(AlertRow).where(col(AlertRow.status).in_(OPEN)).order_by(col(AlertRow.id).desc()).limit(LIST_MAX)
-        ).all()
-        orders = tx.exec(
-            select(WorkOrderRow)
-            .where(col(WorkOrderRow.status).in_(OPEN_ORDER))
-            .order_by(col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
-            .limit(LIST_MAX)
-        ).all()
-        return {
-            "alerts": [AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json") for a in alerts],
-            "work_orders": [public(o).model_dump(mode="json") for o in orders],
-        }
+        for plugin in plugins.values():
+            out |= plugin.live(tx)
+    return out
 
 
 @router.get("/stream", response_class=StreamingResponse)
 async def stream(request: Request, store: StoreDep, live: RouterDep) -> StreamingResponse:
     """Server-sent events: a `snapshot` (open alerts and work orders) now and after every change."""
+    plugins = request.app.state.iotgw.plugins
 
     principal: Principal | None = getattr(request.state, "principal", None)
     key_id = principal.key_id if principal is not None else ""
@@ -62,7 +50,7 @@ async def stream(request: Request, store: StoreDep, live: RouterDep) -> Streamin
                 yield 'event: revoked\ndata: {"detail":"the API key of this stream was revoked"}\n\n'
                 return
             version = live.changes.version
-            body = json.dumps(await asyncio.to_thread(snapshot, store), separators=(",", ":"))
+            body = json.dumps(await asyncio.to_thread(snapshot, store, plugins), separators=(",", ":"))
             if body != last:
                 yield f"event: snapshot\ndata: {body}\n\n"
                 last, said = body, time.monotonic()

@@ -11,16 +11,18 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, Column, delete, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from gateway import events as ev
 from gateway.events import Event
-from gateway.metrics import Metrics
 from gateway.router import BaseConsumer
 from gateway.store import EventRow, MultiInsert, Store, UTCDateTime, read_events
+
+if TYPE_CHECKING:
+    from analytics.plugin import AnalyticsFamilies
 
 UNIT_TYPES = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 WINDOWS = {"1h": 60, "24h": 24 * 60}  # minutes
@@ -367,7 +369,7 @@ def device(store: Store, device_id: str) -> dict[str, Any] | None:
         return out
 
 
-def publish_metrics(store: Store, metrics: Metrics, *, max_device_series: int) -> None:
+def publish_metrics(store: Store, metrics: AnalyticsFamilies, *, max_device_series: int) -> None:
     """Set the analytics gauges: per site always, per elevator while the fleet is small enough."""
     data = fleet(store)
     for site, f in data["sites"].items():
@@ -380,7 +382,7 @@ def publish_metrics(store: Store, metrics: Metrics, *, max_device_series: int) -
                 _set(metrics, "elevator", labels, figures([r], horizon))
 
 
-def _set(metrics: Metrics, level: str, labels: dict[str, str], f: ElevatorFigures) -> None:
+def _set(metrics: AnalyticsFamilies, level: str, labels: dict[str, str], f: ElevatorFigures) -> None:
     g = metrics.site_figures if level == "site" else metrics.elevator_figures
     values = {
         "trips": f.trips,

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Path
 
-from gateway import analytics as an
+from analytics import consumer as an
 from gateway.api.deps import StoreDep
 
 router = APIRouter(prefix="/api/analytics", tags=["analytics"])

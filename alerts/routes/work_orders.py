@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm.exc import StaleDataError
@@ -23,13 +23,25 @@ from alerts.dispatch import (
 )
 from alerts.engine import NotificationRow
 from alerts.roster import Technician
+from alerts.routes.alerts import DeliveryPublic, deliveries_of
 from gateway.api.auth import ADMIN, TECHNICIAN
-from gateway.api.deps import DispatchDep, RowId, StoreDep, changed, filtered
+from gateway.api.deps import RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, bad_cursor, page_of, whole
-from gateway.api.routes.alerts import DeliveryPublic, deliveries_of
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["work orders"])
+
+
+def get_dispatch(request: Request) -> Any:  # noqa: ANN401 - alerts.dispatch.Dispatch
+    """The dispatch consumer (503 when this gateway does not run it)."""
+    live = request.app.state.iotgw.router
+    runner = live.runners.get("dispatch") if live is not None else None
+    if runner is None:
+        raise HTTPException(status_code=503, detail="this gateway does not run the dispatch consumer")
+    return runner.consumer
+
+
+DispatchDep = Annotated[Any, Depends(get_dispatch)]
 T = TypeVar("T")
 
 

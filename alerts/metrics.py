@@ -1,0 +1,80 @@
+"""The alerts plugin's metric families: alerts, notifications and work orders."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+
+
+class AlertFamilies:
+    """Defined on the gateway's registry by the alerts plugin; set by its publishers and the notifier."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        # Notifications (one series per configured receiver).
+        self.notifications_sent = Counter(
+            "iotgw_notifications_sent_total", "Notifications delivered, by receiver.", ["receiver"], registry=r
+        )
+        self.notification_retries = Counter(
+            "iotgw_notification_retries_total",
+            "Delivery attempts that failed for now (5xx, 408, 425, 429, timeout, connection): retried.",
+            ["receiver"],
+            registry=r,
+        )
+        self.notifications_failed = Counter(
+            "iotgw_notifications_failed_total",
+            "Deliveries given up: rejected (a 4xx), unreachable (a URL that cannot be requested), "
+            "expired (retried for the maximum age).",
+            ["receiver", "reason"],
+            registry=r,
+        )
+        self.notification_receiver_failing = Gauge(
+            "iotgw_notification_receiver_failing",
+            "1 while the receiver's last delivery attempt failed.",
+            ["receiver"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "iotgw_notifications_pending", "Deliveries not yet acknowledged by their receiver.", registry=r
+        )
+        # Alerts (label values bounded by the rules file and the five severities).
+        self.alerts_open = Gauge(
+            "iotgw_alerts_open", "Open alerts (firing or acknowledged).", ["severity", "rule", "status"], registry=r
+        )
+        self.alert_transitions = Counter(
+            "iotgw_alert_transitions_total", "Alert status changes, by new status.", ["status"], registry=r
+        )
+        self.alert_time_to_ack = Histogram(
+            "iotgw_alert_time_to_acknowledge_seconds", "Fired to acknowledged.", buckets=HUMAN_BUCKETS, registry=r
+        )
+        self.alert_time_to_resolve = Histogram(
+            "iotgw_alert_time_to_resolve_seconds", "Fired to resolved.", buckets=HUMAN_BUCKETS, registry=r
+        )
+        self.work_orders_open = Gauge(
+            "iotgw_work_orders_open", "Open work orders, by priority and status.", ["priority", "status"], registry=r
+        )
+        self.work_order_time_to_assign = Histogram(
+            "iotgw_work_order_time_to_assign_seconds",
+            "Work order created to first assigned.",
+            buckets=(0.1, 0.5, 1, *HUMAN_BUCKETS),
+            registry=r,
+        )
+        self.work_order_time_to_ack = Histogram(
+            "iotgw_work_order_time_to_acknowledge_seconds",
+            "Work order created to acknowledged by a technician.",
+            buckets=HUMAN_BUCKETS,
+            registry=r,
+        )
+        self.work_order_time_to_resolve = Histogram(
+            "iotgw_work_order_time_to_resolve_seconds",
+            "Work order created to resolved.",
+            buckets=HUMAN_BUCKETS,
+            registry=r,
+        )
+        self.work_order_escalations = Counter(
+            "iotgw_work_order_escalations_total",
+            "Work orders escalated to a further level (or re-notified at the last), by the level reached.",
+            ["level"],
+            registry=r,
+        )

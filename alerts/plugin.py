@@ -1,0 +1,165 @@
+"""The alerts plugin: the alert engine and dispatch consumers, and everything beside them in the
+gateway's process: their routes, metrics, the notifier, their part of the live stream, and the
+`iotgw rules` and `iotgw roster` commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry
+from sqlmodel import Session, col, select
+
+from alerts.dispatch import OPEN_ORDER, WorkOrderMetrics, WorkOrderRow
+from alerts.engine import OPEN, AlertMetrics, AlertRow
+from alerts.metrics import AlertFamilies
+from alerts.notify import Links, Notifier
+from alerts.roster import load_roster_file
+from alerts.routes import alerts, silences, work_orders
+from alerts.rules import FileProblemsError, Receiver, load_rules_file
+from gateway.cluster import Lease
+from gateway.errors import StoreError
+from gateway.plugins import Plugin
+from gateway.tasks import stop_task
+from gateway.text import plural
+
+log = logging.getLogger(__name__)
+LIVE_MAX = 200  # most alerts and work orders in one snapshot of the live stream
+PUBLISH_EVERY_S = 2.0
+
+
+class AlertsPlugin(Plugin):
+    """Active with the alert engine or dispatch (or both)."""
+
+    name = "alerts"
+    consumers = ("alerts", "dispatch")
+
+    def __init__(self, host: Any) -> None:  # noqa: ANN401 - gateway.plugins.Host
+        super().__init__(host)
+        self.notifier: Notifier | None = None
+        self._notifier_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def define_metrics(cls, registry: CollectorRegistry) -> AlertFamilies:
+        return AlertFamilies(registry)
+
+    @classmethod
+    def add_commands(cls, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        for kind, about in (("rules", "alert rules"), ("roster", "the maintenance roster")):
+            group = commands.add_parser(kind, help=about)
+            sub = group.add_subparsers(dest=f"{kind}_command", required=True)
+            check = sub.add_parser("check", help=f"validate a {kind} file; errors name their line")
+            check.add_argument("file", type=Path, help=f"the {kind} file (YAML)")
+            check.set_defaults(func=lambda args, kind=kind: check_file(kind, args.file))
+
+    def api(self) -> APIRouter:
+        router = APIRouter()
+        for module in (alerts, silences, work_orders):
+            router.include_router(module.router)
+        return router
+
+    def live(self, tx: Session) -> dict[str, Any]:
+        """The open alerts (newest first) and open work orders (most urgent first)."""
+        open_alerts = tx.exec(
+            select(AlertRow).where(col(AlertRow.status).in_(OPEN)).order_by(col(AlertRow.id).desc()).limit(LIVE_MAX)
+        ).all()
+        orders = tx.exec(
+            select(WorkOrderRow)
+            .where(col(WorkOrderRow.status).in_(OPEN_ORDER))
+            .order_by(col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
+            .limit(LIVE_MAX)
+        ).all()
+        return {
+            "alerts": [alerts.AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json")
+                       for a in open_alerts],
+            "work_orders": [work_orders.public(o).model_dump(mode="json") for o in orders],
+        }  # fmt: skip
+
+    # --- what the consumers were configured with ---
+
+    def receivers(self) -> list[Receiver]:
+        """Where every alert notification goes: the rules file's receivers."""
+        engine = self.host.consumers.get("alerts")
+        return list(getattr(engine, "receivers", None) or [])
+
+    def pagers(self) -> list[Receiver]:
+        """People's contacts for work-order pages: the roster's receivers (read afresh: the API may edit it)."""
+        roster = getattr(self.host.consumers.get("dispatch"), "roster", None)
+        return list(getattr(roster, "receivers", None) or [])
+
+    def links(self) -> Links:
+        """The staff page's address and the alert rules, for what notifications link and label."""
+        rules = getattr(self.host.consumers.get("alerts"), "rules", None)
+        return Links(self.host.public_url, {r.name: r for r in rules or ()})
+
+    # --- in the gateway's process ---
+
+    async def run(self) -> None:
+        """Deliver notifications (under the notifier's lease) and keep the gauges current."""
+        names = [r.name for r in self.receivers()] + [r.name for r in self.pagers()]
+        if names:
+            settings = self.host.settings
+            self.notifier = Notifier(
+                self.host.store, self.receivers, self.metrics, pagers=self.pagers,
+                lease=Lease("notifier", settings.instance_name, settings.lease_s),
+                max_age_s=settings.notify_max_age_s, links=self.links,
+            )  # fmt: skip
+            self._notifier_task = asyncio.create_task(self.notifier.run(), name="iotgw-notifier")
+            log.info("notifications to %s", ", ".join(names))
+        await self._publish()
+
+    async def stop(self) -> None:
+        if self.notifier is not None and self._notifier_task is not None:
+            # Let it finish the round in hand: its thread must not hold a connection past close().
+            self.notifier.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._notifier_task), 15)
+        await stop_task(self._notifier_task)
+
+    async def _publish(self) -> None:
+        publishers: list[Any] = []
+        if "alerts" in self.host.consumers:
+            publishers.append(AlertMetrics())
+        dispatch = self.host.consumers.get("dispatch")
+        if dispatch is not None:
+            levels = max((len(p.levels) for p in getattr(dispatch.roster, "policies", [])), default=0)
+            publishers.append(WorkOrderMetrics(levels))
+
+        def once() -> None:
+            with self.host.store.session() as tx:
+                for publisher in publishers:
+                    publisher.publish(tx, self.metrics)
+
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.host.background, once)
+            except StoreError as exc:
+                log.debug("alert metrics not refreshed: %s", exc)
+            await asyncio.sleep(PUBLISH_EVERY_S)
+
+
+def check_file(kind: str, path: Path) -> int:
+    """`iotgw rules check` / `iotgw roster check`: 0 and a summary, or 1 and every problem with its line."""
+    try:
+        if kind == "rules":
+            ruleset = load_rules_file(path)
+            kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
+            summary = f"{plural(len(ruleset.rules), 'rule')} OK ({kinds})"
+        else:
+            roster = load_roster_file(path)
+            counts = [
+                (sum(t.role == r for t in roster.technicians), r) for r in ("technician", "supervisor", "manager")
+            ]
+            roles = ", ".join(plural(n, r) for n, r in counts)
+            summary = f"OK ({roles}; {plural(len(roster.policies), 'escalation policy', 'escalation policies')})"
+    except FileProblemsError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return 1
+    print(f"{path}: {summary}")  # noqa: T201
+    return 0

@@ -1,0 +1,25 @@
+"""The alerts plugin's settings: they join the gateway's (`IOTGW_<FIELD>`), registered under the
+entry point group `iotgw.settings`. Nothing of the gateway is imported here: the settings load first."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class AlertsSettings(BaseModel):
+    """Alert rules, notifications and the maintenance roster."""
+
+    rules_file: str = Field(default="", description="the alert rules (empty: the shipped alerts/rules.yaml)")
+    roster_file: str = Field(
+        default="",
+        description="technicians, shifts and escalation policies for dispatch (empty: the shipped alerts/roster.yaml)",
+    )
+    alerts_in_maintenance: bool = Field(default=False, description="whether a device in maintenance mode raises alerts")
+    notify_max_age_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description=(
+            "a notification failing for now (5xx, timeouts, no connection) is retried this long, then "
+            "given up as expired"
+        ),
+    )
