@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from sqlalchemy import JSON, Column, Integer, event, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from alerts.engine import NotificationRow, _dt
+from alerts.engine import NotificationRow
 from alerts.roster import (
     SHIPPED_ROSTER,
     Assignment,
@@ -38,10 +38,11 @@ from alerts.roster import (
     priority_of,
     qualifies,
 )
+from gateway.clock import utcnow
 from gateway.errors import GatewayError
 from gateway.events import Event
 from gateway.router import BaseConsumer
-from gateway.store import append_event
+from gateway.store import append_event, datetime_field
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,14 @@ class WorkOrderRow(SQLModel, table=True):
     level: int = 0  # escalation level (0: the first)
     assignee: str | None = Field(default=None, index=True)
     first_alert_id: int
-    created_at: datetime = _dt(nullable=False)
-    updated_at: datetime = _dt(nullable=False)
-    assigned_at: datetime | None = _dt()
-    ack_deadline: datetime | None = _dt(index=True)
-    acked_at: datetime | None = _dt()
+    created_at: datetime = datetime_field(nullable=False)
+    updated_at: datetime = datetime_field(nullable=False)
+    assigned_at: datetime | None = datetime_field()
+    ack_deadline: datetime | None = datetime_field(index=True)
+    acked_at: datetime | None = datetime_field()
     acked_by: str | None = None
-    recovered_at: datetime | None = _dt()
-    resolved_at: datetime | None = _dt()
+    recovered_at: datetime | None = datetime_field()
+    resolved_at: datetime | None = datetime_field()
     resolved_by: str | None = None
     problem: str | None = None  # the callback record: what was found...
     action: str | None = None  # ...and what was done
@@ -111,8 +112,8 @@ class WorkOrderAlertRow(SQLModel, table=True):
     rule: str
     severity: str
     summary: str
-    attached_at: datetime = _dt(nullable=False)
-    resolved_at: datetime | None = _dt()
+    attached_at: datetime = datetime_field(nullable=False)
+    resolved_at: datetime | None = datetime_field()
 
 
 class WorkOrderEntryRow(SQLModel, table=True):
@@ -122,7 +123,7 @@ class WorkOrderEntryRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     work_order_id: int = Field(index=True)
-    at: datetime = _dt(nullable=False)
+    at: datetime = datetime_field(nullable=False)
     kind: str  # created, assigned, escalated, renotified, unassigned, acknowledged, en_route, ...
     status: str  # the order's status after this step
     by: str  # "dispatch" or the person
@@ -139,7 +140,7 @@ class RosterRow(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     file_sha256: str  # of the file it came from: a changed file replaces API edits at start
-    updated_at: datetime = _dt(nullable=False)
+    updated_at: datetime = datetime_field(nullable=False)
     updated_by: str
 
 
@@ -149,11 +150,6 @@ class DispatchError(GatewayError):
 
 class UnknownWorkOrderError(DispatchError):
     """No such work order (404)."""
-
-
-def utcnow() -> datetime:
-    """The real clock."""
-    return datetime.now(UTC)
 
 
 class Dispatch(BaseConsumer):

@@ -23,9 +23,17 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
 from gateway import events as ev
 from gateway.events import Event
-from gateway.protocol import SENSOR_UNITS, DeviceType
+from gateway.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
 from gateway.router import BaseConsumer
-from gateway.store import EVENT_COLUMNS, UTCDateTime, append_event, read_events, read_sql_events, replaying, upsert
+from gateway.store import (
+    EVENT_COLUMNS,
+    append_event,
+    datetime_field,
+    read_events,
+    read_sql_events,
+    replaying,
+    upsert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +50,6 @@ class AlertStatus(StrEnum):
 
 
 OPEN = (AlertStatus.FIRING.value, AlertStatus.ACKNOWLEDGED.value, AlertStatus.FLAPPING.value)
-
-
-def _dt(*, nullable: bool = True, index: bool = False) -> Any:  # noqa: ANN401 - SQLModel Field
-    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
 class AlertRow(SQLModel, table=True):
@@ -66,11 +70,11 @@ class AlertRow(SQLModel, table=True):
     severity: str = Field(index=True)
     status: str = Field(index=True)
     summary: str
-    fired_at: datetime = _dt(nullable=False)
-    updated_at: datetime = _dt(nullable=False)
-    acked_at: datetime | None = _dt()
+    fired_at: datetime = datetime_field(nullable=False)
+    updated_at: datetime = datetime_field(nullable=False)
+    acked_at: datetime | None = datetime_field()
     acked_by: str | None = None
-    resolved_at: datetime | None = _dt()
+    resolved_at: datetime | None = datetime_field()
     resolved_by: str | None = None
     note: str | None = None
 
@@ -85,9 +89,9 @@ class AlertReplayIdRow(SQLModel, table=True):
     id: int = Field(primary_key=True)
     rule: str
     device_id: str
-    fired_at: datetime = _dt(nullable=False)
+    fired_at: datetime = datetime_field(nullable=False)
     status: str | None = None  # as it was when the replay was asked for
-    resolved_at: datetime | None = _dt()
+    resolved_at: datetime | None = datetime_field()
     taken: bool = False  # a rebuilt alert has this id again
 
 
@@ -99,7 +103,7 @@ class AlertTransitionRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     alert_id: int = Field(index=True)
-    at: datetime = _dt(nullable=False)
+    at: datetime = datetime_field(nullable=False)
     from_status: str | None = None
     to_status: str
     by: str  # "engine" or the person
@@ -120,7 +124,7 @@ class NotificationRow(SQLModel, table=True):
     alert_id: int = Field(index=True)
     transition_id: int
     status: str  # the alert status this notification announces (or the work order's step)
-    created_at: datetime = _dt(nullable=False)
+    created_at: datetime = datetime_field(nullable=False)
     fanned_out: bool = Field(default=False, index=True)
     # Work-order notifications (alerts/dispatch.py) page one person: their contact receiver.
     # alert_id is then the alert that opened the order, transition_id 0.
@@ -144,10 +148,10 @@ class DeliveryRow(SQLModel, table=True):
     receiver: str
     status: str = Field(default="pending", index=True)  # pending | delivered | failed | skipped | silenced
     attempts: int = 0
-    next_at: datetime = _dt(nullable=False, index=True)
+    next_at: datetime = datetime_field(nullable=False, index=True)
     last_error: str | None = None
-    delivered_at: datetime | None = _dt()
-    created_at: datetime | None = _dt()  # when it was fanned out: retries end at the maximum age
+    delivered_at: datetime | None = datetime_field()
+    created_at: datetime | None = datetime_field()  # when it was fanned out: retries end at the maximum age
 
 
 class SilenceRow(SQLModel, table=True):
@@ -159,8 +163,8 @@ class SilenceRow(SQLModel, table=True):
     matchers: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_by: str
     comment: str
-    starts_at: datetime = _dt(nullable=False)
-    ends_at: datetime = _dt(nullable=False, index=True)
+    starts_at: datetime = datetime_field(nullable=False)
+    ends_at: datetime = datetime_field(nullable=False, index=True)
 
     def matches(self, alert: AlertRow, at: datetime) -> bool:
         """True when `alert` falls under this silence at `at` (matchers are fnmatch patterns)."""
@@ -234,7 +238,6 @@ _STATE_FROM_EVENT = {
     ev.DEVICE_DISCOVERED: lambda s, d: {**s, **d.get("state", {})},
     ev.STUCK: lambda s, d: {**s, "load_kg": d.get("load_kg", s.get("load_kg")), "floor": d.get("floor")},
 }
-_TYPE_FROM_UNIT = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 
 
 @dataclass(slots=True)
@@ -459,7 +462,7 @@ class AlertEngine(BaseConsumer):
                     beyond.add(subject)
                 dev = self._device(b, subject)
                 dev.site = site or dev.site
-                dev.type = dev.type or _TYPE_FROM_UNIT.get(str(unit), "sensor")
+                dev.type = dev.type or sensor_type_of(unit)
                 at = datetime.fromisoformat(last).replace(tzinfo=UTC)
                 for rule in self._rules_for(ev.SENSOR_READING, subject, dev):
                     if rule.absence is None:
@@ -689,7 +692,7 @@ def _project(dev: _Device, e: Event) -> None:
     elif e.type.startswith("elevator.") and dev.type is None:
         dev.type = "elevator"
     elif e.type == ev.SENSOR_READING and dev.type is None:
-        dev.type = _TYPE_FROM_UNIT.get(str(e.data.get("unit")), "sensor")
+        dev.type = sensor_type_of(e.data.get("unit"))
     change = _STATE_FROM_EVENT.get(e.type)
     if change is not None:
         dev.state = change(dev.state, e.data)
@@ -830,11 +833,6 @@ def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str |
 
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def utcnow() -> datetime:
-    """Wall-clock time for people's actions."""
-    return datetime.now(UTC)
 
 
 class AlertMetrics:

@@ -24,7 +24,6 @@ from alerts.roster import load_roster_file
 from alerts.routes import alerts, silences, work_orders
 from alerts.rules import FileProblemsError, Receiver, load_rules_file
 from gateway.cluster import Lease
-from gateway.errors import StoreError
 from gateway.plugins import Plugin
 from gateway.tasks import stop_task
 from gateway.text import plural
@@ -136,12 +135,7 @@ class AlertsPlugin(Plugin):
                 for publisher in publishers:
                     publisher.publish(tx, self.metrics)
 
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(self.host.background, once)
-            except StoreError as exc:
-                log.debug("alert metrics not refreshed: %s", exc)
-            await asyncio.sleep(PUBLISH_EVERY_S)
+        await self.host.every(PUBLISH_EVERY_S, once, "alert metrics")
 
 
 def check_file(kind: str, path: Path) -> int:

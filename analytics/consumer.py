@@ -18,18 +18,14 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from gateway import events as ev
 from gateway.events import Event
+from gateway.protocol import sensor_type_of, sensor_type_sql
 from gateway.router import BaseConsumer
-from gateway.store import EventRow, MultiInsert, Store, UTCDateTime, read_events
+from gateway.store import EventRow, MultiInsert, Store, datetime_field, read_events
 
 if TYPE_CHECKING:
     from analytics.plugin import AnalyticsFamilies
 
-UNIT_TYPES = {"C": "temperature", "mm/s": "vibration", "%RH": "humidity", "W": "power"}
 WINDOWS = {"1h": 60, "24h": 24 * 60}  # minutes
-
-
-def _dt() -> Any:  # noqa: ANN401 - SQLModel Field
-    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
 class AnalyticsDeviceRow(SQLModel, table=True):
@@ -49,10 +45,10 @@ class AnalyticsDeviceRow(SQLModel, table=True):
     fault_seconds: float = 0.0
     entrapments: int = 0
     mode: str | None = None
-    mode_since: datetime | None = _dt()
+    mode_since: datetime | None = datetime_field()
     mode_seconds: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    first_time: datetime | None = _dt()
-    last_time: datetime | None = _dt()
+    first_time: datetime | None = datetime_field()
+    last_time: datetime | None = datetime_field()
 
 
 class AnalyticsSensorMinuteRow(SQLModel, table=True):
@@ -80,14 +76,14 @@ _MINUTE_UPSERT = (
 )
 
 
+_SENSOR_TYPE = sensor_type_sql("json_extract(data, '$.unit')")  # the reading's unit says the sensor type
 _READINGS = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
 # On SQLite the sensor readings of a span are aggregated in SQL (JSON1, in C) and only the
 # aggregates come back to Python: one row per device and minute, one per device.
 _SQLITE_MINUTES_OF_SPAN = (  # per device and minute; the device's type (from the unit), site and times too
     "SELECT subject, minute, count(*), sum(v), min(v), max(v), max(t), max(site), min(time), max(time) FROM ("  # noqa: S608
     "SELECT subject, site, time, CAST(strftime('%s', time) AS INTEGER) / 60 AS minute, "
-    "CAST(json_extract(data, '$.value') AS REAL) AS v, CASE json_extract(data, '$.unit') WHEN 'C' THEN "
-    "'temperature' WHEN 'mm/s' THEN 'vibration' WHEN '%RH' THEN 'humidity' WHEN 'W' THEN 'power' ELSE 'sensor' END "
+    f"CAST(json_extract(data, '$.value') AS REAL) AS v, {_SENSOR_TYPE} "
     f"AS t {_READINGS}) GROUP BY subject, minute"
 )
 _MINUTES = MultiInsert(
@@ -199,7 +195,7 @@ class Analytics(BaseConsumer):
         for device_id, e in latest.items():
             row = known.get(device_id) or AnalyticsDeviceRow(
                 device_id=device_id,
-                type=UNIT_TYPES.get(str(e.data.get("unit")), "sensor"),
+                type=sensor_type_of(e.data.get("unit")),
                 site=e.site,
                 first_time=e.time,
             )

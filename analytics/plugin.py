@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 
@@ -11,7 +10,6 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from analytics.consumer import publish_metrics
 from analytics.routes import router
-from gateway.errors import StoreError
 from gateway.plugins import Plugin
 
 log = logging.getLogger(__name__)
@@ -63,9 +61,4 @@ class AnalyticsPlugin(Plugin):
             self.metrics,
             max_device_series=self.host.settings.analytics_device_series_max,
         )
-        while True:
-            try:
-                await asyncio.get_running_loop().run_in_executor(self.host.background, publish)
-            except StoreError as exc:
-                log.debug("analytics metrics not refreshed: %s", exc)
-            await asyncio.sleep(PUBLISH_EVERY_S)
+        await self.host.every(PUBLISH_EVERY_S, publish, "analytics metrics")

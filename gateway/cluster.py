@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, or_, text, update
 from sqlmodel import Session
 
+from gateway.clock import utcnow
 from gateway.errors import GatewayError
 from gateway.store import LeaseRow
 
@@ -32,14 +33,10 @@ class LeaseLostError(GatewayError):
     """This instance no longer holds the lease (expired and taken, or its epoch moved on)."""
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Lease:
     """One instance's hold on one job. Use from one thread (the job's)."""
 
-    def __init__(self, name: str, owner: str, ttl_s: float, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(self, name: str, owner: str, ttl_s: float, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.name = name
         self.owner = owner
         self.ttl = timedelta(seconds=ttl_s)
@@ -119,4 +116,4 @@ def holder(tx: Session, name: str, now: datetime | None = None) -> str | None:
     row = tx.get(LeaseRow, name)
     if row is None or row.owner is None or row.expires_at is None:
         return None
-    return row.owner if row.expires_at >= (now or _utcnow()) else None
+    return row.owner if row.expires_at >= (now or utcnow()) else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 # Event types (the `type` attribute). Consumers match on these strings.
@@ -58,16 +58,25 @@ class Event:
     received_at: datetime | None = None  # when the gateway received it (read from the log; None before)
 
     def to_cloudevent(self) -> dict[str, Any]:
-        """The structured-mode CloudEvents JSON form."""
-        return {
-            "specversion": "1.0",
-            "id": self.id,
-            "source": self.source,
-            "type": self.type,
-            "time": self.time.isoformat().replace("+00:00", "Z"),
-            "subject": self.subject,
-            "datacontenttype": "application/json",
-            "data": self.data,
-            "sequence": self.sequence,
-            "site": self.site,
-        }
+        """A stored event as a CloudEvent 1.0 in the JSON format (structured mode), the one form the
+        API serves and webhooks send. Extensions (names of lowercase letters and digits, as the spec
+        wants): `position` (its place in the log), `receivedat` (when the gateway received it),
+        `seq` (the device's message counter; not the spec's string-valued `sequence`) and `site`,
+        each left out when it has no value."""
+        ce: dict[str, Any] = {
+            "specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
+            "time": cloudevent_time(self.time), "subject": self.subject, "datacontenttype": "application/json",
+            "data": self.data, "position": self.position,
+        }  # fmt: skip
+        if self.received_at is not None:
+            ce["receivedat"] = cloudevent_time(self.received_at)
+        if self.sequence is not None:
+            ce["seq"] = self.sequence
+        if self.site is not None:
+            ce["site"] = self.site
+        return ce
+
+
+def cloudevent_time(t: datetime) -> str:
+    """RFC 3339 in UTC with a `Z`, as CloudEvents' `time` is written."""
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -18,11 +18,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import gmqtt
 
+from gateway.clock import utcnow
 from gateway.config import Settings
 from gateway.errors import ConfigError, PayloadError, StoreError
 from gateway.events import Event
@@ -64,11 +65,6 @@ class _GmqttGivesUp(logging.Filter):
 
 MQTT_LOG = logging.getLogger("iotgw.mqtt")
 MQTT_LOG.addFilter(_GmqttGivesUp())
-
-
-def utcnow() -> datetime:
-    """The wall clock, in UTC."""
-    return datetime.now(UTC)
 
 
 @dataclass(slots=True)

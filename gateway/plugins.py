@@ -17,8 +17,9 @@ nothing they do is closed to a third-party package (docs/plugins.md).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -52,6 +53,16 @@ class Host:
     public_url: str  # the staff page's base address as people reach it
     # What the plugins of this gateway are, by name (a plugin may use another's public parts).
     plugins: Mapping[str, Plugin] = field(default_factory=dict)
+
+    async def every(self, seconds: float, job: Callable[[], None], what: str) -> None:
+        """Run the blocking `job` on the background thread now and every `seconds` until cancelled;
+        a database that fails for now is logged (at debug, as `what`) and tried again next time."""
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.background, job)
+            except StoreError as exc:
+                log.debug("%s not refreshed: %s", what, exc)
+            await asyncio.sleep(seconds)
 
 
 class Plugin:

@@ -55,6 +55,20 @@ SENSOR_UNITS: dict[DeviceType, str] = {
     DeviceType.HUMIDITY: "%RH",
     DeviceType.POWER: "W",
 }
+# The other way round: a reading's unit says what kind of sensor sent it ("sensor" when unknown).
+UNIT_TYPES: dict[str, str] = {unit: dtype.value for dtype, unit in SENSOR_UNITS.items()}
+
+
+def sensor_type_of(unit: object) -> str:
+    """The sensor type a reading's unit stands for; `sensor` for a unit no type has."""
+    return UNIT_TYPES.get(str(unit), "sensor")
+
+
+def sensor_type_sql(unit_expression: str) -> str:
+    """The same as an SQL CASE over `unit_expression` (for aggregates computed in the database)."""
+    whens = " ".join(f"WHEN '{unit}' THEN '{dtype}'" for unit, dtype in UNIT_TYPES.items())
+    return f"CASE {unit_expression} {whens} ELSE 'sensor' END"
+
 
 FAULT_CODES = ("DOOR_JAM", "STUCK", "OVERSPEED", "LEVELLING", "POWER")
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,6 +28,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from gateway.clock import utcnow
 from gateway.cluster import Lease, LeaseLostError, bump_epoch, holder
 from gateway.errors import ConfigError, GatewayError, ReplayRangeError, StoreError
 from gateway.events import Event
@@ -162,10 +163,6 @@ class ConsumerStatus:
     last_error: str | None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class _Poison(Exception):
     def __init__(self, event: Event, cause: BaseException, last: int) -> None:
         super().__init__(str(cause))
@@ -213,7 +210,7 @@ class ConsumerRunner:
         # A replay rebuilds such a consumer's state from nothing, its timer included (_replay_time).
         self._rebuilds = bool(getattr(consumer, "replay_resets_state", False))
         # A consumer may bring its own clock for ticks (tests run escalations in simulated time).
-        self._clock: Callable[[], datetime] = getattr(consumer, "clock", None) or _utcnow
+        self._clock: Callable[[], datetime] = getattr(consumer, "clock", None) or utcnow
         # Called (in the event loop) after a commit of this consumer appended events to the log.
         self.on_log_grew: Callable[[], None] | None = None
         # Standby: the consumer runs in another process of this gateway (see `Router.elsewhere`);
@@ -471,7 +468,7 @@ class ConsumerRunner:
                 return False
             row = tx.get(ConsumerCursorRow, self.name)
             if row is None:
-                row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=_utcnow())
+                row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=utcnow())
                 tx.add(row)
             # Batches that wrote nothing leave the stored cursor behind (see _handle_next): if the
             # row is still as this runner last wrote it, nobody moved it and memory is right.
@@ -606,7 +603,7 @@ class ConsumerRunner:
         if cursor is None:  # an operation from an instance that never held the consumer
             cursor = ConsumerCursorRow(name=self.name, position=0, paused=False)
         cursor.position = position
-        cursor.updated_at = _utcnow()
+        cursor.updated_at = utcnow()
         if cursor.replay_until is not None and position >= cursor.replay_until:
             cursor.replay_until = None  # the replay is over: events from here are new
             self._replay_until = 0
@@ -630,7 +627,7 @@ class ConsumerRunner:
             tx.add(
                 ConsumerDeadLetterRow(
                     consumer=self.name, position=ev.position, event_type=ev.type, subject=ev.subject,
-                    error=error, attempts=attempts, parked_at=_utcnow(),
+                    error=error, attempts=attempts, parked_at=utcnow(),
                 )
             )  # fmt: skip
             self._write_cursor(tx, max(self.position, ev.position))
@@ -722,7 +719,7 @@ class ConsumerRunner:
                     tx.rollback()
                     msg = f"consumer {self.name} failed again: {type(exc).__name__}: {exc}"
                     raise ConsumerError(msg) from exc
-                row.status, row.retried_at = "retried", _utcnow()
+                row.status, row.retried_at = "retried", utcnow()
                 tx.add(row)
                 self._reload_holder(tx)
                 tx.commit()

@@ -23,12 +23,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Column, String
 from sqlmodel import Field, SQLModel, col, select
 
+from gateway.clock import utcnow
 from gateway.errors import BrokerError, ConfigError, ReservedNameError
 from gateway.protocol import DEVICE_ID_RE
 from gateway.store import Store, UTCDateTime, upsert
@@ -80,11 +81,6 @@ class AuditRow(SQLModel, table=True):
     path: str
     query: str = ""
     status: int
-
-
-def utcnow() -> datetime:
-    """The wall clock, in UTC."""
-    return datetime.now(UTC)
 
 
 def new_secret() -> str:

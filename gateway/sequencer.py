@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+from gateway.clock import utcnow
 from gateway.cluster import Lease, LeaseLostError
 from gateway.config import Settings
 from gateway.errors import PayloadError, StoreError
-from gateway.ingest import Census, Clock, Derived, Parsed, count_outcome, derive, internal_error, utcnow
+from gateway.ingest import Census, Clock, Derived, Parsed, count_outcome, derive, internal_error
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.normalize import Shadow

@@ -79,7 +79,8 @@ def _big(*, primary_key: bool = False) -> Any:  # noqa: ANN401 - SQLModel Field
     return Field(default=None, sa_column=Column(BigId, nullable=not primary_key, primary_key=primary_key))
 
 
-def _dt(*, index: bool = False, nullable: bool = True) -> Any:  # noqa: ANN401 - SQLModel Field
+def datetime_field(*, index: bool = False, nullable: bool = True) -> Any:  # noqa: ANN401 - SQLModel Field
+    """A column of timezone-aware UTC datetimes, the same on SQLite and PostgreSQL (for plugins' tables too)."""
     return Field(default=None, sa_column=Column(UTCDateTime(), index=index, nullable=nullable))
 
 
@@ -99,8 +100,8 @@ class EventRow(SQLModel, table=True):
     source: str
     type: str
     subject: str
-    time: datetime = _dt(index=True, nullable=False)
-    received_at: datetime = _dt(nullable=False)
+    time: datetime = datetime_field(index=True, nullable=False)
+    received_at: datetime = datetime_field(nullable=False)
     sequence: int | None = _big()
     part: int = 0
     site: str | None = None
@@ -117,13 +118,13 @@ class DeviceRow(SQLModel, table=True):
     site: str | None = Field(default=None, index=True)
     last_seq: int | None = _big()
     online: bool = False
-    first_seen: datetime | None = _dt()
-    last_seen: datetime | None = _dt()
+    first_seen: datetime | None = datetime_field()
+    last_seen: datetime | None = datetime_field()
     state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     trip_from: int | None = None
-    trip_started: datetime | None = _dt()
-    fault_since: datetime | None = _dt()
-    floor_since: datetime | None = _dt()
+    trip_started: datetime | None = datetime_field()
+    fault_since: datetime | None = datetime_field()
+    floor_since: datetime | None = datetime_field()
     stuck: bool = False
     # Added to the device's seq for the log: it grows at each counter reset (device.seq.reset).
     seq_base: int | None = _big()
@@ -137,7 +138,7 @@ class ConsumerCursorRow(SQLModel, table=True):
     name: str = Field(primary_key=True)
     position: int = Field(default=0, sa_column=Column(BigId, nullable=False))
     paused: bool = False
-    updated_at: datetime | None = _dt()
+    updated_at: datetime | None = datetime_field()
     # After a replay: the position the consumer had reached before. Up to it, the events are
     # handled again to rebuild state (Session.info[REPLAYING]); their effects happened already.
     replay_until: int | None = _big()
@@ -153,7 +154,7 @@ class LeaseRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     owner: str | None = None
-    expires_at: datetime | None = _dt()
+    expires_at: datetime | None = datetime_field()
     epoch: int = Field(default=0, sa_column=Column(BigId, nullable=False))
 
 
@@ -165,7 +166,7 @@ class BrokerSessionRow(SQLModel, table=True):
 
     client_id: str = Field(primary_key=True)
     broker: str = Field(primary_key=True)  # the broker's URL, without credentials
-    since: datetime | None = _dt()
+    since: datetime | None = datetime_field()
 
 
 class InboxRow(SQLModel, table=True):
@@ -185,7 +186,7 @@ class InboxRow(SQLModel, table=True):
     seq: int | None = Field(default=None, sa_column=Column(BigId, nullable=True))
     topic: str
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    received_at: datetime = _dt(nullable=False)
+    received_at: datetime = datetime_field(nullable=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -212,9 +213,9 @@ class ConsumerDeadLetterRow(SQLModel, table=True):
     subject: str
     error: str
     attempts: int
-    parked_at: datetime = _dt(nullable=False)
+    parked_at: datetime = datetime_field(nullable=False)
     status: str = "parked"  # parked | retried
-    retried_at: datetime | None = _dt()
+    retried_at: datetime | None = datetime_field()
 
 
 class DeadLetterRow(SQLModel, table=True):
@@ -223,7 +224,7 @@ class DeadLetterRow(SQLModel, table=True):
     __tablename__ = "dead_letters"
 
     id: int | None = Field(default=None, primary_key=True)
-    received_at: datetime = _dt(index=True, nullable=False)
+    received_at: datetime = datetime_field(index=True, nullable=False)
     topic: str
     reason: str = Field(index=True)
     detail: str
@@ -423,26 +424,9 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _ce_time(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def cloudevent_of(row: EventRow) -> dict[str, Any]:
-    """A stored event as a CloudEvent 1.0 in the JSON format (structured mode), the one form the
-    API serves and webhooks send. Extensions (names of lowercase letters and digits, as the spec
-    wants): `position` (its place in the log), `receivedat` (when the gateway received it),
-    `seq` (the device's message counter; not the spec's string-valued `sequence`) and `site`,
-    each left out when it has no value."""
-    ce: dict[str, Any] = {
-        "specversion": "1.0", "id": row.ce_id, "source": row.source, "type": row.type, "time": _ce_time(row.time),
-        "subject": row.subject, "datacontenttype": "application/json", "data": row.data,
-        "position": row.id, "receivedat": _ce_time(row.received_at),
-    }  # fmt: skip
-    if row.sequence is not None:
-        ce["seq"] = row.sequence
-    if row.site is not None:
-        ce["site"] = row.site
-    return ce
+    """A stored event as a CloudEvent (`Event.to_cloudevent`)."""
+    return event_from_row(row).to_cloudevent()
 
 
 def event_from_row(row: EventRow) -> Event:

@@ -7,10 +7,11 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,29 @@ def install_plugin(where: Path, name: str, code: str, consumer: str, monkeypatch
     (info / "entry_points.txt").write_text(f"[iotgw.consumers]\n{name} = iotgw_{name}:{consumer}\n")
     monkeypatch.syspath_prepend(str(where))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")]))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def iotgw_run(
+    mqtt_url: str,
+    database_url: str,
+    http_port: int,
+    *flags: str,
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
+) -> subprocess.Popen[bytes]:
+    """`iotgw run` as a process of its own (to kill -9 or freeze it), with the tests' gateway
+    login and no API keys; `flags` and `env` add to that; its output is appended to `log`."""
+    cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", mqtt_url, "--database-url", database_url,
+           "--http-port", str(http_port), *flags]  # fmt: skip
+    environment = {**os.environ, **GATEWAY_ENV, **(env or {})}
+    if log is None:
+        return subprocess.Popen(cmd, cwd=cwd, env=environment)
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=environment)
 
 
 def kill_9(proc: subprocess.Popen[bytes]) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import GATEWAY_ENV, fresh_database, kill_9, new_broker, query, until_ready, wait_for
+from tests.conftest import fresh_database, iotgw_run, kill_9, new_broker, query, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +81,8 @@ async def publish(url: str, messages: dict[str, list[bytes]]) -> None:
 
 
 def start(port: int, db: str, http: int, rules: Path, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", f"mqtt://127.0.0.1:{port}",
-           "--database-url", db, "--http-port", str(http), "--consumers", "alerts"]  # fmt: skip
-    env = {**os.environ, **GATEWAY_ENV, "IOTGW_RULES_FILE": str(rules)}
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return iotgw_run(f"mqtt://127.0.0.1:{port}", db, http, "--consumers", "alerts", log=log,
+                     env={"IOTGW_RULES_FILE": str(rules)})  # fmt: skip
 
 
 def outcome(db: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.service import Gateway
-from tests.conftest import GATEWAY_ENV, install_plugin, kill_9, query, running_gateway, until_ready, wait_for
+from tests.conftest import install_plugin, iotgw_run, kill_9, query, running_gateway, until_ready, wait_for
 from tests.test_alerts import state
 
 pytestmark = pytest.mark.anyio
@@ -168,9 +166,7 @@ def kill_9_process(proc: psutil.Process) -> None:
 
 async def test_the_consumers_process_ends_when_the_gateway_dies(broker: Mosquitto, database_url: str) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", broker.url, "--database-url", database_url,
-           "--http-port", str(port), "--client-id", "iotgw-apart-test"]  # fmt: skip
-    gateway = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **GATEWAY_ENV})
+    gateway = iotgw_run(broker.url, database_url, port, "--client-id", "iotgw-apart-test")
     try:
         await until_ready(port, gateway)
         (child,) = consumer_processes(gateway.pid)

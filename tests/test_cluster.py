@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -23,7 +21,7 @@ from gateway.router import ConsumerStatus
 from gateway.sequencer import in_order, ready
 from gateway.service import Gateway
 from gateway.store import InboxMessage, Store
-from tests.conftest import GATEWAY_ENV, fresh_database, kill_9, query, running_gateway, until_ready, wait_for
+from tests.conftest import fresh_database, iotgw_run, kill_9, query, running_gateway, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -131,19 +129,10 @@ async def test_two_instances_share_the_stream_keep_each_devices_order_and_count_
 def start_instance(broker: Mosquitto, db: str, instance: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     """`iotgw run --instance NAME` as its own process (so it can be killed -9), and its API port."""
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "gateway", "run",
-        "--instance", instance,
-        "--mqtt-url", broker.url,
-        "--database-url", db,
-        "--http-port", str(port),
-        "--client-id", "iotgw-cluster",
-        "--consumers", "analytics",
-    ]  # fmt: skip
     # The killed instance is back well within the reorder window: the order must hold.
-    env = {**os.environ, **GATEWAY_ENV, "IOTGW_LEASE_S": str(LEASE_S), "IOTGW_REORDER_WINDOW_S": "600"}
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env), port
+    env = {"IOTGW_LEASE_S": str(LEASE_S), "IOTGW_REORDER_WINDOW_S": "600"}
+    flags = ("--instance", instance, "--client-id", "iotgw-cluster", "--consumers", "analytics")
+    return iotgw_run(broker.url, db, port, *flags, log=log, env=env), port
 
 
 def lease_holder(db: str, name: str) -> str | None:

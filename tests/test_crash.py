@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
 from gateway.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.conftest import GATEWAY_ENV, kill_9, query, running_gateway, settled, until_ready, wait_for
+from tests.conftest import iotgw_run, kill_9, query, running_gateway, settled, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -24,15 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start_gateway(broker: Mosquitto, db: str, http_port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "gateway", "run",
-        "--mqtt-url", broker.url,
-        "--database-url", db,
-        "--http-port", str(http_port),
-        "--client-id", "iotgw-crash-test",
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **GATEWAY_ENV})
+    return iotgw_run(broker.url, db, http_port, "--client-id", "iotgw-crash-test", log=log)
 
 
 def _count(db: str) -> tuple[int, int]:

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import gateway.ingest
+from gateway.clock import utcnow
 from gateway.config import Settings
-from gateway.ingest import Ingest, _Pending, utcnow
+from gateway.ingest import Ingest, _Pending
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.store import Store, list_dead_letters

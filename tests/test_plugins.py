@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from devices.fleet import Fleet, FleetConfig
 from gateway.broker import Mosquitto, free_port
-from tests.conftest import GATEWAY_ENV, kill_9, until_ready, wait_for
+from tests.conftest import iotgw_run, kill_9, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +50,10 @@ async def test_the_documented_plugin_runs_serves_counts_and_is_configured(
 ) -> None:
     install_docs_plugin(tmp_path)
     port = free_port()
-    env = {**os.environ, **GATEWAY_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
-           "IOTGW_DOOR_CYCLES_BUSY": "5"}  # fmt: skip
-    cmd = [sys.executable, "-m", "gateway", "run", "--mqtt-url", broker.url, "--database-url", database_url,
-           "--http-port", str(port), "--client-id", "iotgw-plugin-test", "--consumers", "door_cycles"]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "IOTGW_DOOR_CYCLES_BUSY": "5"}
     log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        gateway = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    flags = ("--client-id", "iotgw-plugin-test", "--consumers", "door_cycles")
+    gateway = iotgw_run(broker.url, database_url, port, *flags, log=log, env=env, cwd=tmp_path)
     try:
         await until_ready(port, gateway)
         await Fleet(

@@ -20,11 +20,11 @@ from alerts.engine import (
     NotificationRow,
     acknowledge,
     resolve,
-    utcnow,
 )
 from gateway.api.auth import TECHNICIAN
 from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
+from gateway.clock import utcnow
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 
