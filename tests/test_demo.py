@@ -94,12 +94,9 @@ async def test_a_taken_http_port_moves_the_demo_to_a_free_one_and_says_so(tmp_pa
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
-               "--http-port", str(taken), "--data-dir", str(data_dir), "--rate", "5", "--duration", "120"]  # fmt: skip
         log = tmp_path / "demo.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+        proc = start_demo(log, tmp, "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}", "--http-port", str(taken),
+                          "--data-dir", str(data_dir), "--rate", "5")  # fmt: skip
         try:
             await wait_for(lambda: _exists(data_dir / "api-key", proc, log), timeout=60, what="the demo's API key")
             moved = re.search(
@@ -136,6 +133,15 @@ def test_a_demo_that_fails_after_its_broker_started_leaves_nothing_behind(tmp_pa
     assert not port_open("127.0.0.1", mqtt_port), "its broker was stopped"
     assert list(tmp.iterdir()) == [], "and its temp folder removed"
     tmp.rmdir()
+
+
+def start_demo(log: Path, tmp: Path, *flags: str) -> subprocess.Popen[bytes]:
+    """`iotgw demo FLAGS --duration 120` in a process group of its own (as from a terminal), its
+    temp folders in `tmp`, its output in `log`."""
+    cmd = [sys.executable, "-m", "gateway", "demo", *flags, "--duration", "120"]
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
 
 
 def private_tmp() -> Path:
@@ -192,12 +198,9 @@ def test_a_mistyped_demo_flag_touches_nothing(tmp_path: Path) -> None:
 async def test_a_demo_killed_with_sigkill_leaves_no_broker_and_no_folder_behind(tmp_path: Path) -> None:
     mqtt_port, tmp = free_port(), private_tmp()
     data_dir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "gateway", "demo", "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
-           "--http-port", str(free_port()), "--data-dir", str(data_dir), "--duration", "120"]  # fmt: skip
     log = tmp_path / "demo.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+    proc = start_demo(log, tmp, "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}", "--http-port", str(free_port()),
+                      "--data-dir", str(data_dir))  # fmt: skip
     try:
         await wait_for(lambda: _exists(data_dir / "api-key", proc, log), timeout=60, what="the demo's API key")
         (folder,) = tmp.iterdir()
