@@ -38,6 +38,7 @@ class AlertsPlugin(Plugin):
 
     name = "alerts"
     consumers = ("alerts", "dispatch")
+    migrations = "alerts.migrations"
 
     def __init__(self, host: Any) -> None:  # noqa: ANN401 - gateway.plugins.Host
         super().__init__(host)

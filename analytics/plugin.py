@@ -45,6 +45,7 @@ class AnalyticsPlugin(Plugin):
 
     name = "analytics"
     consumers = ("analytics",)
+    migrations = "analytics.migrations"
 
     @classmethod
     def define_metrics(cls, registry: CollectorRegistry) -> AnalyticsFamilies:

@@ -370,6 +370,10 @@ def _logging(level: str, process: str = "") -> None:
     # gmqtt logs every packet at INFO; only its warnings matter to an operator.
     for name in ("iotgw.mqtt", "gmqtt"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Alembic says which dialect it uses at every start; what an operator wants is the migrations run.
+    logging.getLogger("alembic.runtime.migration").addFilter(
+        lambda record: record.levelno > logging.INFO or record.getMessage().startswith("Running ")
+    )
 
 
 def _stop_event() -> asyncio.Event:

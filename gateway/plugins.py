@@ -71,6 +71,10 @@ class Plugin:
     name: ClassVar[str] = ""
     # The entry point names of its consumers (`iotgw.consumers`): see `active`.
     consumers: ClassVar[tuple[str, ...]] = ()
+    # The package whose `versions/` folder holds its Alembic revisions: one branch, labelled with
+    # the plugin's name, whose base depends on the platform revision it builds on. They run with
+    # the platform's at every start (gateway/store.py).
+    migrations: ClassVar[str | None] = None
 
     def __init__(self, host: Host) -> None:
         self.host = host

@@ -11,13 +11,16 @@ import base64
 import contextlib
 import fcntl
 import functools
+import importlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Self
 
@@ -682,20 +685,54 @@ SCHEMA_LOCK = 0x696F74677722
 
 
 def _migrate(conn: Connection) -> None:
-    """Bring the schema to the newest revision. A database made before migrations existed (tables,
-    no alembic_version) is completed the old way (missing tables created, nullable columns
-    added: which is all the revisions so far do) and marked as the newest revision."""
-    config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = conn
+    """Bring the schema to the newest revisions: the platform's (gateway/migrations) and every
+    installed plugin's branch. A database made before migrations existed (tables, no
+    alembic_version) is completed the old way (missing tables created, nullable columns added:
+    which is all the revisions so far do) and marked as the newest revisions."""
+    branches = _plugin_migrations()
+    config = alembic_config(conn, branches)
     tables = set(inspect(conn).get_table_names())
     if tables & set(SQLModel.metadata.tables) and "alembic_version" not in tables:
         SQLModel.metadata.create_all(conn)
         _add_missing_columns(conn)
-        alembic_command.stamp(config, "head")
-    alembic_command.upgrade(config, "head")
+        alembic_command.stamp(config, "heads")
+    elif "alembic_version" in tables:
+        _adopt_plugin_tables(conn, config, branches, tables)
+    alembic_command.upgrade(config, "heads")
 
 
+def alembic_config(conn: Connection, branches: dict[str, Any] | None = None) -> AlembicConfig:
+    """Alembic's configuration on `conn`: the platform's revisions and every plugin branch's."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    branches = _plugin_migrations() if branches is None else branches
+    locations = [str(MIGRATIONS / "versions"), *(str(files(pkg) / "versions") for pkg in branches)]
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("version_locations", os.pathsep.join(locations))
+    config.attributes["connection"] = conn
+    return config
+
+
+def _plugin_migrations() -> dict[str, Any]:
+    """The installed plugins' migration packages (imported), by package name."""
+    from gateway.plugins import plugin_classes  # noqa: PLC0415 - plugins load when the schema is made
+
+    names = [cls.migrations for cls in plugin_classes().values() if cls.migrations]
+    return {name: importlib.import_module(name) for name in names}
+
+
+def _adopt_plugin_tables(conn: Connection, config: AlembicConfig, branches: dict[str, Any], tables: set[str]) -> None:
+    """A database whose plugin tables came with the platform's revisions, before the plugin had a
+    branch of its own: stamp that branch at the revision its tables are at (`ADOPTED_AT`), so its
+    later revisions run and its first ones do not run again."""
+    versions = {row[0] for row in conn.exec_driver_sql("SELECT version_num FROM alembic_version")}
+    if len(versions) != 1:
+        return  # a database of the branches already: each branch has a row of its own
+    (platform,) = versions
+    for module in branches.values():
+        adopted = getattr(module, "ADOPTED_AT", {}).get(platform)
+        if adopted and getattr(module, "ADOPTED_IF_TABLE", None) in tables:
+            alembic_command.stamp(config, adopted)
 def _add_missing_columns(conn: Connection) -> None:
     """Add the nullable columns later pre-migration versions brought to tables an older one created."""
     existing = inspect(conn)

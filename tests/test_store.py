@@ -9,20 +9,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
 from sqlmodel import SQLModel
 
 from gateway.errors import ConfigError, StoreError
 from gateway.events import Event
 from gateway.normalize import Shadow
 from gateway.store import (
-    MIGRATIONS,
     DeadLetter,
     EventQuery,
     Store,
     _write_gate,
+    alembic_config,
     append_event,
     list_dead_letters,
     list_events,
@@ -152,12 +154,20 @@ def test_log_positions_follow_commit_order_so_a_reader_never_skips_a_late_commit
     assert order == ["a", "b"]
 
 
+def heads(conn: Connection) -> set[str]:
+    """The newest revision of every branch: the platform's and each installed plugin's."""
+    return set(ScriptDirectory.from_config(alembic_config(conn)).get_heads())
+
+
+def versions(conn: Connection) -> set[str]:
+    return {r[0] for r in conn.exec_driver_sql("select version_num from alembic_version")}
+
+
 def test_migrations_build_exactly_the_schema_the_code_describes(store: Store) -> None:
     with store.engine.connect() as conn:
         differences = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
-        version = conn.exec_driver_sql("select version_num from alembic_version").scalar_one()
+        assert versions(conn) == heads(conn) == {"0004", "alerts_0003", "analytics_0001"}
     assert differences == []
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head()
     store.create_schema()  # a second start changes nothing
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
@@ -172,11 +182,29 @@ def test_a_database_from_before_migrations_is_completed_and_marked(tmp_path: Pat
     store = Store(db)
     store.create_schema()
     with store.engine.connect() as conn:
-        head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
-        assert conn.exec_driver_sql("select version_num from alembic_version").scalar_one() == head
+        assert versions(conn) == heads(conn)
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
     assert store.count_events() == 1
     store.close()
+
+
+@pytest.mark.parametrize(("platform", "alerts"), [("0004", "alerts_0003"), ("0003", "alerts_0002")])
+def test_a_database_migrated_before_the_plugins_had_branches_is_adopted_and_upgraded(
+    store: Store, platform: str, alerts: str
+) -> None:
+    """Before its split the platform's revisions made the plugins' tables too, and alembic_version
+    held one row. Such a database (made here by downgrading the alerts branch to the state that
+    platform revision left) gets the plugins' branches stamped where their tables are, and upgrades."""
+    store.append_batch([ev("d", 1)], [], [], now=NOW)
+    with store.engine.begin() as conn:
+        alembic_command.downgrade(alembic_config(conn), alerts)
+        conn.exec_driver_sql("delete from alembic_version")
+        conn.execute(text("insert into alembic_version (version_num) values (:v)"), {"v": platform})
+    store.create_schema()
+    with store.engine.connect() as conn:
+        assert versions(conn) == heads(conn)
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+    assert store.count_events() == 1
 
 
 def test_a_large_batch_keeps_its_order_and_skips_only_what_was_stored(store: Store) -> None:

@@ -32,20 +32,9 @@ def upgrade() -> None:
         "consumer_cursors",
         sa.Column("replay_until", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
     )
-    op.create_table(
-        "alert_replay_ids",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("device_id", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("fired_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-    )
-    op.create_index("ix_alert_replay_ids_key", "alert_replay_ids", ["rule", "device_id"], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index("ix_alert_replay_ids_key", table_name="alert_replay_ids")
-    op.drop_table("alert_replay_ids")
     op.drop_column("consumer_cursors", "replay_until")
     op.drop_column("devices", "seq_base")
     op.drop_table("broker_sessions")

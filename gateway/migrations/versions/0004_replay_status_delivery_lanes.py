@@ -1,17 +1,10 @@
-"""alerts kept across a replay: their status then; deliveries: lanes, age; notifications: their event and person; work orders: who was paged
+"""the platform's part of 0004: none (the revision's changes are the alerts plugin's own, alerts_0003)
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-01 12:30:00
 """
 
 from __future__ import annotations
-
-import sqlalchemy as sa
-import sqlmodel
-from alembic import op
-
-import gateway.store
 
 revision = "0004"
 down_revision = "0003"
@@ -20,29 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("alert_replay_ids", sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
-    op.add_column("alert_replay_ids", sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True))
-    op.add_column("alert_replay_ids", sa.Column("taken", sa.Boolean(), nullable=False, server_default=sa.false()))
-    op.add_column("notification_deliveries", sa.Column("created_at", gateway.store.UTCDateTime(), nullable=True))
-    op.add_column(
-        "notifications",
-        sa.Column("event_position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
-    )
-    op.add_column("notifications", sa.Column("person", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
-    op.add_column("work_orders", sa.Column("paged", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
-    op.add_column("work_orders", sa.Column("paged_contact", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
-    op.create_index(
-        "ix_notification_deliveries_lane", "notification_deliveries", ["status", "receiver", "id"], unique=False
-    )
+    pass
 
 
 def downgrade() -> None:
-    op.drop_index("ix_notification_deliveries_lane", table_name="notification_deliveries")
-    op.drop_column("work_orders", "paged_contact")
-    op.drop_column("work_orders", "paged")
-    op.drop_column("notifications", "person")
-    op.drop_column("notifications", "event_position")
-    op.drop_column("notification_deliveries", "created_at")
-    op.drop_column("alert_replay_ids", "taken")
-    op.drop_column("alert_replay_ids", "resolved_at")
-    op.drop_column("alert_replay_ids", "status")
+    pass
