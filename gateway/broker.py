@@ -34,7 +34,9 @@ def find_mosquitto() -> str:
 # itself cannot watch its parent: the parent-death signal is cleared when it drops to its user.
 GUARD = """
 import os, shutil, signal, sys, time
-pid, folder = int(sys.argv[1]), sys.argv[2]
+folder = sys.argv[1]
+line = sys.stdin.buffer.readline()  # the broker's pid, once it is started
+pid = int(line) if line.strip().isdigit() else None
 sys.stdin.buffer.read()
 def alive():
     try:
@@ -42,7 +44,7 @@ def alive():
             return b"mosquitto" in f.read()
     except OSError:
         return False
-if alive():
+if pid is not None and alive():
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while alive() and time.monotonic() < deadline:
@@ -213,6 +215,10 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the broker and wait until it accepts connections."""
+        if self.dies_with_parent:  # first: from here on, however this process ends, the guard cleans up
+            self.guard = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+                [sys.executable, "-c", GUARD, str(self.data_dir)], stdin=subprocess.PIPE, start_new_session=True
+            )
         binary = find_mosquitto()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _hand_to_broker_user(self.data_dir)
@@ -246,12 +252,9 @@ class Mosquitto:
                 stderr=log,
                 start_new_session=True,
             )
-        if self.dies_with_parent:
-            self.guard = subprocess.Popen(  # noqa: S603 - our own interpreter and code
-                [sys.executable, "-c", GUARD, str(self.proc.pid), str(self.data_dir)],
-                stdin=subprocess.PIPE,
-                start_new_session=True,
-            )
+        if self.guard is not None and self.guard.stdin is not None:
+            self.guard.stdin.write(f"{self.proc.pid}\n".encode())
+            self.guard.stdin.flush()
         deadline = time.monotonic() + timeout
         while not (port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.gateway_port)):
             if self.proc.poll() is not None:

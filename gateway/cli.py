@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -243,6 +244,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)  # before anything is touched
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _demo_lock(args.data_dir)  # held until this process ends, however it ends
         if not args.keep:  # a demo starts afresh: no open alerts and overdue orders from the last run
             for name in ("iotgw.db", "iotgw.db-wal", "iotgw.db-shm", "api-key"):
                 (args.data_dir / name).unlink(missing_ok=True)
@@ -251,7 +253,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise GatewayError(msg) from None
     settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
     _logging(settings.log_level)
-    return asyncio.run(_demo(args, settings))
+    with lock:
+        return asyncio.run(_demo(args, settings))
+
+
+def _demo_lock(data_dir: Path) -> Any:  # noqa: ANN401 - an open file
+    """An exclusive lock on the data dir: a second demo on it would delete the first one's
+    database under it. Refused in one line naming the demo that holds it."""
+    lock = (data_dir / "demo.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        msg = f"another demo (pid {holder}) runs on {data_dir}: stop it, or give this one its own --data-dir"
+        raise GatewayError(msg) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

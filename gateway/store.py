@@ -733,6 +733,8 @@ def _adopt_plugin_tables(conn: Connection, config: AlembicConfig, branches: dict
         adopted = getattr(module, "ADOPTED_AT", {}).get(platform)
         if adopted and getattr(module, "ADOPTED_IF_TABLE", None) in tables:
             alembic_command.stamp(config, adopted)
+
+
 def _add_missing_columns(conn: Connection) -> None:
     """Add the nullable columns later pre-migration versions brought to tables an older one created."""
     existing = inspect(conn)

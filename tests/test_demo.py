@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from gateway.broker import free_port, port_open
@@ -218,6 +220,32 @@ async def test_a_demo_killed_with_sigkill_leaves_no_broker_and_no_folder_behind(
         await wait_for(cleaned_up, timeout=20, what="the killed demo's Mosquitto to stop and its folder to go")
         assert not port_open("127.0.0.1", mqtt_port)
         assert list(tmp.iterdir()) == []
+        tmp.rmdir()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def test_a_demo_killed_with_sigkill_while_its_broker_starts_leaves_nothing_behind(tmp_path: Path) -> None:
+    tmp = private_tmp()
+    log = tmp_path / "demo.log"
+    proc = start_demo(log, tmp, "--mqtt-url", f"mqtt://127.0.0.1:{free_port()}", "--http-port", str(free_port()),
+                      "--data-dir", str(tmp_path / "demo"))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp.glob("*/mosquitto.log")):  # the broker is being started: kill now
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the demo never started its broker"
+            await asyncio.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+        async def cleaned_up() -> bool:
+            brokers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+            return not brokers and list(tmp.iterdir()) == []
+
+        await wait_for(cleaned_up, timeout=20, what="no broker and no folder left by the demo killed at its start")
         tmp.rmdir()
     finally:
         if proc.poll() is None:
