@@ -553,6 +553,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         first = next((d.model.device_id for d in fleet.devices if isinstance(d.model, Elevator)), None)
         if first is not None:  # something to see in the first minute: a door jam, then its work order
             asyncio.get_running_loop().call_later(10, fleet.force_fault, first, "DOOR_JAM", 30)
+        if stop.is_set():  # Ctrl-C while it started: no banner for a demo that is stopping
+            return 0
         base = f"http://{settings.http_host}:{settings.http_port}"
         _print_banner(base, broker, settings, key=key, key_file=key_file, devices=len(creds))
         # The rogue device's messages must find the gateway subscribed, or the demo shows none.

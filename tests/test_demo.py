@@ -251,3 +251,25 @@ async def test_a_demo_killed_with_sigkill_while_its_broker_starts_leaves_nothing
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("after_s", [0.2, 0.6])
+async def test_ctrl_c_while_the_demo_starts_stops_it_quietly(tmp_path: Path, after_s: float) -> None:
+    tmp = private_tmp()
+    log = tmp_path / "demo.log"
+    proc = start_demo(log, tmp, "--mqtt-url", f"mqtt://127.0.0.1:{free_port()}", "--http-port", str(free_port()),
+                      "--data-dir", str(tmp_path / "demo"))  # fmt: skip
+    try:
+        await asyncio.sleep(after_s)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal reaches its process group
+        code = await asyncio.to_thread(proc.wait, 30)
+        said = log.read_text()
+        assert code in {0, 130}, said
+        assert "Traceback" not in said
+        assert "iotgw demo is running" not in said, "no banner for a demo that was asked to stop"
+        await wait_for(lambda: asyncio.sleep(0, list(tmp.iterdir()) == []), timeout=20, what="its folder gone")
+        tmp.rmdir()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,20 @@
+"""The `iotgw` command's entry point: Ctrl-C at any moment, even while the gateway's modules are
+still being imported, ends the command quietly with the shell's code for it (130)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; 130 without a traceback when interrupted."""
+    try:
+        from gateway.cli import main as run  # noqa: PLC0415 - the import is what may be interrupted
+
+        return run(argv)
+    except KeyboardInterrupt:
+        print("\niotgw: interrupted", file=sys.stderr)  # noqa: T201
+        return INTERRUPTED
