@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -66,13 +66,16 @@ _SETTING_FLAGS = {
 }
 
 
-def _add_settings(p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(_SETTING_FLAGS)) -> None:
+def _add_settings(
+    p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(_SETTING_FLAGS), about: Mapping[str, str] | None = None
+) -> None:
     for name in fields:
         kind = int if name == "http_port" else str
         field = Settings.model_fields[name]
         shown = f"default {field.default}" if field.default not in ("", None) else "default: none"
-        about = f"{field.description}; " if field.description else ""
-        help_text = f"{about}overrides IOTGW_{name.upper()} ({shown})".replace("%", "%%")
+        said = (about or {}).get(name, field.description)
+        about_it = f"{said}; " if said else ""
+        help_text = f"{about_it}overrides IOTGW_{name.upper()} ({shown})".replace("%", "%%")
         p.add_argument(_SETTING_FLAGS[name], dest=name, type=kind, default=None, help=help_text)
 
 
@@ -86,7 +89,9 @@ def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fau
         default=fault_rate,
         help="chance per step that a device starts a fault (default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the same device behaviour")
+    p.add_argument(
+        "--seed", type=int, default=1, help="random seed: the same seed gives the same device behaviour (default 1)"
+    )
     p.add_argument("--sites", type=int, default=3, help="devices are spread over this many sites (default %(default)s)")
 
 
@@ -174,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         "admin key. Ctrl-C stops everything. Each run starts afresh unless --keep.",
     )
     # (Its own broker, database and API key: only what means something for a demo.)
-    _add_settings(demo, fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"))
+    _add_settings(
+        demo,
+        fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"),
+        about={"mqtt_url": "the demo runs its own broker on 127.0.0.1: only the port of its gateway listener is taken"},
+    )
     # A building, not a disaster: most cars in service, a fault every few minutes (and one at once).
     _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.003)
     demo.add_argument(
@@ -242,6 +251,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)  # before anything is touched
+    _check_demo(args)
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         lock = _demo_lock(args.data_dir)  # held until this process ends, however it ends
@@ -497,6 +507,21 @@ def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -
         raise GatewayError(msg)
 
 
+def _check_demo(args: argparse.Namespace) -> None:
+    """What means something for a demo, which runs its own broker on this machine."""
+    if args.duration is not None and args.duration <= 0:
+        msg = "--duration must be > 0 seconds (leave it out to run until Ctrl-C)"
+        raise GatewayError(msg)
+    if args.mqtt_url is not None:
+        url = urlsplit(args.mqtt_url)
+        if url.scheme not in ("mqtt", "tcp") or url.hostname not in ("localhost", "127.0.0.1") or url.username:
+            msg = (
+                "--mqtt-url: the demo runs its own broker on this machine; the URL only sets the port of "
+                "its gateway listener (mqtt://127.0.0.1:PORT, no credentials, no TLS)"
+            )
+            raise GatewayError(msg)
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from devices.elevator import Elevator  # noqa: PLC0415
     from devices.fleet import Fleet, build_models  # noqa: PLC0415
@@ -555,7 +580,8 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
             asyncio.get_running_loop().call_later(10, fleet.force_fault, first, "DOOR_JAM", 30)
         if stop.is_set():  # Ctrl-C while it started: no banner for a demo that is stopping
             return 0
-        base = f"http://{settings.http_host}:{settings.http_port}"
+        shown_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
+        base = f"http://{shown_host}:{settings.http_port}"
         _print_banner(base, broker, settings, key=key, key_file=key_file, devices=len(creds))
         # The rogue device's messages must find the gateway subscribed, or the demo shows none.
         await asyncio.wait_for(gw.ingest.subscribed.wait(), 30)
@@ -585,7 +611,7 @@ def _forget_broker_sessions(store: Store) -> None:
 def _demo_ports(settings: Settings) -> tuple[int, int, Settings]:
     """The broker's two ports and the HTTP port: the usual ones, or free ones when taken (said)."""
     port = DEVICE_LISTENER if not port_open("127.0.0.1", DEVICE_LISTENER) else free_port()
-    gateway_port = settings.mqtt_port if not port_open(settings.mqtt_host, settings.mqtt_port) else free_port()
+    gateway_port = settings.mqtt_port if not port_open("127.0.0.1", settings.mqtt_port) else free_port()
     check_host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host  # noqa: S104
     if port_open(check_host, settings.http_port):  # taken: another port, said in the banner
         taken, http_port = settings.http_port, free_port()
@@ -653,8 +679,7 @@ async def _demo_status(gw: Any, fleet: Any, stop: asyncio.Event, duration: float
         events = await asyncio.to_thread(gw.store.count_events)
         live = await asyncio.to_thread(snapshot, gw.store, gw.plugins)  # what the staff page shows: open ones
         shown = "".join(f", {len(items)} open {name.replace('_', ' ')}" for name, items in live.items())
-        m = gw.metrics
-        rejected = sum(s.value for s in m.messages_rejected.collect()[0].samples if s.name.endswith("_total"))
+        rejected = await asyncio.to_thread(gw.store.count_dead_letters)  # the database's, as the events count
         print(  # noqa: T201
             f"demo: {fleet.stats.connected}/{fleet.stats.devices} devices connected, "
             f"{fleet.stats.sent} messages sent, {events} events stored, {int(rejected)} dead letters{shown}",

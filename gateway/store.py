@@ -971,6 +971,11 @@ class Store:
                 for r in s.exec(stmt)
             ]
 
+    def count_dead_letters(self) -> int:
+        """How many rejected messages the dead-letter store holds."""
+        with self.session() as s:
+            return int(s.exec(select(func.count()).select_from(DeadLetterRow)).one())
+
     def count_events(self, event_type: str | None = None) -> int:
         """How many events (of one type) the log holds."""
         stmt = select(func.count()).select_from(EventRow)

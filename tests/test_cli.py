@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
         (["run", "--database-url", "iotgw.db"], "--database-url"),
         (["simulate", "--rate", "0"], "--rate"),
         (["simulate", "--fault-rate", "2"], "--fault-rate"),
+        (["demo", "--duration", "-5"], "--duration must be > 0"),
+        (["demo", "--mqtt-url", "mqtts://user:secret@example.com:18203"], "only sets the port"),
     ],
 )
 def test_bad_settings_exit_with_a_clear_message(

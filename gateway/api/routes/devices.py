@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
@@ -10,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
-from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of
+from gateway.api.pages import Cursor, Limit, Page, bad_cursor, id_cursor, page_of
 from gateway.api.schemas import DevicePublic, EventPublic
 from gateway.errors import GatewayError, ReservedNameError
 from gateway.protocol import DeviceType
@@ -39,10 +40,12 @@ async def devices(
     store: StoreDep,
     type: DeviceType | None = None,  # noqa: A002
     site: str | None = None,
-    cursor: Annotated[str | None, Query(pattern=DEVICE_ID, description="next_cursor of the previous page")] = None,
+    cursor: Cursor = None,
     limit: Limit = 100,
 ) -> Page[DevicePublic]:
     """Known devices by id, optionally of one type and/or site."""
+    if cursor is not None and not re.fullmatch(DEVICE_ID, cursor):
+        raise bad_cursor(cursor)
     kind = type.value if type else None
     rows = await asyncio.to_thread(list_devices, store, type_=kind, site=site, after=cursor, limit=limit + 1)
     return page_of(rows, limit, lambda r: r.device_id, _public)

@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from gateway.api.deps import MAX_ID, StoreDep
+from gateway.api.deps import StoreDep
+from gateway.api.pages import id_cursor
 from gateway.api.schemas import EventPage
 from gateway.events import EVENT_TYPES
 from gateway.store import EventQuery, Store, cloudevent_of, list_events
@@ -19,12 +20,8 @@ router = APIRouter(prefix="/api/events", tags=["events"])
 
 
 def decode_cursor(cursor: str | None) -> int:
-    """A cursor is the last log position seen, as a decimal string."""
-    if cursor is None:
-        return 0
-    if not cursor.isdigit() or len(cursor) > 19 or int(cursor) > MAX_ID:
-        raise HTTPException(status_code=422, detail=f"cursor: not a cursor from this API: {cursor[:40]!r}")
-    return int(cursor)
+    """A cursor is the last log position seen, as a decimal string (0: from the start)."""
+    return id_cursor(cursor) or 0
 
 
 def _page(store: Store, q: EventQuery) -> bytes:
