@@ -59,4 +59,4 @@ bench: setup-dev
 	$(BIN)/python bench/api_load.py
 
 clean:
-	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results site
+	rm -rf $(VENV) .iotgw-demo .pytest_cache .mypy_cache .ruff_cache bench/results site build *.egg-info

@@ -435,6 +435,11 @@ async def _run(settings: Settings) -> int:
 async def _simulate(args: argparse.Namespace) -> int:
     from devices.fleet import Fleet, Progress, build_models, summary  # noqa: PLC0415
 
+    url = urlsplit(args.device_url)
+    if url.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not url.hostname:
+        msg = f"--mqtt-url must look like mqtt://host:port or mqtts://host:port, got {args.device_url!r}"
+        raise GatewayError(msg)
+
     cfg = _fleet_config(args, args.device_url, duration=args.duration, steps=args.steps, prefix=args.prefix)
     if args.print_ids:
         print("\n".join(m.device_id for m in build_models(cfg)))  # noqa: T201
@@ -464,7 +469,12 @@ async def _simulate(args: argparse.Namespace) -> int:
     print("\n" + json.dumps(summary(stats)), file=sys.stderr)  # noqa: T201
     if nobody or not stats.ever_connected:
         why = next(iter(stats.refused.values()), "no answer")
-        msg = f"no device could connect to {where} within {args.connect_timeout:g} s: {why}"
+        hint = (
+            "; each device logs in as itself: --credentials FILE (ID:PASSWORD lines)"
+            if (args.credentials is None and "authori" in why.lower())
+            else ""
+        )
+        msg = f"no device could connect to {where} within {args.connect_timeout:g} s: {why}{hint}"
         raise GatewayError(msg)
     return 0
 

@@ -310,6 +310,15 @@ class GatewaySettings(BaseSettings):
         return None
 
     @property
+    def database_url_safe(self) -> str:
+        """`database_url` with its password shown as `***`, for logs and hints."""
+        parts = urlsplit(self.database_url)
+        if parts.password is None:
+            return self.database_url
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+
+    @property
     def mqtt_url_safe(self) -> str:
         """`mqtt_url` without credentials, for logs and banners."""
         parts = urlsplit(self.mqtt_url)

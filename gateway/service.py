@@ -26,6 +26,7 @@ from gateway.store import Store
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
+DEFAULT_DATABASE = Settings.model_fields["database_url"].default
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -163,11 +164,18 @@ class Gateway:
                     raise GatewayError(msg)
                 await asyncio.sleep(0.02)
         if self.settings.api_auth and not await asyncio.to_thread(has_api_keys, self.store):
-            log.warning("the API needs a key and none exists yet: iotgw apikeys create --role admin --name NAME")
+            where = (
+                ""
+                if self.settings.database_url == DEFAULT_DATABASE
+                else f" --database-url '{self.settings.database_url_safe}'"
+            )
+            log.warning(
+                "the API needs a key and none exists yet: iotgw apikeys create --role admin --name NAME%s", where
+            )
         log.info(
             "iotgw up: broker %s, database %s, API http://%s:%d",
             self.settings.mqtt_url_safe,
-            self.settings.database_url,
+            self.settings.database_url_safe,
             self.settings.http_host,
             self.settings.http_port,
         )

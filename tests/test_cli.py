@@ -128,3 +128,9 @@ def test_a_command_that_adds_to_a_database_makes_none_by_mistake(
     )
     assert missing.exists()
     assert main(["apikeys", "list", "--database-url", url]) == 0
+
+
+def test_logs_and_hints_never_show_the_database_password() -> None:
+    s = Settings(database_url="postgresql+psycopg://iotgw:s3cret@db.example:5432/iotgw")
+    assert s.database_url_safe == "postgresql+psycopg://iotgw:***@db.example:5432/iotgw"
+    assert Settings(database_url="sqlite:////var/lib/iotgw/iotgw.db").database_url_safe.endswith("/iotgw.db")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from gateway.broker import free_port, port_open
 from tests.conftest import wait_for
@@ -102,6 +103,10 @@ def test_the_image_installs_its_dependencies_before_the_code_and_probes_liveness
     assert "/health" in health, "liveness, not readiness"
     assert "/ready" not in health
     assert "IOTGW_HTTP_PORT" in health, "on the configured port"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        if service.get("image") == "iotgw:local" and "healthcheck" in service:
+            assert "IOTGW_HTTP_PORT" in str(service["healthcheck"]), f"{name}: a health check on a fixed port"
 
 
 class Image:
