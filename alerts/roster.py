@@ -6,6 +6,7 @@ the file loader), so shifts and escalation plans are tested without a database o
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from alerts.rules import Duration, FileProblemsError, Receiver, Severity, StrictModel, load_yaml_model, read_config_file
+from gateway.protocol import DeviceType
+
+DEVICE_TYPES = [t.value for t in DeviceType]
 
 SHIPPED_ROSTER = Path(__file__).resolve().parent / "roster.yaml"
 
@@ -110,6 +114,19 @@ class Technician(StrictModel):
     contact: str  # the name of a receiver in the roster
     sites: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # fnmatch patterns
     skills: list[str] = Field(default_factory=list)
+
+    @field_validator("skills")
+    @classmethod
+    def _no_misspelt_type(cls, value: list[str]) -> list[str]:
+        """A skill may be anything a team names; one a letter or two away from a device type is a typo
+        that would keep the person from ever being dispatched to that type."""
+        for skill in value:
+            close = difflib.get_close_matches(skill, DEVICE_TYPES, n=1, cutoff=0.88)
+            if close and skill not in DEVICE_TYPES:
+                msg = f"skill {skill!r}: did you mean {close[0]}? (the device type a technician must have as a skill)"
+                raise ValueError(msg)
+        return value
+
     shifts: list[Shift] = Field(min_length=1)
 
     def on_shift(self, at: datetime, default_tz: str) -> bool:
@@ -150,6 +167,17 @@ class DispatchRules(StrictModel):
     rules: list[str] | None = None  # default: every rule
     entrapment_rules: list[str] = Field(default_factory=lambda: ["stuck"])  # P1 when load_kg > 0
     out_of_service_rules: list[str] = Field(default_factory=lambda: ["out-of-service"])  # P2
+
+    @field_validator("device_types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in DEVICE_TYPES:
+                close = difflib.get_close_matches(name, DEVICE_TYPES, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}? " if close else ""
+                msg = f"no device is of type {name!r}: {hint}known: {', '.join(DEVICE_TYPES)}"
+                raise ValueError(msg)
+        return value
 
 
 class Roster(StrictModel):

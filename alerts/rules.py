@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import httpx
 import yaml
@@ -71,6 +71,22 @@ STATE_FIELDS = (*ElevatorData.model_fields, *SensorData.model_fields, "online")
 EVENT_FIELDS = ("code", "floor", "load_kg", "duration_s", "from_floor", "to_floor", "floors", "direction",
                 "reason", "from", "to", "value", "unit", "last_seq", "seq", "state")  # fmt: skip
 SUMMARY_FIELDS = ("device", "site", "type", *STATE_FIELDS, *EVENT_FIELDS)
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:  # noqa: ANN401 - a type annotation
+    """The values a `Literal[...]` (or `Literal[...] | None`) annotation allows; () for any other."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(v for arg in get_args(annotation) for v in _literal_values(arg))
+
+
+# The fields of the device state with a fixed set of values, and those values.
+STATE_CHOICES = {
+    name: values
+    for model in (ElevatorData, SensorData)
+    for name, info in model.model_fields.items()
+    if (values := _literal_values(info.annotation))
+}
 
 
 def _unknown(what: str, value: str, known: tuple[str, ...]) -> ValueError:
@@ -170,6 +186,14 @@ class StateCondition(StrictModel):
         if name not in STATE_FIELDS:
             raise _unknown("state field", name, STATE_FIELDS)
         return name
+
+    @model_validator(mode="after")
+    def _known_value(self) -> StateCondition:
+        """A field with a fixed set of values (`mode`, `door`...) compared with one it never has."""
+        choices = STATE_CHOICES.get(self.field)
+        if choices and self.op in ("==", "!=") and self.value is not None and self.value not in choices:
+            raise _unknown(f"{self.field} value", str(self.value), tuple(str(c) for c in choices))
+        return self
 
 
 class ThresholdCondition(StrictModel):

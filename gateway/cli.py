@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--id", dest="ids", action="append", required=True, help="device id (repeat for several)")
     prov.add_argument("--type", choices=[t.value for t in DeviceType], default=None, help="the device's type")
     prov.add_argument("--out", type=Path, default=None, help="append ID:PASSWORD lines here instead of printing")
+    prov.add_argument(
+        "--rotate", action="store_true", help="a new password for a device provisioned already (the old one stops)"
+    )
     _add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
     _create_flag(prov)
     rev = devices_sub.add_parser("revoke", help="remove a device's credentials (its events stay)")
@@ -343,6 +346,14 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"revoked {args.device_id}; {_reload_note(settings)}")  # noqa: T201
         return 0
+    active = {row.device_id for row in list_registered(store) if row.revoked_at is None}
+    again = [device_id for device_id in args.ids if device_id in active]
+    if again and not args.rotate:
+        msg = (
+            f"{', '.join(again)}: provisioned already (its password stays as it is); --rotate gives it a "
+            "new password, and the old one stops working"
+        )
+        raise GatewayError(msg)
     # A reserved id (the gateway's own names) raises: main() prints why and exits 1, nothing written.
     creds = provision(store, passwords, dict.fromkeys(args.ids, args.type), reserved=settings.reserved_names)
     if args.out is not None:

@@ -125,6 +125,8 @@ def test_priority_and_which_alerts_make_orders() -> None:
         (ROSTER.replace("id: tina", "id: abe"), "technician id 'abe' is used twice"),
         (ROSTER.replace("- name: default", "- name: default\n    sites: [hq]"), "the last resort is missing"),
         ("technicians: [", "not valid YAML"),
+        (ROSTER.replace("skills: [elevator]", "skills: [elevatr]", 1), "skill 'elevatr': did you mean elevator?"),
+        (ROSTER + "dispatch: {device_types: [elevatr]}\n", "no device is of type 'elevatr': did you mean elevator?"),
     ],
 )
 def test_invalid_roster_says_what_and_where(text: str, expected: str) -> None:

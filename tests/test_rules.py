@@ -226,6 +226,10 @@ def test_a_rule_is_checked_against_what_the_gateway_knows_with_a_guess() -> None
     severity: minor
     summary: "x"
     state: {field: dor, value: open}
+  - name: c
+    severity: minor
+    summary: "x"
+    state: {field: mode, op: "==", value: out_of_servce}
 """
     with pytest.raises(RulesError) as caught:
         load_rules(text, "r.yaml")
@@ -236,6 +240,7 @@ def test_a_rule_is_checked_against_what_the_gateway_knows_with_a_guess() -> None
         (7, "event type 'elevator.fault.rasied' is not one the gateway knows; did you mean 'elevator.fault.raised'?"),
         (8, "fault code 'DOOR_JAMM' is not one the gateway knows; did you mean 'DOOR_JAM'?"),
         (13, "state field 'dor' is not one the gateway knows; did you mean 'door'?"),
+        (17, "mode value 'out_of_servce' is not one the gateway knows; did you mean 'out_of_service'?"),
     ):
         assert f"r.yaml:{line}: " in said, line
         assert what in said, what

@@ -197,6 +197,11 @@ async def test_the_cli_provisions_a_device_that_can_then_log_in_and_revokes_it(
     assert [line.split(":")[0] for line in out.read_text().splitlines()] == ["temp-1", "temp-2"]
     assert oct(out.stat().st_mode & 0o777) == "0o600"
 
+    again = iotgw("devices", "provision", "--id", "temp-1", env=env)
+    assert again.returncode == 1, "provisioned already: its password is not replaced unasked"
+    assert "--rotate" in again.stderr
+    assert iotgw("devices", "provision", "--id", "temp-1", "--rotate", env=env).returncode == 0
+
     bad = iotgw("devices", "provision", "--id", "a#b", env=env)
     assert bad.returncode == 1
     assert "no '+', '#' or '/'" in bad.stderr
