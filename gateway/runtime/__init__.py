@@ -1,0 +1,1 @@
+"""The consumer runtime (gateway.router is its one import path)."""
