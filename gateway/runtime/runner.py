@@ -1,6 +1,10 @@
 """One consumer's runner: its task and thread, the wake/poll loop, ticks, batches read from its
 cursor and committed with it, and its lease. Failures, operations and status are its other parts
-(`failures`, `operations`, `status`)."""
+(`failures`, `operations`, `status`).
+
+Over 400 lines: the loop, the lease and the cursor steps read and set the same timing state
+(wake-ups, lingering, the idle cursor write, catching up after a replay) at every step; cut
+further, each part would pass all of it back and forth."""
 
 from __future__ import annotations
 
