@@ -16,5 +16,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(argv)
     except KeyboardInterrupt:
-        print("\niotgw: interrupted", file=sys.stderr)  # noqa: T201
-        return INTERRUPTED
+        pass
+    except Exception as exc:  # a library that wrapped the interrupt in an error of its own (pydantic-core)
+        if not _interrupted(exc):
+            raise
+    print("\niotgw: interrupted", file=sys.stderr)  # noqa: T201
+    return INTERRUPTED
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether a Ctrl-C is somewhere in the chain of causes of `exc`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -1,0 +1,43 @@
+"""`iotgw run` and the consumers' process it starts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import TYPE_CHECKING
+
+from gateway.cli.common import _logging, _settings, _stop_event, log
+from gateway.config import Settings
+
+if TYPE_CHECKING:
+    pass
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _logging(settings.log_level)
+    return asyncio.run(_run(settings))
+
+
+def _cmd_consumer_process(_args: argparse.Namespace) -> int:
+    from gateway.apart import serve  # noqa: PLC0415 - keeps the other commands light
+
+    settings = Settings()
+    _logging(settings.log_level, process="consumers")
+    return asyncio.run(serve(settings))
+
+
+async def _run(settings: Settings) -> int:
+    from gateway.api.limits import worker_threads  # noqa: PLC0415
+    from gateway.service import Gateway  # noqa: PLC0415 - keeps `iotgw simulate` light
+
+    stop = _stop_event()
+    asyncio.get_running_loop().set_default_executor(worker_threads(settings.api_nice))
+    gw = Gateway(settings)
+    await gw.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: committing and acknowledging what was received")
+        await gw.stop()
+    return 0
