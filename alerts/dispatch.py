@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from sqlalchemy import JSON, Column, Integer, event, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from alerts.engine import NotificationRow
 from alerts.roster import (
     SHIPPED_ROSTER,
     Assignment,
@@ -38,6 +37,7 @@ from alerts.roster import (
     priority_of,
     qualifies,
 )
+from alerts.tables import NotificationRow
 from gateway.clock import utcnow
 from gateway.errors import GatewayError
 from gateway.events import Event

@@ -1,274 +1,53 @@
-"""The alert engine: a consumer of the event log that runs the rules and keeps the alert lifecycle.
-
-Each (rule, device) key has an evaluation state (`alerts.rules.KeyState`) and at most one open
-alert. FIRE opens an alert (status firing) unless one is open; CLEAR resolves it. People
-acknowledge and resolve through the API; every change is a row in `alert_transitions`. All of
-it commits with the router's cursor, so a crash or a redelivery never duplicates an alert.
-"""
+"""The alert engine consumer: evaluates the rules over the log, with timers for absence and flapping."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, delete, event
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlalchemy import delete, event
+from sqlmodel import Session, col, select
 
+from alerts.lifecycle import RECONCILING, _before_replay, _rebuilding, change_status, record, resolve
 from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
+from alerts.state import (
+    _SENSOR_TYPES,
+    _SQL_READERS,
+    _SQL_READINGS_OF,
+    _VOLATILE,
+    _absence_only_moved,
+    _Batch,
+    _clears_later,
+    _decode,
+    _Device,
+    _encode,
+    _lasting,
+    _may_change,
+    _project,
+)
+from alerts.tables import OPEN, AlertDeviceRow, AlertKeyRow, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow
 from gateway import events as ev
 from gateway.events import Event
 from gateway.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
 from gateway.router import BaseConsumer
 from gateway.store import (
-    EVENT_COLUMNS,
-    append_event,
-    datetime_field,
     read_events,
     read_sql_events,
     replaying,
     upsert,
 )
 
+log = logging.getLogger("alerts.engine")
+
+
 log = logging.getLogger(__name__)
 
+
 SHIPPED_RULES = Path(__file__).resolve().parent / "rules.yaml"
-
-
-class AlertStatus(StrEnum):
-    """The lifecycle: firing -> acknowledged -> resolved; flapping when it keeps toggling."""
-
-    FIRING = "firing"
-    ACKNOWLEDGED = "acknowledged"
-    FLAPPING = "flapping"
-    RESOLVED = "resolved"
-
-
-OPEN = (AlertStatus.FIRING.value, AlertStatus.ACKNOWLEDGED.value, AlertStatus.FLAPPING.value)
-
-
-class AlertRow(SQLModel, table=True):
-    """An alert: one episode of a rule's condition on one device."""
-
-    __tablename__ = "alerts"
-    # Ids are never reused (not even after a replay empties the table): other consumers (dispatch)
-    # remember alerts by id.
-    __table_args__ = (
-        Index("ix_alerts_rule_device_status", "rule", "device_id", "status"),
-        {"sqlite_autoincrement": True},
-    )
-
-    id: int | None = Field(default=None, primary_key=True)
-    rule: str
-    device_id: str = Field(index=True)
-    site: str | None = Field(default=None, index=True)
-    severity: str = Field(index=True)
-    status: str = Field(index=True)
-    summary: str
-    fired_at: datetime = datetime_field(nullable=False)
-    updated_at: datetime = datetime_field(nullable=False)
-    acked_at: datetime | None = datetime_field()
-    acked_by: str | None = None
-    resolved_at: datetime | None = datetime_field()
-    resolved_by: str | None = None
-    note: str | None = None
-
-
-class AlertReplayIdRow(SQLModel, table=True):
-    """An alert's id kept across a replay: the rebuilt alert of the same rule, device and firing
-    time takes it again, so that what others hold of it (dispatch's orders, pages) stays true."""
-
-    __tablename__ = "alert_replay_ids"
-    __table_args__ = (Index("ix_alert_replay_ids_key", "rule", "device_id"),)
-
-    id: int = Field(primary_key=True)
-    rule: str
-    device_id: str
-    fired_at: datetime = datetime_field(nullable=False)
-    status: str | None = None  # as it was when the replay was asked for
-    resolved_at: datetime | None = datetime_field()
-    taken: bool = False  # a rebuilt alert has this id again
-
-
-class AlertTransitionRow(SQLModel, table=True):
-    """One change of an alert's status, with who and why."""
-
-    __tablename__ = "alert_transitions"
-    __table_args__ = ({"sqlite_autoincrement": True},)  # notification keys name transitions: never reused
-
-    id: int | None = Field(default=None, primary_key=True)
-    alert_id: int = Field(index=True)
-    at: datetime = datetime_field(nullable=False)
-    from_status: str | None = None
-    to_status: str
-    by: str  # "engine" or the person
-    note: str | None = None
-
-
-class NotificationRow(SQLModel, table=True):
-    """The outbox: one row per alert transition, written in the transition's transaction.
-
-    The sender (alerts/notify.py) fans it out to the receivers and delivers with retries; the
-    key is the idempotency key receivers see, the same on every retry.
-    """
-
-    __tablename__ = "notifications"
-
-    id: int | None = Field(default=None, primary_key=True)
-    key: str = Field(unique=True)
-    alert_id: int = Field(index=True)
-    transition_id: int
-    status: str  # the alert status this notification announces (or the work order's step)
-    created_at: datetime = datetime_field(nullable=False)
-    fanned_out: bool = Field(default=False, index=True)
-    # Work-order notifications (alerts/dispatch.py) page one person: their contact receiver.
-    # alert_id is then the alert that opened the order, transition_id 0.
-    work_order_id: int | None = Field(default=None, index=True)
-    entry_id: int | None = None
-    receiver: str | None = None
-    person: str | None = None  # a page: the technician it is for (PagerDuty: one incident per order and person)
-    # The event of the log this notification announces: what CloudEvents receivers get.
-    event_position: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer(), "sqlite")))
-
-
-class DeliveryRow(SQLModel, table=True):
-    """One notification to one receiver."""
-
-    __tablename__ = "notification_deliveries"
-    __table_args__ = (Index("ix_notification_deliveries_lane", "status", "receiver", "id"),)  # a receiver's lane
-
-    id: int | None = Field(default=None, primary_key=True)
-    notification_id: int = Field(index=True)
-    alert_id: int = Field(index=True)
-    receiver: str
-    status: str = Field(default="pending", index=True)  # pending | delivered | failed | skipped | silenced
-    attempts: int = 0
-    next_at: datetime = datetime_field(nullable=False, index=True)
-    last_error: str | None = None
-    delivered_at: datetime | None = datetime_field()
-    created_at: datetime | None = datetime_field()  # when it was fanned out: retries end at the maximum age
-
-
-class SilenceRow(SQLModel, table=True):
-    """A silence: notifications of matching alerts are not sent while it lasts (alerts still fire)."""
-
-    __tablename__ = "silences"
-
-    id: int | None = Field(default=None, primary_key=True)
-    matchers: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_by: str
-    comment: str
-    starts_at: datetime = datetime_field(nullable=False)
-    ends_at: datetime = datetime_field(nullable=False, index=True)
-
-    def matches(self, alert: AlertRow, at: datetime) -> bool:
-        """True when `alert` falls under this silence at `at` (matchers are fnmatch patterns)."""
-        if not self.starts_at <= at < self.ends_at:
-            return False
-        fields = {
-            "rule": alert.rule,
-            "device_id": alert.device_id,
-            "site": alert.site or "",
-            "severity": alert.severity,
-        }
-        return all(fnmatch.fnmatchcase(fields.get(k, ""), v) for k, v in self.matchers.items())
-
-
-class AlertKeyRow(SQLModel, table=True):
-    """Evaluation state of one (rule, device) key."""
-
-    __tablename__ = "alert_keys"
-
-    rule: str = Field(primary_key=True)
-    device_id: str = Field(primary_key=True)
-    state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-
-
-class AlertDeviceRow(SQLModel, table=True):
-    """The engine's own view of a device, built from the log (replays give the same view)."""
-
-    __tablename__ = "alert_devices"
-
-    device_id: str = Field(primary_key=True)
-    type: str | None = None
-    site: str | None = None
-    state: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-
-
-_KEY_FIELDS = ("breaching", "since", "clear_since", "breaches", "firing", "last_seen", "fired_at")
-
-
-def _encode(ks: KeyState) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k in _KEY_FIELDS:
-        v = getattr(ks, k)
-        out[k] = v.isoformat() if isinstance(v, datetime) else v
-    out["hits"] = [t.isoformat() for t in ks.hits]
-    return out
-
-
-def _decode(raw: dict[str, Any]) -> KeyState:
-    if not raw:
-        return KeyState()
-    values = dict(raw)
-    for k in ("since", "clear_since", "last_seen", "fired_at"):
-        if values.get(k):
-            values[k] = datetime.fromisoformat(values[k])
-    values["hits"] = tuple(datetime.fromisoformat(t) for t in values.get("hits", ()))
-    return KeyState(**values)
-
-
-# Device state kept from events: what `state` conditions and summaries can refer to.
-_STATE_FROM_EVENT = {
-    ev.DOOR_OPENED: lambda s, d: {**s, "door": "open", "floor": d.get("floor", s.get("floor"))},
-    ev.DOOR_CLOSED: lambda s, d: {**s, "door": "closed", "floor": d.get("floor", s.get("floor"))},
-    ev.TRIP_STARTED: lambda s, d: {**s, "direction": d.get("direction"), "floor": d.get("from_floor")},
-    ev.TRIP_COMPLETED: lambda s, d: {**s, "direction": "idle", "floor": d.get("to_floor")},
-    ev.FAULT_RAISED: lambda s, d: {**s, "fault": d.get("code"), "floor": d.get("floor", s.get("floor"))},
-    ev.FAULT_CLEARED: lambda s, d: {**s, "fault": None},  # noqa: ARG005
-    ev.MODE_CHANGED: lambda s, d: {**s, "mode": d.get("to")},
-    ev.SENSOR_READING: lambda s, d: {**s, "value": d.get("value"), "unit": d.get("unit")},
-    ev.DEVICE_ONLINE: lambda s, d: {**s, "online": True},  # noqa: ARG005
-    ev.DEVICE_OFFLINE: lambda s, d: {**s, "online": False},  # noqa: ARG005
-    ev.DEVICE_DISCOVERED: lambda s, d: {**s, **d.get("state", {})},
-    ev.STUCK: lambda s, d: {**s, "load_kg": d.get("load_kg", s.get("load_kg")), "floor": d.get("floor")},
-}
-
-
-@dataclass(slots=True)
-class _Device:
-    type: str | None = None
-    site: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
-
-
-def _absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool:
-    """True when an absence key only advanced last_seen by less than a quarter heartbeat.
-
-    Such keys are not written on every reading: after a crash the last_seen read back can be
-    at most a quarter heartbeat old, which cannot make a device look silent.
-    """
-    if rule.absence is None or old is None or old.last_seen is None or new.last_seen is None:
-        return False
-    if replace(old, last_seen=new.last_seen) != new:
-        return False
-    return (new.last_seen - old.last_seen).total_seconds() < rule.absence.heartbeat / 4
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Working copies for one transaction; they become the engine's memory when it commits."""
-
-    tx: Session
-    devices: dict[str, _Device] = field(default_factory=dict)
-    keys: dict[tuple[str, str], KeyState] = field(default_factory=dict)
-    written: dict[tuple[str, str], KeyState] = field(default_factory=dict)
-    flaps: dict[tuple[str, str], datetime | None] = field(default_factory=dict)
 
 
 class AlertEngine(BaseConsumer):
@@ -665,208 +444,3 @@ class AlertEngine(BaseConsumer):
                 at = max(kept.resolved_at, open_alert.fired_at)  # rebuilt: it resolved then
             resolve(tx, open_alert, at, "engine", "condition cleared")
         return True
-
-
-_READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
-_SQL_READERS = (  # {beyond}: the rules' limits, see _reading_limits
-    "SELECT subject, max(received_at), max(site), max(json_extract(data, '$.unit')), "
-    f"max(CASE WHEN ({{beyond}}) THEN 1 ELSE 0 END) {_READINGS_SPAN} GROUP BY subject"
-)
-_SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"
-
-_SENSOR_TYPES = {t.value for t in SENSOR_UNITS}
-_VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
-
-
-def _lasting(dev: _Device | None) -> tuple[str | None, str | None, dict[str, Any]] | None:
-    """What is persisted of a device view: a sensor's latest value is not (it comes again)."""
-    if dev is None:
-        return None
-    return dev.type, dev.site, {k: v for k, v in dev.state.items() if k not in _VOLATILE}
-
-
-def _project(dev: _Device, e: Event) -> None:
-    dev.site = e.site or dev.site
-    if e.type == ev.DEVICE_DISCOVERED:
-        dev.type = str(e.data.get("type") or dev.type or "")
-    elif e.type.startswith("elevator.") and dev.type is None:
-        dev.type = "elevator"
-    elif e.type == ev.SENSOR_READING and dev.type is None:
-        dev.type = sensor_type_of(e.data.get("unit"))
-    change = _STATE_FROM_EVENT.get(e.type)
-    if change is not None:
-        dev.state = change(dev.state, e.data)
-
-
-def _may_change(rule: Rule, event_type: str) -> bool:
-    """Whether an event of this type can change the rule's key (a cheap prefilter)."""
-    if rule.absence is not None:
-        return True  # every message says the device is alive
-    if rule.event is not None:
-        clear = rule.event.clear
-        return fnmatch.fnmatchcase(event_type, rule.event.type) or (
-            clear is not None and fnmatch.fnmatchcase(event_type, clear.type)
-        )
-    if rule.rate is not None:
-        return fnmatch.fnmatchcase(event_type, rule.rate.event.type)
-    if rule.state is not None and event_type == ev.SENSOR_READING:
-        return rule.state.field in ("value", "unit")  # a reading changes nothing else of the view
-    return event_type in _STATE_FROM_EVENT  # state and threshold rules read the device view
-
-
-def _clears_later(rule: Rule) -> bool:
-    return rule.event is not None and rule.event.clear_after is not None
-
-
-ALERT_SOURCE = "iotgw/alerts"
-
-
-RECONCILING = "iotgw_alerts_reconciling"  # Session.info: the first tick after a replay (AlertEngine.tick)
-
-
-def _rebuilding(tx: Session) -> bool:
-    return replaying(tx) or bool(tx.info.get(RECONCILING))
-
-
-def _before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tuple[int | None, datetime]:
-    """While a replay rebuilds alerts: the id and firing time this alert had before (None, `at`: new).
-
-    An alert fired by an event fires at that event's time again; one fired by the timer fires
-    when the replay's clock (the log's receive times) passes its due time, which may be earlier
-    or later than the first time (the engine was paused, say): it is the alert of the rule and
-    device, not rebuilt yet, that fired closest to then. After the replay, only an alert still
-    open before it can be the one firing again."""
-    if not _rebuilding(tx):
-        return None, at
-    where = [
-        col(AlertReplayIdRow.rule) == rule,
-        col(AlertReplayIdRow.device_id) == device_id,
-        col(AlertReplayIdRow.taken).is_(False),
-    ]
-    if not replaying(tx):
-        where.append(col(AlertReplayIdRow.status) != AlertStatus.RESOLVED.value)
-    candidates = tx.exec(select(AlertReplayIdRow).where(*where)).all()
-    kept = min(candidates, key=lambda k: abs(k.fired_at - at), default=None)
-    if kept is None:
-        return None, at
-    kept.taken = True
-    tx.add(kept)
-    return kept.id, kept.fired_at
-
-
-def _happened_before(tx: Session, alert: AlertRow, new: AlertStatus) -> bool:
-    """On the first tick after a replay: whether this transition of a rebuilt alert happened
-    before the replay (then it is not told again)."""
-    if not tx.info.get(RECONCILING):
-        return False
-    kept = tx.get(AlertReplayIdRow, alert.id)
-    return kept is not None and kept.taken and (new is AlertStatus.FIRING or kept.status == new.value)
-
-
-def record(  # noqa: PLR0913, PLR0917
-    tx: Session,
-    alert: AlertRow,
-    old: str | None,
-    new: AlertStatus,
-    at: datetime,
-    by: str,
-    note: str | None = None,
-    *,
-    context: Mapping[str, Any] | None = None,
-) -> None:
-    """Write one transition of `alert`, its notification to the outbox and its event to the log.
-
-    All in `tx`: the event (`alert.firing`, `alert.acknowledged`, ...) is how other consumers
-    (dispatch) learn of alerts, through the log like everything else.
-    """
-    assert alert.id is not None  # noqa: S101 - flushed before
-    transition = AlertTransitionRow(alert_id=alert.id, at=at, from_status=old, to_status=new.value, by=by, note=note)
-    tx.add(transition)
-    if replaying(tx) or _happened_before(tx, alert, new):
-        return  # rebuilt after a replay: its notification and its event went out the first time
-    tx.flush()
-    assert transition.id is not None  # noqa: S101 - flushed
-    key = f"iotgw-alert-{alert.id}-{transition.id}"
-    notification = NotificationRow(
-        key=key, alert_id=alert.id, transition_id=transition.id, status=new.value, created_at=at
-    )
-    data = {
-        "alert_id": alert.id, "rule": alert.rule, "severity": alert.severity, "status": new.value,
-        "from_status": old, "summary": alert.summary, "device_id": alert.device_id, "site": alert.site,
-        "fired_at": _iso(alert.fired_at), "by": by, "note": note, **(context or {}),
-    }  # fmt: skip
-    # The notification is this event: receivers of CloudEvents get it as the log holds it.
-    notification.event_position = append_event(
-        tx, ce_id=key, source=ALERT_SOURCE, type=f"alert.{new.value}", subject=alert.device_id, time=at,
-        site=alert.site, data=data,
-    )  # fmt: skip
-    tx.add(notification)
-
-
-def change_status(  # noqa: PLR0913, PLR0917
-    tx: Session, alert: AlertRow, new: AlertStatus, at: datetime, by: str, note: str | None = None
-) -> None:
-    """Move an alert to `new` (with who, when and why) and record the transition."""
-    old = alert.status
-    alert.status, alert.updated_at = new.value, at
-    if new is AlertStatus.ACKNOWLEDGED:
-        alert.acked_at, alert.acked_by = at, by
-    elif new is AlertStatus.RESOLVED:
-        alert.resolved_at, alert.resolved_by = at, by
-    else:  # firing again, or flapping: open once more
-        alert.resolved_at, alert.resolved_by = None, None
-    if note and new is not AlertStatus.FLAPPING:
-        alert.note = note
-    tx.add(alert)
-    record(tx, alert, old, new, at, by, note)
-
-
-def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
-    """Resolve an open alert."""
-    change_status(tx, alert, AlertStatus.RESOLVED, at, by, note)
-
-
-def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
-    """Acknowledge a firing alert."""
-    change_status(tx, alert, AlertStatus.ACKNOWLEDGED, at, by, note)
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-class AlertMetrics:
-    """Alert gauges and histograms, read from the alerts tables (the engine stays metric-free)."""
-
-    def __init__(self) -> None:
-        self.last_transition = 0
-        self.seen_open: set[tuple[str, str, str]] = set()
-        self._started = False
-
-    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
-        """Observe the transitions written since the last call, and set the open-alert gauges."""
-        if not self._started:
-            for status in AlertStatus:
-                metrics.alert_transitions.labels(status.value)  # 0 from the start, not absent
-            self._started = True
-        rows = tx.exec(
-            select(AlertTransitionRow, AlertRow)
-            .join(AlertRow, col(AlertRow.id) == col(AlertTransitionRow.alert_id))
-            .where(col(AlertTransitionRow.id) > self.last_transition)
-            .order_by(col(AlertTransitionRow.id))
-        ).all()
-        for tr, alert in rows:
-            metrics.alert_transitions.labels(tr.to_status).inc()
-            spent = (tr.at - alert.fired_at).total_seconds()
-            if tr.to_status == AlertStatus.ACKNOWLEDGED.value:
-                metrics.alert_time_to_ack.observe(max(spent, 0.0))
-            elif tr.to_status == AlertStatus.RESOLVED.value:
-                metrics.alert_time_to_resolve.observe(max(spent, 0.0))
-            self.last_transition = tr.id or self.last_transition
-        counts: dict[tuple[str, str, str], int] = {}
-        for a in tx.exec(select(AlertRow).where(col(AlertRow.status).in_(OPEN))):
-            k = (a.severity, a.rule, a.status)
-            counts[k] = counts.get(k, 0) + 1
-        for k in self.seen_open | set(counts):
-            metrics.alerts_open.labels(*k).set(counts.get(k, 0))
-        self.seen_open |= set(counts)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlmodel import Session, col, select
+
+from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow
 
 HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 
@@ -78,3 +83,40 @@ class AlertFamilies:
             ["level"],
             registry=r,
         )
+
+
+class AlertMetrics:
+    """Alert gauges and histograms, read from the alerts tables (the engine stays metric-free)."""
+
+    def __init__(self) -> None:
+        self.last_transition = 0
+        self.seen_open: set[tuple[str, str, str]] = set()
+        self._started = False
+
+    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
+        """Observe the transitions written since the last call, and set the open-alert gauges."""
+        if not self._started:
+            for status in AlertStatus:
+                metrics.alert_transitions.labels(status.value)  # 0 from the start, not absent
+            self._started = True
+        rows = tx.exec(
+            select(AlertTransitionRow, AlertRow)
+            .join(AlertRow, col(AlertRow.id) == col(AlertTransitionRow.alert_id))
+            .where(col(AlertTransitionRow.id) > self.last_transition)
+            .order_by(col(AlertTransitionRow.id))
+        ).all()
+        for tr, alert in rows:
+            metrics.alert_transitions.labels(tr.to_status).inc()
+            spent = (tr.at - alert.fired_at).total_seconds()
+            if tr.to_status == AlertStatus.ACKNOWLEDGED.value:
+                metrics.alert_time_to_ack.observe(max(spent, 0.0))
+            elif tr.to_status == AlertStatus.RESOLVED.value:
+                metrics.alert_time_to_resolve.observe(max(spent, 0.0))
+            self.last_transition = tr.id or self.last_transition
+        counts: dict[tuple[str, str, str], int] = {}
+        for a in tx.exec(select(AlertRow).where(col(AlertRow.status).in_(OPEN))):
+            k = (a.severity, a.rule, a.status)
+            counts[k] = counts.get(k, 0) + 1
+        for k in self.seen_open | set(counts):
+            metrics.alerts_open.labels(*k).set(counts.get(k, 0))
+        self.seen_open |= set(counts)

@@ -36,9 +36,9 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from alerts.dispatch import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
-from alerts.engine import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from alerts.metrics import AlertFamilies
 from alerts.rules import Receiver, Rule
+from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog

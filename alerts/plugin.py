@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry
 from sqlmodel import Session, col, select
 
 from alerts.dispatch import OPEN_ORDER, WorkOrderMetrics, WorkOrderRow
-from alerts.engine import OPEN, AlertMetrics, AlertRow
-from alerts.metrics import AlertFamilies
+from alerts.metrics import AlertFamilies, AlertMetrics
 from alerts.notify import Links, Notifier
 from alerts.roster import load_roster_file
 from alerts.routes import alerts, silences, work_orders
 from alerts.rules import FileProblemsError, Receiver, load_rules_file
+from alerts.tables import OPEN, AlertRow
 from gateway.cluster import Lease
 from gateway.plugins import Plugin
 from gateway.tasks import stop_task

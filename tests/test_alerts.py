@@ -13,7 +13,8 @@ import httpx
 import pytest
 from sqlmodel import col, select
 
-from alerts.engine import ALERT_SOURCE, AlertRow, NotificationRow
+from alerts.lifecycle import ALERT_SOURCE
+from alerts.tables import AlertRow, NotificationRow
 from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings
@@ -242,7 +243,7 @@ def _event(etype: str, subject: str, site: str, t: Any, **data: Any) -> Any:
 def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(make_store: Callable[[], Any]) -> None:
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from alerts.engine import AlertRow  # noqa: PLC0415
+    from alerts.tables import AlertRow  # noqa: PLC0415
 
     engine, store = _engine_store(make_store)
     t = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -258,7 +259,7 @@ def test_a_site_power_failure_inhibits_offline_alerts_at_that_site_only(make_sto
 def test_no_absence_alerts_while_the_broker_is_lost_and_one_heartbeat_after(make_store: Callable[[], Any]) -> None:
     from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
-    from alerts.engine import AlertRow  # noqa: PLC0415
+    from alerts.tables import AlertRow  # noqa: PLC0415
 
     engine, store = _engine_store(make_store)
     connected = {"up": True}
@@ -291,8 +292,9 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
     # The SQLite fast path (_SQL_READERS' beyond column) itself; other databases take the readings one by one.
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from alerts.engine import _SQL_READERS, AlertEngine  # noqa: PLC0415
+    from alerts.engine import AlertEngine  # noqa: PLC0415
     from alerts.rules import load_rules  # noqa: PLC0415
+    from alerts.state import _SQL_READERS  # noqa: PLC0415
     from gateway.events import Event  # noqa: PLC0415
     from gateway.store import Store  # noqa: PLC0415
 

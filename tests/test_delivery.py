@@ -17,9 +17,10 @@ import pytest
 from sqlmodel import col, select
 
 from alerts.dispatch import Dispatch
-from alerts.engine import ALERT_SOURCE, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
+from alerts.lifecycle import ALERT_SOURCE
 from alerts.roster import load_roster
 from alerts.rules import RulesError, load_rules
+from alerts.tables import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
 from gateway.broker import Mosquitto
 from gateway.config import Settings
 from gateway.service import Gateway

@@ -18,8 +18,8 @@ import pytest
 from sqlmodel import col, select
 
 from alerts.dispatch import Dispatch
-from alerts.engine import NotificationRow
 from alerts.roster import load_roster
+from alerts.tables import NotificationRow
 from devices.connect import mqtt_client
 from gateway.broker import Mosquitto
 from gateway.config import Settings

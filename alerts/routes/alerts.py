@@ -11,16 +11,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
 
-from alerts.engine import (
-    OPEN,
-    AlertRow,
-    AlertStatus,
-    AlertTransitionRow,
-    DeliveryRow,
-    NotificationRow,
-    acknowledge,
-    resolve,
-)
+from alerts.lifecycle import AlertActionError, act_by_hand
+from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow, DeliveryRow, NotificationRow
 from gateway.api.auth import TECHNICIAN
 from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
@@ -160,21 +152,15 @@ async def alert(store: StoreDep, alert_id: RowId) -> AlertDetail:
     return await asyncio.to_thread(_detail, store, alert_id)
 
 
+ACTION_STATUS = {"unknown": 404, "state": 409, "note": 422}
+
+
 def _act(store: Any, alert_id: int, body: Action, *, to: AlertStatus) -> AlertDetail:  # noqa: ANN401 - Store
     with store.session() as tx:
-        row = tx.get(AlertRow, alert_id)
-        if row is None:
-            raise HTTPException(status_code=404, detail=f"no alert {alert_id}")
-        if to is AlertStatus.ACKNOWLEDGED:
-            if row.status not in (AlertStatus.FIRING.value, AlertStatus.FLAPPING.value):
-                raise HTTPException(status_code=409, detail=f"alert {alert_id} is {row.status}, not firing")
-            acknowledge(tx, row, utcnow(), body.by, body.note)
-        else:
-            if row.status not in OPEN:
-                raise HTTPException(status_code=409, detail=f"alert {alert_id} is already {row.status}")
-            if not body.note:
-                raise HTTPException(status_code=422, detail="note: say why it is resolved")
-            resolve(tx, row, utcnow(), body.by, body.note)
+        try:
+            act_by_hand(tx, alert_id, to, by=body.by, note=body.note, at=utcnow())
+        except AlertActionError as exc:
+            raise HTTPException(status_code=ACTION_STATUS[exc.kind], detail=str(exc)) from None
         tx.commit()
     return _detail(store, alert_id)
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlmodel import col, select
 
-from alerts.engine import SilenceRow
 from alerts.rules import parse_duration
+from alerts.tables import SilenceRow
 from gateway.api.auth import ADMIN
 from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of

@@ -21,9 +21,9 @@ from alerts.dispatch import (
     WorkOrderEntryRow,
     WorkOrderRow,
 )
-from alerts.engine import NotificationRow
 from alerts.roster import Technician
 from alerts.routes.alerts import DeliveryPublic, deliveries_of
+from alerts.tables import NotificationRow
 from gateway.api.auth import ADMIN, TECHNICIAN
 from gateway.api.deps import RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, bad_cursor, page_of, whole
