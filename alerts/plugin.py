@@ -145,7 +145,11 @@ def check_file(kind: str, path: Path) -> int:
         if kind == "rules":
             ruleset = load_rules_file(path)
             kinds = ", ".join(sorted({r.kind for r in ruleset.rules}))
-            summary = f"{plural(len(ruleset.rules), 'rule')} OK ({kinds})"
+            summary = (
+                f"{plural(len(ruleset.rules), 'rule')} OK ({kinds})"
+                if ruleset.rules
+                else ("no rules: valid, but the alert engine would raise no alert")
+            )
         else:
             roster = load_roster_file(path)
             counts = [
@@ -153,6 +157,8 @@ def check_file(kind: str, path: Path) -> int:
             ]
             roles = ", ".join(plural(n, r) for n, r in counts)
             summary = f"OK ({roles}; {plural(len(roster.policies), 'escalation policy', 'escalation policies')})"
+            if counts[0][0] == 0:
+                summary += "; no technician: every order goes past that level to the next at once"
     except FileProblemsError as exc:
         print(exc, file=sys.stderr)  # noqa: T201
         return 1
