@@ -38,6 +38,7 @@ class AlertsPlugin(Plugin):
 
     name = "alerts"
     consumers = ("alerts", "dispatch")
+    event_types = ("alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved", "workorder.*")
     migrations = "alerts.migrations"
 
     def __init__(self, host: Any) -> None:  # noqa: ANN401 - gateway.plugins.Host

@@ -61,10 +61,14 @@ def child_environment(settings: Settings) -> dict[str, str]:
     """The child's environment: these settings as IOTGW_* (flags included), consumers only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOTGW_")}
     for field, value in settings.model_dump().items():
+        if value is None:
+            continue  # unset: the child takes the same default
         if isinstance(value, SecretStr):
             text = value.get_secret_value()
         elif isinstance(value, bool):
             text = "true" if value else "false"
+        elif isinstance(value, list | dict | tuple):
+            text = json.dumps(value)  # how pydantic-settings reads a complex value from the environment
         else:
             text = str(value)
         env[f"IOTGW_{field.upper()}"] = text

@@ -352,7 +352,11 @@ def plugin_settings() -> dict[str, type[BaseModel]]:
     found: dict[str, type[BaseModel]] = {}
     taken = dict.fromkeys(GatewaySettings.model_fields, "the gateway")
     for ep in entry_points(group=SETTINGS_GROUP):
-        model = ep.load()
+        try:
+            model = ep.load()
+        except Exception as exc:
+            msg = f"settings {ep.name!r} ({ep.value}) could not be loaded: {exc}"
+            raise ConfigError(msg) from exc
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             msg = f"settings {ep.name!r} ({ep.value}) is not a pydantic model"
             raise ConfigError(msg)

@@ -19,7 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     except Exception as exc:  # a library that wrapped the interrupt in an error of its own (pydantic-core)
         if not _interrupted(exc):
-            raise
+            from gateway.errors import GatewayError  # noqa: PLC0415
+
+            if not isinstance(exc, GatewayError):
+                raise
+            # A plugin that cannot be loaded with the settings (gateway/config.py): one line.
+            print(f"iotgw: {str(exc).splitlines()[0]}", file=sys.stderr)  # noqa: T201
+            return 1
     print("\niotgw: interrupted", file=sys.stderr)  # noqa: T201
     return INTERRUPTED
 

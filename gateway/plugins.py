@@ -62,6 +62,8 @@ class Host:
                 await asyncio.get_running_loop().run_in_executor(self.background, job)
             except StoreError as exc:
                 log.debug("%s not refreshed: %s", what, exc)
+            except Exception:  # a bug in the job: said, and tried again next time
+                log.exception("%s failed", what)
             await asyncio.sleep(seconds)
 
 
@@ -71,6 +73,8 @@ class Plugin:
     name: ClassVar[str] = ""
     # The entry point names of its consumers (`iotgw.consumers`): see `active`.
     consumers: ClassVar[tuple[str, ...]] = ()
+    # The event types its consumers append to the log (`x.*` for a family): the API filters on them.
+    event_types: ClassVar[tuple[str, ...]] = ()
     # The package whose `versions/` folder holds its Alembic revisions: one branch, labelled with
     # the plugin's name, whose base depends on the platform revision it builds on. They run with
     # the platform's at every start (gateway/store.py).
@@ -125,6 +129,9 @@ def plugin_classes() -> dict[str, type[Plugin]]:
             raise ConfigError(msg) from exc
         if not (isinstance(cls, type) and issubclass(cls, Plugin)):
             msg = f"plugin {ep.name!r} ({ep.value}) is not a gateway.plugins.Plugin subclass"
+            raise ConfigError(msg)
+        if cls.name != ep.name:
+            msg = f"plugin entry point {ep.name!r} names a plugin called {cls.name!r}: make them the same"
             raise ConfigError(msg)
         found[ep.name] = cls
     return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,16 @@ from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
 DEFAULT_DATABASE = Settings.model_fields["database_url"].default
+
+
+def _plugin_ended(name: str, task: asyncio.Task[None]) -> None:
+    """A plugin's background work that ends by itself is said, with why when it failed."""
+    if task.cancelled():
+        return
+    if (exc := task.exception()) is not None:
+        log.error("plugin %s: its background work failed and stopped: %r", name, exc, exc_info=exc)
+    else:
+        log.info("plugin %s: its background work ended", name)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -184,7 +195,9 @@ class Gateway:
         """The background work of the plugins whose consumers run here."""
         for name, plugin in self.plugins.items():
             if plugin.active:
-                self._plugin_tasks.append(asyncio.create_task(plugin.run(), name=f"iotgw-plugin-{name}"))
+                task = asyncio.create_task(plugin.run(), name=f"iotgw-plugin-{name}")
+                task.add_done_callback(functools.partial(_plugin_ended, name))
+                self._plugin_tasks.append(task)
 
     def _check_reserved(self) -> None:
         # A device provisioned under the gateway's client id would, on the devices' listener, get
@@ -236,9 +249,12 @@ class Gateway:
             await self.sequencer.stop()
         if self.consumer_process is not None:
             await self.consumer_process.stop()
-        for plugin in self.plugins.values():
+        for name, plugin in self.plugins.items():
             if plugin.active:
-                await plugin.stop()
+                try:
+                    await plugin.stop()
+                except Exception:  # one plugin's failure must not keep the gateway from stopping cleanly
+                    log.exception("plugin %s failed to stop", name)
         for task in self._plugin_tasks:
             await stop_task(task)
         await asyncio.to_thread(self._background.shutdown, wait=True)

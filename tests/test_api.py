@@ -281,3 +281,21 @@ async def test_every_list_has_one_shape_and_pages_through_every_item_once(make_s
         assert (await c.get("/api/work-orders", params={"cursor": "0.P1"})).status_code == 422
         assert (await c.get("/api/alerts", params={"cursor": "0.P1.3"})).status_code == 422
     store.close()
+
+
+async def test_an_event_type_a_consumer_appends_is_filtered_on_even_undeclared(make_store: Callable[[], Store]) -> None:
+    store = make_store()
+    custom = Event(id="c-1", source="plugins/x", type="doorwatch.busy", time=T0, subject="e1", data={})
+    store.append_batch([custom], [], [], now=T0)
+    metrics = Metrics(CollectorRegistry())
+    app = create_app(AppState(store, metrics, lambda: True, lambda: True, security=ApiSecurity(auth=False),
+                              plugins=installed_plugins(store, metrics.registry)))  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        for wanted in ("doorwatch.busy", "doorwatch.*"):
+            r = await c.get("/api/events", params={"type": wanted})
+            assert r.status_code == 200, r.text
+            assert [e["type"] for e in r.json()["items"]] == ["doorwatch.busy"]
+        assert (await c.get("/api/events", params={"type": "doorwatch.bsy"})).status_code == 422
+        declared = await c.get("/api/events", params={"type": "workorder.assigned"})  # the alerts plugin's
+        assert declared.status_code == 200, declared.text
+    store.close()

@@ -16,7 +16,7 @@ from gateway.cli.common import _SETTING_FLAGS, _add_settings, _create_flag, _fle
 from gateway.cli.demo import _cmd_demo
 from gateway.cli.run import _cmd_consumer_process, _cmd_run
 from gateway.cli.simulate import _cmd_simulate, _simulate_args
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.plugins import plugin_classes
 from gateway.protocol import DeviceType
 from gateway.security import ROLES
@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     krev.add_argument("key_id", help="the key's id, from `iotgw apikeys list`")
     _add_settings(krev, fields=("database_url",))
 
-    for plugin in plugin_classes().values():  # the plugins' command groups (`iotgw rules`...)
-        plugin.add_commands(sub)
+    for name, plugin in plugin_classes().items():  # the plugins' command groups (`iotgw rules`...)
+        try:
+            plugin.add_commands(sub)
+        except argparse.ArgumentError as exc:
+            msg = f"plugin {name!r}: {exc}"
+            raise ConfigError(msg) from None
 
     demo = sub.add_parser(
         "demo",

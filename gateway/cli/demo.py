@@ -242,7 +242,9 @@ async def _demo_status(gw: Any, fleet: Any, stop: asyncio.Event, duration: float
             await asyncio.wait_for(stop.wait(), 5)
         events = await asyncio.to_thread(gw.store.count_events)
         live = await asyncio.to_thread(snapshot, gw.store, gw.plugins)  # what the staff page shows: open ones
-        shown = "".join(f", {len(items)} open {name.replace('_', ' ')}" for name, items in live.items())
+        shown = "".join(
+            f", {len(items)} open {name.replace('_', ' ')}" for name, items in live.items() if isinstance(items, list)
+        )
         rejected = await asyncio.to_thread(gw.store.count_dead_letters)  # the database's, as the events count
         print(  # noqa: T201
             f"demo: {fleet.stats.connected}/{fleet.stats.devices} devices connected, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from alembic import context
 from sqlmodel import SQLModel
 
@@ -13,8 +15,11 @@ from gateway.plugins import plugin_classes
 from gateway.router import available_consumers
 
 plugin_classes()
-for load in available_consumers().values():
-    load()
+for name, load in available_consumers().items():
+    try:
+        load()
+    except Exception as exc:
+        logging.getLogger(__name__).warning("consumer %s could not be loaded: %s", name, exc)
 
 connection = context.config.attributes["connection"]
 # render_as_batch: SQLite alters a table by copying it, which Alembic's batch mode does.

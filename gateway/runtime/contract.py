@@ -107,6 +107,9 @@ def load_consumers(names: Sequence[str], settings: Any = None) -> list[Consumer]
         if not isinstance(consumer, Consumer):
             msg = f"consumer {name!r} does not have name, types and handle(events, tx)"
             raise ConfigError(msg)
+        if consumer.name != name:  # selected, run, reported and operated by one name
+            msg = f"consumer entry point {name!r} names a consumer called {consumer.name!r}: make them the same"
+            raise ConfigError(msg)
         consumers.append(consumer)
     return consumers
 

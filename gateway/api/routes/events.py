@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from sqlmodel import col, select
 
 from gateway.api.deps import StoreDep
 from gateway.api.pages import id_cursor
 from gateway.api.schemas import EventPage
 from gateway.events import EVENT_TYPES
-from gateway.store import EventQuery, Store, cloudevent_of, list_events
+from gateway.plugins import Plugin
+from gateway.store import EventQuery, EventRow, Store, cloudevent_of, list_events
 
 router = APIRouter(prefix="/api/events", tags=["events"])
 
@@ -32,30 +35,48 @@ def _page(store: Store, q: EventQuery) -> bytes:
     return json.dumps({"items": items, "next_cursor": next_cursor}, separators=(",", ":")).encode()
 
 
-# The types of the log: the devices' events, and those the gateway derives (any `workorder.<step>`).
-KNOWN_TYPES = (*EVENT_TYPES, "alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved")
-DERIVED_PREFIXES = ("workorder.",)
+def known_types(plugins: Mapping[str, Plugin]) -> tuple[list[str], list[str]]:
+    """The log's types: the devices' events and those the plugins say their consumers append;
+    as exact types, and prefixes (from patterns ending in `*`)."""
+    declared = [*EVENT_TYPES, *(t for p in plugins.values() for t in p.event_types)]
+    return [t for t in declared if not t.endswith("*")], [t[:-1] for t in declared if t.endswith("*")]
 
 
-def _check_type(wanted: str) -> None:
+def _in_log(store: Store, wanted: str) -> bool:
+    """Whether the log holds an event of this type (or, for `x.*`, of this prefix): types of
+    consumers that did not declare them (an index seek, not a scan)."""
+    with store.session() as tx:
+        if wanted.endswith(".*"):
+            prefix = wanted[:-1]
+            hit = tx.exec(
+                select(EventRow.id).where(col(EventRow.type) >= prefix, col(EventRow.type) < prefix + "\uffff")
+            )
+        else:
+            hit = tx.exec(select(EventRow.id).where(col(EventRow.type) == wanted))
+        return hit.first() is not None
+
+
+def _check_type(wanted: str, exact: list[str], prefixes: list[str]) -> bool:
+    """Whether the type (or `x.*` prefix) is one the gateway knows of."""
+    if wanted.endswith(".*"):
+        prefix = wanted[:-1]
+        return any(t.startswith(prefix) for t in exact) or any(p.startswith(prefix) or prefix.startswith(p)
+                                                               for p in prefixes)  # fmt: skip
+    return wanted in exact or wanted.startswith(tuple(prefixes))
+
+
+def _unknown_type(wanted: str, exact: list[str], prefixes: list[str]) -> HTTPException:
     """A type no event has is a 422 listing the known ones (a typo must not answer "nothing")."""
-    prefix = wanted[:-1] if wanted.endswith(".*") else None
-    if prefix is not None:
-        if any(t.startswith(prefix) for t in (*KNOWN_TYPES, *DERIVED_PREFIXES)) or "workorder.".startswith(prefix):
-            return
-    elif wanted in KNOWN_TYPES or wanted.startswith(DERIVED_PREFIXES):
-        return
-    families = sorted({t.split(".")[0] + ".*" for t in KNOWN_TYPES} | {"workorder.*"})
-    close = difflib.get_close_matches(wanted, families if prefix is not None else KNOWN_TYPES, n=1, cutoff=0.6)
+    families = sorted({t.split(".")[0] + ".*" for t in exact} | {p + "*" for p in prefixes})
+    close = difflib.get_close_matches(wanted, families if wanted.endswith(".*") else exact, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
-    known = ", ".join(KNOWN_TYPES)
-    raise HTTPException(
-        status_code=422, detail=f"type: no event is of type {wanted!r}; {hint}known: {known}, workorder.*"
-    )
+    known = ", ".join([*exact, *(p + "*" for p in prefixes)])
+    return HTTPException(status_code=422, detail=f"type: no event is of type {wanted!r}; {hint}known: {known}")
 
 
 @router.get("", response_model=EventPage)
 async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filter
+    request: Request,
     store: StoreDep,
     device_id: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
     type: Annotated[str | None, Query(max_length=100, description="exact type, or a prefix ending in .*")] = None,  # noqa: A002
@@ -72,6 +93,8 @@ async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filte
         if value is not None and value.tzinfo is None:
             raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
     if type is not None:
-        _check_type(type)
+        exact, prefixes = known_types(request.app.state.iotgw.plugins)
+        if not _check_type(type, exact, prefixes) and not await asyncio.to_thread(_in_log, store, type):
+            raise _unknown_type(type, exact, prefixes)
     q = EventQuery(device_id, type, since, until, decode_cursor(cursor), limit, newest_first=order == "desc")
     return Response(await asyncio.to_thread(_page, store, q), media_type="application/json")

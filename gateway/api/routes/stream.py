@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from gateway.security import Principal, key_in_force
 from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["live"])
+log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 15.0
 KEY_RECHECK_S = 5.0  # an open stream ends this soon after its API key is revoked
@@ -28,8 +30,18 @@ def snapshot(store: Store, plugins: Mapping[str, Plugin]) -> dict[str, Any]:
     """What every plugin shows live, in one transaction."""
     out: dict[str, Any] = {}
     with store.session() as tx:
-        for plugin in plugins.values():
-            out |= plugin.live(tx)
+        for name, plugin in plugins.items():
+            try:
+                part = plugin.live(tx)
+            except Exception:  # one plugin's failure leaves its part out, not the stream
+                log.exception("plugin %s: its live view failed", name)
+                tx.rollback()
+                continue
+            for key, value in part.items():
+                if key in out:
+                    log.warning("plugin %s: live key %r is another plugin's; left out", name, key)
+                    continue
+                out[key] = value
     return out
 
 
