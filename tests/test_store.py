@@ -257,3 +257,45 @@ def test_sqlite_writers_in_one_process_queue_for_the_write_lock_and_get_it_at_on
         tx.connection().exec_driver_sql("SELECT count(*) FROM events").fetchall()  # a read takes no gate
         assert not gate.locked()
     store.close()
+
+
+def test_a_plugin_that_gains_migrations_adopts_the_tables_it_had_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third-party plugin first shipped without migrations (its table created at start), then with
+    a branch whose first revision makes that table: the branch is stamped, not run again."""
+    (tmp_path / "adopting_plugin.py").write_text(
+        "from sqlmodel import Field, SQLModel\nfrom gateway.plugins import Plugin\n\n"
+        "class AdoptedRow(SQLModel, table=True):\n    __tablename__ = 'adopted_rows'\n"
+        "    id: int | None = Field(default=None, primary_key=True)\n\n"
+        "class Adopting(Plugin):\n    name = 'adopting'\n"
+    )
+    info = tmp_path / "adopting_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: adopting-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[iotgw.plugins]\nadopting = adopting_plugin:Adopting\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    db = f"sqlite:///{tmp_path / 'adopt.db'}"
+    first = Store(db)
+    first.create_schema()  # version 1 of the plugin: no migrations, the table created at start
+    first.close()
+    versions_dir = tmp_path / "adopting_migrations" / "versions"
+    versions_dir.mkdir(parents=True)
+    (tmp_path / "adopting_migrations" / "__init__.py").write_text(
+        "ADOPTED_AT = {'0004': 'adopting_0001'}\nADOPTED_IF_TABLE = 'adopted_rows'\n"
+    )
+    (versions_dir / "adopting_0001.py").write_text(
+        "import sqlalchemy as sa\nfrom alembic import op\n\nrevision = 'adopting_0001'\ndown_revision = None\n"
+        "branch_labels = ('adopting',)\ndepends_on = '0001'\n\n"
+        "def upgrade():\n    op.create_table('adopted_rows', sa.Column('id', sa.Integer(), primary_key=True))\n\n"
+        "def downgrade():\n    op.drop_table('adopted_rows')\n"
+    )
+    import adopting_plugin  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    monkeypatch.setattr(adopting_plugin.Adopting, "migrations", "adopting_migrations")  # version 2
+    second = Store(db)
+    second.create_schema()  # not "table adopted_rows already exists"
+    with second.engine.connect() as conn:
+        assert "adopting_0001" in versions(conn)
+        assert versions(conn) == heads(conn)
+    second.close()

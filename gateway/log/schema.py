@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import importlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -65,17 +66,30 @@ def _plugin_migrations() -> dict[str, Any]:
 
 
 def _adopt_plugin_tables(conn: Connection, config: AlembicConfig, branches: dict[str, Any], tables: set[str]) -> None:
-    """A database whose plugin tables came with the platform's revisions, before the plugin had a
-    branch of its own: stamp that branch at the revision its tables are at (`ADOPTED_AT`), so its
-    later revisions run and its first ones do not run again."""
+    """A database with a plugin's tables but no row of its branch (the tables came with the
+    platform's revisions, or were created before the plugin had migrations): stamp that branch at
+    the revision its tables are at (`ADOPTED_AT`, by the platform's revision), so its later
+    revisions run and its first ones do not run again."""
     versions = {row[0] for row in conn.exec_driver_sql("SELECT version_num FROM alembic_version")}
-    if len(versions) != 1:
-        return  # a database of the branches already: each branch has a row of its own
-    (platform,) = versions
-    for module in branches.values():
-        adopted = getattr(module, "ADOPTED_AT", {}).get(platform)
+    platform = versions & _revisions(MIGRATIONS / "versions")
+    if len(platform) != 1:
+        return
+    (at,) = platform
+    for name, module in branches.items():
+        if versions & _revisions(files(name) / "versions"):
+            continue  # the branch has its row: Alembic knows where it is
+        adopted = getattr(module, "ADOPTED_AT", {}).get(at)
         if adopted and getattr(module, "ADOPTED_IF_TABLE", None) in tables:
             alembic_command.stamp(config, adopted)
+
+
+def _revisions(folder: Any) -> set[str]:  # noqa: ANN401 - a Path or an importlib Traversable
+    """The revision ids of the migration files in `folder`."""
+    found = set()
+    for item in folder.iterdir():
+        if item.name.endswith(".py") and (m := re.search(r'^revision = "([^"]+)"', item.read_text(), re.M)):
+            found.add(m.group(1))
+    return found
 
 
 def _add_missing_columns(conn: Connection) -> None:
