@@ -299,3 +299,10 @@ def test_a_plugin_that_gains_migrations_adopts_the_tables_it_had_without(
         assert "adopting_0001" in versions(conn)
         assert versions(conn) == heads(conn)
     second.close()
+
+
+def test_a_database_migrated_by_a_plugin_not_installed_here_is_refused_in_one_line(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("insert into alembic_version (version_num) values (:v)"), {"v": "doorwatch_0001"})
+    with pytest.raises(StoreError, match=r"plugins that are not installed here \(revisions doorwatch_0001\)"):
+        store.create_schema()

@@ -41,8 +41,23 @@ def _migrate(conn: Connection) -> None:
         _add_missing_columns(conn)
         alembic_command.stamp(config, "heads")
     elif "alembic_version" in tables:
+        _refuse_unknown_revisions(conn, branches)
         _adopt_plugin_tables(conn, config, branches, tables)
     alembic_command.upgrade(config, "heads")
+
+
+def _refuse_unknown_revisions(conn: Connection, branches: dict[str, Any]) -> None:
+    """A database migrated by a plugin that is not installed here: say so in one line (Alembic
+    alone says it cannot locate a revision, with a traceback, for every command)."""
+    versions = {row[0] for row in conn.exec_driver_sql("SELECT version_num FROM alembic_version")}
+    known = _revisions(MIGRATIONS / "versions").union(*(_revisions(files(name) / "versions") for name in branches))
+    unknown = sorted(versions - known)
+    if unknown:
+        msg = (
+            f"this database was migrated by plugins that are not installed here (revisions {', '.join(unknown)}): "
+            "install them, or use another database"
+        )
+        raise StoreError(msg)
 
 
 def alembic_config(conn: Connection, branches: dict[str, Any] | None = None) -> AlembicConfig:
