@@ -12,8 +12,10 @@ from typing import Any
 from sqlalchemy import delete, event
 from sqlmodel import Session, col, select
 
+from alerts.evaluation import KeyState, Observation, Signal, step
 from alerts.lifecycle import RECONCILING, _before_replay, _rebuilding, change_status, record, resolve
-from alerts.rules import DeviceInfo, KeyState, Observation, Receiver, Rule, RuleSet, Signal, load_rules_file, step
+from alerts.loading import load_rules_file
+from alerts.rules import DeviceInfo, Receiver, Rule, RuleSet
 from alerts.state import (
     _SENSOR_TYPES,
     _SQL_READERS,

@@ -20,205 +20,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-import ssl
 import time
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
-import httpx
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from alerts.dispatch import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
+from alerts.bodies import Links, am_alert, am_ends_at, build, build_page, cloudevent_request
+from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
+from alerts.http import OUTCOME_RANK, Request, _readable, post
 from alerts.metrics import AlertFamilies
-from alerts.rules import Receiver, Rule
+from alerts.rules import Receiver
 from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
 from gateway.logs import QuietLog
 from gateway.store import EventRow, Store, cloudevent_of
 
+log = logging.getLogger("alerts.notify")
+
+
 log = logging.getLogger(__name__)
 
+
 MAX_BACKOFF_S = 300.0
+
+
 LANE_BATCH = 100  # deliveries one lane tries per round at most
+
+
 SYNC_BATCH = 500  # alerts per request to Alertmanager
+
+
 SYNC_RETRY_S = 5.0  # an Alertmanager that did not take the state is tried again this soon
-TRANSIENT_4XX = frozenset({408, 425, 429})
+
+
 FAILURE_REASONS = ("rejected", "unreachable", "expired")  # iotgw_notifications_failed_total{reason}
-PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}
-PD_ACTION = {"firing": "trigger", "flapping": "trigger", "acknowledged": "acknowledge", "resolved": "resolve"}
-PD_PRIORITY = {"P1": "critical", "P2": "error", "P3": "warning"}
-
-
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class Links:
-    """What bodies say beyond the alert itself: where the staff page is, the rules' extras."""
-
-    public_url: str = "http://127.0.0.1:8000"
-    rules: Mapping[str, Rule] = field(default_factory=dict)
-
-    def alert(self, alert_id: int | None) -> str:
-        return f"{self.public_url}/ui/?alert={alert_id}"
-
-    def order(self, order_id: int | None) -> str:
-        return f"{self.public_url}/ui/?work_order={order_id}"
-
-
-def am_alert(alert: AlertRow, device_type: str | None, links: Links, ends_at: datetime) -> dict[str, Any]:
-    """One alert as Alertmanager's API takes it (`POST /api/v2/alerts`, a list of these)."""
-    rule = links.rules.get(alert.rule)
-    labels = {
-        **(rule.labels if rule is not None else {}),
-        "alertname": alert.rule, "device": alert.device_id, "severity": alert.severity, "source": "iotgw",
-    }  # fmt: skip
-    if alert.site:
-        labels["site"] = alert.site  # (an empty label is no label to Alertmanager)
-    if device_type:
-        labels["device_type"] = device_type
-    annotations = {"summary": alert.summary}
-    if rule is not None and rule.description:
-        annotations["description"] = rule.description
-    if rule is not None and rule.runbook_url:
-        annotations["runbook_url"] = rule.runbook_url
-    return {
-        "labels": labels, "annotations": annotations, "startsAt": _iso(alert.fired_at), "endsAt": _iso(ends_at),
-        "generatorURL": links.alert(alert.id),
-    }  # fmt: skip
-
-
-def am_ends_at(receiver: Receiver, alert: AlertRow, now: datetime) -> datetime:
-    """As Prometheus does: an open alert ends 4 resend intervals ahead unless sent again; a
-    resolved one ended when it resolved."""
-    if alert.status == "resolved" and alert.resolved_at is not None:
-        return alert.resolved_at
-    return now + timedelta(seconds=4 * receiver.resend_interval)
-
-
-def build(  # noqa: PLR0913, PLR0917
-    receiver: Receiver,
-    n: NotificationRow,
-    alert: AlertRow,
-    tr: AlertTransitionRow,
-    links: Links,
-    device_type: str | None = None,
-    now: datetime | None = None,
-) -> dict[str, Any] | list[dict[str, Any]] | None:
-    """The request body for an Alertmanager or PagerDuty receiver, or None when the receiver has
-    no such transition (CloudEvents receivers get the log's event: `cloudevent_request`)."""
-    facts = {
-        "alert_id": alert.id, "rule": alert.rule, "device_id": alert.device_id, "site": alert.site,
-        "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": _iso(alert.fired_at),
-        "by": tr.by, "note": tr.note, "from_status": tr.from_status,
-    }  # fmt: skip
-    if receiver.kind == "alertmanager":
-        # Its current state: a late retry never sends Alertmanager back to an older one.
-        return [am_alert(alert, device_type, links, am_ends_at(receiver, alert, now or datetime.now(UTC)))]
-    if receiver.kind == "alertmanager-webhook":
-        if n.status == "acknowledged":
-            return None  # Alertmanager's webhook format knows only firing and resolved
-        am_status = "resolved" if n.status == "resolved" else "firing"
-        labels = {
-            "alertname": alert.rule,
-            "device": alert.device_id,
-            "site": alert.site or "",
-            "severity": alert.severity,
-        }
-        return {
-            "version": "4", "groupKey": f"{alert.rule}:{alert.device_id}", "truncatedAlerts": 0,
-            "status": am_status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
-            "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": links.public_url,
-            "alerts": [{
-                "status": am_status, "labels": labels, "annotations": {"summary": alert.summary},
-                "startsAt": _iso(alert.fired_at), "endsAt": _iso(alert.resolved_at) or "0001-01-01T00:00:00Z",
-                "generatorURL": links.alert(alert.id), "fingerprint": f"iotgw-{alert.id}",
-            }],
-        }  # fmt: skip
-    body: dict[str, Any] = {
-        "routing_key": receiver.routing_key,
-        "event_action": PD_ACTION[n.status],
-        "dedup_key": f"iotgw-{alert.rule}-{alert.device_id}-{alert.id}",
-    }
-    if n.status in ("firing", "flapping"):
-        body["payload"] = {
-            "summary": alert.summary[:1024], "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
-            "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site or NO_SITE,
-            "class": alert.rule, "custom_details": facts,
-        }  # fmt: skip
-        body |= _pd_links(links, links.alert(alert.id), "The alert on the staff page")
-    return body
-
-
-NO_SITE = "no site"  # PagerDuty's payload.group is a string
-
-
-def _pd_links(links: Links, href: str, text: str) -> dict[str, Any]:
-    return {"links": [{"href": href, "text": text}], "client": "iotgw", "client_url": f"{links.public_url}/ui/"}
-
-
-PD_PAGE_ACTION = {"acknowledged": "acknowledge", "en_route": "acknowledge", "on_site": "acknowledge",
-                  "resolved": "resolve", HANDED_OVER: "resolve"}  # fmt: skip
-
-
-def build_page(
-    receiver: Receiver, n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow, links: Links
-) -> dict[str, Any]:
-    """The PagerDuty event for a page: one incident per order and person, triggered when the
-    person is paged, acknowledged when the order is acknowledged, en route or on site, resolved
-    when it is resolved or passes to someone else."""
-    if receiver.kind != "pagerduty":
-        msg = f"no page body for a {receiver.kind} receiver"  # webhooks: cloudevent_request
-        raise ValueError(msg)
-    person = n.person or entry.assignee
-    action = PD_PAGE_ACTION.get(n.status, "trigger")
-    dedup_key = f"iotgw-workorder-{order.id}-{person}"
-    body: dict[str, Any] = {"routing_key": receiver.routing_key, "event_action": action, "dedup_key": dedup_key}
-    if action == "trigger":
-        facts = {
-            "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
-            "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
-            "level": entry.level, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
-        }  # fmt: skip
-        body["payload"] = {
-            "summary": f"[{order.priority}] {order.summary}"[:1024], "source": order.device_id,
-            "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": _iso(entry.at),
-            "component": order.device_type or "device", "group": order.site or NO_SITE,
-            "class": f"work-order {order.priority}", "custom_details": facts,
-        }  # fmt: skip
-        body |= _pd_links(links, links.order(order.id), "The work order on the staff page")
-    return body
-
-
-STRUCTURED = "application/cloudevents+json; charset=utf-8"
-Request: TypeAlias = tuple[bytes, dict[str, str]]  # body and headers
-# Header values of the HTTP binding: printable ASCII but for space, '"' and '%' as they are.
-_HEADER_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "%"}
-
-
-def _header_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return "".join(c if c in _HEADER_SAFE else urllib.parse.quote(c, safe="") for c in text)
-
-
-def cloudevent_request(receiver: Receiver, event: dict[str, Any]) -> Request:
-    """The HTTP request (body, headers) carrying `event` by the CloudEvents HTTP binding:
-    structured mode (the whole event as JSON) or, with `mode: binary`, its attributes as
-    `ce-*` headers and its data as the body."""
-    if receiver.mode == "structured":
-        return json.dumps(event, separators=(",", ":")).encode(), {"Content-Type": STRUCTURED}
-    headers = {f"ce-{k}": _header_value(v) for k, v in event.items() if k not in ("data", "datacontenttype")}
-    headers["Content-Type"] = str(event.get("datacontenttype", "application/json"))
-    return json.dumps(event.get("data"), separators=(",", ":")).encode(), headers
 
 
 class Notifier:
@@ -604,64 +445,3 @@ class Notifier:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
         self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
-
-
-OUTCOME_RANK = {"delivered": 0, "transient": 1, "rejected": 2, "unreachable": 3}
-
-
-def post(url: str, content: bytes, headers: dict[str, str], timeout_s: float) -> tuple[str, str | None, float | None]:
-    """POST once, all of it (connecting, sending, the whole answer) within `timeout_s`:
-    (outcome, error, Retry-After seconds); outcome delivered, transient (to retry), rejected (a
-    4xx other than 408, 425, 429, or a redirect: final) or unreachable (a URL no request can use)."""
-    try:
-        r = asyncio.run(_post(url, content, headers, timeout_s))
-    except TimeoutError:
-        return "transient", f"no complete answer within {timeout_s:g} s", None
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as exc:
-        return "unreachable", f"{type(exc).__name__}: {exc}"[:300], None
-    except httpx.HTTPError as exc:
-        return "transient", f"{type(exc).__name__}: {exc}"[:300], None
-    if r.is_success:
-        return "delivered", None, None
-    if r.is_redirect:  # not followed (the body would not go on as it was): the URL to set is that one
-        where = r.headers.get("Location", "?")[:200]
-        return "rejected", f"HTTP {r.status_code} to {where}: set that as the receiver's url", None
-    answer = " ".join(r.text.split())[:200]
-    error = f"HTTP {r.status_code}" + (f": {answer}" if answer else "")
-    permanent = 400 <= r.status_code < 500 and r.status_code not in TRANSIENT_4XX
-    return ("rejected" if permanent else "transient"), error, _retry_after(r)
-
-
-@functools.cache
-def _tls() -> ssl.SSLContext:
-    """One TLS context for every request (loading the CA bundle costs some 45 ms a client)."""
-    return httpx.create_ssl_context()
-
-
-async def _post(url: str, content: bytes, headers: dict[str, str], timeout_s: float) -> httpx.Response:
-    # httpx's timeouts are per read: a receiver trickling its answer a byte at a time would hold
-    # the lane for ever. The whole exchange has one deadline here, the answer's body included.
-    client = httpx.AsyncClient(follow_redirects=False, timeout=timeout_s, verify=_tls())
-    async with client, asyncio.timeout(timeout_s):
-        r = await client.post(url, content=content, headers=headers)
-        await r.aread()
-        return r
-
-
-def _readable(content: bytes) -> str:
-    """One short line for a person reading the log, from a CloudEvent's JSON."""
-    try:
-        ev = json.loads(content)
-        data = ev.get("data") or {}
-        what = data.get("summary") or data.get("note") or ""
-        who = f" -> {data['assignee']}" if data.get("assignee") else ""
-        severity = data.get("severity") or data.get("priority") or ""
-        return f"{ev.get('type')} [{severity}] {ev.get('subject')}{who}: {what}"[:300]
-    except (ValueError, AttributeError, TypeError):
-        return content[:300].decode(errors="replace")
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    """A `Retry-After` in seconds (the HTTP-date form is rare from receivers: then None)."""
-    value = r.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None

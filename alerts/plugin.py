@@ -16,12 +16,14 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 from sqlmodel import Session, col, select
 
+from alerts.bodies import Links
 from alerts.dispatch import OPEN_ORDER, WorkOrderMetrics, WorkOrderRow
+from alerts.loading import FileProblemsError, load_rules_file
 from alerts.metrics import AlertFamilies, AlertMetrics
-from alerts.notify import Links, Notifier
+from alerts.notify import Notifier
 from alerts.roster import load_roster_file
 from alerts.routes import alerts, silences, work_orders
-from alerts.rules import FileProblemsError, Receiver, load_rules_file
+from alerts.rules import Receiver
 from alerts.tables import OPEN, AlertRow
 from gateway.cluster import Lease
 from gateway.plugins import Plugin

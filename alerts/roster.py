@@ -19,7 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
-from alerts.rules import Duration, FileProblemsError, Receiver, Severity, StrictModel, load_yaml_model, read_config_file
+from alerts.loading import FileProblemsError, load_yaml_model, read_config_file
+from alerts.rules import Duration, Receiver, Severity, StrictModel
 from gateway.protocol import DeviceType
 
 DEVICE_TYPES = [t.value for t in DeviceType]

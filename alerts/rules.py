@@ -14,21 +14,19 @@ import operator
 import re
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import httpx
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from gateway.errors import GatewayError
 from gateway.events import EVENT_TYPES
 from gateway.protocol import FAULT_CODES, DeviceType, ElevatorData, SensorData
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
@@ -65,11 +63,19 @@ class Severity(StrEnum):
 
 # What the gateway knows, for rules to be checked against (a typo would never match anything).
 DEVICE_TYPES = tuple(t.value for t in DeviceType)
+
+
 # Device events, and those the gateway derives (a rule may watch them too).
 KNOWN_EVENT_TYPES = (*EVENT_TYPES, "alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved")
+
+
 STATE_FIELDS = (*ElevatorData.model_fields, *SensorData.model_fields, "online")
+
+
 EVENT_FIELDS = ("code", "floor", "load_kg", "duration_s", "from_floor", "to_floor", "floors", "direction",
                 "reason", "from", "to", "value", "unit", "last_seq", "seq", "state")  # fmt: skip
+
+
 SUMMARY_FIELDS = ("device", "site", "type", *STATE_FIELDS, *EVENT_FIELDS)
 
 
@@ -400,125 +406,6 @@ class RuleSet(StrictModel):
         return self
 
 
-# -- loading ---------------------------------------------------------------------------------
-
-
-class FileProblemsError(GatewayError):
-    """A YAML configuration file is invalid; `problems` are (line, message) pairs."""
-
-    def __init__(self, path: str, problems: list[tuple[int | None, str]]) -> None:
-        lines = [f"{path}:{line}: {msg}" if line else f"{path}: {msg}" for line, msg in problems]
-        super().__init__("\n".join(lines))
-        self.problems = problems
-
-
-class RulesError(FileProblemsError):
-    """A rules file is invalid."""
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def load_yaml_model(text: str, path: str, model: type[M], required: str, error: type[FileProblemsError]) -> M:
-    """Parse YAML and validate it as `model`; every problem is reported with its line number."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise error(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict) or required not in data:
-        raise error(path, [(1, f"the file must be a mapping with a `{required}:` list")])
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = [(_line_of(node, err["loc"]), _where(err["loc"]) + _said(err["msg"])) for err in exc.errors()]
-        raise error(path, problems) from None
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) + ": " if loc else ""  # a whole-file problem has no path
-
-
-def _said(msg: str) -> str:
-    return msg.removeprefix("Value error, ")  # pydantic's prefix to our own words
-
-
-def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
-    """The text of a configuration file, or `error` saying why it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise error(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
-
-
-def load_rules(text: str, path: str = "<rules>") -> RuleSet:
-    """Parse and validate a rules file; every problem is reported with its line number."""
-    twice = _duplicate_names(text)
-    try:
-        ruleset = load_yaml_model(text, path, RuleSet, "rules", RulesError)
-    except RulesError as exc:  # every problem at once, the duplicates with the rest, by line
-        raise RulesError(path, sorted([*twice, *exc.problems], key=lambda p: p[0] or 0)) from None
-    if twice:
-        raise RulesError(path, twice)
-    return ruleset
-
-
-def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
-
-
-def _duplicate_names(text: str) -> list[tuple[int | None, str]]:
-    """Each rule name used twice, at the line of its second use."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return []  # said by load_yaml_model
-    rules = _child(node, "rules")
-    seen: dict[str, int] = {}
-    problems: list[tuple[int | None, str]] = []
-    for i, item in enumerate(rules.value if isinstance(rules, yaml.SequenceNode) else []):
-        name = _child(item, "name")
-        if not isinstance(name, yaml.ScalarNode):
-            continue
-        line = name.start_mark.line + 1
-        if name.value in seen:
-            problems.append(
-                (line, f"rules.{i}.name: rule name {name.value!r} is used twice (first at line {seen[name.value]})")
-            )
-        else:
-            seen[name.value] = line
-    return problems
-
-
-def load_rules_file(path: Path) -> RuleSet:
-    """`load_rules` on a file."""
-    return load_rules(read_config_file(path, RulesError), str(path))
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the deepest YAML node on the error's path."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            key = "for" if part == "for_" else part
-            child = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            child = node.value[part]
-        else:
-            child = None
-        if child is None:
-            break
-        node = child
-        line = node.start_mark.line + 1
-    return line
-
-
-# -- evaluation ------------------------------------------------------------------------------
-
-
 @dataclass(slots=True, frozen=True)
 class DeviceInfo:
     """What a selector and a summary need to know of a device."""
@@ -527,144 +414,3 @@ class DeviceInfo:
     type: str | None = None
     site: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True, frozen=True)
-class Observation:
-    """One event of a device, with the device's state after it."""
-
-    time: datetime
-    event_type: str
-    data: Mapping[str, Any]
-    state: Mapping[str, Any]
-
-
-class Signal(StrEnum):
-    """What a step asks of the alert lifecycle."""
-
-    FIRE = "fire"
-    CLEAR = "clear"
-
-
-@dataclass(slots=True, frozen=True)
-class KeyState:
-    """Evaluation state of one (rule, device) key."""
-
-    breaching: bool = False
-    since: datetime | None = None  # when the condition last became true
-    clear_since: datetime | None = None  # when it last became false while firing
-    breaches: int = 0  # consecutive breaching observations
-    firing: bool = False
-    last_seen: datetime | None = None
-    fired_at: datetime | None = None
-    hits: tuple[datetime, ...] = ()
-
-
-def _breach(rule: Rule, ks: KeyState, obs: Observation) -> bool | None:  # noqa: PLR0911 - one exit per case
-    """Whether this observation breaches (True), clears (False) or says nothing (None)."""
-    if rule.state is not None:
-        c = rule.state
-        if c.field not in obs.state:
-            return None
-        try:
-            return bool(_OPS[c.op](obs.state[c.field], c.value))
-        except TypeError:
-            return False
-    if rule.threshold is not None:
-        t = rule.threshold
-        raw = obs.data.get(t.field, obs.state.get(t.field))
-        if not isinstance(raw, int | float) or isinstance(raw, bool):
-            return None
-        v = float(raw)
-        if t.above is not None:
-            clear_at = t.clear_below if t.clear_below is not None else t.above
-            return True if v > t.above else (False if v <= clear_at else ks.breaching)
-        assert t.below is not None  # noqa: S101 - validated
-        clear_at = t.clear_above if t.clear_above is not None else t.below
-        return True if v < t.below else (False if v >= clear_at else ks.breaching)
-    if rule.event is not None:
-        if rule.event.matches(obs.event_type, obs.data):
-            return True
-        if rule.event.clear is not None and rule.event.clear.matches(obs.event_type, obs.data):
-            return False
-        return None
-    return None
-
-
-def step(rule: Rule, ks: KeyState, obs: Observation | None, now: datetime) -> tuple[KeyState, Signal | None]:
-    """Advance one key by an observation (or by time alone when `obs` is None)."""
-    if rule.absence is not None:
-        if obs is not None:
-            ks = replace(ks, last_seen=obs.time if ks.last_seen is None else max(ks.last_seen, obs.time))
-        return _absence(rule.absence, ks, now)
-    if rule.rate is not None:
-        return _rate(rule, rule.rate, ks, obs, now)
-    if obs is not None:
-        verdict = _breach(rule, ks, obs)
-        if verdict is True:
-            ks = replace(
-                ks, breaching=True, since=ks.since if ks.breaching else obs.time, clear_since=None,
-                breaches=ks.breaches + 1,
-            )  # fmt: skip
-            if rule.event is not None and ks.firing:
-                ks = replace(ks, fired_at=obs.time)  # a repeat of the event extends clear_after
-        elif verdict is False and (ks.breaching or ks.since is not None or ks.breaches or ks.clear_since is None):
-            # (A clear observation on a key that is already clear changes nothing: no new object.)
-            ks = replace(
-                ks, breaching=False, since=None, breaches=0,
-                clear_since=ks.clear_since if (ks.clear_since and not ks.breaching) else obs.time,
-            )  # fmt: skip
-    return _decide(rule, ks, now)
-
-
-def _decide(rule: Rule, ks: KeyState, now: datetime) -> tuple[KeyState, Signal | None]:
-    if not ks.firing:
-        held = ks.since is not None and (now - ks.since) >= timedelta(seconds=rule.for_)
-        if ks.breaching and ks.breaches >= rule.consecutive and held:
-            return replace(ks, firing=True, fired_at=now, clear_since=None), Signal.FIRE
-        return ks, None
-    ev = rule.event
-    expired = (
-        ev is not None
-        and ev.clear_after is not None
-        and ks.fired_at is not None
-        and (now - ks.fired_at >= timedelta(seconds=ev.clear_after))
-    )
-    settled = (
-        not ks.breaching and ks.clear_since is not None and (now - ks.clear_since >= timedelta(seconds=rule.clear_for))
-    )
-    return (_cleared(ks), Signal.CLEAR) if expired or settled else (ks, None)
-
-
-def _cleared(ks: KeyState) -> KeyState:
-    return replace(ks, firing=False, breaching=False, since=None, clear_since=None, breaches=0, fired_at=None)
-
-
-def _absence(c: AbsenceCondition, ks: KeyState, now: datetime) -> tuple[KeyState, Signal | None]:
-    if ks.last_seen is None:
-        return ks, None
-    silent = now - ks.last_seen > timedelta(seconds=c.heartbeat)
-    if silent and not ks.firing:
-        return replace(ks, firing=True, fired_at=now), Signal.FIRE
-    if not silent and ks.firing:
-        return _cleared(ks), Signal.CLEAR
-    return ks, None
-
-
-def _rate(
-    rule: Rule, c: RateCondition, ks: KeyState, obs: Observation | None, now: datetime
-) -> tuple[KeyState, Signal | None]:
-    horizon = now - timedelta(seconds=c.window)
-    hits = tuple(t for t in ks.hits if t > horizon)
-    if obs is not None and c.event.matches(obs.event_type, obs.data) and obs.time > horizon:
-        hits = (*hits, obs.time)
-    over = len(hits) > c.above
-    ks = replace(ks, hits=hits)
-    if over and not ks.firing:
-        return replace(ks, firing=True, fired_at=now), Signal.FIRE
-    if not over and ks.firing:
-        clear_since = ks.clear_since or now
-        if now - clear_since >= timedelta(seconds=rule.clear_for):
-            return _cleared(replace(ks, hits=hits)), Signal.CLEAR
-        return replace(ks, clear_since=clear_since), None
-    return replace(ks, clear_since=None) if over else ks, None

@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlmodel import Session
 
-from alerts.rules import KeyState, Rule
+from alerts.evaluation import KeyState
+from alerts.rules import Rule
 from gateway import events as ev
 from gateway.events import Event
 from gateway.protocol import SENSOR_UNITS, sensor_type_of

@@ -227,7 +227,7 @@ rules:
 
 def _engine_store(make_store: Callable[[], Any]) -> tuple[Any, Any]:
     from alerts.engine import AlertEngine  # noqa: PLC0415
-    from alerts.rules import load_rules  # noqa: PLC0415
+    from alerts.loading import load_rules  # noqa: PLC0415
 
     store = make_store()
     return AlertEngine(load_rules(INHIBIT_RULES)), store
@@ -293,7 +293,7 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
     from datetime import UTC, datetime  # noqa: PLC0415
 
     from alerts.engine import AlertEngine  # noqa: PLC0415
-    from alerts.rules import load_rules  # noqa: PLC0415
+    from alerts.loading import load_rules  # noqa: PLC0415
     from alerts.state import _SQL_READERS  # noqa: PLC0415
     from gateway.events import Event  # noqa: PLC0415
     from gateway.store import Store  # noqa: PLC0415

@@ -102,7 +102,7 @@ receivers:
 
 
 def test_binary_mode_headers_carry_any_text_the_sdk_reads_back() -> None:
-    from alerts.notify import cloudevent_request  # noqa: PLC0415
+    from alerts.bodies import cloudevent_request  # noqa: PLC0415
     from alerts.rules import Receiver  # noqa: PLC0415
 
     event = {

@@ -18,8 +18,8 @@ from sqlmodel import col, select
 
 from alerts.dispatch import Dispatch
 from alerts.lifecycle import ALERT_SOURCE
+from alerts.loading import RulesError, load_rules
 from alerts.roster import load_roster
-from alerts.rules import RulesError, load_rules
 from alerts.tables import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
 from gateway.broker import Mosquitto
 from gateway.config import Settings

@@ -10,18 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from alerts.rules import (
-    DeviceInfo,
-    KeyState,
-    Observation,
-    Rule,
-    RulesError,
-    Signal,
-    load_rules,
-    load_rules_file,
-    parse_duration,
-    step,
-)
+from alerts.evaluation import KeyState, Observation, Signal, step
+from alerts.loading import RulesError, load_rules, load_rules_file
+from alerts.rules import DeviceInfo, Rule, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)

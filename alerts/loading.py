@@ -1,0 +1,126 @@
+"""Reading the alerts plugin's YAML files (rules, and the roster through the same path): every
+problem with its file and line, and a guess where one is close."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from alerts.rules import RuleSet
+from gateway.errors import GatewayError
+
+
+class FileProblemsError(GatewayError):
+    """A YAML configuration file is invalid; `problems` are (line, message) pairs."""
+
+    def __init__(self, path: str, problems: list[tuple[int | None, str]]) -> None:
+        lines = [f"{path}:{line}: {msg}" if line else f"{path}: {msg}" for line, msg in problems]
+        super().__init__("\n".join(lines))
+        self.problems = problems
+
+
+class RulesError(FileProblemsError):
+    """A rules file is invalid."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(text: str, path: str, model: type[M], required: str, error: type[FileProblemsError]) -> M:
+    """Parse YAML and validate it as `model`; every problem is reported with its line number."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise error(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict) or required not in data:
+        raise error(path, [(1, f"the file must be a mapping with a `{required}:` list")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_line_of(node, err["loc"]), _where(err["loc"]) + _said(err["msg"])) for err in exc.errors()]
+        raise error(path, problems) from None
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) + ": " if loc else ""  # a whole-file problem has no path
+
+
+def _said(msg: str) -> str:
+    return msg.removeprefix("Value error, ")  # pydantic's prefix to our own words
+
+
+def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
+    """The text of a configuration file, or `error` saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
+
+
+def load_rules(text: str, path: str = "<rules>") -> RuleSet:
+    """Parse and validate a rules file; every problem is reported with its line number."""
+    twice = _duplicate_names(text)
+    try:
+        ruleset = load_yaml_model(text, path, RuleSet, "rules", RulesError)
+    except RulesError as exc:  # every problem at once, the duplicates with the rest, by line
+        raise RulesError(path, sorted([*twice, *exc.problems], key=lambda p: p[0] or 0)) from None
+    if twice:
+        raise RulesError(path, twice)
+    return ruleset
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+
+
+def _duplicate_names(text: str) -> list[tuple[int | None, str]]:
+    """Each rule name used twice, at the line of its second use."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []  # said by load_yaml_model
+    rules = _child(node, "rules")
+    seen: dict[str, int] = {}
+    problems: list[tuple[int | None, str]] = []
+    for i, item in enumerate(rules.value if isinstance(rules, yaml.SequenceNode) else []):
+        name = _child(item, "name")
+        if not isinstance(name, yaml.ScalarNode):
+            continue
+        line = name.start_mark.line + 1
+        if name.value in seen:
+            problems.append(
+                (line, f"rules.{i}.name: rule name {name.value!r} is used twice (first at line {seen[name.value]})")
+            )
+        else:
+            seen[name.value] = line
+    return problems
+
+
+def load_rules_file(path: Path) -> RuleSet:
+    """`load_rules` on a file."""
+    return load_rules(read_config_file(path, RulesError), str(path))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the deepest YAML node on the error's path."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            key = "for" if part == "for_" else part
+            child = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        else:
+            child = None
+        if child is None:
+            break
+        node = child
+        line = node.start_mark.line + 1
+    return line
