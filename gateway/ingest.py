@@ -12,276 +12,48 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import gmqtt
 
+from gateway.admission import Census, _Buckets, _Registry
 from gateway.clock import utcnow
 from gateway.config import Settings
-from gateway.errors import ConfigError, PayloadError, StoreError
-from gateway.events import Event
+from gateway.errors import PayloadError, StoreError
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.mqtt import AckAfterCommitClient
-from gateway.normalize import Shadow, normalize
-from gateway.protocol import CHANNELS, DeviceMessage, Reason, parse
-from gateway.security import registered
+from gateway.mqtt import MQTT_LOG, AckAfterCommitClient, tls_context
+from gateway.normalize import Shadow
+from gateway.pipeline import (
+    Clock,
+    Parsed,
+    _channel,
+    _Pending,
+    _Prepared,
+    _topic_device,
+    count_outcome,
+    derive,
+    internal_error,
+)
+from gateway.protocol import CHANNELS, Reason, parse
 from gateway.store import DeadLetter, InboxMessage, Store
 from gateway.tasks import stop_task
 
+log = logging.getLogger("gateway.ingest")
+
+
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
+
 LIMITED_FLUSH_S = 1.0  # messages over their device's rate are dead-lettered at most this late
+
+
 PROBE_S = 5.0  # with no commit for this long, the writer checks that the database takes writes
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client TLS context `settings` describe (CA file, optional client certificate)."""
-    try:
-        ctx = ssl.create_default_context(cafile=settings.mqtt_ca_file or None)
-        if settings.mqtt_cert_file:
-            ctx.load_cert_chain(settings.mqtt_cert_file, settings.mqtt_key_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        msg = f"cannot set up TLS for {settings.mqtt_url_safe}: {exc}"
-        raise ConfigError(msg) from exc
-    return ctx
-
-
-class _GmqttGivesUp(logging.Filter):
-    """gmqtt logs that it gives up on a "permanent" CONNACK refusal; the gateway does not give up
-    (`Ingest._on_disconnect` connects again and says so), so that line would only mislead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "not reconnecting" not in record.getMessage()
-
-
-MQTT_LOG = logging.getLogger("iotgw.mqtt")
-MQTT_LOG.addFilter(_GmqttGivesUp())
-
-
-@dataclass(slots=True)
-class _Pending:
-    topic: str
-    payload: bytes
-    received_at: datetime
-    mid: int | None  # MQTT packet id, None for QoS 0
-    connection: object  # the connection it arrived on: only that one may acknowledge it
-
-
-@dataclass(slots=True, frozen=True)
-class Parsed:
-    """A message that passed admission and parsing."""
-
-    topic: str
-    payload: bytes
-    received_at: datetime
-    msg: DeviceMessage
-
-
-@dataclass(slots=True, frozen=True)
-class Derived:
-    """What a run of parsed messages produced: events, the devices' new shadows, dead letters, seq anomalies."""
-
-    events: list[Event]
-    shadows: dict[str, Shadow]
-    dead: list[DeadLetter]
-    anomalies: Counter[str]
-
-
-# A bug hit by every message of a flood must not write a traceback per message: one per kind of
-# error every 10 s, with the count of those held back.
-_INTERNAL_ERRORS = QuietLog(log, every_s=10.0)
-
-
-def internal_error(topic: str, payload: bytes, received_at: datetime, exc: Exception) -> DeadLetter:
-    # A bug must not stop ingestion or lose the message: keep it, with the error.
-    _INTERNAL_ERRORS.log(
-        logging.ERROR,
-        f"internal_error {type(exc).__name__}",
-        "internal error on %s; message kept as a dead letter",
-        topic[:200],
-        exc_info=exc,
-    )
-    return DeadLetter(topic, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", payload, received_at)
-
-
-CLOCK_SKEW = "clock_skew"  # in Derived.anomalies beside the seq anomalies; its own metric
-
-
-def derive(
-    parsed: Sequence[Parsed], shadows: Mapping[str, Shadow], settings: Settings, *, rejections: QuietLog
-) -> Derived:
-    """Normalise `parsed` in order against the devices' `shadows` (not changed: the new shadows
-    are returned, to be taken on after the commit)."""
-    overlay: dict[str, Shadow] = {}
-    events: list[Event] = []
-    dead: list[DeadLetter] = []
-    anomalies: Counter[str] = Counter()
-    for p in parsed:
-        msg = p.msg
-        try:
-            shadow = overlay.get(msg.device_id) or shadows.get(msg.device_id)
-            if msg.type is not None and shadow is not None and shadow.type not in (None, msg.type.value):
-                raise PayloadError(  # noqa: TRY301 - handled with the other payload errors below
-                    Reason.TYPE_MISMATCH,
-                    f"device {msg.device_id} is a {shadow.type}, message says {msg.type.value}",
-                    p.topic,
-                )
-            out = normalize(
-                msg,
-                shadow,
-                received_at=p.received_at,
-                stuck_after_s=settings.stuck_after_s,
-                max_skew_s=settings.max_clock_skew_s,
-                reset_below=settings.seq_reset_below,
-            )
-        except PayloadError as exc:
-            rejections.warn(exc.reason, "rejected %s: %s", p.topic[:200], exc)
-            dead.append(DeadLetter(p.topic, exc.reason, exc.detail, p.payload, p.received_at))
-            continue
-        except Exception as exc:
-            dead.append(internal_error(p.topic, p.payload, p.received_at, exc))
-            continue
-        events.extend(out.events)
-        overlay[msg.device_id] = out.shadow
-        if out.anomaly is not None:
-            anomalies[out.anomaly.value] += 1
-        if out.clock_skewed:
-            anomalies[CLOCK_SKEW] += 1
-            rejections.warn(
-                CLOCK_SKEW,
-                "device %s sent ts %s, more than %gs from the gateway's clock (%s): its events carry the receive time",
-                msg.device_id,
-                msg.ts.isoformat() if msg.ts else None,
-                settings.max_clock_skew_s,
-                p.received_at.isoformat(),
-            )
-    return Derived(events, overlay, dead, anomalies)
-
-
-def count_outcome(  # noqa: PLR0913
-    m: Metrics,
-    events: Sequence[Event],
-    dead: Sequence[DeadLetter],
-    anomalies: Counter[str],
-    *,
-    skipped: int,
-    now: datetime,
-) -> None:
-    """Count a commit's events, dead letters, seq anomalies and duplicates, and the events' latency."""
-    for d in dead:
-        m.messages_rejected.labels(d.reason).inc()
-    for kind, n in anomalies.items():
-        if kind == CLOCK_SKEW:
-            m.clock_skew.inc(n)
-        else:
-            m.seq_anomalies.labels(kind).inc(n)
-    if skipped:
-        m.events_duplicate.inc(skipped)
-    for etype, n in Counter(e.type for e in events).items():
-        m.events.labels(etype).inc(n)
-    for e in events:
-        m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
-
-
-@dataclass(slots=True, frozen=True)
-class _Prepared:
-    events: list[Event]
-    shadows: dict[str, Shadow]
-    dead: list[DeadLetter]
-    anomalies: Counter[str]
-    received: Counter[str]
-
-
-class Census:
-    """Devices known and online by type and site, kept up to date shadow by shadow (no full scans)."""
-
-    def __init__(self) -> None:
-        self.known: Counter[tuple[str, str]] = Counter()
-        self.online: Counter[tuple[str, str]] = Counter()
-        self._dirty: set[tuple[str, str]] = set()
-
-    def move(self, old: Shadow | None, new: Shadow) -> None:
-        for sh, sign in ((old, -1), (new, 1)):
-            if sh is None:
-                continue
-            t = (sh.type or "unknown", sh.site or "")
-            self.known[t] += sign
-            self.online[t] += sign if sh.online else 0
-            self._dirty.add(t)
-
-    def publish(self, metrics: Metrics) -> None:
-        for t in self._dirty:
-            metrics.devices_known.labels(*t).set(self.known[t])
-            metrics.devices_online.labels(*t).set(self.online[t])
-        self._dirty.clear()
-
-
-class _Buckets:
-    """A token bucket per device: `rate` messages per second on average, bursts up to `burst`."""
-
-    PRUNE_AT = 100_000
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._state: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
-
-    def allow(self, device_id: str, now: float) -> bool:
-        tokens, at = self._state.get(device_id, (self.burst, now))
-        tokens = min(self.burst, tokens + max(now - at, 0.0) * self.rate)
-        allowed = tokens >= 1.0
-        self._state[device_id] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._state) > self.PRUNE_AT:
-            self._prune(now)
-        return allowed
-
-    def _prune(self, now: float) -> None:
-        # A bucket that has refilled is the same as no bucket.
-        self._state = {d: (t, a) for d, (t, a) in self._state.items() if t + (now - a) * self.rate < self.burst}
-
-
-class _Registry:
-    """The registered devices, for IOTGW_REQUIRE_REGISTERED_DEVICES: reloaded every few seconds
-    (so a revocation takes effect), and asked about a device it does not know (so a device
-    provisioned a moment ago is accepted at once)."""
-
-    RELOAD_S = 5.0
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._ids: set[str] = set()
-        self._loaded = -1e9
-
-    def known(self, device_ids: set[str]) -> set[str]:
-        """Which of `device_ids` are registered (runs in the writer thread; may query the store)."""
-        now = time.monotonic()
-        if now - self._loaded > self.RELOAD_S:
-            self._ids = registered(self.store)
-            self._loaded = now
-        missing = device_ids - self._ids
-        if missing:
-            self._ids |= registered(self.store, among=missing)
-        return device_ids & self._ids
-
-
-def _channel(topic: str) -> str:
-    """The channel label of a topic (bounded: anything unknown is `other`)."""
-    channel = topic.rsplit("/", 1)[-1]
-    return channel if channel in CHANNELS else "other"
-
-
-def _topic_device(topic: str) -> str | None:
-    parts = topic.split("/")
-    return parts[1] if len(parts) == 3 and parts[0] == "devices" and parts[1] else None
 
 
 class Ingest:

@@ -11,12 +11,16 @@ this leans on its `_handle_qos_1_publish_packet` hook and its packet builder.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTCommands
 from gmqtt.mqtt.package import CommandWithMidPacket
+
+from gateway.config import Settings
+from gateway.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +76,29 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
         if data:
             conn.send_package(data)
         return len(data)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The client TLS context `settings` describe (CA file, optional client certificate)."""
+    try:
+        ctx = ssl.create_default_context(cafile=settings.mqtt_ca_file or None)
+        if settings.mqtt_cert_file:
+            ctx.load_cert_chain(settings.mqtt_cert_file, settings.mqtt_key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        msg = f"cannot set up TLS for {settings.mqtt_url_safe}: {exc}"
+        raise ConfigError(msg) from exc
+    return ctx
+
+
+class _GmqttGivesUp(logging.Filter):
+    """gmqtt logs that it gives up on a "permanent" CONNACK refusal; the gateway does not give up
+    (`Ingest._on_disconnect` connects again and says so), so that line would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not reconnecting" not in record.getMessage()
+
+
+MQTT_LOG = logging.getLogger("iotgw.mqtt")
+
+
+MQTT_LOG.addFilter(_GmqttGivesUp())

@@ -22,14 +22,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+from gateway.admission import Census
 from gateway.clock import utcnow
 from gateway.cluster import Lease, LeaseLostError
 from gateway.config import Settings
 from gateway.errors import PayloadError, StoreError
-from gateway.ingest import Census, Clock, Derived, Parsed, count_outcome, derive, internal_error
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.normalize import Shadow
+from gateway.pipeline import Clock, Derived, Parsed, count_outcome, derive, internal_error
 from gateway.protocol import parse
 from gateway.store import DeadLetter, InboxMessage, Store
 from gateway.tasks import stop_task

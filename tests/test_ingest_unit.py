@@ -9,12 +9,13 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-import gateway.ingest
+import gateway.pipeline
 from gateway.clock import utcnow
 from gateway.config import Settings
-from gateway.ingest import Ingest, _Pending
+from gateway.ingest import Ingest
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
+from gateway.pipeline import _Pending
 from gateway.store import Store, list_dead_letters
 
 
@@ -36,14 +37,14 @@ def reading(device: str, seq: int) -> _Pending:
 def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
     ingest: Ingest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = gateway.ingest.normalize
+    real = gateway.pipeline.normalize
 
     def flaky(msg, shadow, **kw):  # type: ignore[no-untyped-def]
         if msg.device_id == "broken":
             raise ZeroDivisionError("oops")
         return real(msg, shadow, **kw)
 
-    monkeypatch.setattr(gateway.ingest, "normalize", flaky)
+    monkeypatch.setattr(gateway.pipeline, "normalize", flaky)
     ingest._process([reading("ok-1", 1), reading("broken", 1), reading("ok-1", 2)])
     assert ingest.store.count_events() == 2
     (dead,) = list_dead_letters(ingest.store)
