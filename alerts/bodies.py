@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from alerts.dispatch import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
 from alerts.http import Request
+from alerts.orders import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
 from alerts.rules import Receiver, Rule
 from alerts.tables import AlertRow, AlertTransitionRow, NotificationRow
+from gateway.clock import iso_z
 
 log = logging.getLogger("alerts.notify")
 
@@ -26,10 +27,6 @@ PD_ACTION = {"firing": "trigger", "flapping": "trigger", "acknowledged": "acknow
 
 
 PD_PRIORITY = {"P1": "critical", "P2": "error", "P3": "warning"}
-
-
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +60,7 @@ def am_alert(alert: AlertRow, device_type: str | None, links: Links, ends_at: da
     if rule is not None and rule.runbook_url:
         annotations["runbook_url"] = rule.runbook_url
     return {
-        "labels": labels, "annotations": annotations, "startsAt": _iso(alert.fired_at), "endsAt": _iso(ends_at),
+        "labels": labels, "annotations": annotations, "startsAt": iso_z(alert.fired_at), "endsAt": iso_z(ends_at),
         "generatorURL": links.alert(alert.id),
     }  # fmt: skip
 
@@ -89,7 +86,7 @@ def build(  # noqa: PLR0913, PLR0917
     no such transition (CloudEvents receivers get the log's event: `cloudevent_request`)."""
     facts = {
         "alert_id": alert.id, "rule": alert.rule, "device_id": alert.device_id, "site": alert.site,
-        "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": _iso(alert.fired_at),
+        "severity": alert.severity, "status": n.status, "summary": alert.summary, "fired_at": iso_z(alert.fired_at),
         "by": tr.by, "note": tr.note, "from_status": tr.from_status,
     }  # fmt: skip
     if receiver.kind == "alertmanager":
@@ -111,7 +108,7 @@ def build(  # noqa: PLR0913, PLR0917
             "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": links.public_url,
             "alerts": [{
                 "status": am_status, "labels": labels, "annotations": {"summary": alert.summary},
-                "startsAt": _iso(alert.fired_at), "endsAt": _iso(alert.resolved_at) or "0001-01-01T00:00:00Z",
+                "startsAt": iso_z(alert.fired_at), "endsAt": iso_z(alert.resolved_at) or "0001-01-01T00:00:00Z",
                 "generatorURL": links.alert(alert.id), "fingerprint": f"iotgw-{alert.id}",
             }],
         }  # fmt: skip
@@ -123,7 +120,7 @@ def build(  # noqa: PLR0913, PLR0917
     if n.status in ("firing", "flapping"):
         body["payload"] = {
             "summary": alert.summary[:1024], "source": alert.device_id, "severity": PD_SEVERITY[alert.severity],
-            "timestamp": _iso(alert.fired_at), "component": alert.rule, "group": alert.site or NO_SITE,
+            "timestamp": iso_z(alert.fired_at), "component": alert.rule, "group": alert.site or NO_SITE,
             "class": alert.rule, "custom_details": facts,
         }  # fmt: skip
         body |= _pd_links(links, links.alert(alert.id), "The alert on the staff page")
@@ -158,11 +155,11 @@ def build_page(
         facts = {
             "work_order_id": order.id, "step": entry.kind, "priority": order.priority, "status": order.status,
             "device_id": order.device_id, "site": order.site, "summary": order.summary, "assignee": order.assignee,
-            "level": entry.level, "ack_deadline": _iso(order.ack_deadline), "note": entry.note,
+            "level": entry.level, "ack_deadline": iso_z(order.ack_deadline), "note": entry.note,
         }  # fmt: skip
         body["payload"] = {
             "summary": f"[{order.priority}] {order.summary}"[:1024], "source": order.device_id,
-            "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": _iso(entry.at),
+            "severity": PD_PRIORITY.get(order.priority, "warning"), "timestamp": iso_z(entry.at),
             "component": order.device_type or "device", "group": order.site or NO_SITE,
             "class": f"work-order {order.priority}", "custom_details": facts,
         }  # fmt: skip

@@ -15,15 +15,27 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import JSON, Column, Integer, event, func
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlalchemy import event, func
+from sqlmodel import Session, col, select
 
+from alerts.orders import (
+    _ACTION_STATUS,
+    _ALLOWED_FROM,
+    _STEP_OF_ACTION,
+    OPEN_ORDER,
+    DispatchError,
+    OrderStatus,
+    RosterRow,
+    UnknownWorkOrderError,
+    WorkOrderAlertRow,
+    WorkOrderRow,
+    record_step,
+)
 from alerts.roster import (
     SHIPPED_ROSTER,
     Assignment,
@@ -37,119 +49,14 @@ from alerts.roster import (
     priority_of,
     qualifies,
 )
-from alerts.tables import NotificationRow
 from gateway.clock import utcnow
-from gateway.errors import GatewayError
 from gateway.events import Event
 from gateway.router import BaseConsumer
-from gateway.store import append_event, datetime_field
+
+log = logging.getLogger("alerts.dispatch")
+
 
 log = logging.getLogger(__name__)
-
-WORK_ORDER_SOURCE = "iotgw/dispatch"
-
-
-class OrderStatus(StrEnum):
-    """unassigned (nobody on shift) / assigned -> acknowledged -> en_route -> on_site -> resolved."""
-
-    UNASSIGNED = "unassigned"
-    ASSIGNED = "assigned"
-    ACKNOWLEDGED = "acknowledged"
-    EN_ROUTE = "en_route"
-    ON_SITE = "on_site"
-    RESOLVED = "resolved"
-
-
-OPEN_ORDER = tuple(s.value for s in OrderStatus if s is not OrderStatus.RESOLVED)
-
-_version = Column("version", Integer, nullable=False)
-
-
-class WorkOrderRow(SQLModel, table=True):
-    """A work order: one fault episode of one device, and who is on it."""
-
-    __tablename__ = "work_orders"
-    # Every update checks the version it read: a technician's click and an escalation that
-    # race cannot overwrite each other (the loser gets StaleDataError and retries or reports).
-    __mapper_args__ = {"version_id_col": _version}
-
-    id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(index=True)
-    site: str | None = Field(default=None, index=True)
-    device_type: str | None = None
-    priority: str = Field(index=True)
-    status: str = Field(index=True)
-    summary: str
-    skill: str | None = None
-    level: int = 0  # escalation level (0: the first)
-    assignee: str | None = Field(default=None, index=True)
-    first_alert_id: int
-    created_at: datetime = datetime_field(nullable=False)
-    updated_at: datetime = datetime_field(nullable=False)
-    assigned_at: datetime | None = datetime_field()
-    ack_deadline: datetime | None = datetime_field(index=True)
-    acked_at: datetime | None = datetime_field()
-    acked_by: str | None = None
-    recovered_at: datetime | None = datetime_field()
-    resolved_at: datetime | None = datetime_field()
-    resolved_by: str | None = None
-    problem: str | None = None  # the callback record: what was found...
-    action: str | None = None  # ...and what was done
-    # Who was paged last, and at which contact: their page is followed (acknowledged, resolved,
-    # or resolved when the order passes to someone else), so every incident opened is closed.
-    paged: str | None = None
-    paged_contact: str | None = None
-    version: int | None = Field(default=None, sa_column=_version)
-
-
-class WorkOrderAlertRow(SQLModel, table=True):
-    """An alert attached to a work order (each alert to at most one)."""
-
-    __tablename__ = "work_order_alerts"
-
-    alert_id: int = Field(primary_key=True)
-    work_order_id: int = Field(index=True)
-    rule: str
-    severity: str
-    summary: str
-    attached_at: datetime = datetime_field(nullable=False)
-    resolved_at: datetime | None = datetime_field()
-
-
-class WorkOrderEntryRow(SQLModel, table=True):
-    """One step in a work order's timeline."""
-
-    __tablename__ = "work_order_entries"
-
-    id: int | None = Field(default=None, primary_key=True)
-    work_order_id: int = Field(index=True)
-    at: datetime = datetime_field(nullable=False)
-    kind: str  # created, assigned, escalated, renotified, unassigned, acknowledged, en_route, ...
-    status: str  # the order's status after this step
-    by: str  # "dispatch" or the person
-    assignee: str | None = None
-    level: int | None = None
-    note: str | None = None
-
-
-class RosterRow(SQLModel, table=True):
-    """The roster in force: the file's, or the file's as edited through the API."""
-
-    __tablename__ = "roster"
-
-    id: int = Field(default=1, primary_key=True)
-    document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    file_sha256: str  # of the file it came from: a changed file replaces API edits at start
-    updated_at: datetime = datetime_field(nullable=False)
-    updated_by: str
-
-
-class DispatchError(GatewayError):
-    """A work-order action that cannot be done now (the caller's mistake: 409)."""
-
-
-class UnknownWorkOrderError(DispatchError):
-    """No such work order (404)."""
 
 
 class Dispatch(BaseConsumer):
@@ -462,129 +369,3 @@ class Dispatch(BaseConsumer):
             tx, order, _STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
         )
         return order
-
-
-_ACTION_STATUS = {
-    "acknowledge": OrderStatus.ACKNOWLEDGED.value,
-    "en_route": OrderStatus.EN_ROUTE.value,
-    "on_site": OrderStatus.ON_SITE.value,
-    "resolve": OrderStatus.RESOLVED.value,
-}
-_ALLOWED_FROM = {
-    "acknowledge": (OrderStatus.ASSIGNED.value,),
-    "en_route": (OrderStatus.ASSIGNED.value, OrderStatus.ACKNOWLEDGED.value),
-    "on_site": (OrderStatus.ASSIGNED.value, OrderStatus.ACKNOWLEDGED.value, OrderStatus.EN_ROUTE.value),
-    "resolve": OPEN_ORDER,
-    "reassign": OPEN_ORDER,
-}
-_STEP_OF_ACTION = {
-    "acknowledge": "acknowledged", "en_route": "en_route", "on_site": "on_site", "resolve": "resolved",
-    "reassign": "reassigned",
-}  # fmt: skip
-
-
-def record_step(  # noqa: PLR0913
-    tx: Session,
-    order: WorkOrderRow,
-    kind: str,
-    at: datetime,
-    *,
-    by: str = "dispatch",
-    note: str | None = None,
-    notify: Technician | None = None,
-    follow: bool = False,
-) -> WorkOrderEntryRow:
-    """One timeline entry, its `workorder.<kind>` event in the log and, for `notify`, a page."""
-    assert order.id is not None  # noqa: S101 - flushed before
-    entry = WorkOrderEntryRow(
-        work_order_id=order.id, at=at, kind=kind, status=order.status, by=by, assignee=order.assignee,
-        level=order.level, note=note,
-    )  # fmt: skip
-    tx.add(entry)
-    tx.flush()
-    key = f"iotgw-workorder-{order.id}-{entry.id}"
-    data = {
-        "work_order_id": order.id, "kind": kind, "status": order.status, "priority": order.priority,
-        "summary": order.summary, "device_id": order.device_id, "site": order.site, "assignee": order.assignee,
-        "level": order.level, "by": by, "note": note,
-        "ack_deadline": _iso(order.ack_deadline),
-    }  # fmt: skip
-    position = append_event(
-        tx, ce_id=key, source=WORK_ORDER_SOURCE, type=f"workorder.{kind}", subject=order.device_id, time=at,
-        site=order.site, data=data,
-    )  # fmt: skip
-
-    def page(person: str, contact: str, status: str, suffix: str = "") -> None:
-        tx.add(
-            NotificationRow(
-                key=key + suffix, alert_id=order.first_alert_id, transition_id=0, status=status, created_at=at,
-                work_order_id=order.id, entry_id=entry.id, receiver=contact, person=person, event_position=position,
-            )
-        )  # fmt: skip
-
-    previous = (order.paged, order.paged_contact) if order.paged and order.paged_contact else None
-    if notify is not None:  # the page is this event (same id), to one person's contact
-        if previous is not None and previous != (notify.id, notify.contact):
-            # The order is someone else's now, or reaches its person elsewhere (a new contact).
-            page(*previous, HANDED_OVER, "-handover")
-            order.paged = order.paged_contact = None
-        page(notify.id, notify.contact, kind)
-        if follow:  # an incident (PagerDuty), to be acknowledged and resolved as the order goes
-            order.paged, order.paged_contact = notify.id, notify.contact
-        tx.add(order)
-    elif previous is not None and kind == "unassigned":
-        page(*previous, HANDED_OVER, "-handover")  # nobody has it now: not that person either
-        order.paged = order.paged_contact = None
-        tx.add(order)
-    elif previous is not None and kind in FOLLOWED_STEPS:
-        page(*previous, kind)  # the person paged learns the order moved on
-        if kind == "resolved":
-            order.paged = order.paged_contact = None
-            tx.add(order)
-    return entry
-
-
-HANDED_OVER = "handed_over"  # a page's status: the order passed from this person to another
-FOLLOWED_STEPS = ("acknowledged", "en_route", "on_site", "resolved")  # told to the person paged
-
-
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-class WorkOrderMetrics:
-    """Work-order gauges and histograms, read from the timeline (the consumer stays metric-free)."""
-
-    def __init__(self, levels: int = 0) -> None:
-        self.last_entry = 0
-        self.seen_open: set[tuple[str, str]] = set()
-        self.levels = levels  # escalation levels of the longest policy: their series exist from the start
-
-    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
-        """Observe the steps written since the last call, and set the open-order gauges."""
-        for level in range(1, self.levels + 1):
-            metrics.work_order_escalations.labels(str(level))
-        rows = tx.exec(
-            select(WorkOrderEntryRow, WorkOrderRow)
-            .join(WorkOrderRow, col(WorkOrderRow.id) == col(WorkOrderEntryRow.work_order_id))
-            .where(col(WorkOrderEntryRow.id) > self.last_entry)
-            .order_by(col(WorkOrderEntryRow.id))
-        ).all()
-        for entry, order in rows:
-            spent = max((entry.at - order.created_at).total_seconds(), 0.0)
-            if entry.kind == "assigned" and order.assigned_at == entry.at:
-                metrics.work_order_time_to_assign.observe(spent)
-            elif entry.kind in ("escalated", "renotified"):
-                metrics.work_order_escalations.labels(str((entry.level or 0) + 1)).inc()
-            if entry.kind in ("acknowledged", "en_route", "on_site", "resolved") and order.acked_at == entry.at:
-                metrics.work_order_time_to_ack.observe(spent)
-            if entry.kind == "resolved":
-                metrics.work_order_time_to_resolve.observe(spent)
-            self.last_entry = entry.id or self.last_entry
-        counts: dict[tuple[str, str], int] = {}
-        for o in tx.exec(select(WorkOrderRow).where(col(WorkOrderRow.status).in_(OPEN_ORDER))):
-            k = (o.priority, o.status)
-            counts[k] = counts.get(k, 0) + 1
-        for k in self.seen_open | set(counts):
-            metrics.work_orders_open.labels(*k).set(counts.get(k, 0))
-        self.seen_open |= set(counts)

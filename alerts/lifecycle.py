@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from alerts.tables import OPEN, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow, NotificationRow
+from gateway.clock import iso_z
 from gateway.errors import GatewayError
 from gateway.store import (
     append_event,
@@ -95,7 +96,7 @@ def record(  # noqa: PLR0913, PLR0917
     data = {
         "alert_id": alert.id, "rule": alert.rule, "severity": alert.severity, "status": new.value,
         "from_status": old, "summary": alert.summary, "device_id": alert.device_id, "site": alert.site,
-        "fired_at": _iso(alert.fired_at), "by": by, "note": note, **(context or {}),
+        "fired_at": iso_z(alert.fired_at), "by": by, "note": note, **(context or {}),
     }  # fmt: skip
     # The notification is this event: receivers of CloudEvents get it as the log holds it.
     notification.event_position = append_event(
@@ -131,10 +132,6 @@ def resolve(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | Non
 def acknowledge(tx: Session, alert: AlertRow, at: datetime, by: str, note: str | None = None) -> None:
     """Acknowledge a firing alert."""
     change_status(tx, alert, AlertStatus.ACKNOWLEDGED, at, by, note)
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class AlertActionError(GatewayError):

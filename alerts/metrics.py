@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlmodel import Session, col, select
 
+from alerts.orders import OPEN_ORDER, WorkOrderEntryRow, WorkOrderRow
 from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow
 
 HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -119,4 +120,42 @@ class AlertMetrics:
             counts[k] = counts.get(k, 0) + 1
         for k in self.seen_open | set(counts):
             metrics.alerts_open.labels(*k).set(counts.get(k, 0))
+        self.seen_open |= set(counts)
+
+
+class WorkOrderMetrics:
+    """Work-order gauges and histograms, read from the timeline (the consumer stays metric-free)."""
+
+    def __init__(self, levels: int = 0) -> None:
+        self.last_entry = 0
+        self.seen_open: set[tuple[str, str]] = set()
+        self.levels = levels  # escalation levels of the longest policy: their series exist from the start
+
+    def publish(self, tx: Session, metrics: Any) -> None:  # noqa: ANN401 - alerts.metrics.AlertFamilies
+        """Observe the steps written since the last call, and set the open-order gauges."""
+        for level in range(1, self.levels + 1):
+            metrics.work_order_escalations.labels(str(level))
+        rows = tx.exec(
+            select(WorkOrderEntryRow, WorkOrderRow)
+            .join(WorkOrderRow, col(WorkOrderRow.id) == col(WorkOrderEntryRow.work_order_id))
+            .where(col(WorkOrderEntryRow.id) > self.last_entry)
+            .order_by(col(WorkOrderEntryRow.id))
+        ).all()
+        for entry, order in rows:
+            spent = max((entry.at - order.created_at).total_seconds(), 0.0)
+            if entry.kind == "assigned" and order.assigned_at == entry.at:
+                metrics.work_order_time_to_assign.observe(spent)
+            elif entry.kind in ("escalated", "renotified"):
+                metrics.work_order_escalations.labels(str((entry.level or 0) + 1)).inc()
+            if entry.kind in ("acknowledged", "en_route", "on_site", "resolved") and order.acked_at == entry.at:
+                metrics.work_order_time_to_ack.observe(spent)
+            if entry.kind == "resolved":
+                metrics.work_order_time_to_resolve.observe(spent)
+            self.last_entry = entry.id or self.last_entry
+        counts: dict[tuple[str, str], int] = {}
+        for o in tx.exec(select(WorkOrderRow).where(col(WorkOrderRow.status).in_(OPEN_ORDER))):
+            k = (o.priority, o.status)
+            counts[k] = counts.get(k, 0) + 1
+        for k in self.seen_open | set(counts):
+            metrics.work_orders_open.labels(*k).set(counts.get(k, 0))
         self.seen_open |= set(counts)

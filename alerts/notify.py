@@ -31,9 +31,9 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from alerts.bodies import Links, am_alert, am_ends_at, build, build_page, cloudevent_request
-from alerts.dispatch import WorkOrderEntryRow, WorkOrderRow
 from alerts.http import OUTCOME_RANK, Request, _readable, post
 from alerts.metrics import AlertFamilies
+from alerts.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.rules import Receiver
 from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.cluster import Lease, LeaseLostError

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 from sqlmodel import Session, col, select
 
 from alerts.bodies import Links
-from alerts.dispatch import OPEN_ORDER, WorkOrderMetrics, WorkOrderRow
 from alerts.loading import FileProblemsError, load_rules_file
-from alerts.metrics import AlertFamilies, AlertMetrics
+from alerts.metrics import AlertFamilies, AlertMetrics, WorkOrderMetrics
 from alerts.notify import Notifier
+from alerts.orders import OPEN_ORDER, WorkOrderRow
 from alerts.roster import load_roster_file
 from alerts.routes import alerts, silences, work_orders
 from alerts.rules import Receiver

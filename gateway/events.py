@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from gateway.clock import iso_z
 
 # Event types (the `type` attribute). Consumers match on these strings.
 DOOR_OPENED = "elevator.door.opened"
@@ -79,4 +81,4 @@ class Event:
 
 def cloudevent_time(t: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, as CloudEvents' `time` is written."""
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return iso_z(t)

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, select
 
-from alerts.dispatch import (
+from alerts.orders import (
     OPEN_ORDER,
     DispatchError,
     UnknownWorkOrderError,
