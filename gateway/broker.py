@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -35,22 +36,37 @@ def find_mosquitto() -> str:
 GUARD = """
 import os, shutil, signal, sys, time
 folder = sys.argv[1]
-line = sys.stdin.buffer.readline()  # the broker's pid, once it is started
-pid = int(line) if line.strip().isdigit() else None
-sys.stdin.buffer.read()
-def alive():
+conf = os.path.join(folder, "mosquitto.conf").encode()
+told = sys.stdin.buffer.read()  # until the demo's process is gone, or says it stopped the broker
+def kill(pid, sig):
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mosquitto" in f.read()
+        os.kill(pid, sig)
     except OSError:
-        return False
-if pid is not None and alive():
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive():
-        os.kill(pid, signal.SIGKILL)
+        pass
+def brokers():
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if conf in f.read():
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+# By its config file, not a pid handed over: the demo may die between starting the broker and
+# saying its pid (a child forked then still becomes the broker: look a little while).
+deadline = time.monotonic() + 2
+while told != b"stopped":
+    for pid in brokers():
+        kill(pid, signal.SIGTERM)
+    if time.monotonic() > deadline and not brokers():
+        break
+    time.sleep(0.1)
+    if time.monotonic() > deadline + 10:
+        for pid in brokers():
+            kill(pid, signal.SIGKILL)
+        break
 shutil.rmtree(folder, ignore_errors=True)
 """
 
@@ -252,9 +268,6 @@ class Mosquitto:
                 stderr=log,
                 start_new_session=True,
             )
-        if self.guard is not None and self.guard.stdin is not None:
-            self.guard.stdin.write(f"{self.proc.pid}\n".encode())
-            self.guard.stdin.flush()
         deadline = time.monotonic() + timeout
         while not (port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.gateway_port)):
             if self.proc.poll() is not None:
@@ -276,8 +289,10 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.guard is not None:  # its work is done: closing its stdin lets it end
+        if self.guard is not None:  # its work is done: told so, it removes the folder and ends
             if self.guard.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.guard.stdin.write(b"stopped")
                 self.guard.stdin.close()
             self.guard.wait(timeout)
             self.guard = None
