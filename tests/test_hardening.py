@@ -125,13 +125,13 @@ async def test_internal_errors_are_dead_lettered_with_one_traceback_not_one_each
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import gateway.ingest  # noqa: PLC0415
+    import gateway.pipeline  # noqa: PLC0415
 
     def broken(*_args: object, **_kwargs: object) -> None:
         msg = "a bug"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(gateway.ingest, "normalize", broken)
+    monkeypatch.setattr(gateway.pipeline, "normalize", broken)
     caplog.set_level(logging.WARNING)
     async with running_gateway(settings_for(broker, consumers="")) as gw:
         await publish(broker, "el-1", *[state(seq, 1764324000000) for seq in range(1, 501)])
