@@ -304,7 +304,11 @@ async def test_hung_consumer_is_timed_out_reported_and_parked_while_the_others_c
             async def moved_on() -> bool:
                 return len(hanging.positions) == n - 1
 
-            await wait_for(moved_on, what="the hung consumer to handle everything else")
+            # After a park it goes event by event to the end of the failed batch (one commit each):
+            # the wait is a bound for a loaded machine, not a goal (it moves on, is what is asserted).
+            parked_at = time.monotonic()
+            await wait_for(moved_on, timeout=120, what="the hung consumer to handle everything else")
+            print(f"\nthe hung consumer handled the {n - 1} others {time.monotonic() - parked_at:.1f} s after the park")  # noqa: T201
             assert dead["position"] not in hanging.positions
             metrics = (await client.get("/metrics")).text
             assert 'iotgw_consumer_failures_total{consumer="hanging"} 0.0' not in metrics
