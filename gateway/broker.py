@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -69,6 +69,19 @@ while told != b"stopped":
         break
 shutil.rmtree(folder, ignore_errors=True)
 """
+
+
+@contextlib.contextmanager
+def _no_ctrl_c_in_child() -> Iterator[None]:
+    """A child started with `start_new_session` is in this process's group from its fork until its
+    `setsid`: a Ctrl-C then would reach it too. Blocked in this thread around the fork, SIGINT is
+    blocked in the child, which never gets one of its own (it is stopped with SIGTERM); one this
+    process gets meanwhile is taken as soon as the fork is done."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +245,10 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> None:
         """Start the broker and wait until it accepts connections."""
         if self.dies_with_parent:  # first: from here on, however this process ends, the guard cleans up
-            self.guard = subprocess.Popen(  # noqa: S603 - our own interpreter and code
-                [sys.executable, "-c", GUARD, str(self.data_dir)], stdin=subprocess.PIPE, start_new_session=True
-            )
+            with _no_ctrl_c_in_child():
+                self.guard = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+                    [sys.executable, "-c", GUARD, str(self.data_dir)], stdin=subprocess.PIPE, start_new_session=True
+                )
         binary = find_mosquitto()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _hand_to_broker_user(self.data_dir)
@@ -258,10 +272,10 @@ class Mosquitto:
             # "Reloading config." is logged at this level: `reload()` waits for it.
             + "\nlog_type information\n"
         )
-        with (self.data_dir / "mosquitto.log").open("ab") as log:
-            # A session of its own: Ctrl-C in the terminal reaches the demo (which stops the
-            # gateway, then this broker), not the broker first (the gateway then spent its
-            # shutdown reconnecting to it, with warnings).
+        # A session of its own: Ctrl-C in the terminal reaches the demo (which stops the
+        # gateway, then this broker), not the broker first (the gateway then spent its
+        # shutdown reconnecting to it, with warnings).
+        with (self.data_dir / "mosquitto.log").open("ab") as log, _no_ctrl_c_in_child():
             self.proc = subprocess.Popen(  # noqa: S603
                 [binary, "-c", str(conf_path)],
                 stdout=log,

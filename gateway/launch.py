@@ -3,39 +3,41 @@ still being imported, ends the command quietly with the shell's code for it (130
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
+
+from gateway.errors import GatewayError
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; 130 without a traceback when interrupted."""
+    # While the modules load, a Ctrl-C is only noted: raised inside a C extension's import
+    # (pydantic-core's), it turned into a Rust panic and a traceback instead of an interrupt.
+    asked: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: asked.append(signum))
     try:
-        from gateway.cli import main as run  # noqa: PLC0415 - the import is what may be interrupted
+        from gateway.cli import main as run  # noqa: PLC0415 - the imports are what is guarded
+        from gateway.plugins import plugin_classes  # noqa: PLC0415
 
+        with contextlib.suppress(Exception):  # a plugin that cannot load is said by the command, in one line
+            plugin_classes()
+    except GatewayError as exc:  # a plugin's settings that cannot join the gateway's (gateway/config.py)
+        print(f"iotgw: {str(exc).splitlines()[0]}", file=sys.stderr)  # noqa: T201
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if asked:
+        return _interrupted()
+    try:
         return run(argv)
     except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # a library that wrapped the interrupt in an error of its own (pydantic-core)
-        if not _interrupted(exc):
-            from gateway.errors import GatewayError  # noqa: PLC0415
+        return _interrupted()
 
-            if not isinstance(exc, GatewayError):
-                raise
-            # A plugin that cannot be loaded with the settings (gateway/config.py): one line.
-            print(f"iotgw: {str(exc).splitlines()[0]}", file=sys.stderr)  # noqa: T201
-            return 1
+
+def _interrupted() -> int:
     print("\niotgw: interrupted", file=sys.stderr)  # noqa: T201
     return INTERRUPTED
-
-
-def _interrupted(exc: BaseException | None) -> bool:
-    """Whether a Ctrl-C is somewhere in the chain of causes of `exc`."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
