@@ -15,7 +15,7 @@ from alerts.http import Request
 from alerts.orders import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
 from alerts.rules import Receiver, Rule
 from alerts.tables import AlertRow, AlertTransitionRow, NotificationRow
-from gateway.clock import iso_z
+from gateway.core.clock import iso_z
 
 log = logging.getLogger("alerts.notify")
 

@@ -49,12 +49,9 @@ from alerts.roster import (
     priority_of,
     qualifies,
 )
-from gateway.clock import utcnow
-from gateway.events import Event
-from gateway.router import BaseConsumer
-
-log = logging.getLogger("alerts.dispatch")
-
+from gateway.core.clock import utcnow
+from gateway.core.events import Event
+from gateway.runtime import BaseConsumer
 
 log = logging.getLogger(__name__)
 

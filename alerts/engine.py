@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,6 @@ from alerts.loading import load_rules_file
 from alerts.rules import DeviceInfo, Receiver, Rule, RuleSet
 from alerts.state import (
     _SENSOR_TYPES,
-    _SQL_READERS,
-    _SQL_READINGS_OF,
     _VOLATILE,
     _absence_only_moved,
     _Batch,
@@ -32,19 +30,11 @@ from alerts.state import (
     _project,
 )
 from alerts.tables import OPEN, AlertDeviceRow, AlertKeyRow, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow
-from gateway import events as ev
-from gateway.events import Event
-from gateway.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
-from gateway.router import BaseConsumer
-from gateway.store import (
-    read_events,
-    read_sql_events,
-    replaying,
-    upsert,
-)
-
-log = logging.getLogger("alerts.engine")
-
+from gateway.core import events as ev
+from gateway.core.events import Event
+from gateway.core.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
+from gateway.log import read_events, replaying, spans, upsert
+from gateway.runtime import BaseConsumer
 
 log = logging.getLogger(__name__)
 
@@ -225,74 +215,58 @@ class AlertEngine(BaseConsumer):
         """
         self._load(tx)
         b = self._batch(tx)
-        conn = tx.connection()
+        limits = self._reading_limits()
         # A replay reads every reading: the gaps between a device's readings are what its
         # absence rules fired on the first time.
-        if conn.dialect.name != "sqlite" or self._reading_limits() is None or replaying(tx):
+        if not spans.in_sql(tx) or limits is None or replaying(tx):
             readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
         else:
-            beyond_sql, beyond_params = self._reading_limits() or ("0", [])
-            # One scan of the span: each device's last reading, site and unit, and whether any of
-            # its readings is beyond a limit (SQLite parses each row's JSON once for all of these).
-            query = _SQL_READERS.format(beyond=beyond_sql)
             beyond: set[str] = set()
-            for subject, last, site, unit, over in conn.exec_driver_sql(
-                query, (*beyond_params, after, upto)
-            ).fetchall():
-                if over:
-                    beyond.add(subject)
-                dev = self._device(b, subject)
-                dev.site = site or dev.site
-                dev.type = dev.type or sensor_type_of(unit)
-                at = datetime.fromisoformat(last).replace(tzinfo=UTC)
-                for rule in self._rules_for(ev.SENSOR_READING, subject, dev):
+            for sp in spans.speakers(tx, after, upto, limits):
+                if sp.beyond:
+                    beyond.add(sp.device_id)
+                dev = self._device(b, sp.device_id)
+                dev.site = sp.site or dev.site
+                dev.type = dev.type or sensor_type_of(sp.unit)
+                at = sp.last_received
+                for rule in self._rules_for(ev.SENSOR_READING, sp.device_id, dev):
                     if rule.absence is None:
                         continue
-                    k = (rule.name, subject)
+                    k = (rule.name, sp.device_id)
                     before = b.keys.get(k) or self._keys.get(k) or KeyState()
                     new, signal = step(rule, before, Observation(at, ev.SENSOR_READING, {}, dev.state), at)
                     b.keys[k] = new
-                    if signal is not None and not self._transition(tx, rule, subject, dev, signal, at, dev.state):
+                    if signal is not None and not self._transition(tx, rule, sp.device_id, dev, signal, at, dev.state):
                         b.keys[k] = before
             value_rules = {r.name for r in self.rules if r.threshold is not None}
             merged = {**self._keys, **b.keys}
-            hot = sorted({d for (r, d), ks in merged.items() if r in value_rules and (ks.breaching or ks.firing)})
+            hot = {d for (r, d), ks in merged.items() if r in value_rules and (ks.breaching or ks.firing)}
             # Devices with a reading beyond a limit, or already breaching: all their readings, in order.
-            wanted = sorted(beyond | set(hot))
-            readings = []
-            for i in range(0, len(wanted), 500):
-                chunk = wanted[i : i + 500]
-                sql = f"{_SQL_READINGS_OF} ({', '.join('?' * len(chunk))}) ORDER BY id"
-                readings += read_sql_events(conn, sql, (after, upto, *chunk))
-            readings.sort(key=lambda e: e.position)
+            readings = spans.readings_of(tx, after, upto, sorted(beyond | hot))
         for e in readings:
             dev = self._device(b, e.subject)
             _project(dev, e)
             self._observe(tx, b, e, dev)
         self._write(tx, b)
 
-    def _reading_limits(self) -> tuple[str, list[object]] | None:
-        """SQL condition (and its parameters) for readings beyond some rule's limit; None: read all.
+    def _reading_limits(self) -> list[spans.Limit] | None:
+        """The readings beyond some rule's limit, the ones read one by one; None: read them all.
 
         Each threshold rule counts only for the units of the sensor types it selects: a power
         meter's `below: 50` says nothing about a thermometer reading 21.
         """
-        terms: list[str] = []
-        params: list[object] = []
+        limits: list[spans.Limit] = []
         for r in self.rules:
             if r.absence is not None or not _may_change(r, ev.SENSOR_READING):
                 continue
             t = r.threshold
             if t is None or t.field != "value":
                 return None  # a rule that needs every reading
-            units = [SENSOR_UNITS[DeviceType(x)] for x in r.select.type or () if x in _SENSOR_TYPES]
+            units = tuple(SENSOR_UNITS[DeviceType(x)] for x in r.select.type or () if x in _SENSOR_TYPES)
             if r.select.type is not None and not units:
                 continue  # selects no sensor type at all
-            unit_sql = f"json_extract(data, '$.unit') IN ({', '.join('?' * len(units))}) AND " if units else ""
-            op, limit = (">", t.above) if t.above is not None else ("<", t.below)
-            terms.append(f"({unit_sql}CAST(json_extract(data, '$.value') AS REAL) {op} ?)")
-            params += [*units, limit]
-        return (" OR ".join(terms) or "0"), params
+            limits.append(spans.Limit(units, t.above, t.below))  # exactly one of them is set
+        return limits
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`.

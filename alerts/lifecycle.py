@@ -11,9 +11,9 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from alerts.tables import OPEN, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow, NotificationRow
-from gateway.clock import iso_z
+from gateway.core.clock import iso_z
 from gateway.errors import GatewayError
-from gateway.store import (
+from gateway.log import (
     append_event,
     replaying,
 )

@@ -36,13 +36,10 @@ from alerts.metrics import AlertFamilies
 from alerts.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.rules import Receiver
 from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
-from gateway.cluster import Lease, LeaseLostError
 from gateway.errors import StoreError
+from gateway.log import Store, event_at
 from gateway.logs import QuietLog
-from gateway.store import EventRow, Store, cloudevent_of
-
-log = logging.getLogger("alerts.notify")
-
+from gateway.runtime.leases import Lease, LeaseLostError
 
 log = logging.getLogger(__name__)
 
@@ -359,10 +356,10 @@ class Notifier:
         """The request (body, headers) to send; None: nothing for this receiver; a string: why it
         cannot be built."""
         if receiver.kind in ("webhook", "log"):
-            row = tx.get(EventRow, n.event_position) if n.event_position is not None else None
-            if row is None:
+            stored = event_at(tx, n.event_position) if n.event_position is not None else None
+            if stored is None:
                 return "its event is not in the log"
-            return cloudevent_request(receiver, cloudevent_of(row))
+            return cloudevent_request(receiver, stored.to_cloudevent())
         body: dict[str, Any] | list[dict[str, Any]] | None
         links = self.links()
         if n.work_order_id is not None:

@@ -15,9 +15,9 @@ from alerts.roster import (
     Technician,
 )
 from alerts.tables import NotificationRow
-from gateway.clock import iso_z
+from gateway.core.clock import iso_z
 from gateway.errors import GatewayError
-from gateway.store import append_event, datetime_field
+from gateway.log import append_event, datetime_field
 
 log = logging.getLogger("alerts.dispatch")
 

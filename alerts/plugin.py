@@ -25,8 +25,8 @@ from alerts.roster import load_roster_file
 from alerts.routes import alerts, silences, work_orders
 from alerts.rules import Receiver
 from alerts.tables import OPEN, AlertRow
-from gateway.cluster import Lease
 from gateway.plugins import Plugin
+from gateway.runtime.leases import Lease
 from gateway.tasks import stop_task
 from gateway.text import plural
 

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alerts.loading import FileProblemsError, load_yaml_model, read_config_file
 from alerts.rules import Duration, Receiver, Severity, StrictModel
-from gateway.protocol import DeviceType
+from gateway.core.protocol import DeviceType
 
 DEVICE_TYPES = [t.value for t in DeviceType]
 

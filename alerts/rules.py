@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from gateway.events import EVENT_TYPES
-from gateway.protocol import FAULT_CODES, DeviceType, ElevatorData, SensorData
+from gateway.core.events import EVENT_TYPES
+from gateway.core.protocol import FAULT_CODES, DeviceType, ElevatorData, SensorData
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 

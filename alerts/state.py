@@ -13,14 +13,11 @@ from sqlmodel import Session
 
 from alerts.evaluation import KeyState
 from alerts.rules import Rule
-from gateway import events as ev
-from gateway.events import Event
-from gateway.protocol import SENSOR_UNITS, sensor_type_of
-from gateway.store import (
-    EVENT_COLUMNS,
-)
+from gateway.core import events as ev
+from gateway.core.events import Event
+from gateway.core.protocol import SENSOR_UNITS, sensor_type_of
 
-log = logging.getLogger("alerts.engine")
+log = logging.getLogger(__name__)
 
 
 _KEY_FIELDS = ("breaching", "since", "clear_since", "breaches", "firing", "last_seen", "fired_at")
@@ -92,18 +89,6 @@ class _Batch:
     keys: dict[tuple[str, str], KeyState] = field(default_factory=dict)
     written: dict[tuple[str, str], KeyState] = field(default_factory=dict)
     flaps: dict[tuple[str, str], datetime | None] = field(default_factory=dict)
-
-
-_READINGS_SPAN = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
-
-
-_SQL_READERS = (  # {beyond}: the rules' limits, see _reading_limits
-    "SELECT subject, max(received_at), max(site), max(json_extract(data, '$.unit')), "
-    f"max(CASE WHEN ({{beyond}}) THEN 1 ELSE 0 END) {_READINGS_SPAN} GROUP BY subject"
-)
-
-
-_SQL_READINGS_OF = f"SELECT {', '.join(EVENT_COLUMNS)} {_READINGS_SPAN} AND subject IN"
 
 
 _SENSOR_TYPES = {t.value for t in SENSOR_UNITS}

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import JSON, Column, delete, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from gateway import events as ev
-from gateway.events import Event
-from gateway.protocol import sensor_type_of, sensor_type_sql
-from gateway.router import BaseConsumer
-from gateway.store import EventRow, MultiInsert, Store, datetime_field, read_events
+from gateway.core import events as ev
+from gateway.core.events import Event
+from gateway.core.protocol import sensor_type_of
+from gateway.log import MultiInsert, Store, datetime_field, newest_received_at, read_events, spans
+from gateway.runtime import BaseConsumer
 
 if TYPE_CHECKING:
     from analytics.plugin import AnalyticsFamilies
@@ -76,16 +76,6 @@ _MINUTE_UPSERT = (
 )
 
 
-_SENSOR_TYPE = sensor_type_sql("json_extract(data, '$.unit')")  # the reading's unit says the sensor type
-_READINGS = "FROM events WHERE id > ? AND id <= ? AND type = 'sensor.reading'"
-# On SQLite the sensor readings of a span are aggregated in SQL (JSON1, in C) and only the
-# aggregates come back to Python: one row per device and minute, one per device.
-_SQLITE_MINUTES_OF_SPAN = (  # per device and minute; the device's type (from the unit), site and times too
-    "SELECT subject, minute, count(*), sum(v), min(v), max(v), max(t), max(site), min(time), max(time) FROM ("  # noqa: S608
-    "SELECT subject, site, time, CAST(strftime('%s', time) AS INTEGER) / 60 AS minute, "
-    f"CAST(json_extract(data, '$.value') AS REAL) AS v, {_SENSOR_TYPE} "
-    f"AS t {_READINGS}) GROUP BY subject, minute"
-)
 _MINUTES = MultiInsert(
     "analytics_sensor_minutes",
     ("device_id", "minute", "count", "total", "vmin", "vmax"),
@@ -160,22 +150,25 @@ class Analytics(BaseConsumer):
         SELECT would hold it while scanning the span, stalling ingestion's commits. Elsewhere,
         the rows go through `handle`.
         """
-        conn = tx.connection()
-        if conn.dialect.name != "sqlite":
+        if not spans.in_sql(tx):
             readings = read_events(tx, after, upto, (ev.SENSOR_READING,))
             if readings:
                 self.handle(readings, tx)
             return
-        minutes = conn.exec_driver_sql(_SQLITE_MINUTES_OF_SPAN, (after, upto)).fetchall()
-        sensors: dict[str, tuple[Any, ...]] = {}
-        for d, _m, _n, _sum, _lo, _hi, t, site, first, last in minutes:
-            seen = sensors.get(d)
-            sensors[d] = (
-                (t, site, first, last)
+        minutes = spans.reading_minutes(tx, after, upto)
+        sensors: dict[str, tuple[str, str | None, str, str]] = {}
+        for m in minutes:
+            seen = sensors.get(m.device_id)
+            sensors[m.device_id] = (
+                (m.type, m.site, m.first, m.last)
                 if seen is None
-                else (max(seen[0], t), max(seen[1] or "", site or "") or None, min(seen[2], first), max(seen[3], last))
-            )
-        _MINUTES.run(conn, [tuple(r[:6]) for r in minutes])
+                else (
+                    max(seen[0], m.type), max(seen[1] or "", m.site or "") or None,
+                    min(seen[2], m.first), max(seen[3], m.last),
+                )
+            )  # fmt: skip
+        conn = tx.connection()
+        _MINUTES.run(conn, [(m.device_id, m.minute, m.count, m.total, m.low, m.high) for m in minutes])
         _SENSORS.run(
             conn,
             [
@@ -271,7 +264,7 @@ def _horizon(tx: Session) -> datetime | None:
     # event, so that no device's clock (ahead by less than IOTGW_MAX_CLOCK_SKEW_S) stretches the
     # other elevators' open modes.
     newest = tx.exec(select(func.max(AnalyticsDeviceRow.last_time))).one()
-    stored = tx.exec(select(EventRow.received_at).order_by(col(EventRow.id).desc()).limit(1)).first()
+    stored = newest_received_at(tx)
     return min(newest, stored) if newest is not None and stored is not None else newest
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ingest as base  # noqa: E402
 
-from gateway.broker import free_port  # noqa: E402
+from gateway.cli.broker import free_port  # noqa: E402
 
 READERS = """
 import asyncio, collections, json, sys, time

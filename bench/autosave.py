@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ingest import BENCH_ACL, SITE, USERS, _blast, _write_streams, login  # noqa: E402
 
-from gateway.broker import PROJECT_CONF, Mosquitto, free_port  # noqa: E402
+from gateway.cli.broker import PROJECT_CONF, Mosquitto, free_port  # noqa: E402
 
 SESSION = "bench-autosave-gw"
 

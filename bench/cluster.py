@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ingest as base  # noqa: E402
 
-from gateway.broker import Mosquitto, free_port  # noqa: E402
+from gateway.cli.broker import Mosquitto, free_port  # noqa: E402
 
 PG_URL = os.environ.get("IOTGW_BENCH_PG_URL", "postgresql+psycopg://iotgw:iotgw@127.0.0.1:5432/iotgw_test")
 

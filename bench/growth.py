@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ingest as base  # noqa: E402
 
-from gateway.broker import Mosquitto, free_port  # noqa: E402
-from gateway.store import Store  # noqa: E402
+from gateway.cli.broker import Mosquitto, free_port  # noqa: E402
+from gateway.log import Store  # noqa: E402
 
 FILL_DEVICES = 2_000
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

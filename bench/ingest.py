@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from devices.connect import mqtt_client  # noqa: E402
 from devices.load import publish_numbered, telemetry_payload  # noqa: E402
-from gateway.broker import Mosquitto, free_port  # noqa: E402
+from gateway.cli.broker import Mosquitto, free_port  # noqa: E402
 
 GW_ID = "bench-gateway"
 SITE = "campus-north/building-07/floor-12/plant-room-b"

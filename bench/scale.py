@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ingest as base  # noqa: E402
 
-from gateway.broker import Mosquitto, free_port  # noqa: E402
+from gateway.cli.broker import Mosquitto, free_port  # noqa: E402
 
 
 def _metrics(http_port: int) -> dict[str, float]:

@@ -9,8 +9,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.core.protocol import SUBSCRIPTION
 from gateway.errors import ConfigError
-from gateway.protocol import SUBSCRIPTION
 
 # The broker refuses anything above its own limit (mosquitto.conf: message_size_limit 262144),
 # so a gateway limit above that could never be reached.

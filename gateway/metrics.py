@@ -17,7 +17,7 @@ class Metrics:
         r = self.registry
         # What the process running the consumers counts (events, failures, retries, parked, handler
         # time) goes in `handled_here`. With `handled_elsewhere` the consumers run in a child
-        # process (gateway/apart.py): here these stay at 0 and /metrics shows the child's instead.
+        # process (gateway/runtime/apart.py): here these stay at 0 and /metrics shows the child's instead.
         self.handled_here = CollectorRegistry() if handled_elsewhere else r
         h = self.handled_here
         self.messages_received = Counter(

@@ -1,6 +1,6 @@
 """The plugin contract: what a package adds to the gateway beside its consumers.
 
-A consumer alone is a class under the entry point group `iotgw.consumers` (gateway/router.py).
+A consumer alone is a class under the entry point group `iotgw.consumers` (gateway/runtime/).
 A package that needs more (HTTP routes, metrics, a part of the live stream, background work in
 the gateway's process, commands) registers a `Plugin` subclass under `iotgw.plugins`, and its
 settings (a pydantic model whose fields join the gateway's) under `iotgw.settings`:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from sqlmodel import Session
 
-    from gateway.store import Store
+    from gateway.log import Store
 
 log = logging.getLogger(__name__)
 PLUGIN_GROUP = "iotgw.plugins"
@@ -77,7 +77,7 @@ class Plugin:
     event_types: ClassVar[tuple[str, ...]] = ()
     # The package whose `versions/` folder holds its Alembic revisions: one branch, labelled with
     # the plugin's name, whose base depends on the platform revision it builds on. They run with
-    # the platform's at every start (gateway/store.py).
+    # the platform's at every start (gateway/log/).
     migrations: ClassVar[str | None] = None
 
     def __init__(self, host: Host) -> None:

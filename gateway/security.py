@@ -29,10 +29,10 @@ from pathlib import Path
 from sqlalchemy import Column, String
 from sqlmodel import Field, SQLModel, col, select
 
-from gateway.clock import utcnow
+from gateway.core.clock import utcnow
+from gateway.core.protocol import DEVICE_ID_RE
 from gateway.errors import BrokerError, ConfigError, ReservedNameError
-from gateway.protocol import DEVICE_ID_RE
-from gateway.store import Store, UTCDateTime, upsert
+from gateway.log import Store, UTCDateTime, upsert
 
 ROLES = ("viewer", "technician", "admin")  # each role may do what the ones before it may
 KEY_PREFIX = "iotgw_"

@@ -12,18 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from gateway.apart import ConsumerProcess
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
 from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
-from gateway.ingest import Ingest
+from gateway.ingest.client import Ingest
+from gateway.log import Store
 from gateway.metrics import Metrics
 from gateway.plugins import Host, plugin_classes, start_plugins
-from gateway.router import Consumer, Router, load_consumers
+from gateway.runtime import Consumer, Router, load_consumers
+from gateway.runtime.apart import ConsumerProcess
+from gateway.runtime.sequencer import Sequencer
 from gateway.security import PasswordFile, has_api_keys, reserved_in_use
-from gateway.sequencer import Sequencer
-from gateway.store import Store
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Gateway:
         self.settings = settings
         registry = registry if registry is not None else CollectorRegistry()
         ProcessCollector(namespace="iotgw", registry=registry)
-        # The consumers in a process of their own (gateway/apart.py): this one ingests and serves.
+        # The consumers in a process of their own (gateway/runtime/apart.py): this one ingests and serves.
         self.apart = settings.consumer_process and settings.ingest and bool(settings.consumer_names)
         if self.apart and extra_consumers:
             msg = "consumers given in code run in the gateway's process: set consumer_process=False"

@@ -24,11 +24,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
-from gateway.router import Consumer
+from gateway.log import Store
+from gateway.runtime import Consumer
 from gateway.service import Gateway
-from gateway.store import Store
 
 
 @pytest.fixture

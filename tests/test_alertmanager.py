@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from tests.conftest import running_gateway, wait_for
 from tests.test_dispatch import WED_10_BERLIN, Clock, message, publish

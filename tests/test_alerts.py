@@ -16,10 +16,10 @@ from sqlmodel import col, select
 from alerts.lifecycle import ALERT_SOURCE
 from alerts.tables import AlertRow, NotificationRow
 from devices.connect import mqtt_client
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
+from gateway.log import ConsumerCursorRow, EventRow
 from gateway.service import Gateway
-from gateway.store import ConsumerCursorRow, EventRow
 from tests.conftest import running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -234,7 +234,7 @@ def _engine_store(make_store: Callable[[], Any]) -> tuple[Any, Any]:
 
 
 def _event(etype: str, subject: str, site: str, t: Any, **data: Any) -> Any:
-    from gateway.events import Event  # noqa: PLC0415
+    from gateway.core.events import Event  # noqa: PLC0415
 
     return Event(id=f"{subject}-{etype}-{t}", source=f"devices/{subject}", type=etype, time=t, subject=subject,
                  data=data, site=site)  # fmt: skip
@@ -289,14 +289,14 @@ def select_alerts(row: Any) -> Any:
 
 
 def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_path: Path) -> None:
-    # The SQLite fast path (_SQL_READERS' beyond column) itself; other databases take the readings one by one.
+    # The SQLite fast path (the log's speakers, with their beyond flag) itself; other databases
+    # take the readings one by one.
     from datetime import UTC, datetime  # noqa: PLC0415
 
     from alerts.engine import AlertEngine  # noqa: PLC0415
     from alerts.loading import load_rules  # noqa: PLC0415
-    from alerts.state import _SQL_READERS  # noqa: PLC0415
-    from gateway.events import Event  # noqa: PLC0415
-    from gateway.store import Store  # noqa: PLC0415
+    from gateway.core.events import Event  # noqa: PLC0415
+    from gateway.log import Store, spans  # noqa: PLC0415
 
     engine = AlertEngine(load_rules(RULES_WITH_TWO_LIMITS))
     store = Store(f"sqlite:///{tmp_path / 'limits.db'}")
@@ -310,12 +310,16 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
     )  # fmt: skip
     limits = engine._reading_limits()
     assert limits is not None
-    sql, params = limits
     with store.session() as tx:
-        rows = tx.connection().exec_driver_sql(_SQL_READERS.format(beyond=sql), (*params, 0, 10)).fetchall()
+        assert spans.in_sql(tx)
+        found = spans.speakers(tx, 0, 10, limits)
+        hot = spans.readings_of(tx, 0, 10, ["t-hot", "p-dead"])
     # A thermometer at 21 C is not "below 50" just because the power rule says so.
-    assert sorted(r[0] for r in rows if r[4]) == ["p-dead", "t-hot"]
-    assert sorted(r[0] for r in rows) == sorted(d for d, _v, _u in readings)  # every reader, beyond or not
+    assert sorted(s.device_id for s in found if s.beyond) == ["p-dead", "t-hot"]
+    assert sorted(s.device_id for s in found) == sorted(d for d, _v, _u in readings)  # every reader, beyond or not
+    assert {s.device_id: s.unit for s in found} == {d: u for d, _v, u in readings}
+    assert all(s.last_received == t for s in found)
+    assert [e.subject for e in hot] == ["t-hot", "p-dead"]  # in log order, whatever order asked in
 
 
 RULES_WITH_TWO_LIMITS = """

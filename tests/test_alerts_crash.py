@@ -17,7 +17,7 @@ import pytest
 from devices.connect import mqtt_client
 from devices.elevator import Elevator
 from devices.fleet import settle
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from tests.conftest import fresh_database, iotgw_run, kill_9, new_broker, query, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio

@@ -13,9 +13,9 @@ import pytest
 
 from analytics.consumer import Analytics, device, fleet
 from devices.fleet import Fleet, FleetConfig
-from gateway.broker import Mosquitto, free_port
-from gateway.events import Event
-from gateway.store import Store
+from gateway.cli.broker import Mosquitto, free_port
+from gateway.core.events import Event
+from gateway.log import Store
 from tests.conftest import kill_9, query, until_ready, wait_for
 from tests.test_crash import _start_gateway
 

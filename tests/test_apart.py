@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devices.connect import mqtt_client
 from devices.load import publish_numbered
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.service import Gateway
 from tests.conftest import install_plugin, iotgw_run, kill_9, query, running_gateway, until_ready, wait_for
@@ -222,7 +222,7 @@ FLAKY_PACKAGE = """
 import os
 from pathlib import Path
 
-from gateway.router import BaseConsumer
+from gateway.runtime import BaseConsumer
 
 
 class Flaky(BaseConsumer):

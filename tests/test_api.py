@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry
 from gateway.api import AppState, create_app
 from gateway.api.auth import ApiSecurity
 from gateway.config import Settings
-from gateway.events import Event
+from gateway.core.events import Event
+from gateway.core.normalize import Shadow
+from gateway.log import DeadLetter, Store
 from gateway.metrics import Metrics
-from gateway.normalize import Shadow
 from gateway.plugins import Host, Plugin, plugin_classes, start_plugins
-from gateway.store import DeadLetter, Store
 
 pytestmark = pytest.mark.anyio
 

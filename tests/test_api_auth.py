@@ -17,7 +17,7 @@ from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
 from devices.connect import mqtt_client
 from devices.load import telemetry_payload
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.security import ROLES, AuditRow, create_api_key
 from gateway.service import Gateway

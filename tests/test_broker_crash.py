@@ -15,10 +15,10 @@ import pytest
 from sqlmodel import func, select
 
 from devices.load import telemetry_payload
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
+from gateway.log import EventRow
 from gateway.security import provision
-from gateway.store import EventRow
 from tests.conftest import running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio

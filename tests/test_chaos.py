@@ -11,7 +11,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from devices.load import publish_numbered
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from tests.conftest import on_postgresql, running_gateway, wait_for
 

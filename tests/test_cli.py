@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import Mosquitto, render_config
 from gateway.cli import main
+from gateway.cli.broker import Mosquitto, render_config
 from gateway.config import Settings
 from gateway.errors import BrokerError
 

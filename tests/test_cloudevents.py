@@ -14,7 +14,7 @@ import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from cloudevents.core.formats.json import JSONFormat
 
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from tests.conftest import running_gateway, wait_for
 from tests.test_dispatch import RULES, STUCK, WED_10_BERLIN, Clock, api, dispatcher, message, publish

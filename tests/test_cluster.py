@@ -15,12 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from devices.load import Script, elevator_script, publish_scripts, sensor_script
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
-from gateway.router import ConsumerStatus
-from gateway.sequencer import in_order, ready
+from gateway.log import InboxMessage, Store
+from gateway.runtime import ConsumerStatus
+from gateway.runtime.sequencer import in_order, ready
 from gateway.service import Gateway
-from gateway.store import InboxMessage, Store
 from tests.conftest import fresh_database, iotgw_run, kill_9, query, running_gateway, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio

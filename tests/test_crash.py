@@ -12,7 +12,7 @@ import pytest
 
 from devices.fleet import Fleet, FleetConfig
 from devices.load import publish_numbered
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from tests.conftest import iotgw_run, kill_9, query, running_gateway, settled, until_ready, wait_for
 

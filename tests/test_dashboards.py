@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devices.fleet import Fleet, FleetConfig
 from devices.misbehave import publish_bad
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from tests.conftest import running_gateway, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

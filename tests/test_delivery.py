@@ -21,10 +21,10 @@ from alerts.lifecycle import ALERT_SOURCE
 from alerts.loading import RulesError, load_rules
 from alerts.roster import load_roster
 from alerts.tables import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
+from gateway.log import append_event
 from gateway.service import Gateway
-from gateway.store import append_event
 from tests.conftest import running_gateway, wait_for
 from tests.test_dispatch import (
     ROSTER,

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from gateway.broker import free_port, port_open
+from gateway.cli.broker import free_port, port_open
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.anyio

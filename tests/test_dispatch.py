@@ -21,10 +21,10 @@ from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
 from alerts.tables import NotificationRow
 from devices.connect import mqtt_client
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
+from gateway.log import EventRow
 from gateway.service import Gateway
-from gateway.store import EventRow
 from tests.conftest import running_gateway, wait_for
 from tests.test_notify import Hooks, serving
 

@@ -17,13 +17,13 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from devices.connect import mqtt_client
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
+from gateway.core.events import EVENT_TYPES
+from gateway.core.normalize import Shadow, normalize
+from gateway.core.protocol import Reason, parse
 from gateway.errors import PayloadError
-from gateway.events import EVENT_TYPES
-from gateway.normalize import Shadow, normalize
-from gateway.protocol import Reason, parse
-from gateway.store import DeadLetterRow, EventRow
+from gateway.log import DeadLetterRow, EventRow
 from tests.conftest import running_gateway, settled, wait_for
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)

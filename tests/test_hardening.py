@@ -22,12 +22,12 @@ from sqlmodel import col, select
 
 from devices.connect import mqtt_client
 from gateway.api.limits import ConcurrencyLimit
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.errors import StoreError
+from gateway.log import DeadLetterRow, EventRow, Store
 from gateway.security import create_api_key, revoke_api_key
 from gateway.service import Gateway
-from gateway.store import DeadLetterRow, EventRow, Store
 from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -125,13 +125,13 @@ async def test_internal_errors_are_dead_lettered_with_one_traceback_not_one_each
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import gateway.pipeline  # noqa: PLC0415
+    import gateway.ingest.pipeline  # noqa: PLC0415
 
     def broken(*_args: object, **_kwargs: object) -> None:
         msg = "a bug"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(gateway.pipeline, "normalize", broken)
+    monkeypatch.setattr(gateway.ingest.pipeline, "normalize", broken)
     caplog.set_level(logging.WARNING)
     async with running_gateway(settings_for(broker, consumers="")) as gw:
         await publish(broker, "el-1", *[state(seq, 1764324000000) for seq in range(1, 501)])

@@ -13,9 +13,9 @@ import pytest
 from devices.connect import mqtt_client
 from devices.fleet import Fleet, FleetConfig
 from devices.misbehave import publish_bad
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
-from gateway.store import EventQuery, list_events
+from gateway.log import EventQuery, list_events
 from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio

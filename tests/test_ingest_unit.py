@@ -9,14 +9,14 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-import gateway.pipeline
-from gateway.clock import utcnow
+import gateway.ingest.pipeline
 from gateway.config import Settings
-from gateway.ingest import Ingest
+from gateway.core.clock import utcnow
+from gateway.ingest.client import Ingest
+from gateway.ingest.pipeline import _Pending
+from gateway.log import Store, list_dead_letters
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.pipeline import _Pending
-from gateway.store import Store, list_dead_letters
 
 
 @pytest.fixture
@@ -37,14 +37,14 @@ def reading(device: str, seq: int) -> _Pending:
 def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
     ingest: Ingest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = gateway.pipeline.normalize
+    real = gateway.ingest.pipeline.normalize
 
     def flaky(msg, shadow, **kw):  # type: ignore[no-untyped-def]
         if msg.device_id == "broken":
             raise ZeroDivisionError("oops")
         return real(msg, shadow, **kw)
 
-    monkeypatch.setattr(gateway.pipeline, "normalize", flaky)
+    monkeypatch.setattr(gateway.ingest.pipeline, "normalize", flaky)
     ingest._process([reading("ok-1", 1), reading("broken", 1), reading("ok-1", 2)])
     assert ingest.store.count_events() == 2
     (dead,) = list_dead_letters(ingest.store)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.broker import free_port, port_open
+from gateway.cli.broker import free_port, port_open
 from tests.conftest import wait_for
 from tests.test_demo import _exists
 

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.normalize import SeqAnomaly, Shadow, normalize
-from gateway.protocol import DeviceMessage, DeviceType, ElevatorData, SensorData, StatusData
+from gateway.core.normalize import SeqAnomaly, Shadow, normalize
+from gateway.core.protocol import DeviceMessage, DeviceType, ElevatorData, SensorData, StatusData
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 IDLE = {"floor": 0, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0.0, "fault": None}

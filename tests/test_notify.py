@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from devices.connect import mqtt_client
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from tests.conftest import running_gateway, wait_for
 from tests.test_alerts import alerts_of, caught_up, state

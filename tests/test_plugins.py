@@ -18,7 +18,7 @@ import pytest
 
 from devices.fleet import Fleet, FleetConfig
 from gateway.api.routes.stream import snapshot
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from tests.conftest import iotgw_run, kill_9, running_gateway, until_ready, wait_for
 

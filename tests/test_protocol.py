@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.core.protocol import ElevatorData, Reason, SensorData, StatusData, parse, parse_ts
 from gateway.errors import PayloadError
-from gateway.protocol import ElevatorData, Reason, SensorData, StatusData, parse, parse_ts
 
 ELEVATOR = {"floor": 3, "direction": "up", "door": "closed", "mode": "normal", "load_kg": 150.5, "fault": None}
 

@@ -13,12 +13,12 @@ import pytest
 from sqlmodel import Session
 
 from devices.load import publish_numbered
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
-from gateway.events import Event
-from gateway.router import BaseConsumer, load_consumers
+from gateway.core.events import Event
+from gateway.log import ConsumerCursorRow
+from gateway.runtime import BaseConsumer, load_consumers
 from gateway.service import Gateway
-from gateway.store import ConsumerCursorRow
 from tests.conftest import install_plugin, running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -240,7 +240,7 @@ def test_unknown_consumer_names_fail_fast_with_the_registered_ones() -> None:
 
 
 ENTRY_POINT_PACKAGE = """
-from gateway.router import BaseConsumer
+from gateway.runtime import BaseConsumer
 
 SEEN = []
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 from schemathesis.checks import not_a_server_error
 
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
 from gateway.security import create_api_key
 from gateway.service import Gateway

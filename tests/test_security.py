@@ -25,12 +25,12 @@ from sqlmodel import col, select
 from devices.connect import mqtt_client
 from devices.fleet import iso_now
 from devices.load import telemetry_payload
-from gateway.broker import Mosquitto, TlsListener, free_port
+from gateway.cli.broker import Mosquitto, TlsListener, free_port
 from gateway.config import Settings
 from gateway.errors import ConfigError
+from gateway.log import DeadLetterRow, EventRow
 from gateway.security import PasswordFile, RegisteredDeviceRow, provision, revoke
 from gateway.service import Gateway
-from gateway.store import DeadLetterRow, EventRow
 from tests.conftest import new_broker, running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio

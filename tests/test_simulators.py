@@ -12,8 +12,8 @@ from devices.elevator import Elevator
 from devices.fleet import FleetConfig, FleetStats, SimDevice, build_models
 from devices.misbehave import bad_messages
 from devices.sensors import SENSOR_TYPES, Sensor
+from gateway.core.protocol import parse
 from gateway.errors import PayloadError
-from gateway.protocol import parse
 
 
 def drive(elevator: Elevator, steps: int) -> list[dict[str, object]]:

@@ -16,10 +16,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlmodel import SQLModel
 
+from gateway.core.events import Event
+from gateway.core.normalize import Shadow
 from gateway.errors import ConfigError, StoreError
-from gateway.events import Event
-from gateway.normalize import Shadow
-from gateway.store import (
+from gateway.log import (
     DeadLetter,
     EventQuery,
     Store,

@@ -22,11 +22,11 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from gateway.broker import Mosquitto, free_port
+from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
+from gateway.log import EventRow
 from gateway.security import PasswordFile, provision
 from gateway.service import Gateway
-from gateway.store import EventRow
 from tests.conftest import running_gateway, settled, wait_for
 
 pytestmark = pytest.mark.anyio

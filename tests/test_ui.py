@@ -14,7 +14,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from alerts.dispatch import Dispatch
 from alerts.roster import load_roster
-from gateway.broker import Mosquitto
+from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.security import create_api_key
 from gateway.service import Gateway

@@ -16,7 +16,7 @@ from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow, Deliv
 from gateway.api.auth import TECHNICIAN
 from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
-from gateway.clock import utcnow
+from gateway.core.clock import utcnow
 
 router = APIRouter(prefix="/api", tags=["alerts"])
 

@@ -27,7 +27,7 @@ from alerts.tables import NotificationRow
 from gateway.api.auth import ADMIN, TECHNICIAN
 from gateway.api.deps import RowId, StoreDep, changed, filtered
 from gateway.api.pages import Cursor, Limit, Page, bad_cursor, page_of, whole
-from gateway.store import Store
+from gateway.log import Store
 
 router = APIRouter(prefix="/api", tags=["work orders"])
 

@@ -20,10 +20,10 @@ from gateway.api.auth import VIEWER, ApiSecurity, Guard
 from gateway.api.limits import ConcurrencyLimit
 from gateway.api.routes import audit, consumers, dead_letters, devices, events, health, stream
 from gateway.errors import StoreError
+from gateway.log import Store
 from gateway.metrics import Metrics
 from gateway.plugins import Plugin
-from gateway.router import ConsumerError, Router, UnknownConsumerError
-from gateway.store import Store
+from gateway.runtime import ConsumerError, Router, UnknownConsumerError
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 

@@ -9,9 +9,9 @@ from fastapi import Depends, HTTPException, Path, Request
 from sqlmodel import col
 from sqlmodel.sql.expression import SelectOfScalar
 
+from gateway.log import Store
 from gateway.metrics import Metrics
-from gateway.router import Router
-from gateway.store import Store
+from gateway.runtime import Router
 
 
 def get_store(request: Request) -> Store:

@@ -16,9 +16,9 @@ from gateway.cli.common import _SETTING_FLAGS, _add_settings, _create_flag, _fle
 from gateway.cli.demo import _cmd_demo
 from gateway.cli.run import _cmd_consumer_process, _cmd_run
 from gateway.cli.simulate import _cmd_simulate, _simulate_args
+from gateway.core.protocol import DeviceType
 from gateway.errors import ConfigError, GatewayError
 from gateway.plugins import plugin_classes
-from gateway.protocol import DeviceType
 from gateway.security import ROLES
 
 __all__ = ["_SETTING_FLAGS", "build_parser", "main"]
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
 
     # Started by `run` (IOTGW_CONSUMER_PROCESS): its settings come in the environment, its
-    # instructions on stdin (gateway/apart.py). Not for people to start.
+    # instructions on stdin (gateway/runtime/apart.py). Not for people to start.
     sub.add_parser("consumer-process", help="(internal) the consumers' process that `run` starts")
 
     _simulate_args(sub.add_parser("simulate", help="run a fleet of simulated devices against a broker"))

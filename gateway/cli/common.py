@@ -13,10 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 
-from gateway.broker import DEVICE_LISTENER
+from gateway.cli.broker import DEVICE_LISTENER
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.store import Store
+from gateway.log import Store
 
 if TYPE_CHECKING:
     from devices.fleet import FleetConfig

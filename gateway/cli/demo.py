@@ -19,16 +19,16 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 from sqlalchemy import delete
 
-from gateway.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
+from gateway.cli.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
 from gateway.cli.common import _check_fleet, _fleet_config, _logging, _settings, _stop_event, log
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.log import Store
 from gateway.security import (
     create_api_key,
     new_secret,
     provision,
 )
-from gateway.store import Store
 
 if TYPE_CHECKING:
     pass
@@ -165,7 +165,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _forget_broker_sessions(store: Store) -> None:
-    from gateway.store import BrokerSessionRow  # noqa: PLC0415
+    from gateway.log import BrokerSessionRow  # noqa: PLC0415
 
     with store.session() as tx:
         tx.exec(delete(BrokerSessionRow))

@@ -13,12 +13,12 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from gateway.events import Event
+from gateway.core.events import Event
+from gateway.core.normalize import Shadow
 from gateway.log.sql import _SHADOW_FIELDS, _table
 from gateway.log.tables import DeviceRow, EventRow
-from gateway.normalize import Shadow
 
 EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data", "received_at")
 
@@ -116,6 +116,17 @@ def _as_utc(value: datetime) -> datetime:
 def cloudevent_of(row: EventRow) -> dict[str, Any]:
     """A stored event as a CloudEvent (`Event.to_cloudevent`)."""
     return event_from_row(row).to_cloudevent()
+
+
+def event_at(tx: Session, position: int) -> Event | None:
+    """The event at `position` in the log, or None."""
+    row = tx.get(EventRow, position)
+    return None if row is None else event_from_row(row)
+
+
+def newest_received_at(tx: Session) -> datetime | None:
+    """When the gateway received the newest event of the log (None: the log is empty)."""
+    return tx.exec(select(EventRow.received_at).order_by(col(EventRow.id).desc()).limit(1)).first()
 
 
 def event_from_row(row: EventRow) -> Event:

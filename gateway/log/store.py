@@ -20,8 +20,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
+from gateway.core.events import Event
+from gateway.core.normalize import Shadow
 from gateway.errors import StoreError
-from gateway.events import Event
 from gateway.log.read import INBOX_APPEND_LOCK, _no_nul, _transient, lock_log, shadow_from_row
 from gateway.log.schema import SCHEMA_LOCK, _migrate, _sqlite_file_lock
 from gateway.log.sql import (
@@ -44,7 +45,6 @@ from gateway.log.tables import (
     InboxRow,
     Stored,
 )
-from gateway.normalize import Shadow
 
 
 class Store:

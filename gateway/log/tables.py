@@ -115,7 +115,7 @@ class LeaseRow(SQLModel, table=True):
     """Who does a cluster-wide job (a consumer, the notifier, the sequencer) until `expires_at`.
 
     `epoch` grows with every acquisition and with every operation that must make the holder
-    reload (a replay, a pause): each commit of the holder checks it (see `gateway.cluster`)."""
+    reload (a replay, a pause): each commit of the holder checks it (see `gateway.runtime.leases`)."""
 
     __tablename__ = "leases"
 
@@ -138,7 +138,7 @@ class BrokerSessionRow(SQLModel, table=True):
 
 class InboxRow(SQLModel, table=True):
     """A device message an instance of a cluster accepted, waiting for the sequencer to turn it
-    into events in the device's seq order (see `gateway.sequencer`)."""
+    into events in the device's seq order (see `gateway.runtime.sequencer`)."""
 
     __tablename__ = "inbox"
     # AUTOINCREMENT on SQLite: the sequencer reads on from the last id it saw, and deletes what

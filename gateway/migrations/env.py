@@ -7,12 +7,13 @@ import logging
 from alembic import context
 from sqlmodel import SQLModel
 
+import gateway.log
+
 # The platform's tables, and the plugins' and consumers' (their modules define them): the
 # migrations compare against all of them.
 import gateway.security
-import gateway.store
 from gateway.plugins import plugin_classes
-from gateway.router import available_consumers
+from gateway.runtime import available_consumers
 
 plugin_classes()
 for name, load in available_consumers().items():

@@ -12,10 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from sqlmodel import Session
 
+from gateway.core.events import Event
 from gateway.errors import ConfigError, GatewayError
-from gateway.events import Event
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 ENTRY_POINT_GROUP = "iotgw.consumers"

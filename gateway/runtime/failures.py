@@ -7,15 +7,15 @@ import asyncio
 import logging
 import random
 
-from gateway.clock import utcnow
-from gateway.cluster import LeaseLostError
-from gateway.events import Event
-from gateway.runtime.state import RunnerState
-from gateway.store import (
+from gateway.core.clock import utcnow
+from gateway.core.events import Event
+from gateway.log import (
     ConsumerDeadLetterRow,
 )
+from gateway.runtime.leases import LeaseLostError
+from gateway.runtime.state import RunnerState
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 class _Poison(Exception):

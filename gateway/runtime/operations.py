@@ -9,19 +9,19 @@ from datetime import datetime
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from gateway.clock import utcnow
-from gateway.cluster import bump_epoch
+from gateway.core.clock import utcnow
 from gateway.errors import ReplayRangeError
-from gateway.runtime.contract import ConsumerError
-from gateway.runtime.state import RunnerState
-from gateway.store import (
+from gateway.log import (
     ConsumerCursorRow,
     ConsumerDeadLetterRow,
     EventRow,
     event_from_row,
 )
+from gateway.runtime.contract import ConsumerError
+from gateway.runtime.leases import bump_epoch
+from gateway.runtime.state import RunnerState
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 class RunnerOperations(RunnerState):

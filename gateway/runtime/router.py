@@ -13,18 +13,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from gateway.errors import ConfigError, StoreError
+from gateway.log import (
+    EventRow,
+    Store,
+)
 from gateway.metrics import Metrics
 from gateway.runtime.contract import Consumer, UnknownConsumerError
 from gateway.runtime.runner import ConsumerRunner
 from gateway.runtime.state import Elsewhere
 from gateway.runtime.status import ConsumerStatus
-from gateway.store import (
-    EventRow,
-    Store,
-)
 from gateway.tasks import stop_task
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 class Changes:

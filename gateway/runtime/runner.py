@@ -20,18 +20,10 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from gateway.clock import utcnow
-from gateway.cluster import Lease, LeaseLostError
+from gateway.core.clock import utcnow
+from gateway.core.events import Event
 from gateway.errors import StoreError
-from gateway.events import Event
-from gateway.logs import QuietLog
-from gateway.metrics import Metrics
-from gateway.runtime.contract import Consumer, matches
-from gateway.runtime.failures import RunnerFailures, _Poison
-from gateway.runtime.operations import RunnerOperations
-from gateway.runtime.state import Elsewhere
-from gateway.runtime.status import RunnerStatus
-from gateway.store import (
+from gateway.log import (
     LOG_GREW,
     REPLAYING,
     ConsumerCursorRow,
@@ -41,9 +33,17 @@ from gateway.store import (
     read_events,
     replaying,
 )
+from gateway.logs import QuietLog
+from gateway.metrics import Metrics
+from gateway.runtime.contract import Consumer, matches
+from gateway.runtime.failures import RunnerFailures, _Poison
+from gateway.runtime.leases import Lease, LeaseLostError
+from gateway.runtime.operations import RunnerOperations
+from gateway.runtime.state import Elsewhere
+from gateway.runtime.status import RunnerStatus
 from gateway.tasks import stop_task
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 CURSOR_IDLE_WRITE_S = 5.0  # how long a cursor may trail in the database when nothing matched

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlmodel import Session
 
-from gateway.cluster import Lease
+from gateway.log import (
+    Store,
+)
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.runtime.contract import Consumer
-from gateway.store import (
-    Store,
-)
+from gateway.runtime.leases import Lease
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 class Elsewhere(Protocol):
-    """The other process of this gateway that runs its consumers (gateway.apart)."""
+    """The other process of this gateway that runs its consumers (gateway.runtime.apart)."""
 
     def notify(self, types: Collection[str] | None) -> None:
         """New events of `types` (None: unknown) are in the log."""

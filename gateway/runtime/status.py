@@ -11,15 +11,15 @@ from datetime import datetime
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from gateway.cluster import holder
-from gateway.runtime.state import RunnerState
-from gateway.store import (
+from gateway.log import (
     ConsumerCursorRow,
     ConsumerDeadLetterRow,
     EventRow,
 )
+from gateway.runtime.leases import holder
+from gateway.runtime.state import RunnerState
 
-log = logging.getLogger("gateway.router")  # one logger name for the runtime, as operators know it
+log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "alerts_0001"
 down_revision = None
@@ -38,7 +38,7 @@ def upgrade() -> None:
         "alert_transitions",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("alert_id", sa.Integer(), nullable=False),
-        sa.Column("at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("from_status", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("to_status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("by", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -58,11 +58,11 @@ def upgrade() -> None:
         sa.Column("severity", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("summary", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("fired_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("acked_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("fired_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("acked_at", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("acked_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("resolved_at", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("resolved_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("note", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
@@ -83,9 +83,9 @@ def upgrade() -> None:
         sa.Column("receiver", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("next_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("last_error", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("delivered_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("delivered_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("notification_deliveries", schema=None) as batch_op:
@@ -103,7 +103,7 @@ def upgrade() -> None:
         sa.Column("alert_id", sa.Integer(), nullable=False),
         sa.Column("transition_id", sa.Integer(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("created_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("created_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("fanned_out", sa.Boolean(), nullable=False),
         sa.Column("work_order_id", sa.Integer(), nullable=True),
         sa.Column("entry_id", sa.Integer(), nullable=True),
@@ -121,7 +121,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("document", sa.JSON(), nullable=False),
         sa.Column("file_sha256", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("updated_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("updated_by", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -131,8 +131,8 @@ def upgrade() -> None:
         sa.Column("matchers", sa.JSON(), nullable=False),
         sa.Column("created_by", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("comment", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("starts_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("ends_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("starts_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("ends_at", gateway.log.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("silences", schema=None) as batch_op:
@@ -145,8 +145,8 @@ def upgrade() -> None:
         sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("severity", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("summary", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("attached_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("attached_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("resolved_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("alert_id"),
     )
     with op.batch_alter_table("work_order_alerts", schema=None) as batch_op:
@@ -156,7 +156,7 @@ def upgrade() -> None:
         "work_order_entries",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("work_order_id", sa.Integer(), nullable=False),
-        sa.Column("at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("by", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -181,14 +181,14 @@ def upgrade() -> None:
         sa.Column("level", sa.Integer(), nullable=False),
         sa.Column("assignee", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("first_alert_id", sa.Integer(), nullable=False),
-        sa.Column("created_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("assigned_at", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("ack_deadline", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("acked_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("created_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("assigned_at", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("ack_deadline", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("acked_at", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("acked_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("recovered_at", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("recovered_at", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("resolved_at", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("resolved_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("problem", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("action", sqlmodel.sql.sqltypes.AutoString(), nullable=True),

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "alerts_0002"
 down_revision = "alerts_0001"
@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("device_id", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("fired_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("fired_at", gateway.log.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_alert_replay_ids_key", "alert_replay_ids", ["rule", "device_id"], unique=False)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "alerts_0003"
 down_revision = "alerts_0002"
@@ -20,9 +20,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("alert_replay_ids", sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
-    op.add_column("alert_replay_ids", sa.Column("resolved_at", gateway.store.UTCDateTime(), nullable=True))
+    op.add_column("alert_replay_ids", sa.Column("resolved_at", gateway.log.UTCDateTime(), nullable=True))
     op.add_column("alert_replay_ids", sa.Column("taken", sa.Boolean(), nullable=False, server_default=sa.false()))
-    op.add_column("notification_deliveries", sa.Column("created_at", gateway.store.UTCDateTime(), nullable=True))
+    op.add_column("notification_deliveries", sa.Column("created_at", gateway.log.UTCDateTime(), nullable=True))
     op.add_column(
         "notifications",
         sa.Column("event_position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),

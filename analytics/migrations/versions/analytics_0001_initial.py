@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "analytics_0001"
 down_revision = None
@@ -33,10 +33,10 @@ def upgrade() -> None:
         sa.Column("fault_seconds", sa.Float(), nullable=False),
         sa.Column("entrapments", sa.Integer(), nullable=False),
         sa.Column("mode", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("mode_since", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("mode_since", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("mode_seconds", sa.JSON(), nullable=False),
-        sa.Column("first_time", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("last_time", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("first_time", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("last_time", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("device_id"),
     )
     with op.batch_alter_table("analytics_devices", schema=None) as batch_op:

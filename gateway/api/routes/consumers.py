@@ -14,7 +14,7 @@ from gateway.api.auth import ADMIN
 from gateway.api.deps import MAX_ID, MAX_ROW_ID, RouterDep, RowId, StoreDep
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
 from gateway.errors import ReplayRangeError
-from gateway.store import ConsumerDeadLetterRow
+from gateway.log import ConsumerDeadLetterRow
 
 router = APIRouter(prefix="/api/consumers", tags=["consumers"])
 

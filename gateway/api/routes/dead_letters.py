@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query
 from gateway.api.deps import StoreDep
 from gateway.api.routes.events import decode_cursor
 from gateway.api.schemas import DeadLetterPage, DeadLetterPublic
-from gateway.protocol import Reason
-from gateway.store import list_dead_letters
+from gateway.core.protocol import Reason
+from gateway.log import list_dead_letters
 
 router = APIRouter(prefix="/api/dead-letters", tags=["dead letters"])
 

@@ -13,10 +13,10 @@ from gateway.api.auth import ADMIN
 from gateway.api.deps import StoreDep
 from gateway.api.pages import Cursor, Limit, Page, bad_cursor, id_cursor, page_of
 from gateway.api.schemas import DevicePublic, EventPublic
+from gateway.core.protocol import DeviceType
 from gateway.errors import GatewayError, ReservedNameError
-from gateway.protocol import DeviceType
+from gateway.log import DeviceRow, cloudevent_of, get_device, list_devices, recent_events
 from gateway.security import PasswordFile, provision, reload_broker, revoke
-from gateway.store import DeviceRow, cloudevent_of, get_device, list_devices, recent_events
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
 DEVICE_ID = r"^[A-Za-z0-9_-]{1,64}$"

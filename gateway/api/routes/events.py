@@ -15,9 +15,9 @@ from sqlmodel import col, select
 from gateway.api.deps import StoreDep
 from gateway.api.pages import id_cursor
 from gateway.api.schemas import EventPage
-from gateway.events import EVENT_TYPES
+from gateway.core.events import EVENT_TYPES
+from gateway.log import EventQuery, EventRow, Store, cloudevent_of, list_events
 from gateway.plugins import Plugin
-from gateway.store import EventQuery, EventRow, Store, cloudevent_of, list_events
 
 router = APIRouter(prefix="/api/events", tags=["events"])
 

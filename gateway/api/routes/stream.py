@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.api.deps import RouterDep, StoreDep
+from gateway.log import Store
 from gateway.plugins import Plugin
 from gateway.security import Principal, key_in_force
-from gateway.store import Store
 
 router = APIRouter(prefix="/api", tags=["live"])
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "0001"
 down_revision = None
@@ -27,14 +27,14 @@ def upgrade() -> None:
         sa.Column("name", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("role", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("secret_hash", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("created_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("revoked_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("created_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("revoked_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_table(
         "audit",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("who", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("role", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("method", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -52,7 +52,7 @@ def upgrade() -> None:
         sa.Column("name", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("paused", sa.Boolean(), nullable=False),
-        sa.Column("updated_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("updated_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
@@ -64,9 +64,9 @@ def upgrade() -> None:
         sa.Column("subject", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("error", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("parked_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("parked_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("retried_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("retried_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("consumer_dead_letters", schema=None) as batch_op:
@@ -75,7 +75,7 @@ def upgrade() -> None:
     op.create_table(
         "dead_letters",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("received_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("received_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("topic", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("detail", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -94,13 +94,13 @@ def upgrade() -> None:
         sa.Column("site", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("last_seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("online", sa.Boolean(), nullable=False),
-        sa.Column("first_seen", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("last_seen", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("first_seen", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("last_seen", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("state", sa.JSON(), nullable=False),
         sa.Column("trip_from", sa.Integer(), nullable=True),
-        sa.Column("trip_started", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("fault_since", gateway.store.UTCDateTime(), nullable=True),
-        sa.Column("floor_since", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("trip_started", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("fault_since", gateway.log.UTCDateTime(), nullable=True),
+        sa.Column("floor_since", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("stuck", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("device_id"),
     )
@@ -115,8 +115,8 @@ def upgrade() -> None:
         sa.Column("source", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("type", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("subject", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("time", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("received_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("time", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("received_at", gateway.log.UTCDateTime(), nullable=False),
         sa.Column("sequence", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("part", sa.Integer(), nullable=False),
         sa.Column("site", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
@@ -133,8 +133,8 @@ def upgrade() -> None:
         "registered_devices",
         sa.Column("device_id", sa.String(length=64), nullable=False),
         sa.Column("type", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("created_at", gateway.store.UTCDateTime(), nullable=False),
-        sa.Column("revoked_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("created_at", gateway.log.UTCDateTime(), nullable=False),
+        sa.Column("revoked_at", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("device_id"),
     )
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "0002"
 down_revision = "0001"
@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("topic", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
-        sa.Column("received_at", gateway.store.UTCDateTime(), nullable=False),
+        sa.Column("received_at", gateway.log.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("device_id", "seq", name="uq_inbox_device_seq"),
         sqlite_autoincrement=True,
@@ -37,7 +37,7 @@ def upgrade() -> None:
         "leases",
         sa.Column("name", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("owner", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("expires_at", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("expires_at", gateway.log.UTCDateTime(), nullable=True),
         sa.Column("epoch", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )

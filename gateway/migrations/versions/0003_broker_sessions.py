@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-import gateway.store
+import gateway.log
 
 revision = "0003"
 down_revision = "0002"
@@ -24,7 +24,7 @@ def upgrade() -> None:
         "broker_sessions",
         sa.Column("client_id", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("broker", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
-        sa.Column("since", gateway.store.UTCDateTime(), nullable=True),
+        sa.Column("since", gateway.log.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("client_id", "broker"),
     )
     op.add_column("devices", sa.Column("seq_base", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True))

@@ -41,9 +41,9 @@ from pydantic import SecretStr
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
+from gateway.log import Store
 from gateway.metrics import Metrics
-from gateway.router import ConsumerError, Router, load_consumers
-from gateway.store import Store
+from gateway.runtime import ConsumerError, Router, load_consumers
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)

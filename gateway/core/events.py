@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gateway.clock import iso_z
+from gateway.core.clock import iso_z
 
 # Event types (the `type` attribute). Consumers match on these strings.
 DOOR_OPENED = "elevator.door.opened"

@@ -22,17 +22,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from gateway.admission import Census
-from gateway.clock import utcnow
-from gateway.cluster import Lease, LeaseLostError
 from gateway.config import Settings
+from gateway.core.clock import utcnow
+from gateway.core.normalize import Shadow
+from gateway.core.protocol import parse
 from gateway.errors import PayloadError, StoreError
+from gateway.ingest.admission import Census
+from gateway.ingest.pipeline import Clock, Derived, Parsed, count_outcome, derive, internal_error
+from gateway.log import DeadLetter, InboxMessage, Store
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.normalize import Shadow
-from gateway.pipeline import Clock, Derived, Parsed, count_outcome, derive, internal_error
-from gateway.protocol import parse
-from gateway.store import DeadLetter, InboxMessage, Store
+from gateway.runtime.leases import Lease, LeaseLostError
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)

@@ -64,12 +64,6 @@ def sensor_type_of(unit: object) -> str:
     return UNIT_TYPES.get(str(unit), "sensor")
 
 
-def sensor_type_sql(unit_expression: str) -> str:
-    """The same as an SQL CASE over `unit_expression` (for aggregates computed in the database)."""
-    whens = " ".join(f"WHEN '{unit}' THEN '{dtype}'" for unit, dtype in UNIT_TYPES.items())
-    return f"CASE {unit_expression} {whens} ELSE 'sensor' END"
-
-
 FAULT_CODES = ("DOOR_JAM", "STUCK", "OVERSPEED", "LEVELLING", "POWER")
 
 _Strict = ConfigDict(extra="forbid", frozen=True, strict=True)

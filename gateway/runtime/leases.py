@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, or_, text, update
 from sqlmodel import Session
 
-from gateway.clock import utcnow
+from gateway.core.clock import utcnow
 from gateway.errors import GatewayError
-from gateway.store import LeaseRow
+from gateway.log import LeaseRow
 
 LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
 

@@ -1,6 +1,6 @@
 """MQTT ingest: receive, validate, normalise, commit a batch, THEN acknowledge.
 
-Messages arrive through `AckAfterCommitClient` (gateway/mqtt.py) with their packet ids; the
+Messages arrive through `AckAfterCommitClient` (gateway/ingest/mqtt.py) with their packet ids; the
 writer commits a batch and only then sends the batch's PUBACKs. A crash before the commit
 leaves the messages unacknowledged, and the broker redelivers them to the persistent session
 (fixed client id, clean start off) after the restart.
@@ -21,15 +21,14 @@ from typing import Any
 
 import gmqtt
 
-from gateway.admission import Census, _Buckets, _Registry
-from gateway.clock import utcnow
 from gateway.config import Settings
+from gateway.core.clock import utcnow
+from gateway.core.normalize import Shadow
+from gateway.core.protocol import CHANNELS, Reason, parse
 from gateway.errors import PayloadError, StoreError
-from gateway.logs import QuietLog
-from gateway.metrics import Metrics
-from gateway.mqtt import MQTT_LOG, AckAfterCommitClient, tls_context
-from gateway.normalize import Shadow
-from gateway.pipeline import (
+from gateway.ingest.admission import Census, _Buckets, _Registry
+from gateway.ingest.mqtt import MQTT_LOG, AckAfterCommitClient, tls_context
+from gateway.ingest.pipeline import (
     Clock,
     Parsed,
     _channel,
@@ -40,14 +39,12 @@ from gateway.pipeline import (
     derive,
     internal_error,
 )
-from gateway.protocol import CHANNELS, Reason, parse
-from gateway.store import DeadLetter, InboxMessage, Store
+from gateway.log import DeadLetter, InboxMessage, Store
+from gateway.logs import QuietLog
+from gateway.metrics import Metrics
 from gateway.tasks import stop_task
 
 log = logging.getLogger("gateway.ingest")
-
-
-log = logging.getLogger(__name__)
 
 
 LIMITED_FLUSH_S = 1.0  # messages over their device's rate are dead-lettered at most this late

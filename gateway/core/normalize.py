@@ -11,10 +11,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from gateway import events as ev
+from gateway.core import events as ev
+from gateway.core.events import Event
+from gateway.core.protocol import DeviceMessage, DeviceType, ElevatorData, Reason, SensorData, StatusData
 from gateway.errors import PayloadError
-from gateway.events import Event
-from gateway.protocol import DeviceMessage, DeviceType, ElevatorData, Reason, SensorData, StatusData
 
 
 class SeqAnomaly(StrEnum):

@@ -8,10 +8,10 @@ import logging
 import time
 from collections import Counter
 
+from gateway.core.normalize import Shadow
+from gateway.log import Store
 from gateway.metrics import Metrics
-from gateway.normalize import Shadow
 from gateway.security import registered
-from gateway.store import Store
 
 log = logging.getLogger("gateway.ingest")
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.config import Settings
+from gateway.core.events import Event
+from gateway.core.normalize import Shadow, normalize
+from gateway.core.protocol import CHANNELS, DeviceMessage, Reason
 from gateway.errors import PayloadError
-from gateway.events import Event
+from gateway.log import DeadLetter
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.normalize import Shadow, normalize
-from gateway.protocol import CHANNELS, DeviceMessage, Reason
-from gateway.store import DeadLetter
 
 log = logging.getLogger("gateway.ingest")
 
