@@ -39,7 +39,8 @@ from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, De
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
-from gateway.runtime.leases import Lease, LeaseLostError
+from gateway.runtime.leases import Hold, Lease, release_now
+from gateway.runtime.loop import WakeLoop
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Notifier:
         self._synced: dict[str, float] = {}  # Alertmanager receiver -> when all its open alerts were sent (monotonic)
         # In a cluster, one instance delivers: the one holding this lease.
         self.lease = lease
-        self._stopping: asyncio.Event | None = None
+        self.wakeloop = WakeLoop("notifications", interval_s, retry_s=interval_s)
         self._quiet = QuietLog(log, every_s=30.0)
 
     async def run(self) -> None:
@@ -97,30 +98,26 @@ class Notifier:
 
         Every round fans out what is new; each receiver with deliveries waiting then has a round
         of its own in its own thread, started again once its previous one is over."""
-        self._stopping = asyncio.Event()
         lanes: dict[str, asyncio.Task[bool]] = {}
         try:
-            while not self._stopping.is_set():
-                try:
-                    names = await asyncio.to_thread(self.fan_out)
-                except StoreError as exc:
-                    self._quiet.warn("store", "notifications: database error: %s", exc)
-                    names = []
-                for name in names:
-                    lane = lanes.get(name)
-                    if lane is None or lane.done():
-                        lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, name))
-                for name in self._syncs_due():  # Alertmanager: the whole state again, beside its lane
-                    sync = lanes.get(f"sync:{name}")
-                    if sync is None or sync.done():
-                        lanes[f"sync:{name}"] = asyncio.create_task(asyncio.to_thread(self._sync_round, name))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+            await self.wakeloop.run(lambda: self._round(lanes))
         finally:
             if lanes:
                 await asyncio.wait(lanes.values())  # each ends after the request in hand (its timeout at most)
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.release)
+
+    async def _round(self, lanes: dict[str, asyncio.Task[bool]]) -> bool:
+        names = await asyncio.to_thread(self.fan_out)
+        for name in names:
+            lane = lanes.get(name)
+            if lane is None or lane.done():
+                lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, name))
+        for name in self._syncs_due():  # Alertmanager: the whole state again, beside its lane
+            sync = lanes.get(f"sync:{name}")
+            if sync is None or sync.done():
+                lanes[f"sync:{name}"] = asyncio.create_task(asyncio.to_thread(self._sync_round, name))
+        return False  # one round a wake-up (or interval)
 
     def _syncs_due(self) -> list[str]:
         if self.lease is not None and not self.lease.held:
@@ -179,8 +176,7 @@ class Notifier:
 
     def stop(self) -> None:
         """Ask `run` to end after the rounds in hand (their threads hold database sessions)."""
-        if self._stopping is not None:
-            self._stopping.set()
+        self.wakeloop.stop()
 
     def fan_out(self, now: datetime | None = None) -> list[str]:
         """Fan new notifications out to deliveries; the receivers with deliveries pending."""
@@ -246,7 +242,7 @@ class Notifier:
                 .limit(LANE_BATCH)
             ).all()
             for d in due:
-                if self._stopping is not None and self._stopping.is_set():
+                if self.wakeloop.stopped:
                     break
                 own = d.id or 0
                 first = waiting.get(d.alert_id)
@@ -281,26 +277,15 @@ class Notifier:
 
     def release(self) -> None:
         """Give the lease up (a clean stop: another instance may deliver at once)."""
-        if self.lease is not None and self.lease.held:
-            with self.store.session() as tx:
-                self.lease.release(tx)
-                tx.commit()
+        if self.lease is not None:
+            release_now(self.lease, self.store.session)
 
     def _hold_lease(self) -> bool:
         assert self.lease is not None  # noqa: S101
-        was_held = self.lease.held
-        if was_held and not self.lease.due():
-            return True  # renewed a moment ago: no database round trip every round
-        with self.store.session() as tx:
-            try:
-                self.lease.fence(tx)
-            except LeaseLostError:
-                if not self.lease.acquire(tx):
-                    return False
-            tx.commit()
-        if not was_held:
+        held = self.lease.hold(self.store.session)
+        if held is Hold.TAKEN:
             log.info("notifications are delivered by %s", self.lease.owner)
-        return True
+        return bool(held)
 
     def _fan_out(self, tx: Session, now: datetime) -> None:
         fresh = tx.exec(

@@ -45,7 +45,7 @@ def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
         return real(msg, shadow, **kw)
 
     monkeypatch.setattr(gateway.ingest.pipeline, "normalize", flaky)
-    ingest._process([reading("ok-1", 1), reading("broken", 1), reading("ok-1", 2)])
+    ingest.writer._process([reading("ok-1", 1), reading("broken", 1), reading("ok-1", 2)])
     assert ingest.store.count_events() == 2
     (dead,) = list_dead_letters(ingest.store)
     assert (dead.reason, dead.topic) == ("internal_error", "devices/broken/telemetry")
@@ -54,15 +54,15 @@ def test_a_bug_in_normalisation_keeps_the_message_and_the_rest_of_the_batch(
 
 def test_devices_online_gauge_follows_status_without_full_scans(ingest: Ingest) -> None:
     reg = ingest.metrics.registry
-    ingest._process([reading("p1", 1), reading("p2", 1)])
+    ingest.writer._process([reading("p1", 1), reading("p2", 1)])
     assert reg.get_sample_value("iotgw_devices_online", {"type": "power", "site": ""}) == 2
-    ingest._process([pending("devices/p1/status", {"online": False})])
+    ingest.writer._process([pending("devices/p1/status", {"online": False})])
     assert reg.get_sample_value("iotgw_devices_online", {"type": "power", "site": ""}) == 1
     assert reg.get_sample_value("iotgw_devices_known", {"type": "power", "site": ""}) == 2
 
 
 def test_odd_channel_names_do_not_become_metric_labels(ingest: Ingest) -> None:
-    ingest._process([pending("devices/p1/whatever-an-attacker-likes", {"online": True})])
+    ingest.writer._process([pending("devices/p1/whatever-an-attacker-likes", {"online": True})])
     reg = ingest.metrics.registry
     assert reg.get_sample_value("iotgw_messages_received_total", {"channel": "other"}) == 1
     assert reg.get_sample_value("iotgw_messages_rejected_total", {"reason": "bad_topic"}) == 1

@@ -340,12 +340,12 @@ async def test_a_commit_wakes_only_the_consumers_that_read_its_event_types(
     async with running_gateway(settings_for(broker, consumers=""), consumers=[readings, alerts_only]) as gw:
         runners = gw.router.runners
         for runner in runners.values():
-            runner._wake.clear()
+            runner.wakeloop.wakeup.clear()
         gw.router.notify({"sensor.reading"})
-        assert runners["counting"]._wake.is_set()
-        assert not runners["alerts-only"]._wake.is_set(), "no alert event in that commit"
+        assert runners["counting"].wakeloop.wakeup.is_set()
+        assert not runners["alerts-only"].wakeloop.wakeup.is_set(), "no alert event in that commit"
         gw.router.notify({"alert.firing", "sensor.reading"})
-        assert runners["alerts-only"]._wake.is_set()
+        assert runners["alerts-only"].wakeloop.wakeup.is_set()
         # Not woken, it still moves past the readings at its next wake-up (the slow poll at the latest).
         await publish_numbered(broker.url_as("tester"), 2, 10)
 

@@ -71,7 +71,7 @@ class RunnerFailures(RunnerState):
         await asyncio.sleep(random.uniform(0, min(self.retry_base_s * 2**self._attempts, 30.0)))  # noqa: S311
 
     def _park(self, ev: Event, error: str, attempts: int) -> None:
-        if not self.lease.held and not self._take_over():  # after an abandoned thread, say
+        if not self._hold():  # after an abandoned thread, say
             msg = f"consumer {self.name} runs elsewhere now; {ev.position} is not parked here"
             raise LeaseLostError(msg)
         with self.store.session(consumer=True) as tx:

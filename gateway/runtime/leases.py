@@ -15,9 +15,12 @@ clocks in step (NTP), well within the lease time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
+from enum import IntEnum
 
 from sqlalchemy import Connection, or_, text, update
 from sqlmodel import Session
@@ -27,6 +30,15 @@ from gateway.errors import GatewayError
 from gateway.log import LeaseRow
 
 LEASES = LeaseRow.__table__  # type: ignore[attr-defined]
+log = logging.getLogger("gateway.runtime")
+
+
+class Hold(IntEnum):
+    """What `Lease.hold` found; false when another instance holds the lease."""
+
+    ELSEWHERE = 0
+    HELD = 1
+    TAKEN = 2  # taken just now: what an earlier holder left is in the database
 
 
 class LeaseLostError(GatewayError):
@@ -95,6 +107,32 @@ class Lease:
             raise LeaseLostError(msg)
         self._renewed = time.monotonic()
 
+    def hold(
+        self,
+        session: Callable[[], AbstractContextManager[Session]],
+        on_take: Callable[[Session], None] | None = None,
+    ) -> Hold:
+        """Renew the lease when due, or take it when it is free; `on_take(tx)` runs in the
+        transaction that takes it (to load the job's state with it). From the job's thread."""
+        if self.held and not self.due():
+            return Hold.HELD  # renewed a moment ago: no database round trip every round
+        with session() as tx:
+            if self.held:
+                try:
+                    self.fence(tx)
+                except LeaseLostError as exc:
+                    log.info("%s", exc)
+                else:
+                    tx.commit()
+                    return Hold.HELD
+            if not self.acquire(tx):
+                tx.rollback()
+                return Hold.ELSEWHERE
+            if on_take is not None:
+                on_take(tx)
+            tx.commit()
+        return Hold.TAKEN
+
     def release(self, tx: Session) -> None:
         """Give the lease up (a clean stop: another instance may take it at once); the caller commits."""
         if self.epoch is not None:
@@ -104,6 +142,14 @@ class Lease:
                 .values(owner=None, expires_at=None)
             )
         self.epoch = None
+
+
+def release_now(lease: Lease, session: Callable[[], AbstractContextManager[Session]]) -> None:
+    """Give `lease` up in a transaction of its own, if held (a clean stop)."""
+    if lease.held:
+        with session() as tx:
+            lease.release(tx)
+            tx.commit()
 
 
 def bump_epoch(tx: Session, name: str) -> None:

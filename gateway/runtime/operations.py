@@ -41,7 +41,7 @@ class RunnerOperations(RunnerState):
 
         await self._call(write)
         self.paused = paused
-        self._wake.set()
+        self.wakeloop.wake()
         await self._operated()
 
     async def replay(self, *, from_position: int | None = None, from_time: datetime | None = None) -> int:
@@ -77,7 +77,7 @@ class RunnerOperations(RunnerState):
                 return target
 
         target: int = await self._call(write)
-        self._wake.set()
+        self.wakeloop.wake()
         await self._operated()
         return target  # not self.position: the consumer may have moved on already
 
@@ -118,7 +118,7 @@ class RunnerOperations(RunnerState):
                 self._committed(tx)
 
         await self._call(run)
-        self._wake.set()
+        self.wakeloop.wake()
 
     async def reload_holder(self) -> None:
         """The consumer's state changed in the database (an edit through the API): whichever
@@ -131,7 +131,7 @@ class RunnerOperations(RunnerState):
                 self.lease.epoch = None
 
         await self._call(write)
-        self._wake.set()
+        self.wakeloop.wake()
         await self._operated()
 
     async def _operated(self) -> None:

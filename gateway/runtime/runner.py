@@ -9,11 +9,11 @@ further, each part would pass all of it back and forth."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +37,8 @@ from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.runtime.contract import Consumer, matches
 from gateway.runtime.failures import RunnerFailures, _Poison
-from gateway.runtime.leases import Lease, LeaseLostError
+from gateway.runtime.leases import Hold, Lease, LeaseLostError
+from gateway.runtime.loop import WakeLoop
 from gateway.runtime.operations import RunnerOperations
 from gateway.runtime.state import Elsewhere
 from gateway.runtime.status import RunnerStatus
@@ -103,7 +104,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
         self.paused = False
         self.failing = False
         self.last_error: str | None = None
-        self._wake = asyncio.Event()
+        self.wakeloop = WakeLoop(f"consumer {self.name}", poll_s)
         self._task: asyncio.Task[None] | None = None
         # Its own thread: a slow or stuck handler holds up this consumer only.
         self._executor = self._new_executor()
@@ -121,7 +122,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
         if self.elsewhere is not None:
             await self._call(self._prepare)  # for the API's use of the consumer (the roster, say)
             return
-        await self._call(self._take_over)
+        await self._call(self._hold)
         self._task = asyncio.create_task(self._forever(self._run), name=f"iotgw-consumer-{self.name}")
         if self._tick is not None:
             self._ticker = asyncio.create_task(self._forever(self._run_ticks), name=f"iotgw-ticks-{self.name}")
@@ -149,7 +150,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
         (the slow poll at the latest), past events it would have skipped anyway."""
         if types is not None and self._span is None and not any(self._wants(t) for t in types):
             return
-        self._wake.set()
+        self.wakeloop.wake()
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
         future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -177,38 +178,25 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
     # -- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            # The slow poll: a missed wake-up costs at most poll_s.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            self._wake.clear()
-            try:
-                if not await self._hold_lease():
-                    continue  # another instance runs this consumer; ask again at the next poll
-            except StoreError as exc:
-                self._quiet.warn("lease", "consumer %s: cannot renew its lease: %s", self.name, exc)
-                continue
-            # Let a few commits pile up: fewer, larger batches cost ingestion less.
-            await asyncio.sleep(self.linger_s)
-            while not self.paused:
-                try:
-                    handled = await self._step()
-                except LeaseLostError as exc:
-                    log.info("consumer %s: %s; taking it on again if it is free", self.name, exc)
-                    self._wake.set()
-                    break
-                except StoreError as exc:
-                    self.last_error = f"database: {exc}"[:500]
-                    self._quiet.warn("database", "consumer %s: database error, retrying: %s", self.name, exc)
-                    await asyncio.sleep(1.0)
-                    break
-                except Exception:
-                    # A bug in the runtime must not end the consumer for good.
-                    log.exception("consumer %s: unexpected error; retrying in 1 s", self.name)
-                    await asyncio.sleep(1.0)
-                    break
-                if handled == 0:
-                    break
+        await self.wakeloop.run(self._drain, begin=self._begin)
+
+    async def _begin(self) -> bool:
+        """On a wake-up: hold the lease, then let a few commits pile up (fewer, larger batches
+        cost ingestion less)."""
+        if not await self._call(self._hold):
+            return False  # another instance runs this consumer; ask again at the next poll
+        await asyncio.sleep(self.linger_s)
+        return True
+
+    async def _drain(self) -> bool:
+        """One batch; whether there may be more at once."""
+        if self.paused:
+            return False
+        try:
+            return await self._step() > 0
+        except StoreError as exc:
+            self.last_error = f"database: {exc}"[:500]
+            raise
 
     async def _run_ticks(self) -> None:
         while True:
@@ -221,7 +209,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
             try:
                 await asyncio.wait_for(self._call(self._tick_once), self.handler_timeout_s)
             except LeaseLostError:
-                self._wake.set()  # the consumer's loop takes it on again, or leaves it to its new holder
+                self.wakeloop.wake()  # the consumer's loop takes it on again, or leaves it to its new holder
             except TimeoutError:
                 self._abandon_thread()
                 self.failing = True
@@ -280,47 +268,33 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
 
     # -- in the consumer's thread ------------------------------------------------------------
 
-    async def _hold_lease(self) -> bool:
-        """Whether this instance runs the consumer now: renew the lease when due, or try to take it."""
-        if self.lease.held:
-            if self.lease.due():
-                try:
-                    await self._call(self._renew)
-                except LeaseLostError as exc:
-                    log.info("consumer %s: %s", self.name, exc)
-            if self.lease.held:
-                return True
-        return bool(await self._call(self._take_over))
+    def _hold(self) -> bool:
+        """Whether the consumer runs here: its lease renewed when due, or taken when free (with
+        its cursor, read in the same transaction)."""
+        held = self.lease.hold(self._session, self._load_cursor)
+        if held is Hold.TAKEN:
+            # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
+            # event leads here too, and that event must still be parked after max_attempts.
+            self._caught_up = False
+            self._prepare()
+            log.info("consumer %s runs on %s from position %d", self.name, self.lease.owner, self.position)
+        return bool(held)
 
-    def _renew(self) -> None:
-        with self.store.session(consumer=True) as tx:
-            self.lease.fence(tx)
-            tx.commit()
+    def _session(self) -> AbstractContextManager[Session]:
+        return self.store.session(consumer=True)
 
-    def _take_over(self) -> bool:
-        """Take the lease if free (or ours) and load the cursor: the consumer runs here from now on."""
-        with self.store.session(consumer=True) as tx:
-            if not self.lease.acquire(tx):
-                tx.rollback()
-                return False
-            row = tx.get(ConsumerCursorRow, self.name)
-            if row is None:
-                row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=utcnow())
-                tx.add(row)
-            # Batches that wrote nothing leave the stored cursor behind (see _handle_next): if the
-            # row is still as this runner last wrote it, nobody moved it and memory is right.
-            stored = (row.position, row.updated_at)  # updated_at: aware UTC (UTCDateTime)
-            self.position = max(self.position, row.position) if stored == self._stored else row.position
-            self.paused = row.paused
-            self._replay_until = row.replay_until or 0
-            self._stored = stored
-            tx.commit()
-        # The failure bookkeeping (_single_until, _attempts) stays: a thread abandoned on a hung
-        # event leads here too, and that event must still be parked after max_attempts.
-        self._caught_up = False
-        self._prepare()
-        log.info("consumer %s runs on %s from position %d", self.name, self.lease.owner, self.position)
-        return True
+    def _load_cursor(self, tx: Session) -> None:
+        row = tx.get(ConsumerCursorRow, self.name)
+        if row is None:
+            row = ConsumerCursorRow(name=self.name, position=0, paused=False, updated_at=utcnow())
+            tx.add(row)
+        # Batches that wrote nothing leave the stored cursor behind (see _handle_next): if the
+        # row is still as this runner last wrote it, nobody moved it and memory is right.
+        stored = (row.position, row.updated_at)  # updated_at: aware UTC (UTCDateTime)
+        self.position = max(self.position, row.position) if stored == self._stored else row.position
+        self.paused = row.paused
+        self._replay_until = row.replay_until or 0
+        self._stored = stored
 
     def _prepare(self) -> None:
         forget = getattr(self.consumer, "forget", None)
@@ -338,7 +312,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
             self.lease.epoch = None  # the next batch takes the lease again, and reads the cursor row
 
         await self._call(let_go)
-        self._wake.set()
+        self.wakeloop.wake()
 
     def _handle_next(self, limit: int) -> tuple[int, int]:
         """Handle the next `limit` events after the cursor; returns (positions covered, events handled).

@@ -32,7 +32,8 @@ from gateway.ingest.pipeline import Clock, Derived, Parsed, count_outcome, deriv
 from gateway.log import DeadLetter, InboxMessage, Store
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
-from gateway.runtime.leases import Lease, LeaseLostError
+from gateway.runtime.leases import Hold, Lease, release_now
+from gateway.runtime.loop import WakeLoop
 from gateway.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Sequencer:
         self.lease = Lease("sequencer", settings.instance_name, settings.lease_s)
         self.window_s = settings.reorder_window_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-sequencer")
-        self._wake = asyncio.Event()
+        self.wakeloop = WakeLoop("sequencer", POLL_S, retry_s=0.5)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shadows: dict[str, Shadow] = {}
@@ -104,12 +105,12 @@ class Sequencer:
 
     def notify(self) -> None:
         """The inbox grew (on this instance)."""
-        self._wake.set()
+        self.wakeloop.wake()
 
     async def start(self) -> None:
         """Start the loop (it takes the lease when it is free)."""
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name="iotgw-sequencer")
+        self._task = asyncio.create_task(self.wakeloop.run(self._run_round), name="iotgw-sequencer")
 
     async def stop(self) -> None:
         """Stop after the round in hand and give the lease up."""
@@ -119,23 +120,8 @@ class Sequencer:
             await asyncio.wait_for(loop.run_in_executor(self._executor, self._release), 10)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_S)
-            self._wake.clear()
-            try:
-                while await loop.run_in_executor(self._executor, self._round):
-                    pass
-            except LeaseLostError as exc:
-                log.warning("sequencer: %s", exc)
-            except StoreError as exc:
-                self._quiet.warn("store", "sequencer: database error, retrying: %s", exc)
-                await asyncio.sleep(0.5)
-            except Exception:
-                log.exception("sequencer: unexpected error; retrying in 1 s")
-                await asyncio.sleep(1.0)
+    async def _run_round(self) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._round)
 
     def drain(self) -> int:
         """Normalise everything in the inbox now, gaps or not (blocking): for a gateway started on
@@ -152,16 +138,9 @@ class Sequencer:
     # -- in the sequencer's thread -----------------------------------------------------------
 
     def _release(self) -> None:
-        if self.lease.held:
-            with self.store.session() as tx:
-                self.lease.release(tx)
-                tx.commit()
+        release_now(self.lease, self.store.session)
 
-    def _take_over(self) -> bool:
-        with self.store.session() as tx:
-            if not self.lease.acquire(tx):
-                return False
-            tx.commit()
+    def _taken_over(self) -> None:
         # Whatever an earlier holder left is in the database: shadows, and the inbox from its start.
         self._shadows = self.store.load_shadows()
         self._held, self._read_to = {}, 0
@@ -170,17 +149,14 @@ class Sequencer:
             self._census.move(None, sh)
         self._census.publish(self.metrics)
         log.info("the sequencer runs on %s (%d devices known)", self.lease.owner, len(self._shadows))
-        return True
 
     def _round(self) -> bool:
         """Read the inbox on and normalise what is ready; True if there may be more at once."""
-        if not self.lease.held:
-            if not self._take_over():
-                return False
-        elif self.lease.due():
-            with self.store.session() as tx:
-                self.lease.fence(tx)
-                tx.commit()
+        held = self.lease.hold(self.store.session)
+        if not held:
+            return False
+        if held is Hold.TAKEN:
+            self._taken_over()
         limit = self.settings.batch_max
         fresh = self.store.read_inbox(self._read_to, limit)
         for m in fresh:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.runtime.contract import Consumer
 from gateway.runtime.leases import Lease
+from gateway.runtime.loop import WakeLoop
 
 log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
@@ -54,7 +54,7 @@ class RunnerState:
     retry_base_s: float
     stall_s: float
     elsewhere: Elsewhere | None
-    _wake: asyncio.Event
+    wakeloop: WakeLoop
     _executor: ThreadPoolExecutor
     _generation: int
     _single_until: int
@@ -67,6 +67,6 @@ class RunnerState:
 
         async def _call(self, fn: Callable[..., Any], *args: Any) -> Any: ...  # noqa: ANN401
         def _new_executor(self) -> ThreadPoolExecutor: ...
-        def _take_over(self) -> bool: ...
+        def _hold(self) -> bool: ...
         def _committed(self, tx: Session) -> None: ...
         def _write_cursor(self, tx: Session, position: int, *, fenced: bool = True) -> None: ...
