@@ -15,7 +15,8 @@ from sqlmodel import Session, col, select
 from alerts.evaluation import KeyState, Observation, Signal, step
 from alerts.lifecycle import RECONCILING, _before_replay, _rebuilding, change_status, record, resolve
 from alerts.loading import load_rules_file
-from alerts.rules import DeviceInfo, Receiver, Rule, RuleSet
+from alerts.notify.receivers import Receiver
+from alerts.rules import DeviceInfo, Rule, RuleSet
 from alerts.state import (
     _SENSOR_TYPES,
     _VOLATILE,

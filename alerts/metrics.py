@@ -7,7 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlmodel import Session, col, select
 
-from alerts.orders import OPEN_ORDER, WorkOrderEntryRow, WorkOrderRow
+from alerts.dispatch.orders import OPEN_ORDER, WorkOrderEntryRow, WorkOrderRow
 from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow
 
 HUMAN_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)

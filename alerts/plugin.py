@@ -16,14 +16,15 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 from sqlmodel import Session, col, select
 
-from alerts.bodies import Links
+from alerts.dispatch import routes as work_orders
+from alerts.dispatch.orders import OPEN_ORDER, WorkOrderRow
+from alerts.dispatch.roster import load_roster_file
 from alerts.loading import FileProblemsError, load_rules_file
 from alerts.metrics import AlertFamilies, AlertMetrics, WorkOrderMetrics
-from alerts.notify import Notifier
-from alerts.orders import OPEN_ORDER, WorkOrderRow
-from alerts.roster import load_roster_file
-from alerts.routes import alerts, silences, work_orders
-from alerts.rules import Receiver
+from alerts.notify.bodies import Links
+from alerts.notify.notifier import Notifier
+from alerts.notify.receivers import Receiver
+from alerts.routes import alerts, silences
 from alerts.tables import OPEN, AlertRow
 from gateway.plugins import Plugin
 from gateway.runtime.leases import Lease

@@ -12,7 +12,7 @@ class AlertsSettings(BaseModel):
     rules_file: str = Field(default="", description="the alert rules (empty: the shipped alerts/rules.yaml)")
     roster_file: str = Field(
         default="",
-        description="technicians, shifts and escalation policies for dispatch (empty: the shipped alerts/roster.yaml)",
+        description="technicians, shifts and escalation policies for dispatch (empty: the shipped roster)",
     )
     alerts_in_maintenance: bool = Field(default=False, description="whether a device in maintenance mode raises alerts")
     notify_max_age_s: float = Field(

@@ -92,7 +92,7 @@ class AlertTransitionRow(SQLModel, table=True):
 class NotificationRow(SQLModel, table=True):
     """The outbox: one row per alert transition, written in the transition's transaction.
 
-    The sender (alerts/notify.py) fans it out to the receivers and delivers with retries; the
+    The sender (alerts/notify/notifier.py) fans it out to the receivers and delivers with retries; the
     key is the idempotency key receivers see, the same on every retry.
     """
 
@@ -105,7 +105,7 @@ class NotificationRow(SQLModel, table=True):
     status: str  # the alert status this notification announces (or the work order's step)
     created_at: datetime = datetime_field(nullable=False)
     fanned_out: bool = Field(default=False, index=True)
-    # Work-order notifications (alerts/dispatch.py) page one person: their contact receiver.
+    # Work-order notifications (alerts/dispatch/consumer.py) page one person: their contact receiver.
     # alert_id is then the alert that opened the order, transition_id 0.
     work_order_id: int | None = Field(default=None, index=True)
     entry_id: int | None = None

@@ -228,7 +228,7 @@ async def walk(client: httpx.AsyncClient, path: str, key: str, **params: object)
 
 
 async def test_every_list_has_one_shape_and_pages_through_every_item_once(make_store: Callable[[], Store]) -> None:
-    from alerts.orders import WorkOrderRow  # noqa: PLC0415 - the tables the lists read
+    from alerts.dispatch.orders import WorkOrderRow  # noqa: PLC0415 - the tables the lists read
     from alerts.tables import AlertRow, SilenceRow  # noqa: PLC0415
     from gateway.security import AuditRow  # noqa: PLC0415
 

@@ -80,7 +80,7 @@ def test_rules_check_reports_ok_and_errors_with_lines(tmp_path: Path, capsys: py
 def test_roster_check_refuses_a_roster_without_people_and_counts_in_words(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["roster", "check", str(ROOT / "alerts" / "roster.yaml")]) == 0
+    assert main(["roster", "check", str(ROOT / "alerts" / "dispatch" / "roster.yaml")]) == 0
     said = capsys.readouterr().out
     assert "3 technicians, 1 supervisor, 1 manager; 2 escalation policies" in said, said
     empty = tmp_path / "empty.yaml"

@@ -102,8 +102,8 @@ receivers:
 
 
 def test_binary_mode_headers_carry_any_text_the_sdk_reads_back() -> None:
-    from alerts.bodies import cloudevent_request  # noqa: PLC0415
-    from alerts.rules import Receiver  # noqa: PLC0415
+    from alerts.notify.bodies import cloudevent_request  # noqa: PLC0415
+    from alerts.notify.receivers import Receiver  # noqa: PLC0415
 
     event = {
         "specversion": "1.0", "id": "iotgw-alert-1-1", "source": "iotgw/alerts", "type": "alert.firing",

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, select
 
-from alerts.dispatch import Dispatch
+from alerts.dispatch.consumer import Dispatch
+from alerts.dispatch.roster import load_roster
 from alerts.lifecycle import ALERT_SOURCE
 from alerts.loading import RulesError, load_rules
-from alerts.roster import load_roster
 from alerts.tables import AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from sqlmodel import col, select
 
-from alerts.dispatch import Dispatch
-from alerts.roster import load_roster
+from alerts.dispatch.consumer import Dispatch
+from alerts.dispatch.roster import load_roster
 from alerts.tables import NotificationRow
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto

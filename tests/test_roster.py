@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from alerts.roster import (
+from alerts.dispatch.roster import (
     SHIPPED_ROSTER,
     DispatchRules,
     Priority,

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from alerts.evaluation import KeyState, Observation, Signal, step
 from alerts.loading import RulesError, load_rules, load_rules_file
-from alerts.rules import DeviceInfo, Rule, parse_duration
+from alerts.notify.receivers import parse_duration
+from alerts.rules import DeviceInfo, Rule
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from alerts.dispatch import Dispatch
-from alerts.roster import load_roster
+from alerts.dispatch.consumer import Dispatch
+from alerts.dispatch.roster import load_roster
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.security import create_api_key

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlmodel import col, select
 
-from alerts.rules import parse_duration
+from alerts.notify.receivers import parse_duration
 from alerts.tables import SilenceRow
 from gateway.api.auth import ADMIN
 from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep

@@ -20,7 +20,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_consumer_process(_args: argparse.Namespace) -> int:
-    from gateway.runtime.apart import serve  # noqa: PLC0415 - keeps the other commands light
+    from gateway.runtime.child import serve  # noqa: PLC0415 - keeps the other commands light
 
     settings = Settings()
     _logging(settings.log_level, process="consumers")

@@ -12,7 +12,7 @@ and would refuse it again; a URL that cannot be requested) fails the delivery at
 status and the start of the answer, and is not retried. Every request carries the
 notification's `Idempotency-Key` (the same on every retry), so a receiver can drop a duplicate.
 
-Work-order notifications (alerts/dispatch.py) go through the same outbox but page one person:
+Work-order notifications (alerts/dispatch/consumer.py) go through the same outbox but page one person:
 they name their receiver, and silences do not apply to them (a trapped passenger is never quiet).
 """
 
@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,12 +29,13 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from alerts.bodies import Links, am_alert, am_ends_at, build, build_page, cloudevent_request
-from alerts.http import OUTCOME_RANK, Request, _readable, post
+from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.metrics import AlertFamilies
-from alerts.orders import WorkOrderEntryRow, WorkOrderRow
-from alerts.rules import Receiver
-from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
+from alerts.notify.alertmanager import AlertmanagerSync
+from alerts.notify.bodies import Links, build, build_page, cloudevent_request
+from alerts.notify.http import OUTCOME_RANK, Request, _readable, post
+from alerts.notify.receivers import Receiver
+from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
@@ -49,12 +49,6 @@ MAX_BACKOFF_S = 300.0
 
 
 LANE_BATCH = 100  # deliveries one lane tries per round at most
-
-
-SYNC_BATCH = 500  # alerts per request to Alertmanager
-
-
-SYNC_RETRY_S = 5.0  # an Alertmanager that did not take the state is tried again this soon
 
 
 FAILURE_REASONS = ("rejected", "unreachable", "expired")  # iotgw_notifications_failed_total{reason}
@@ -87,7 +81,7 @@ class Notifier:
         self.interval_s = interval_s
         self.max_age_s = max_age_s
         self.links = links  # the staff page's address and the rules (read afresh: they may change)
-        self._synced: dict[str, float] = {}  # Alertmanager receiver -> when all its open alerts were sent (monotonic)
+        self.alertmanager = AlertmanagerSync(store, metrics, links)
         # In a cluster, one instance delivers: the one holding this lease.
         self.lease = lease
         self.wakeloop = WakeLoop("notifications", interval_s, retry_s=interval_s)
@@ -113,66 +107,14 @@ class Notifier:
             lane = lanes.get(name)
             if lane is None or lane.done():
                 lanes[name] = asyncio.create_task(asyncio.to_thread(self._lane_round, name))
-        for name in self._syncs_due():  # Alertmanager: the whole state again, beside its lane
-            sync = lanes.get(f"sync:{name}")
-            if sync is None or sync.done():
-                lanes[f"sync:{name}"] = asyncio.create_task(asyncio.to_thread(self._sync_round, name))
+        if self.lease is None or self.lease.held:
+            for receiver in self.alertmanager.due(self.receivers.values()):  # the whole state, beside its lane
+                sync = lanes.get(f"sync:{receiver.name}")
+                if sync is None or sync.done():
+                    lanes[f"sync:{receiver.name}"] = asyncio.create_task(
+                        asyncio.to_thread(self.alertmanager.round, receiver)
+                    )
         return False  # one round a wake-up (or interval)
-
-    def _syncs_due(self) -> list[str]:
-        if self.lease is not None and not self.lease.held:
-            return []
-        now = time.monotonic()
-        return [
-            r.name for r in self.receivers.values() if r.kind == "alertmanager" and self._synced.get(r.name, 0) <= now
-        ]
-
-    def _sync_round(self, name: str) -> bool:
-        receiver = self.receivers.get(name)
-        if receiver is None:
-            return False
-        try:
-            ok = self.sync_alertmanager(receiver)
-        except StoreError as exc:
-            self._quiet.warn("store", "alertmanager %s: database error: %s", name, exc)
-            ok = False
-        except Exception:  # a bug must not end the sender: said, and tried again
-            log.exception("alertmanager %s: unexpected error", name)
-            ok = False
-        # Sent: again after the resend interval; not: soon (Alertmanager restarting, say).
-        wait = receiver.resend_interval if ok else min(receiver.resend_interval, SYNC_RETRY_S)
-        self._synced[name] = time.monotonic() + wait
-        return ok
-
-    def sync_alertmanager(self, receiver: Receiver, now: datetime | None = None) -> bool:
-        """Send every open alert to Alertmanager (each of its URLs), as Prometheus does: state, not
-        one message per change. A lost request, or either side restarting with no memory, is made
-        good within one resend interval. Alerts under a silence of the gateway's are not sent (they
-        end in Alertmanager with their endsAt); when the silence ends they are sent again."""
-        now = now or datetime.now(UTC)
-        links = self.links()
-        with self.store.session() as tx:
-            alerts = list(tx.exec(select(AlertRow).where(col(AlertRow.status).in_(OPEN)).order_by(col(AlertRow.id))))
-            silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now)))
-            devices = {a.device_id for a in alerts}
-            seen = tx.exec(select(AlertDeviceRow).where(col(AlertDeviceRow.device_id).in_(devices))).all()
-            types = {d.device_id: d.type for d in seen}
-        wanted = [
-            a for a in alerts
-            if (receiver.severities is None or a.severity in receiver.severities)
-            and not any(s.matches(a, now) for s in silences)
-        ]  # fmt: skip
-        bodies = [am_alert(a, types.get(a.device_id), links, am_ends_at(receiver, a, now)) for a in wanted]
-        ok = True
-        for i in range(0, len(bodies), SYNC_BATCH):
-            content = json.dumps(bodies[i : i + SYNC_BATCH], separators=(",", ":")).encode()
-            for url in receiver.targets:
-                outcome, error, _ = post(url, content, {"Content-Type": "application/json"}, receiver.timeout_s)
-                if outcome != "delivered":
-                    ok = False
-                    self._quiet.warn(f"sync:{receiver.name}", "alertmanager %s at %s: %s", receiver.name, url, error)
-        self.metrics.notification_receiver_failing.labels(receiver.name).set(0 if ok else 1)
-        return ok
 
     def stop(self) -> None:
         """Ask `run` to end after the rounds in hand (their threads hold database sessions)."""

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from alerts.http import Request
-from alerts.orders import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
-from alerts.rules import Receiver, Rule
+from alerts.dispatch.orders import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
+from alerts.notify.http import Request
+from alerts.notify.receivers import Receiver
+from alerts.rules import Rule
 from alerts.tables import AlertRow, AlertTransitionRow, NotificationRow
 from gateway.core.clock import iso_z
 
-log = logging.getLogger("alerts.notify")
+log = logging.getLogger("alerts.notify.notifier")
 
 
 PD_SEVERITY = {"critical": "critical", "major": "error", "minor": "warning", "warning": "warning", "info": "info"}

@@ -12,7 +12,7 @@ from typing import TypeAlias
 
 import httpx
 
-log = logging.getLogger("alerts.notify")
+log = logging.getLogger("alerts.notify.notifier")
 
 
 TRANSIENT_4XX = frozenset({408, 425, 429})

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, select
 
-from alerts.orders import (
+from alerts.dispatch.orders import (
     OPEN_ORDER,
     DispatchError,
     UnknownWorkOrderError,
@@ -21,7 +21,7 @@ from alerts.orders import (
     WorkOrderEntryRow,
     WorkOrderRow,
 )
-from alerts.roster import Technician
+from alerts.dispatch.roster import Technician
 from alerts.routes.alerts import DeliveryPublic, deliveries_of
 from alerts.tables import NotificationRow
 from gateway.api.auth import ADMIN, TECHNICIAN
@@ -32,7 +32,7 @@ from gateway.log import Store
 router = APIRouter(prefix="/api", tags=["work orders"])
 
 
-def get_dispatch(request: Request) -> Any:  # noqa: ANN401 - alerts.dispatch.Dispatch
+def get_dispatch(request: Request) -> Any:  # noqa: ANN401 - alerts.dispatch.consumer.Dispatch
     """The dispatch consumer (503 when this gateway does not run it)."""
     live = request.app.state.iotgw.router
     runner = live.runners.get("dispatch") if live is not None else None
@@ -252,7 +252,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _step(
     request: Request,
     store: Store,
-    dispatch: Any,  # noqa: ANN401 - alerts.dispatch.Dispatch
+    dispatch: Any,  # noqa: ANN401 - alerts.dispatch.consumer.Dispatch
     order_id: RowId,
     action: str,
     **kw: Any,  # noqa: ANN401

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import event, func
 from sqlmodel import Session, col, select
 
-from alerts.orders import (
+from alerts.dispatch.orders import (
     _ACTION_STATUS,
     _ALLOWED_FROM,
     _STEP_OF_ACTION,
@@ -36,7 +36,7 @@ from alerts.orders import (
     WorkOrderRow,
     record_step,
 )
-from alerts.roster import (
+from alerts.dispatch.roster import (
     SHIPPED_ROSTER,
     Assignment,
     Priority,

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from alerts.loading import FileProblemsError, load_yaml_model, read_config_file
-from alerts.rules import Duration, Receiver, Severity, StrictModel
+from alerts.notify.receivers import Duration, Receiver, Severity, StrictModel
 from gateway.core.protocol import DeviceType
 
 DEVICE_TYPES = [t.value for t in DeviceType]

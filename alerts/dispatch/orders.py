@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Integer
 from sqlmodel import Field, Session, SQLModel
 
-from alerts.roster import (
+from alerts.dispatch.roster import (
     Technician,
 )
 from alerts.tables import NotificationRow
@@ -19,7 +19,7 @@ from gateway.core.clock import iso_z
 from gateway.errors import GatewayError
 from gateway.log import append_event, datetime_field
 
-log = logging.getLogger("alerts.dispatch")
+log = logging.getLogger("alerts.dispatch.consumer")
 
 
 _version = Column("version", Integer, nullable=False)

@@ -1,0 +1,121 @@
+"""Where notifications go (the `receivers` of the rules and roster files), and the field types those
+files share: durations, severities and strict models."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import httpx
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `90`, `90s`, `5m`, `1.5h`, `2d` or `250ms`."""
+    if isinstance(value, bool):
+        msg = "a duration is a number of seconds or a string like 90s, 5m, 1h"
+        raise TypeError(msg)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        msg = f"{value!r} is not a duration (use seconds or 90s, 5m, 1h, 2d)"
+        raise ValueError(msg)
+    if seconds < 0:
+        msg = "a duration cannot be negative"
+        raise ValueError(msg)
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Severity(StrEnum):
+    """How bad it is, most severe first."""
+
+    CRITICAL = "critical"
+    MAJOR = "major"
+    MINOR = "minor"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Receiver(StrictModel):
+    """Where notifications go: a generic webhook (CloudEvents), Alertmanager (its API, kept in
+    sync), a consumer of Alertmanager's webhook format, PagerDuty Events v2, or `log` (the
+    gateway's own log, for trying things out: no URL)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "log"] = "webhook"
+    # alertmanager: the base URL of Alertmanager, or a list of them (an HA pair: each is sent to)
+    url: str | list[str] | None = None
+    severities: list[Severity] | None = None  # only these (default: all)
+    routing_key: str | None = None  # PagerDuty integration key
+    timeout_s: Duration = 5.0
+    # webhook: the CloudEvents HTTP binding's mode (structured: the event as JSON; binary: ce-* headers)
+    mode: Literal["structured", "binary"] = "structured"
+    # alertmanager: every open alert is sent again this often (and endsAt is 4 times this ahead)
+    resend_interval: Duration = Field(default=60.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Receiver:
+        if self.kind == "pagerduty" and not PD_ROUTING_KEY.fullmatch(self.routing_key or ""):
+            msg = "a pagerduty receiver needs routing_key, its integration key of 32 characters"
+            raise ValueError(msg)
+        if self.mode == "binary" and self.kind != "webhook":
+            msg = "mode: binary is for webhook receivers (CloudEvents' binary content mode)"
+            raise ValueError(msg)
+        if (self.kind == "log") != (self.url is None):
+            msg = "a log receiver has no url; every other kind needs one (http:// or https://)"
+            raise ValueError(msg)
+        if isinstance(self.url, list) and (self.kind != "alertmanager" or not self.url):
+            msg = "a list of urls is for an alertmanager receiver (an HA pair); other kinds have one url"
+            raise ValueError(msg)
+        for url in self.urls:
+            _check_url(url)
+        return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs as given (none for `log`)."""
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @property
+    def targets(self) -> list[str]:
+        """Where a request goes: Alertmanager's alerts API under each base URL; else the URL."""
+        if self.kind == "alertmanager":
+            return [u.rstrip("/") + "/api/v2/alerts" for u in self.urls]
+        return self.urls
+
+
+PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        msg = f"url {url!r}: http:// or https:// only"
+        raise ValueError(msg)
+    try:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port
+        host.encode("idna")  # an empty or too long label: no name a resolver would take
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        msg = f"url {url!r} is not a URL: {exc}"
+        raise ValueError(msg) from exc
+    if not host or any(c.isspace() for c in url):
+        msg = f"url {url!r} names no host one could reach"
+        raise ValueError(msg)
+    if port is not None and not 0 < port < 65536:
+        msg = f"url {url!r}: port {port} is not a TCP port"
+        raise ValueError(msg)
