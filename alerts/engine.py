@@ -13,27 +13,27 @@ from sqlalchemy import delete, event
 from sqlmodel import Session, col, select
 
 from alerts.evaluation import KeyState, Observation, Signal, step
-from alerts.lifecycle import RECONCILING, _before_replay, _rebuilding, change_status, record, resolve
+from alerts.lifecycle import RECONCILING, before_replay, change_status, is_rebuilding, record, resolve
 from alerts.loading import load_rules_file
 from alerts.notify.receivers import Receiver
 from alerts.rules import DeviceInfo, Rule, RuleSet
 from alerts.state import (
-    _SENSOR_TYPES,
-    _VOLATILE,
-    _absence_only_moved,
-    _Batch,
-    _clears_later,
-    _decode,
-    _Device,
-    _encode,
-    _lasting,
-    _may_change,
-    _project,
+    VOLATILE,
+    Batch,
+    DeviceView,
+    absence_only_moved,
+    clears_later,
+    decode,
+    encode,
+    lasting,
+    may_change,
+    project,
+    reading_limits,
 )
 from alerts.tables import OPEN, AlertDeviceRow, AlertKeyRow, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow
 from gateway.core import events as ev
 from gateway.core.events import Event
-from gateway.core.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
+from gateway.core.protocol import sensor_type_of
 from gateway.log import read_events, replaying, spans, upsert
 from gateway.runtime import BaseConsumer
 
@@ -82,9 +82,9 @@ class AlertEngine(BaseConsumer):
         self._loaded = False
         self._kept_pending = False  # alerts kept by a replay wait for the first tick after it (tick)
         self._flapping: dict[tuple[str, str], datetime] = {}  # key -> last toggle of its flapping alert
-        self._current: _Batch | None = None
-        self._devices: dict[str, _Device] = {}
-        self._keys: dict[tuple[str, str], KeyState] = {}  # as stored (or as good: see _absence_only_moved)
+        self._current: Batch | None = None
+        self._devices: dict[str, DeviceView] = {}
+        self._keys: dict[tuple[str, str], KeyState] = {}  # as stored (or as good: see absence_only_moved)
         self._by_type: dict[tuple[str, str, str | None, str | None], list[Rule]] = {}
         self._by_name = {r.name: r for r in self.rules}
 
@@ -116,35 +116,35 @@ class AlertEngine(BaseConsumer):
         if self._loaded:
             return
         for d in tx.exec(select(AlertDeviceRow)):
-            self._devices[d.device_id] = _Device(d.type, d.site, dict(d.state))
+            self._devices[d.device_id] = DeviceView(d.type, d.site, dict(d.state))
         for k in tx.exec(select(AlertKeyRow)):
             if k.rule in self._by_name:
-                self._keys[(k.rule, k.device_id)] = _decode(dict(k.state))
+                self._keys[(k.rule, k.device_id)] = decode(dict(k.state))
         for a in tx.exec(select(AlertRow).where(col(AlertRow.status) == AlertStatus.FLAPPING.value)):
             self._flapping[(a.rule, a.device_id)] = a.updated_at
         self._kept_pending = tx.exec(select(AlertReplayIdRow.id).limit(1)).first() is not None
         self._loaded = True
 
-    def _rules_for(self, event_type: str, device_id: str, dev: _Device) -> list[Rule]:
+    def _rules_for(self, event_type: str, device_id: str, dev: DeviceView) -> list[Rule]:
         """The rules that select this device and that an event of this type can affect (cached)."""
         cache_key = (event_type, device_id, dev.type, dev.site)
         rules = self._by_type.get(cache_key)
         if rules is None:
             info = DeviceInfo(device_id, dev.type, dev.site)
-            rules = [r for r in self.rules if _may_change(r, event_type) and r.select.matches(info)]
+            rules = [r for r in self.rules if may_change(r, event_type) and r.select.matches(info)]
             self._by_type[cache_key] = rules
         return rules
 
-    def _batch(self, tx: Session) -> _Batch:
+    def _batch(self, tx: Session) -> Batch:
         b = self._current
         if b is None or b.tx is not tx:
-            b = self._current = _Batch(tx)
+            b = self._current = Batch(tx)
             # Memory follows the database: only what commits is remembered.
             event.listen(tx, "after_commit", lambda _s: self._remember(b), once=True)
             event.listen(tx, "after_rollback", lambda _s: self._discard(b), once=True)
         return b
 
-    def _remember(self, b: _Batch) -> None:
+    def _remember(self, b: Batch) -> None:
         self._devices.update(b.devices)
         self._keys.update(b.written)
         for key, since in b.flaps.items():
@@ -154,15 +154,17 @@ class AlertEngine(BaseConsumer):
                 self._flapping[key] = since
         self._discard(b)
 
-    def _discard(self, b: _Batch) -> None:
+    def _discard(self, b: Batch) -> None:
         if self._current is b:
             self._current = None
 
-    def _device(self, b: _Batch, device_id: str) -> _Device:
+    def _device(self, b: Batch, device_id: str) -> DeviceView:
         dev = b.devices.get(device_id)
         if dev is None:
             known = self._devices.get(device_id)
-            dev = b.devices[device_id] = _Device(known.type, known.site, dict(known.state)) if known else _Device()
+            dev = b.devices[device_id] = (
+                DeviceView(known.type, known.site, dict(known.state)) if known else DeviceView()
+            )
         return dev
 
     def handle(self, events: Sequence[Event], tx: Session) -> None:
@@ -171,11 +173,11 @@ class AlertEngine(BaseConsumer):
         b = self._batch(tx)
         for e in events:
             dev = self._device(b, e.subject)
-            _project(dev, e)
+            project(dev, e)
             self._observe(tx, b, e, dev)
         self._write(tx, b)
 
-    def _observe(self, tx: Session, b: _Batch, e: Event, dev: _Device) -> None:
+    def _observe(self, tx: Session, b: Batch, e: Event, dev: DeviceView) -> None:
         rebuilding = replaying(tx)
         device_id = e.subject
         obs = Observation(e.time, e.type, e.data, dev.state)
@@ -198,7 +200,7 @@ class AlertEngine(BaseConsumer):
                 self._settle_flapping(tx, k, new, seen.time)
 
     def _catch_up(  # noqa: PLR0913, PLR0917
-        self, tx: Session, rule: Rule, device_id: str, dev: _Device, ks: KeyState, at: datetime
+        self, tx: Session, rule: Rule, device_id: str, dev: DeviceView, ks: KeyState, at: datetime
     ) -> KeyState:
         """During a replay, events come faster than time passed: before an event, what the timer
         did to its key up to then (a device silent beyond its heartbeat fired before it spoke again)."""
@@ -216,7 +218,7 @@ class AlertEngine(BaseConsumer):
         """
         self._load(tx)
         b = self._batch(tx)
-        limits = self._reading_limits()
+        limits = reading_limits(self.rules)
         # A replay reads every reading: the gaps between a device's readings are what its
         # absence rules fired on the first time.
         if not spans.in_sql(tx) or limits is None or replaying(tx):
@@ -246,28 +248,9 @@ class AlertEngine(BaseConsumer):
             readings = spans.readings_of(tx, after, upto, sorted(beyond | hot))
         for e in readings:
             dev = self._device(b, e.subject)
-            _project(dev, e)
+            project(dev, e)
             self._observe(tx, b, e, dev)
         self._write(tx, b)
-
-    def _reading_limits(self) -> list[spans.Limit] | None:
-        """The readings beyond some rule's limit, the ones read one by one; None: read them all.
-
-        Each threshold rule counts only for the units of the sensor types it selects: a power
-        meter's `below: 50` says nothing about a thermometer reading 21.
-        """
-        limits: list[spans.Limit] = []
-        for r in self.rules:
-            if r.absence is not None or not _may_change(r, ev.SENSOR_READING):
-                continue
-            t = r.threshold
-            if t is None or t.field != "value":
-                return None  # a rule that needs every reading
-            units = tuple(SENSOR_UNITS[DeviceType(x)] for x in r.select.type or () if x in _SENSOR_TYPES)
-            if r.select.type is not None and not units:
-                continue  # selects no sensor type at all
-            limits.append(spans.Limit(units, t.above, t.below))  # exactly one of them is set
-        return limits
 
     def tick(self, tx: Session, now: datetime) -> None:
         """Step time-driven keys (for, clear_for, clear_after, absence, rate windows) to `now`.
@@ -281,7 +264,7 @@ class AlertEngine(BaseConsumer):
         if self._kept_pending and not replaying(tx):
             tx.info[RECONCILING] = True
             event.listen(tx, "after_commit", lambda _s: setattr(self, "_kept_pending", False), once=True)
-        timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or _clears_later(r)}
+        timed = {r.name for r in self.rules if r.absence or r.rate or r.for_ or r.clear_for or clears_later(r)}
         # (Keys of this batch too: a replay ticks in the batch that rebuilt them.)
         for (rule_name, device_id), stored in list({**self._keys, **b.keys}.items()):
             if rule_name not in timed:
@@ -292,14 +275,14 @@ class AlertEngine(BaseConsumer):
             if new != old:
                 b.keys[(rule_name, device_id)] = new
             if signal is not None:
-                dev = self._devices.get(device_id) or _Device()
+                dev = self._devices.get(device_id) or DeviceView()
                 if not self._transition(tx, rule, device_id, dev, signal, now, dict(dev.state)):
                     b.keys[(rule_name, device_id)] = old  # held back: the next tick tries again
         self._write(tx, b)
         if tx.info.get(RECONCILING):
             tx.exec(delete(AlertReplayIdRow))
 
-    def _inhibited(self, tx: Session, rule: Rule, dev: _Device, at: datetime) -> str | None:
+    def _inhibited(self, tx: Session, rule: Rule, dev: DeviceView, at: datetime) -> str | None:
         """Why this rule may not fire now: "broker" (lost; absence rules), "site" (an inhibiting alert)."""
         if rule.absence is not None and self.broker_connected is not None:
             if not self.broker_connected():
@@ -338,18 +321,18 @@ class AlertEngine(BaseConsumer):
             resolve(tx, alert, at, "engine", "stopped flapping")
         flaps[key] = None
 
-    def _write(self, tx: Session, b: _Batch) -> None:
+    def _write(self, tx: Session, b: Batch) -> None:
         """Upsert what changed (compared with memory); may run several times in one transaction."""
         devices = [
             {"device_id": device_id, "type": dev.type, "site": dev.site, "state": dev.state}
             for device_id, dev in b.devices.items()
-            if _lasting(self._devices.get(device_id)) != _lasting(dev)
+            if lasting(self._devices.get(device_id)) != lasting(dev)
         ]
         keys = []
         for k, v in b.keys.items():
             old = self._keys.get(k)
-            if v != old and not _absence_only_moved(self._by_name[k[0]], old, v) and b.written.get(k) != v:
-                keys.append({"rule": k[0], "device_id": k[1], "state": _encode(v)})
+            if v != old and not absence_only_moved(self._by_name[k[0]], old, v) and b.written.get(k) != v:
+                keys.append({"rule": k[0], "device_id": k[1], "state": encode(v)})
                 b.written[k] = v
         upsert(tx, AlertDeviceRow, devices, ["device_id"])
         upsert(tx, AlertKeyRow, keys, ["rule", "device_id"])
@@ -359,7 +342,7 @@ class AlertEngine(BaseConsumer):
         tx: Session,
         rule: Rule,
         device_id: str,
-        dev: _Device,
+        dev: DeviceView,
         signal: Signal,
         at: datetime,
         values: dict[str, Any],
@@ -403,7 +386,7 @@ class AlertEngine(BaseConsumer):
                 return True
             info = DeviceInfo(device_id, dev.type, dev.site)
             # Rebuilt by a replay: the alert it was, under its id and from when it fired then.
-            alert_id, fired_at = _before_replay(tx, rule.name, device_id, at)
+            alert_id, fired_at = before_replay(tx, rule.name, device_id, at)
             alert = AlertRow(
                 id=alert_id,
                 rule=rule.name, device_id=device_id, site=dev.site, severity=rule.severity.value,
@@ -413,10 +396,10 @@ class AlertEngine(BaseConsumer):
             tx.add(alert)
             tx.flush()
             # What dispatch needs to decide (an entrapment is a stuck car with load inside).
-            context = {"device_type": dev.type, "state": {k: v for k, v in values.items() if k not in _VOLATILE}}
+            context = {"device_type": dev.type, "state": {k: v for k, v in values.items() if k not in VOLATILE}}
             record(tx, alert, None, AlertStatus.FIRING, fired_at, "engine", context=context)
         elif open_alert is not None:
-            kept = tx.get(AlertReplayIdRow, open_alert.id) if _rebuilding(tx) else None
+            kept = tx.get(AlertReplayIdRow, open_alert.id) if is_rebuilding(tx) else None
             if kept is not None and kept.resolved_at is not None and kept.status == AlertStatus.RESOLVED.value:
                 at = max(kept.resolved_at, open_alert.fired_at)  # rebuilt: it resolved then
             resolve(tx, open_alert, at, "engine", "condition cleared")

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from alerts.rules import _OPS, AbsenceCondition, RateCondition, Rule
+from alerts.rules import OPS, AbsenceCondition, RateCondition, Rule
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,7 +50,7 @@ def _breach(rule: Rule, ks: KeyState, obs: Observation) -> bool | None:  # noqa:
         if c.field not in obs.state:
             return None
         try:
-            return bool(_OPS[c.op](obs.state[c.field], c.value))
+            return bool(OPS[c.op](obs.state[c.field], c.value))
         except TypeError:
             return False
     if rule.threshold is not None:

@@ -27,11 +27,11 @@ ALERT_SOURCE = "iotgw/alerts"
 RECONCILING = "iotgw_alerts_reconciling"  # Session.info: the first tick after a replay (AlertEngine.tick)
 
 
-def _rebuilding(tx: Session) -> bool:
+def is_rebuilding(tx: Session) -> bool:
     return replaying(tx) or bool(tx.info.get(RECONCILING))
 
 
-def _before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tuple[int | None, datetime]:
+def before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tuple[int | None, datetime]:
     """While a replay rebuilds alerts: the id and firing time this alert had before (None, `at`: new).
 
     An alert fired by an event fires at that event's time again; one fired by the timer fires
@@ -39,7 +39,7 @@ def _before_replay(tx: Session, rule: str, device_id: str, at: datetime) -> tupl
     or later than the first time (the engine was paused, say): it is the alert of the rule and
     device, not rebuilt yet, that fired closest to then. After the replay, only an alert still
     open before it can be the one firing again."""
-    if not _rebuilding(tx):
+    if not is_rebuilding(tx):
         return None, at
     where = [
         col(AlertReplayIdRow.rule) == rule,

@@ -136,7 +136,7 @@ class EventCondition(EventMatch):
         return self
 
 
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
+OPS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
 }  # fmt: skip
 

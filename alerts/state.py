@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,8 @@ from alerts.evaluation import KeyState
 from alerts.rules import Rule
 from gateway.core import events as ev
 from gateway.core.events import Event
-from gateway.core.protocol import SENSOR_UNITS, sensor_type_of
+from gateway.core.protocol import SENSOR_UNITS, DeviceType, sensor_type_of
+from gateway.log import spans
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 _KEY_FIELDS = ("breaching", "since", "clear_since", "breaches", "firing", "last_seen", "fired_at")
 
 
-def _encode(ks: KeyState) -> dict[str, Any]:
+def encode(ks: KeyState) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in _KEY_FIELDS:
         v = getattr(ks, k)
@@ -32,7 +34,7 @@ def _encode(ks: KeyState) -> dict[str, Any]:
     return out
 
 
-def _decode(raw: dict[str, Any]) -> KeyState:
+def decode(raw: dict[str, Any]) -> KeyState:
     if not raw:
         return KeyState()
     values = dict(raw)
@@ -61,13 +63,13 @@ _STATE_FROM_EVENT = {
 
 
 @dataclass(slots=True)
-class _Device:
+class DeviceView:
     type: str | None = None
     site: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool:
+def absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool:
     """True when an absence key only advanced last_seen by less than a quarter heartbeat.
 
     Such keys are not written on every reading: after a crash the last_seen read back can be
@@ -81,30 +83,30 @@ def _absence_only_moved(rule: Rule, old: KeyState | None, new: KeyState) -> bool
 
 
 @dataclass(slots=True)
-class _Batch:
+class Batch:
     """Working copies for one transaction; they become the engine's memory when it commits."""
 
     tx: Session
-    devices: dict[str, _Device] = field(default_factory=dict)
+    devices: dict[str, DeviceView] = field(default_factory=dict)
     keys: dict[tuple[str, str], KeyState] = field(default_factory=dict)
     written: dict[tuple[str, str], KeyState] = field(default_factory=dict)
     flaps: dict[tuple[str, str], datetime | None] = field(default_factory=dict)
 
 
-_SENSOR_TYPES = {t.value for t in SENSOR_UNITS}
+SENSOR_TYPES = {t.value for t in SENSOR_UNITS}
 
 
-_VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
+VOLATILE = ("value", "unit")  # change with every reading; not worth a write each time
 
 
-def _lasting(dev: _Device | None) -> tuple[str | None, str | None, dict[str, Any]] | None:
+def lasting(dev: DeviceView | None) -> tuple[str | None, str | None, dict[str, Any]] | None:
     """What is persisted of a device view: a sensor's latest value is not (it comes again)."""
     if dev is None:
         return None
-    return dev.type, dev.site, {k: v for k, v in dev.state.items() if k not in _VOLATILE}
+    return dev.type, dev.site, {k: v for k, v in dev.state.items() if k not in VOLATILE}
 
 
-def _project(dev: _Device, e: Event) -> None:
+def project(dev: DeviceView, e: Event) -> None:
     dev.site = e.site or dev.site
     if e.type == ev.DEVICE_DISCOVERED:
         dev.type = str(e.data.get("type") or dev.type or "")
@@ -117,7 +119,7 @@ def _project(dev: _Device, e: Event) -> None:
         dev.state = change(dev.state, e.data)
 
 
-def _may_change(rule: Rule, event_type: str) -> bool:
+def may_change(rule: Rule, event_type: str) -> bool:
     """Whether an event of this type can change the rule's key (a cheap prefilter)."""
     if rule.absence is not None:
         return True  # every message says the device is alive
@@ -133,5 +135,25 @@ def _may_change(rule: Rule, event_type: str) -> bool:
     return event_type in _STATE_FROM_EVENT  # state and threshold rules read the device view
 
 
-def _clears_later(rule: Rule) -> bool:
+def clears_later(rule: Rule) -> bool:
     return rule.event is not None and rule.event.clear_after is not None
+
+
+def reading_limits(rules: Sequence[Rule]) -> list[spans.Limit] | None:
+    """The readings beyond some rule's limit, the ones read one by one; None: read them all.
+
+    Each threshold rule counts only for the units of the sensor types it selects: a power
+    meter's `below: 50` says nothing about a thermometer reading 21.
+    """
+    limits: list[spans.Limit] = []
+    for r in rules:
+        if r.absence is not None or not may_change(r, ev.SENSOR_READING):
+            continue
+        t = r.threshold
+        if t is None or t.field != "value":
+            return None  # a rule that needs every reading
+        units = tuple(SENSOR_UNITS[DeviceType(x)] for x in r.select.type or () if x in SENSOR_TYPES)
+        if r.select.type is not None and not units:
+            continue  # selects no sensor type at all
+        limits.append(spans.Limit(units, t.above, t.below))  # exactly one of them is set
+    return limits

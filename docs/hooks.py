@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.cli import _SETTING_FLAGS, build_parser
+from gateway.cli import SETTING_FLAGS, build_parser
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.plugins import plugin_classes
@@ -26,7 +26,7 @@ def settings_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
         shown = f"`{default}`" if default not in ("", None) else "(empty)"
-        flag = f"`{_SETTING_FLAGS[name]}`" if name in _SETTING_FLAGS else ""
+        flag = f"`{SETTING_FLAGS[name]}`" if name in SETTING_FLAGS else ""
         rows.append(f"| `IOTGW_{name.upper()}` | {flag} | {_cell(shown)} | {_cell(field.description or '')} |")
     return "\n".join(rows)
 

@@ -13,7 +13,7 @@ import gateway.ingest.pipeline
 from gateway.config import Settings
 from gateway.core.clock import utcnow
 from gateway.ingest.client import Ingest
-from gateway.ingest.pipeline import _Pending
+from gateway.ingest.pipeline import Pending
 from gateway.log import Store, list_dead_letters
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
@@ -25,11 +25,11 @@ def ingest(make_store: Callable[[], Store]) -> Ingest:
     return Ingest(Settings(database_url=store.url), store, Metrics(CollectorRegistry()))
 
 
-def pending(topic: str, body: dict[str, object]) -> _Pending:
-    return _Pending(topic, json.dumps(body).encode(), utcnow(), 1, None)
+def pending(topic: str, body: dict[str, object]) -> Pending:
+    return Pending(topic, json.dumps(body).encode(), utcnow(), 1, None)
 
 
-def reading(device: str, seq: int) -> _Pending:
+def reading(device: str, seq: int) -> Pending:
     body = {"type": "power", "seq": seq, "ts": 1764324000000, "data": {"value": 900, "unit": "W"}}
     return pending(f"devices/{device}/telemetry", body)
 

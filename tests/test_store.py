@@ -23,12 +23,12 @@ from gateway.log import (
     DeadLetter,
     EventQuery,
     Store,
-    _write_gate,
     alembic_config,
     append_event,
     list_dead_letters,
     list_events,
     read_events,
+    write_gate,
 )
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
@@ -230,7 +230,7 @@ def test_sqlite_writers_in_one_process_queue_for_the_write_lock_and_get_it_at_on
     rollback, also after a failed statement; another writer of the process waits, then goes on."""
     store = Store(f"sqlite:///{tmp_path / 'gate.db'}")
     store.create_schema()
-    gate = _write_gate(str(tmp_path / "gate.db"))
+    gate = write_gate(str(tmp_path / "gate.db"))
     with store.session(consumer=True) as tx:
         tx.connection().exec_driver_sql("INSERT INTO leases (name, epoch) VALUES ('held', 1)")
         assert gate.locked()

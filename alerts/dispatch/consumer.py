@@ -24,10 +24,10 @@ from sqlalchemy import event, func
 from sqlmodel import Session, col, select
 
 from alerts.dispatch.orders import (
-    _ACTION_STATUS,
-    _ALLOWED_FROM,
-    _STEP_OF_ACTION,
+    ACTION_STATUS,
+    ALLOWED_FROM,
     OPEN_ORDER,
+    STEP_OF_ACTION,
     DispatchError,
     OrderStatus,
     RosterRow,
@@ -329,7 +329,7 @@ class Dispatch(BaseConsumer):
         if order.status == OrderStatus.RESOLVED.value:
             msg = f"work order {order_id} is resolved already"
             raise DispatchError(msg)
-        allowed = _ALLOWED_FROM[action]
+        allowed = ALLOWED_FROM[action]
         if order.status not in allowed:
             msg = f"work order {order_id} is {order.status}: cannot {action.replace('_', ' ')}"
             raise DispatchError(msg)
@@ -349,7 +349,7 @@ class Dispatch(BaseConsumer):
             note = f"to {person.name}" + (f": {note}" if note else "")
             notify = person
         else:
-            order.status = _ACTION_STATUS[action]
+            order.status = ACTION_STATUS[action]
             order.ack_deadline = None  # somebody has it: escalation stops
             if order.acked_at is None:
                 order.acked_at, order.acked_by = now, by
@@ -363,6 +363,6 @@ class Dispatch(BaseConsumer):
         order.updated_at = now
         tx.add(order)
         record_step(
-            tx, order, _STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
+            tx, order, STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
         )
         return order

@@ -129,7 +129,7 @@ class UnknownWorkOrderError(DispatchError):
     """No such work order (404)."""
 
 
-_ACTION_STATUS = {
+ACTION_STATUS = {
     "acknowledge": OrderStatus.ACKNOWLEDGED.value,
     "en_route": OrderStatus.EN_ROUTE.value,
     "on_site": OrderStatus.ON_SITE.value,
@@ -137,7 +137,7 @@ _ACTION_STATUS = {
 }
 
 
-_ALLOWED_FROM = {
+ALLOWED_FROM = {
     "acknowledge": (OrderStatus.ASSIGNED.value,),
     "en_route": (OrderStatus.ASSIGNED.value, OrderStatus.ACKNOWLEDGED.value),
     "on_site": (OrderStatus.ASSIGNED.value, OrderStatus.ACKNOWLEDGED.value, OrderStatus.EN_ROUTE.value),
@@ -146,7 +146,7 @@ _ALLOWED_FROM = {
 }
 
 
-_STEP_OF_ACTION = {
+STEP_OF_ACTION = {
     "acknowledge": "acknowledged", "en_route": "en_route", "on_site": "on_site", "resolve": "resolved",
     "reassign": "reassigned",
 }  # fmt: skip

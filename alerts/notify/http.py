@@ -63,7 +63,7 @@ async def _post(url: str, content: bytes, headers: dict[str, str], timeout_s: fl
         return r
 
 
-def _readable(content: bytes) -> str:
+def readable(content: bytes) -> str:
     """One short line for a person reading the log, from a CloudEvent's JSON."""
     try:
         ev = json.loads(content)

@@ -33,7 +33,7 @@ from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.metrics import AlertFamilies
 from alerts.notify.alertmanager import AlertmanagerSync
 from alerts.notify.bodies import Links, build, build_page, cloudevent_request
-from alerts.notify.http import OUTCOME_RANK, Request, _readable, post
+from alerts.notify.http import OUTCOME_RANK, Request, post, readable
 from alerts.notify.receivers import Receiver
 from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.errors import StoreError
@@ -327,7 +327,7 @@ class Notifier:
         content, headers = request
         d.attempts += 1
         if receiver.kind == "log":
-            log.info("notify %s: %s", receiver.name, _readable(content))
+            log.info("notify %s: %s", receiver.name, readable(content))
             self._delivered(d, receiver, now)
             tx.add(d)
             return False

@@ -11,17 +11,17 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway import __version__
-from gateway.cli.admin import _apikeys, _devices
-from gateway.cli.common import _SETTING_FLAGS, _add_settings, _create_flag, _fleet_args, _settings
-from gateway.cli.demo import _cmd_demo
-from gateway.cli.run import _cmd_consumer_process, _cmd_run
-from gateway.cli.simulate import _cmd_simulate, _simulate_args
+from gateway.cli.admin import cmd_apikeys, cmd_devices
+from gateway.cli.common import SETTING_FLAGS, add_settings, create_flag, fleet_args, settings_from
+from gateway.cli.demo import cmd_demo
+from gateway.cli.run import cmd_consumer_process, cmd_run
+from gateway.cli.simulate import cmd_simulate, simulate_args
 from gateway.core.protocol import DeviceType
 from gateway.errors import ConfigError, GatewayError
 from gateway.plugins import plugin_classes
 from gateway.security import ROLES
 
-__all__ = ["_SETTING_FLAGS", "build_parser", "main"]
+__all__ = ["SETTING_FLAGS", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iotgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
+    add_settings(sub.add_parser("run", help="run the gateway: ingest, the consumers and the HTTP API"))
 
     # Started by `run` (IOTGW_CONSUMER_PROCESS): its settings come in the environment, its
     # instructions on stdin (gateway/runtime/apart.py). Not for people to start.
     sub.add_parser("consumer-process", help="(internal) the consumers' process that `run` starts")
 
-    _simulate_args(sub.add_parser("simulate", help="run a fleet of simulated devices against a broker"))
+    simulate_args(sub.add_parser("simulate", help="run a fleet of simulated devices against a broker"))
 
     devices = sub.add_parser("devices", help="provision and revoke devices (broker credentials + registry)")
     devices_sub = devices.add_subparsers(dest="devices_command", required=True)
@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument(
         "--rotate", action="store_true", help="a new password for a device provisioned already (the old one stops)"
     )
-    _add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
-    _create_flag(prov)
+    add_settings(prov, fields=("database_url", "broker_password_file", "broker_pid_file"))
+    create_flag(prov)
     rev = devices_sub.add_parser("revoke", help="remove a device's credentials (its events stay)")
     rev.add_argument("device_id", help="the device to revoke")
-    _add_settings(rev, fields=("database_url", "broker_password_file", "broker_pid_file"))
+    add_settings(rev, fields=("database_url", "broker_password_file", "broker_pid_file"))
     dlist = devices_sub.add_parser("list", help="provisioned devices")
-    _add_settings(dlist, fields=("database_url",))
+    add_settings(dlist, fields=("database_url",))
 
     keys = sub.add_parser("apikeys", help="API keys (roles: viewer, technician, admin)")
     keys_sub = keys.add_subparsers(dest="apikeys_command", required=True)
@@ -62,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--role", required=True, choices=ROLES, help="what the key may do: read, act on work, or administer"
     )
     create.add_argument("--name", required=True, help="who or what uses the key (shown in the audit trail)")
-    _create_flag(create)
-    _add_settings(create, fields=("database_url",))
+    create_flag(create)
+    add_settings(create, fields=("database_url",))
     klist = keys_sub.add_parser("list", help="keys (ids, names, roles; never the keys themselves)")
-    _add_settings(klist, fields=("database_url",))
+    add_settings(klist, fields=("database_url",))
     krev = keys_sub.add_parser("revoke", help="revoke a key by id")
     krev.add_argument("key_id", help="the key's id, from `iotgw apikeys list`")
-    _add_settings(krev, fields=("database_url",))
+    add_settings(krev, fields=("database_url",))
 
     for name, plugin in plugin_classes().items():  # the plugins' command groups (`iotgw rules`...)
         try:
@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "admin key. Ctrl-C stops everything. Each run starts afresh unless --keep.",
     )
     # (Its own broker, database and API key: only what means something for a demo.)
-    _add_settings(
+    add_settings(
         demo,
         fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"),
         about={"mqtt_url": "the demo runs its own broker on 127.0.0.1: only the port of its gateway listener is taken"},
     )
     # A building, not a disaster: most cars in service, a fault every few minutes (and one at once).
-    _fleet_args(demo, elevators=10, sensors=30, fault_rate=0.003)
+    fleet_args(demo, elevators=10, sensors=30, fault_rate=0.003)
     demo.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            flag = _SETTING_FLAGS.get(field, field)
+            flag = SETTING_FLAGS.get(field, field)
             print(f"iotgw: invalid {flag} (IOTGW_{field.upper()}): {err['msg']}", file=sys.stderr)  # noqa: T201
         return 2
     except GatewayError as exc:
@@ -131,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run,
-    "consumer-process": _cmd_consumer_process,
-    "simulate": _cmd_simulate,
-    "demo": _cmd_demo,
-    "devices": lambda args: _devices(args, _settings(args)),
-    "apikeys": lambda args: _apikeys(args, _settings(args)),
+    "run": cmd_run,
+    "consumer-process": cmd_consumer_process,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+    "devices": lambda args: cmd_devices(args, settings_from(args)),
+    "apikeys": lambda args: cmd_apikeys(args, settings_from(args)),
 }

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from gateway.cli.common import _store
+from gateway.cli.common import open_store
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.security import (
@@ -31,9 +31,9 @@ def _reload_note(settings: Settings) -> str:
     return "now make the broker reload its password file: kill -HUP its pid (or set IOTGW_BROKER_PID_FILE)"
 
 
-def _devices(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     """`iotgw devices provision|revoke|list`."""
-    store = _store(settings, create=getattr(args, "create_database", False))
+    store = open_store(settings, create=getattr(args, "create_database", False))
     passwords = PasswordFile(settings.broker_password_file)
     if args.devices_command == "list":
         for row in list_registered(store):
@@ -68,9 +68,9 @@ def _devices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _apikeys(args: argparse.Namespace, settings: Settings) -> int:
+def cmd_apikeys(args: argparse.Namespace, settings: Settings) -> int:
     """`iotgw apikeys create|list|revoke`."""
-    store = _store(settings, create=getattr(args, "create_database", False))
+    store = open_store(settings, create=getattr(args, "create_database", False))
     if args.apikeys_command == "create":
         key_id, key = create_api_key(store, args.name, args.role)
         print(f"API key {key_id} for {args.name} ({args.role}); shown once, keep it safe:\n{key}")  # noqa: T201

@@ -29,7 +29,7 @@ DEVICE_URL = f"mqtt://localhost:{DEVICE_LISTENER}"  # the devices' listener of t
 
 
 # CLI flag -> Settings field (the flags and IOTGW_* variables set the same fields).
-_SETTING_FLAGS = {
+SETTING_FLAGS = {
     "mqtt_url": "--mqtt-url",
     "mqtt_client_id": "--client-id",
     "instance": "--instance",
@@ -43,8 +43,8 @@ _SETTING_FLAGS = {
 }
 
 
-def _add_settings(
-    p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(_SETTING_FLAGS), about: Mapping[str, str] | None = None
+def add_settings(
+    p: argparse.ArgumentParser, *, fields: Sequence[str] = tuple(SETTING_FLAGS), about: Mapping[str, str] | None = None
 ) -> None:
     for name in fields:
         kind = int if name == "http_port" else str
@@ -53,10 +53,10 @@ def _add_settings(
         said = (about or {}).get(name, field.description)
         about_it = f"{said}; " if said else ""
         help_text = f"{about_it}overrides IOTGW_{name.upper()} ({shown})".replace("%", "%%")
-        p.add_argument(_SETTING_FLAGS[name], dest=name, type=kind, default=None, help=help_text)
+        p.add_argument(SETTING_FLAGS[name], dest=name, type=kind, default=None, help=help_text)
 
 
-def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fault_rate: float) -> None:
+def fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fault_rate: float) -> None:
     p.add_argument("--elevators", type=int, default=elevators, help="number of elevators (default %(default)s)")
     p.add_argument("--sensors", type=int, default=sensors, help="number of sensors (default %(default)s)")
     p.add_argument("--rate", type=float, default=1.0, help="steps per second per device (default %(default)s)")
@@ -72,12 +72,12 @@ def _fleet_args(p: argparse.ArgumentParser, *, elevators: int, sensors: int, fau
     p.add_argument("--sites", type=int, default=3, help="devices are spread over this many sites (default %(default)s)")
 
 
-def _settings(args: argparse.Namespace, **defaults: Any) -> Settings:  # noqa: ANN401
-    overrides = {k: getattr(args, k) for k in _SETTING_FLAGS if getattr(args, k, None) is not None}
+def settings_from(args: argparse.Namespace, **defaults: Any) -> Settings:  # noqa: ANN401
+    overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
     return Settings(**{**defaults, **overrides})
 
 
-def _create_flag(p: argparse.ArgumentParser) -> None:
+def create_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--create-database",
         action="store_true",
@@ -85,7 +85,7 @@ def _create_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _store(settings: Settings, *, create: bool = False) -> Store:
+def open_store(settings: Settings, *, create: bool = False) -> Store:
     """The gateway's database, for a command that reads it or adds to it: never a new one made by
     mistake (a key or a device in a database no gateway reads is refused in silence later)."""
     url = make_url(settings.database_url)
@@ -103,7 +103,7 @@ def _store(settings: Settings, *, create: bool = False) -> Store:
     return store
 
 
-def _logging(level: str, process: str = "") -> None:
+def setup_logging(level: str, process: str = "") -> None:
     """Log lines on stderr; the consumers' process says so in each of its lines."""
     where = f"[{process}] " if process else ""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
@@ -116,7 +116,7 @@ def _logging(level: str, process: str = "") -> None:
     )
 
 
-def _stop_event() -> asyncio.Event:
+def stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,7 +124,7 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without a password in it."""
     parts = urlsplit(url)
     if parts.password is None:
@@ -133,11 +133,11 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _fleet_config(args: argparse.Namespace, device_url: str, **extra: Any) -> FleetConfig:  # noqa: ANN401
+def fleet_config(args: argparse.Namespace, device_url: str, **extra: Any) -> FleetConfig:  # noqa: ANN401
     """The fleet the command line describes (validated), on the broker's devices' listener `device_url`."""
     from devices.fleet import FleetConfig  # noqa: PLC0415
 
-    _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
+    check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)
     return FleetConfig(
         mqtt_url=device_url,
         elevators=args.elevators,
@@ -150,7 +150,7 @@ def _fleet_config(args: argparse.Namespace, device_url: str, **extra: Any) -> Fl
     )
 
 
-def _check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -> None:
+def check_fleet(elevators: int, sensors: int, rate: float, fault_rate: float) -> None:
     if elevators < 0 or sensors < 0 or elevators + sensors == 0:
         msg = "--elevators and --sensors must be >= 0, and not both 0"
         raise GatewayError(msg)

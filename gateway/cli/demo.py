@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from sqlalchemy import delete
 
 from gateway.cli.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
-from gateway.cli.common import _check_fleet, _fleet_config, _logging, _settings, _stop_event, log
+from gateway.cli.common import check_fleet, fleet_config, log, settings_from, setup_logging, stop_event
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.log import Store
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     pass
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    _check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)  # before anything is touched
+def cmd_demo(args: argparse.Namespace) -> int:
+    check_fleet(args.elevators, args.sensors, args.rate, args.fault_rate)  # before anything is touched
     _check_demo(args)
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -46,8 +46,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except OSError as exc:
         msg = f"--data-dir {args.data_dir}: {exc.strerror or exc}"
         raise GatewayError(msg) from None
-    settings = _settings(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
-    _logging(settings.log_level)
+    settings = settings_from(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
+    setup_logging(settings.log_level)
     with lock:
         return asyncio.run(_demo(args, settings))
 
@@ -103,7 +103,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         users={settings.mqtt_username: gateway_secret},
         dies_with_parent=True,
     )
-    stop = _stop_event()
+    stop = stop_event()
     gw: Gateway | None = None
     fleet: Fleet | None = None
     fleet_task: asyncio.Task[Any] | None = None
@@ -128,7 +128,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
         await asyncio.to_thread(gw.store.create_schema)
         if args.keep:  # a new broker every run: the gateway's session there is new, not lost
             await asyncio.to_thread(_forget_broker_sessions, gw.store)
-        fleet_cfg = _fleet_config(args, broker.device_url, prefix="demo-")
+        fleet_cfg = fleet_config(args, broker.device_url, prefix="demo-")
         rogue = "demo-rogue-001"
         devices = {m.device_id: getattr(m, "type", "elevator") for m in build_models(fleet_cfg)} | {rogue: None}
         reserved = settings.reserved_names

@@ -6,24 +6,24 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
-from gateway.cli.common import _logging, _settings, _stop_event, log
+from gateway.cli.common import log, settings_from, setup_logging, stop_event
 from gateway.config import Settings
 
 if TYPE_CHECKING:
     pass
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _logging(settings.log_level)
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    setup_logging(settings.log_level)
     return asyncio.run(_run(settings))
 
 
-def _cmd_consumer_process(_args: argparse.Namespace) -> int:
+def cmd_consumer_process(_args: argparse.Namespace) -> int:
     from gateway.runtime.child import serve  # noqa: PLC0415 - keeps the other commands light
 
     settings = Settings()
-    _logging(settings.log_level, process="consumers")
+    setup_logging(settings.log_level, process="consumers")
     return asyncio.run(serve(settings))
 
 
@@ -31,7 +31,7 @@ async def _run(settings: Settings) -> int:
     from gateway.api.limits import worker_threads  # noqa: PLC0415
     from gateway.service import Gateway  # noqa: PLC0415 - keeps `iotgw simulate` light
 
-    stop = _stop_event()
+    stop = stop_event()
     asyncio.get_running_loop().set_default_executor(worker_threads(settings.api_nice))
     gw = Gateway(settings)
     await gw.start()

@@ -13,13 +13,13 @@ from urllib.parse import urlsplit
 
 from gateway.cli.common import (
     DEVICE_URL,
-    _add_settings,
-    _fleet_args,
-    _fleet_config,
-    _logging,
-    _safe_url,
-    _settings,
-    _stop_event,
+    add_settings,
+    fleet_args,
+    fleet_config,
+    safe_url,
+    settings_from,
+    setup_logging,
+    stop_event,
 )
 from gateway.errors import GatewayError
 from gateway.text import plural
@@ -28,15 +28,15 @@ if TYPE_CHECKING:
     pass
 
 
-def _simulate_args(sim: argparse.ArgumentParser) -> None:
+def simulate_args(sim: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--mqtt-url",
         dest="device_url",
         default=DEVICE_URL,
         help="the broker's listener for devices (default %(default)s; the gateway's is IOTGW_MQTT_URL)",
     )
-    _add_settings(sim, fields=("log_level",))
-    _fleet_args(sim, elevators=10, sensors=30, fault_rate=0.002)
+    add_settings(sim, fields=("log_level",))
+    fleet_args(sim, elevators=10, sensors=30, fault_rate=0.002)
     sim.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)"
     )
@@ -58,9 +58,9 @@ def _simulate_args(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--print-ids", action="store_true", help="print the fleet's device ids and exit")
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _logging(settings.log_level)
+def cmd_simulate(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    setup_logging(settings.log_level)
     return asyncio.run(_simulate(args))
 
 
@@ -91,16 +91,16 @@ async def _simulate(args: argparse.Namespace) -> int:
         msg = f"--mqtt-url must look like mqtt://host:port or mqtts://host:port, got {args.device_url!r}"
         raise GatewayError(msg)
 
-    cfg = _fleet_config(args, args.device_url, duration=args.duration, steps=args.steps, prefix=args.prefix)
+    cfg = fleet_config(args, args.device_url, duration=args.duration, steps=args.steps, prefix=args.prefix)
     if args.print_ids:
         print("\n".join(m.device_id for m in build_models(cfg)))  # noqa: T201
         return 0
     if args.credentials is not None:
         cfg = dataclasses.replace(cfg, credentials=_read_credentials(args.credentials))
     fleet = Fleet(cfg, on_tick=Progress())
-    where = _safe_url(cfg.mqtt_url)
+    where = safe_url(cfg.mqtt_url)
     print(f"simulate: {plural(len(fleet.devices), 'device')} publishing to {where}", file=sys.stderr, flush=True)  # noqa: T201
-    stop = _stop_event()
+    stop = stop_event()
     watcher = asyncio.create_task(stop.wait())
     watcher.add_done_callback(lambda _: fleet.stop())
     nobody: list[bool] = []

@@ -40,7 +40,7 @@ class Census:
         self._dirty.clear()
 
 
-class _Buckets:
+class Buckets:
     """A token bucket per device: `rate` messages per second on average, bursts up to `burst`."""
 
     PRUNE_AT = 100_000
@@ -64,7 +64,7 @@ class _Buckets:
         self._state = {d: (t, a) for d, (t, a) in self._state.items() if t + (now - a) * self.rate < self.burst}
 
 
-class _Registry:
+class Registry:
     """The registered devices, for IOTGW_REQUIRE_REGISTERED_DEVICES: reloaded every few seconds
     (so a revocation takes effect), and asked about a device it does not know (so a device
     provisioned a moment ago is accepted at once)."""

@@ -22,7 +22,7 @@ from gateway.core.protocol import CHANNELS, Reason
 from gateway.ingest.mqtt import MQTT_LOG, AckAfterCommitClient, tls_context
 from gateway.ingest.pipeline import (
     Clock,
-    _Pending,
+    Pending,
 )
 from gateway.ingest.writer import Writer
 from gateway.log import Store
@@ -214,9 +214,9 @@ class Ingest:
         self.subscribed.set()
 
     def _receive(self, topic: str, payload: bytes, mid: int | None, connection: object) -> None:
-        self.writer.put(_Pending(topic, bytes(payload), self.clock(), mid, connection))
+        self.writer.put(Pending(topic, bytes(payload), self.clock(), mid, connection))
 
-    def _acknowledge(self, batch: list[_Pending]) -> None:
+    def _acknowledge(self, batch: list[Pending]) -> None:
         # Usually one connection per batch; group in case the broker reconnected mid-batch.
         by_connection: dict[int, tuple[object, list[int]]] = {}
         for p in batch:

@@ -25,7 +25,7 @@ Clock = Callable[[], datetime]
 
 
 @dataclass(slots=True)
-class _Pending:
+class Pending:
     topic: str
     payload: bytes
     received_at: datetime
@@ -150,7 +150,7 @@ def count_outcome(  # noqa: PLR0913
 
 
 @dataclass(slots=True, frozen=True)
-class _Prepared:
+class Prepared:
     events: list[Event]
     shadows: dict[str, Shadow]
     dead: list[DeadLetter]
@@ -158,12 +158,12 @@ class _Prepared:
     received: Counter[str]
 
 
-def _channel(topic: str) -> str:
+def channel_of(topic: str) -> str:
     """The channel label of a topic (bounded: anything unknown is `other`)."""
     channel = topic.rsplit("/", 1)[-1]
     return channel if channel in CHANNELS else "other"
 
 
-def _topic_device(topic: str) -> str | None:
+def topic_device(topic: str) -> str | None:
     parts = topic.split("/")
     return parts[1] if len(parts) == 3 and parts[0] == "devices" and parts[1] else None

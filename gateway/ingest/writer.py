@@ -22,17 +22,17 @@ from gateway.config import Settings
 from gateway.core.normalize import Shadow
 from gateway.core.protocol import Reason, parse
 from gateway.errors import PayloadError, StoreError
-from gateway.ingest.admission import Census, _Buckets, _Registry
+from gateway.ingest.admission import Buckets, Census, Registry
 from gateway.ingest.pipeline import (
     Clock,
     Parsed,
-    _channel,
-    _Pending,
-    _Prepared,
-    _topic_device,
+    Pending,
+    Prepared,
+    channel_of,
     count_outcome,
     derive,
     internal_error,
+    topic_device,
 )
 from gateway.log import DeadLetter, InboxMessage, Store
 from gateway.logs import QuietLog
@@ -55,7 +55,7 @@ class Writer:
         metrics: Metrics,
         *,
         clock: Clock,
-        ack: Callable[[list[_Pending]], None],
+        ack: Callable[[list[Pending]], None],
         on_commit: Callable[[set[str]], None] | None = None,
         on_inbox: Callable[[], None] | None = None,
     ) -> None:
@@ -67,7 +67,7 @@ class Writer:
         self.on_commit = on_commit
         self.on_inbox = on_inbox  # cluster: a batch went into the inbox (the sequencer's input)
         self.database_ok = True
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._shadows: dict[str, Shadow] = {}
         # One writer thread: SQLite allows one writer, and the shadow cache is touched only there.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-writer")
@@ -75,8 +75,8 @@ class Writer:
         self._drained = asyncio.Event()  # set while nothing received is waiting for its commit
         self._drained.set()
         self._census = Census()
-        self._buckets = _Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
-        self._limited: list[_Pending] = []  # over their device's rate, waiting to be dead-lettered
+        self._buckets = Buckets(settings.device_rate, settings.device_burst) if settings.device_rate > 0 else None
+        self._limited: list[Pending] = []  # over their device's rate, waiting to be dead-lettered
         # Their commits run on a thread of their own: the writer, which every other device's
         # messages wait for, never waits for a flood's dead letters.
         self._limited_executor = (
@@ -84,7 +84,7 @@ class Writer:
         )
         self._limited_max = max(10, settings.mqtt_receive_maximum // 4)  # unacknowledged, they hold the window
         self._flush_limited = asyncio.Event()
-        self._registry = _Registry(store) if settings.require_registered_devices else None
+        self._registry = Registry(store) if settings.require_registered_devices else None
         self._rejections = QuietLog(log, every_s=10.0)
         self._committed_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,13 +120,13 @@ class Writer:
         """Run `fn(*args)` on the writer's thread (the one that writes the database)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def put(self, p: _Pending) -> None:
+    def put(self, p: Pending) -> None:
         """A message received: to the next batch (or, over its device's rate, to the dead letters)."""
         self._pending += 1
         self._drained.clear()
         self.metrics.pending.inc()
         if self._buckets is not None:
-            device_id = _topic_device(p.topic)
+            device_id = topic_device(p.topic)
             if device_id is not None and not self._buckets.allow(device_id, p.received_at.timestamp()):
                 # Over its rate: not in the other devices' batches (their commits stay as small as
                 # without the flood); dead-lettered in a batch of its own, at most a second later.
@@ -164,7 +164,7 @@ class Writer:
             self._ack(batch)
             self._done(batch)
 
-    def _done(self, batch: list[_Pending]) -> None:
+    def _done(self, batch: list[Pending]) -> None:
         """After a batch's commit and acknowledgement: latency, and what is still pending."""
         stored_at = self.clock()
         for p in batch:
@@ -177,8 +177,8 @@ class Writer:
     async def _commit_with_retry(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[_Pending],
-        process: Callable[[list[_Pending]], set[str]] | None = None,
+        batch: list[Pending],
+        process: Callable[[list[Pending]], set[str]] | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> set[str]:
         """Commit the batch (by default in the writer thread, with `_process`), retrying while the
@@ -237,7 +237,7 @@ class Writer:
                 self.metrics.database_writable.set(1)
             self._committed_at = time.monotonic()
 
-    def _isolate(self, batch: list[_Pending]) -> set[str]:
+    def _isolate(self, batch: list[Pending]) -> set[str]:
         """Runs in the writer thread: commit each message of a refused batch on its own; one the
         database refuses is stored as a dead letter `internal_error` with the database's words."""
         types: set[str] = set()
@@ -250,10 +250,10 @@ class Writer:
                 dead = internal_error(p.topic, p.payload, p.received_at, exc)
                 now = self.clock()
                 self.store.append_batch([], [], [dead], now=now)
-                self._count([p], _Prepared([], {}, [dead], Counter(), Counter({_channel(p.topic): 1})), 0, now)
+                self._count([p], Prepared([], {}, [dead], Counter(), Counter({channel_of(p.topic): 1})), 0, now)
         return types
 
-    def _process(self, batch: list[_Pending]) -> set[str]:
+    def _process(self, batch: list[Pending]) -> set[str]:
         """Runs in the writer thread: parse, normalise, commit, then update the shadow cache.
         Returns the types of the events in the batch."""
         if self.settings.clustered:
@@ -270,39 +270,39 @@ class Writer:
         self._census.publish(self.metrics)
         return {e.type for e in prepared.events}
 
-    def _process_limited(self, batch: list[_Pending]) -> set[str]:
+    def _process_limited(self, batch: list[Pending]) -> set[str]:
         """Runs in the rate limit's own thread: dead letters `rate_limited` for messages over their
         device's rate. (Touches no shadow: those belong to the writer thread.)"""
         dead = []
         for p in batch:
-            detail = f"device {_topic_device(p.topic)} exceeds {self.settings.device_rate:g} messages/s"
+            detail = f"device {topic_device(p.topic)} exceeds {self.settings.device_rate:g} messages/s"
             self._rejections.warn(Reason.RATE_LIMITED, "rejected %s: %s", p.topic[:200], detail)
             dead.append(DeadLetter(p.topic, Reason.RATE_LIMITED, detail, p.payload, p.received_at))
-        received = Counter(_channel(p.topic) for p in batch)
+        received = Counter(channel_of(p.topic) for p in batch)
         now = self.clock()
         with self.metrics.commit_duration.time():
             self.store.append_batch([], [], dead, now=now)
-        self._count(batch, _Prepared([], {}, dead, Counter(), received), 0, now)
+        self._count(batch, Prepared([], {}, dead, Counter(), received), 0, now)
         return set()
 
-    def _process_into_inbox(self, batch: list[_Pending]) -> set[str]:
+    def _process_into_inbox(self, batch: list[Pending]) -> set[str]:
         """Cluster: check and store the batch for the sequencer, which normalises in seq order."""
         parsed, dead, received = self._parse(batch)
         messages = [InboxMessage(p.msg.device_id, p.msg.seq, p.topic, p.payload, p.received_at) for p in parsed]
         now = self.clock()
         with self.metrics.commit_duration.time():
             self.store.append_inbox(messages, dead)
-        self._count(batch, _Prepared([], {}, dead, Counter(), received), 0, now)
+        self._count(batch, Prepared([], {}, dead, Counter(), received), 0, now)
         return set()
 
-    def _parse(self, batch: list[_Pending]) -> tuple[list[Parsed], list[DeadLetter], Counter[str]]:
+    def _parse(self, batch: list[Pending]) -> tuple[list[Parsed], list[DeadLetter], Counter[str]]:
         """Admit and parse every message: the valid ones, the dead letters, messages by channel."""
         parsed: list[Parsed] = []
         dead: list[DeadLetter] = []
         received: Counter[str] = Counter()
         admitted = self._admit(batch)
         for p, refusal in zip(batch, admitted, strict=True):
-            received[_channel(p.topic)] += 1
+            received[channel_of(p.topic)] += 1
             try:
                 if refusal is not None:
                     raise refusal  # noqa: TRY301 - handled with the parse errors below
@@ -321,19 +321,19 @@ class Writer:
                 dead.append(internal_error(p.topic, p.payload, p.received_at, exc))
         return parsed, dead, received
 
-    def _prepare(self, batch: list[_Pending]) -> _Prepared:
+    def _prepare(self, batch: list[Pending]) -> Prepared:
         parsed, dead, received = self._parse(batch)
         derived = derive(parsed, self._shadows, self.settings, rejections=self._rejections)
-        return _Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
+        return Prepared(derived.events, derived.shadows, dead + derived.dead, derived.anomalies, received)
 
-    def _admit(self, batch: list[_Pending]) -> list[PayloadError | None]:
+    def _admit(self, batch: list[Pending]) -> list[PayloadError | None]:
         """Per message, why it is refused before parsing (from an unregistered device), or None.
         Cheap on purpose: a flood must not cost a parse each. (Over its device's rate: sorted out
         on arrival, see `_receive`.)"""
         refusals: list[PayloadError | None] = [None] * len(batch)
         if self._registry is None:
             return refusals
-        devices = [_topic_device(p.topic) for p in batch]
+        devices = [topic_device(p.topic) for p in batch]
         known = self._registry.known({d for d in devices if d is not None})
         for i, (p, device_id) in enumerate(zip(batch, devices, strict=True)):
             if device_id is not None and device_id not in known:
@@ -341,7 +341,7 @@ class Writer:
                 refusals[i] = PayloadError(Reason.UNKNOWN_DEVICE, detail, p.topic)
         return refusals
 
-    def _count(self, batch: list[_Pending], prepared: _Prepared, skipped: int, now: datetime) -> None:
+    def _count(self, batch: list[Pending], prepared: Prepared, skipped: int, now: datetime) -> None:
         m = self.metrics
         m.batch_size.observe(len(batch))
         for channel, n in prepared.received.items():

@@ -30,7 +30,7 @@ from gateway.log.read import (
     type_filter,
 )
 from gateway.log.schema import MIGRATIONS, SCHEMA_LOCK, alembic_config
-from gateway.log.sql import BUSY_TIMEOUT_S, MultiInsert, _write_gate, make_engine, upsert
+from gateway.log.sql import BUSY_TIMEOUT_S, MultiInsert, make_engine, upsert, write_gate
 from gateway.log.store import Store
 from gateway.log.tables import (
     BrokerSessionRow,
@@ -72,7 +72,6 @@ __all__ = [
     "Store",
     "Stored",
     "UTCDateTime",
-    "_write_gate",
     "alembic_config",
     "append_event",
     "batch_end",
@@ -94,4 +93,5 @@ __all__ = [
     "shadow_from_row",
     "type_filter",
     "upsert",
+    "write_gate",
 ]

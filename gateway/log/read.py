@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from gateway.core.events import Event
 from gateway.core.normalize import Shadow
-from gateway.log.sql import _SHADOW_FIELDS, _table
+from gateway.log.sql import SHADOW_FIELDS, table_of
 from gateway.log.tables import DeviceRow, EventRow
 
 EVENT_COLUMNS = ("id", "ce_id", "source", "type", "subject", "time", "sequence", "part", "site", "data", "received_at")
@@ -72,7 +72,7 @@ def read_events(tx: Session, after: int, upto: int, patterns: Sequence[str] = ("
             sql += " AND (" + " OR ".join(terms or ["0"]) + ")"
             params += exact + prefixes
         return read_sql_events(conn, sql + " ORDER BY id", params)
-    table = _table(EventRow)
+    table = table_of(EventRow)
     stmt = sa_select(*[table.c[n] for n in EVENT_COLUMNS]).where(table.c.id > after, table.c.id <= upto)
     if wanted is not None:
         exact, prefixes = wanted
@@ -169,13 +169,13 @@ LOG_APPEND_LOCK = 0x696F74677721
 INBOX_APPEND_LOCK = 0x696F74677722
 
 
-def _transient(exc: SQLAlchemyError) -> bool:
+def is_transient(exc: SQLAlchemyError) -> bool:
     """Whether a failed write may succeed when retried as it is (the database down, locked or
     full), as opposed to data the database refuses (a value it cannot store, a broken constraint)."""
     return not isinstance(exc, DataError | IntegrityError | ProgrammingError)
 
 
-def _no_nul(value: Any) -> Any:  # noqa: ANN401 - a column value
+def no_nul(value: Any) -> Any:  # noqa: ANN401 - a column value
     # PostgreSQL refuses NUL in text: a dead letter must be storable whatever the device sent.
     return value.replace("\x00", "\\u0000") if isinstance(value, str) else value
 
@@ -219,6 +219,6 @@ def append_event(  # noqa: PLR0913 - one argument per CloudEvents attribute
 
 def shadow_from_row(row: DeviceRow) -> Shadow:
     """The normaliser's view of a stored device."""
-    fields = {f: getattr(row, f) for f in _SHADOW_FIELDS}
+    fields = {f: getattr(row, f) for f in SHADOW_FIELDS}
     fields["seq_base"] = fields["seq_base"] or 0  # rows from before counter resets were kept
     return Shadow(device_id=row.device_id, **fields)

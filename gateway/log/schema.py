@@ -28,7 +28,7 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_LOCK = 0x696F74677722
 
 
-def _migrate(conn: Connection) -> None:
+def migrate_schema(conn: Connection) -> None:
     """Bring the schema to the newest revisions: the platform's (gateway/migrations) and every
     installed plugin's branch. A database made before migrations existed (tables, no
     alembic_version) is completed the old way (missing tables created, nullable columns added:
@@ -125,7 +125,7 @@ def _add_missing_columns(conn: Connection) -> None:
 
 
 @contextmanager
-def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+def sqlite_file_lock(engine: Engine) -> Iterator[None]:
     """On an SQLite file, an exclusive flock on `<file>.schema-lock` while the schema is migrated:
     gateways starting together take turns. (Not on the database file itself: closing any
     descriptor of it would drop SQLite's own POSIX locks held by this process.)"""

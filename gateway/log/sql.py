@@ -29,13 +29,13 @@ from sqlmodel import Session, SQLModel, create_engine
 
 from gateway.errors import ConfigError
 
-_SHADOW_FIELDS = (
+SHADOW_FIELDS = (
     "type", "site", "last_seq", "online", "last_seen", "state",
     "trip_from", "trip_started", "fault_since", "floor_since", "stuck", "seq_base",
 )  # fmt: skip
 
 
-def _insert_sql(table: str, columns: Sequence[str], mark: str, conflict: str, rows: int = 1) -> str:
+def insert_sql(table: str, columns: Sequence[str], mark: str, conflict: str, rows: int = 1) -> str:
     """INSERT of `rows` rows; `mark` is the driver's placeholder, or `$` for PostgreSQL's own $1, $2..."""
     width = len(columns)
     if mark == "$":
@@ -65,7 +65,7 @@ class MultiInsert:
 
     def __init__(self, table: str, columns: Sequence[str], mark: str, conflict: str) -> None:
         self._raw = mark == "$"
-        self._sql = {n: _insert_sql(table, columns, mark, conflict, n) for n in (2**k for k in range(9))}
+        self._sql = {n: insert_sql(table, columns, mark, conflict, n) for n in (2**k for k in range(9))}
 
     def run(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
         """Insert `rows` (in order); returns how many were inserted (conflicts skipped)."""
@@ -92,17 +92,17 @@ def _raw_cursors(conn: Connection) -> Iterator[None]:
         driver.cursor_factory = before  # type: ignore[union-attr]
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
+def naive_utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC).replace(tzinfo=None) if value is not None and value.tzinfo else value
 
 
-def _sqlite_dt(value: datetime | None) -> str | None:
+def sqlite_dt(value: datetime | None) -> str | None:
     # The text form SQLAlchemy's SQLite DateTime writes and reads back.
-    naive = _naive_utc(value)
+    naive = naive_utc(value)
     return None if naive is None else naive.isoformat(" ", "microseconds")
 
 
-def _table(model: type[SQLModel]) -> Table:
+def table_of(model: type[SQLModel]) -> Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, Table)  # noqa: S101 - every table=True model has one
     return table
@@ -116,7 +116,7 @@ def upsert(tx: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]], k
     """
     if not rows:
         return
-    table = _table(model)
+    table = table_of(model)
     insert_for = pg_insert if tx.get_bind().dialect.name == "postgresql" else sqlite_insert
     stmt = insert_for(table)
     update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
@@ -227,7 +227,7 @@ class _GatedCursor(sqlite3.Cursor):
             conn.leave()
 
 
-def _write_gate(path: str) -> threading.Lock:
+def write_gate(path: str) -> threading.Lock:
     with _GATES_LOCK:
         return _GATES.setdefault(str(Path(path).resolve()), threading.Lock())
 
@@ -248,7 +248,7 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas("FULL" if durable else "NORMAL"))
             database = engine.url.database
             if database and database != ":memory:" and not database.startswith("file:"):
-                event.listen(engine, "connect", functools.partial(_attach_gate, _write_gate(database)))
+                event.listen(engine, "connect", functools.partial(_attach_gate, write_gate(database)))
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_pre_ping=True)
             event.listen(engine, "connect", _pg_settings)

@@ -23,16 +23,16 @@ from sqlmodel import Session, SQLModel, col, select
 from gateway.core.events import Event
 from gateway.core.normalize import Shadow
 from gateway.errors import StoreError
-from gateway.log.read import INBOX_APPEND_LOCK, _no_nul, _transient, lock_log, shadow_from_row
-from gateway.log.schema import SCHEMA_LOCK, _migrate, _sqlite_file_lock
+from gateway.log.read import INBOX_APPEND_LOCK, is_transient, lock_log, no_nul, shadow_from_row
+from gateway.log.schema import SCHEMA_LOCK, migrate_schema, sqlite_file_lock
 from gateway.log.sql import (
-    _SHADOW_FIELDS,
+    SHADOW_FIELDS,
     MultiInsert,
-    _insert_sql,
-    _naive_utc,
-    _sqlite_dt,
-    _table,
+    insert_sql,
     make_engine,
+    naive_utc,
+    sqlite_dt,
+    table_of,
     upsert,
 )
 from gateway.log.tables import (
@@ -59,23 +59,23 @@ class Store:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         bulk = "?" if dialect.paramstyle == "qmark" else "$"  # MultiInsert's placeholders
         # SQLite keeps datetimes as text in SQLAlchemy's format; other drivers take datetimes.
-        self._dt_param = _sqlite_dt if dialect.name == "sqlite" else _naive_utc
+        self._dt_param = sqlite_dt if dialect.name == "sqlite" else naive_utc
         self._insert_events = MultiInsert(
             "events",
             ("ce_id", "source", "type", "subject", "time", "received_at", "sequence", "part", "site", "data"),
             bulk,
             "ON CONFLICT (subject, sequence, part) DO NOTHING",
         )
-        shadow_cols = ("device_id", *_SHADOW_FIELDS, "first_seen")
+        shadow_cols = ("device_id", *SHADOW_FIELDS, "first_seen")
         # first_seen is kept from the first insert; everything else is the new shadow.
-        update = ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_FIELDS)
+        update = ", ".join(f"{c} = excluded.{c}" for c in SHADOW_FIELDS)
         self._upsert_devices = MultiInsert(
             "devices", shadow_cols, bulk, f"ON CONFLICT (device_id) DO UPDATE SET {update}"
         )
         self._dead_rows = MultiInsert(
             "dead_letters", ("received_at", "topic", "reason", "detail", "payload_b64", "size"), bulk, ""
         )
-        self._sql_inbox = _insert_sql(
+        self._sql_inbox = insert_sql(
             "inbox",
             ("device_id", "seq", "topic", "payload", "received_at"),
             mark,
@@ -86,11 +86,11 @@ class Store:
         """Create or migrate the schema to this version (Alembic, gateway/migrations), then create the
         tables of consumers from other packages, which migrations do not know (idempotent)."""
         try:
-            with _sqlite_file_lock(self.engine), self.engine.begin() as conn:
+            with sqlite_file_lock(self.engine), self.engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     # Several gateways starting at once: one migrates, the others wait for it.
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-                _migrate(conn)
+                migrate_schema(conn)
                 SQLModel.metadata.create_all(conn)
         except SQLAlchemyError as exc:
             msg = f"cannot create the schema in {self.url}: {exc}"
@@ -201,11 +201,11 @@ class Store:
                 if dead:
                     self._insert_dead(conn, dead)
                 if inbox_done:
-                    inbox = _table(InboxRow)
+                    inbox = table_of(InboxRow)
                     conn.execute(inbox.delete().where(inbox.c.id.in_(list(inbox_done))))
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
-            raise StoreError(msg, transient=_transient(exc)) from exc
+            raise StoreError(msg, transient=is_transient(exc)) from exc
         inserted = max(inserted, 0)
         return Stored(inserted, len(event_rows) - inserted, len(dead))
 
@@ -225,14 +225,14 @@ class Store:
                     self._insert_dead(conn, dead)
         except SQLAlchemyError as exc:
             msg = f"batch commit failed: {exc}"
-            raise StoreError(msg, transient=_transient(exc)) from exc
+            raise StoreError(msg, transient=is_transient(exc)) from exc
         return max(inserted, 0)
 
     def _insert_dead(self, conn: Connection, dead: Sequence[DeadLetter]) -> None:
         # Values converted here and multi-row statements, like events: a flooding device's dead
         # letters (hundreds a second) must cost the database and the interpreter lock little.
         fields = ("topic", "reason", "detail", "payload_b64", "size")
-        rows = [(self._dt_param(r["received_at"]), *(_no_nul(r[k]) for k in fields)) for r in map(_dead_row, dead)]
+        rows = [(self._dt_param(r["received_at"]), *(no_nul(r[k]) for k in fields)) for r in map(_dead_row, dead)]
         self._dead_rows.run(conn, rows)
 
     def inbox_size(self) -> int:

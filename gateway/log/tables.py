@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-from gateway.log.sql import _naive_utc
+from gateway.log.sql import naive_utc
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -31,7 +31,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ANN401, ARG002
-        return _naive_utc(value)
+        return naive_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ANN401, ARG002
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

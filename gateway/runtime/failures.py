@@ -18,7 +18,7 @@ from gateway.runtime.state import RunnerState
 log = logging.getLogger("gateway.runtime")  # one logger name for the runtime, as operators know it
 
 
-class _Poison(Exception):
+class Poison(Exception):
     def __init__(self, event: Event, cause: BaseException, last: int) -> None:
         super().__init__(str(cause))
         self.event = event
@@ -39,7 +39,7 @@ class RunnerFailures(RunnerState):
         self._executor = self._new_executor()
         self.metrics.consumer_failures.labels(self.name).inc()
 
-    async def _failed(self, poison: _Poison, *, single: bool) -> None:
+    async def _failed(self, poison: Poison, *, single: bool) -> None:
         self.metrics.consumer_failures.labels(self.name).inc()
         self.failing = True
         self.last_error = f"{type(poison.cause).__name__}: {poison.cause}"[:500]

@@ -36,7 +36,7 @@ from gateway.log import (
 from gateway.logs import QuietLog
 from gateway.metrics import Metrics
 from gateway.runtime.contract import Consumer, matches
-from gateway.runtime.failures import RunnerFailures, _Poison
+from gateway.runtime.failures import Poison, RunnerFailures
 from gateway.runtime.leases import Hold, Lease, LeaseLostError
 from gateway.runtime.loop import WakeLoop
 from gateway.runtime.operations import RunnerOperations
@@ -244,7 +244,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
             handled, matched = await asyncio.wait_for(
                 self._call(self._handle_next, 1 if single else self.batch_size), self.handler_timeout_s
             )
-        except _Poison as poison:
+        except Poison as poison:
             await self._failed(poison, single=single)
             return 1
         except TimeoutError:
@@ -253,7 +253,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
             cause = TimeoutError(f"handler did not return within {self.handler_timeout_s:g} s")
             if first is None:
                 raise StoreError(str(cause)) from None  # stuck before the handler: retried as a database problem
-            await self._failed(_Poison(first, cause, last), single=single)
+            await self._failed(Poison(first, cause, last), single=single)
             return 1
         if matched:
             self.metrics.consumer_handler_seconds.labels(self.name).observe(time.perf_counter() - started)
@@ -348,7 +348,7 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
             except Exception as exc:
                 tx.rollback()
                 culprit = mine[0] if mine else read_events(tx, after, upto)[0]
-                raise _Poison(culprit, exc, upto) from exc
+                raise Poison(culprit, exc, upto) from exc
             if generation != self._generation:
                 tx.rollback()  # timed out meanwhile: the consumer went on without this thread
                 return 0, 0
