@@ -295,6 +295,7 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
 
     from alerts.engine import AlertEngine  # noqa: PLC0415
     from alerts.loading import load_rules  # noqa: PLC0415
+    from alerts.state import reading_limits  # noqa: PLC0415
     from gateway.core.events import Event  # noqa: PLC0415
     from gateway.log import Store, spans  # noqa: PLC0415
 
@@ -308,7 +309,7 @@ def test_only_readings_beyond_their_own_rules_limits_are_read_one_by_one(tmp_pat
          for d, v, u in readings],
         [], [], now=t,
     )  # fmt: skip
-    limits = engine._reading_limits()
+    limits = reading_limits(engine.rules)
     assert limits is not None
     with store.session() as tx:
         assert spans.in_sql(tx)
