@@ -1,0 +1,135 @@
+"""The command line: clear errors for bad settings, and the commands users are told about."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.cli.broker import Mosquitto, render_config
+from gateway.config import Settings
+from gateway.errors import BrokerError
+from tests.support.gateway import ROOT
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--mqtt-url", "http://x"], "--mqtt-url"),
+        (["run", "--http-port", "70000"], "--http-port"),
+        (["run", "--database-url", "iotgw.db"], "--database-url"),
+        (["simulate", "--rate", "0"], "--rate"),
+        (["simulate", "--fault-rate", "2"], "--fault-rate"),
+        (["demo", "--duration", "-5"], "--duration must be > 0"),
+        (["demo", "--mqtt-url", "mqtts://user:secret@example.com:18203"], "only sets the port"),
+    ],
+)
+def test_bad_settings_exit_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) in (1, 2)
+    assert message in capsys.readouterr().err
+
+
+def test_environment_variables_configure_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOTGW_MQTT_URL", "mqtt://broker.example:1884")
+    monkeypatch.setenv("IOTGW_HTTP_PORT", "9000")
+    s = Settings()
+    assert (s.mqtt_host, s.mqtt_port, s.http_port) == ("broker.example", 1884, 9000)
+    assert Settings(http_port=9100).http_port == 9100  # flags win over the environment
+
+
+def test_module_and_help_run() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("run", "simulate", "demo"):
+        assert command in out
+
+
+def test_broker_config_rendering_keeps_the_project_settings() -> None:
+    source = (ROOT / "mosquitto.conf").read_text()
+    out = render_config(source, port=12345, gateway_port=12346, data_dir=Path("/tmp/x"))
+    assert "listener 12345 127.0.0.1\nuse_username_as_clientid true\n" in out, "devices: client id = user name"
+    assert "listener 12346 127.0.0.1\nallow_anonymous false\npassword_file /tmp/x/services.passwd\n" in out
+    assert "password_file /tmp/x/passwd\n" in out, "the devices' accounts, where provisioning writes"
+    assert "persistence_location /tmp/x/" in out
+    assert "max_queued_messages 1000000" in out
+    with pytest.raises(BrokerError):
+        render_config("persistence true\n", port=1, gateway_port=2, data_dir=Path("/tmp"))
+
+
+def test_rules_check_reports_ok_and_errors_with_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "check", str(ROOT / "alerts" / "rules.yaml")]) == 0
+    assert "rules OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: a\n    severity: loud\n    summary: s\n    absence: {heartbeat: 1m}\n")
+    assert main(["rules", "check", str(bad)]) == 1
+    assert f"{bad}:3: rules.0.severity" in capsys.readouterr().err
+    twice = tmp_path / "twice.yaml"
+    rule = "  - name: a\n    severity: info\n    summary: s\n    absence: {heartbeat: 1m}\n"
+    twice.write_text("rules:\n" + rule + rule)
+    assert main(["rules", "check", str(twice)]) == 1
+    assert f"{twice}:6: rules.1.name: rule name 'a' is used twice (first at line 2)" in capsys.readouterr().err
+
+
+def test_roster_check_refuses_a_roster_without_people_and_counts_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["roster", "check", str(ROOT / "alerts" / "dispatch" / "roster.yaml")]) == 0
+    said = capsys.readouterr().out
+    assert "3 technicians, 1 supervisor, 1 manager; 2 escalation policies" in said, said
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("technicians: []\npolicies:\n  - {name: d, levels: [{role: technician, ack_timeout: 5m}]}\n")
+    assert main(["roster", "check", str(empty)]) == 1
+    assert f"{empty}:1: technicians:" in capsys.readouterr().err
+    bosses = tmp_path / "bosses.yaml"
+    bosses.write_text(
+        "timezone: UTC\nreceivers:\n  - {name: pager, kind: log}\ntechnicians:\n"
+        "  - {id: sue, name: Sue, role: supervisor, contact: pager, shifts: [{start: '00:00', end: '24:00'}]}\n"
+        "policies:\n  - {name: default, levels: [{role: technician, ack_timeout: 5m}]}\n"
+    )
+    assert main(["roster", "check", str(bosses)]) == 1
+    assert "policy default: nobody in the roster is a technician: it could page nobody" in capsys.readouterr().err
+
+
+def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(broker: Mosquitto) -> None:
+    url = broker.device_url  # the project's broker: a device without provisioned credentials is refused
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "simulate", "--mqtt-url", url, "--elevators", "1", "--sensors", "0",
+         "--connect-timeout", "3", "--duration", "30"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert first == f"simulate: 1 device publishing to {url}"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"iotgw: no device could connect to {url} within 3 s: ")
+    assert "authori" in last.lower(), last  # the broker's CONNACK: not authorised (no credentials given)
+
+
+def test_a_command_that_adds_to_a_database_makes_none_by_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "iotgw.db"
+    url = f"sqlite:///{missing}"
+    for argv in (["apikeys", "create", "--role", "admin", "--name", "ana"], ["apikeys", "list"], ["devices", "list"]):
+        assert main([*argv, "--database-url", url]) == 1, argv
+        said = capsys.readouterr().err
+        assert f"no database at {missing}" in said
+        assert "--database-url sqlite:///.iotgw-demo/iotgw.db" in said, "where the demo's is"
+        assert not missing.exists()
+    assert (
+        main(["apikeys", "create", "--role", "admin", "--name", "ana", "--database-url", url, "--create-database"]) == 0
+    )
+    assert missing.exists()
+    assert main(["apikeys", "list", "--database-url", url]) == 0
+
+
+def test_logs_and_hints_never_show_the_database_password() -> None:
+    s = Settings(database_url="postgresql+psycopg://iotgw:s3cret@db.example:5432/iotgw")
+    assert s.database_url_safe == "postgresql+psycopg://iotgw:***@db.example:5432/iotgw"
+    assert Settings(database_url="sqlite:////var/lib/iotgw/iotgw.db").database_url_safe.endswith("/iotgw.db")
