@@ -53,6 +53,9 @@ class Host:
     public_url: str  # the staff page's base address as people reach it
     # What the plugins of this gateway are, by name (a plugin may use another's public parts).
     plugins: Mapping[str, Plugin] = field(default_factory=dict)
+    # Tell the gateway that the plugin appended to the log or changed what its live view shows
+    # (from any thread): consumers and the live stream wake.
+    changed: Callable[[], None] = lambda: None
 
     async def every(self, seconds: float, job: Callable[[], None], what: str) -> None:
         """Run the blocking `job` on the background thread now and every `seconds` until cancelled;

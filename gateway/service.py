@@ -106,6 +106,7 @@ class Gateway:
             consumers={name: runner.consumer for name, runner in self.router.runners.items()},
             background=self._background,
             public_url=settings.public_url.rstrip("/") or f"http://{settings.http_host}:{settings.http_port}",
+            changed=self.router.log_grew_threadsafe,
         )
         self.plugins = start_plugins(host, plugin_classes())
         self._plugin_tasks: list[asyncio.Task[None]] = []

@@ -172,3 +172,38 @@ async def test_a_plugin_that_fails_is_said_and_harms_nothing_else(
         assert set(live) == {"alerts", "work_orders"}, "the other plugins' parts are there"
         assert "plugin failing: its live view failed" in caplog.text
     assert "plugin failing failed to stop" in caplog.text
+
+
+WAKING_PLUGIN = """
+import asyncio
+from gateway.plugins import Plugin
+
+class Waking(Plugin):
+    name = "waking"
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.go = asyncio.Event()
+
+    async def run(self):
+        await self.go.wait()
+        await asyncio.to_thread(self.host.changed)  # from a thread, as a plugin's blocking work would
+        await asyncio.Event().wait()
+"""
+
+
+async def test_a_plugin_tells_the_gateway_its_view_changed_and_the_live_stream_wakes(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    (tmp_path / "iotgw_waking.py").write_text(WAKING_PLUGIN)
+    info = tmp_path / "iotgw_waking-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-waking\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[iotgw.plugins]\nwaking = iotgw_waking:Waking\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        changes = gw.router.changes
+        seen = changes.version
+        assert not await changes.wait(seen, 0.5), "nothing changed yet: a wake-up now would be the test's fault"
+        gw.plugins["waking"].go.set()
+        assert await changes.wait(seen, 10), "the live stream was not woken by host.changed()"
