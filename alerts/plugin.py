@@ -62,6 +62,10 @@ class AlertsPlugin(Plugin):
             check.add_argument("file", type=Path, help=f"the {kind} file (YAML)")
             check.set_defaults(func=lambda args, kind=kind: check_file(kind, args.file))
 
+    def ui(self) -> dict[str, Path]:
+        """The staff page at /ui/."""
+        return {"/ui": Path(__file__).resolve().parent / "ui"}
+
     def api(self) -> APIRouter:
         router = APIRouter()
         for module in (alerts, silences, work_orders):

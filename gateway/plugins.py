@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import CollectorRegistry
@@ -93,6 +94,12 @@ class Plugin:
         Its routes, metrics and live view are there in every gateway, which may serve what another
         process's consumers write."""
         return not self.consumers or any(name in self.host.consumers for name in self.consumers)
+
+    def ui(self) -> Mapping[str, Path]:
+        """Static web pages the gateway serves, by URL path (`{"/ui": folder}`): files only, with
+        nothing fetched from another host. A path another plugin serves (plugins are taken in the
+        order of their names) or the API's is refused; `/` leads to the first page served."""
+        return {}
 
     @classmethod
     def define_metrics(cls, registry: CollectorRegistry) -> Any:  # noqa: ANN401 - the plugin's own families

@@ -3,6 +3,7 @@ the audit; the plugins' routers mounted beside them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from gateway.metrics import Metrics
 from gateway.plugins import Plugin
 from gateway.runtime import ConsumerError, Router, UnknownConsumerError
 
-UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+log = logging.getLogger(__name__)
+RESERVED_PATHS = ("/", "/api", "/docs", "/redoc", "/metrics", "/openapi.json", "/health", "/ready")
 
 
 @dataclass(slots=True)
@@ -65,6 +67,21 @@ async def known_parameters(request: Request) -> None:
         )
 
 
+def mount_pages(app: FastAPI, plugins: Mapping[str, Plugin]) -> list[str]:
+    """Serve each plugin's static pages at their paths, plugins in the order of their names; a
+    path that is taken or reserved (the API's) is refused with a log line. Returns the paths served."""
+    served: list[str] = []
+    for name, plugin in sorted(plugins.items()):
+        for path, folder in plugin.ui().items():
+            where = "/" + path.strip("/")
+            if where in served or where in RESERVED_PATHS or not Path(folder).is_dir():
+                log.error("plugin %s: page %s not served (the path is taken, or %s is no folder)", name, where, folder)
+                continue
+            app.mount(where, StaticFiles(directory=folder, html=True), name=f"{name}{where.replace('/', ':')}")
+            served.append(where)
+    return served
+
+
 def create_app(state: AppState) -> FastAPI:
     """The FastAPI application over a store, metrics and readiness probes."""
     # The API docs' scripts and styles come from the package, not a CDN: /docs works offline.
@@ -100,12 +117,13 @@ def create_app(state: AppState) -> FastAPI:
         overall=state.security.max_concurrent,
         per_key=state.security.max_concurrent_per_key,
     )
-    # The staff page: static files, no build step, nothing fetched from the internet.
-    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    # The plugins' pages (the alerts plugin's staff page): static files, nothing from the internet.
+    pages = mount_pages(app, state.plugins)
+    home = f"{pages[0]}/" if pages else "/docs"
 
     @app.get("/", include_in_schema=False)
     async def _home() -> RedirectResponse:
-        return RedirectResponse("/ui/")
+        return RedirectResponse(home)
 
     @app.get("/redoc", include_in_schema=False)
     async def _redoc() -> RedirectResponse:

@@ -207,3 +207,44 @@ async def test_a_plugin_tells_the_gateway_its_view_changed_and_the_live_stream_w
         assert not await changes.wait(seen, 0.5), "nothing changed yet: a wake-up now would be the test's fault"
         gw.plugins["waking"].go.set()
         assert await changes.wait(seen, 10), "the live stream was not woken by host.changed()"
+
+
+PAGES_PLUGIN = """
+from pathlib import Path
+from gateway.plugins import Plugin
+
+HERE = Path(__file__).resolve().parent
+
+class Pages(Plugin):
+    name = "pages"
+
+    def ui(self):
+        return {"/door-cycles": HERE / "door_pages", "/ui": HERE / "door_pages", "/api": HERE / "door_pages"}
+"""
+
+
+async def test_a_plugin_serves_its_own_page_and_cannot_take_a_path_already_served(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    (tmp_path / "iotgw_pages.py").write_text(PAGES_PLUGIN)
+    (tmp_path / "door_pages").mkdir()
+    (tmp_path / "door_pages" / "index.html").write_text("<h1>door cycles</h1>")
+    info = tmp_path / "iotgw_pages-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-pages\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[iotgw.plugins]\npages = iotgw_pages:Pages\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        transport = httpx.ASGITransport(app=gw.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            own = await client.get("/door-cycles/")
+            assert own.status_code == 200
+            assert "door cycles" in own.text
+            staff = await client.get("/ui/")
+            assert staff.status_code == 200
+            assert "door cycles" not in staff.text, "the alerts plugin's staff page keeps /ui"
+            home = await client.get("/")
+            assert home.headers["location"] == "/ui/"  # the first page served
+    assert "plugin pages: page /ui not served" in caplog.text
+    assert "plugin pages: page /api not served" in caplog.text
