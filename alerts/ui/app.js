@@ -1,22 +1,43 @@
 // The staff page: open work orders and firing alerts, pushed by the gateway (server-sent events).
-// Plain browser JavaScript, no build step, nothing loaded from the internet.
+// Plain browser JavaScript, no build step, nothing loaded from another host.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const who = $("who");
-who.value = localStorage.getItem("iotgw.who") || "";
-who.addEventListener("change", () => localStorage.setItem("iotgw.who", who.value.trim()));
+const KEY = "iotgw.key";  // the API key: this browser session only (sessionStorage)
+const WHO = "iotgw.who";  // who works here: a technician's id from the roster (localStorage)
+const SEVERITY = ["critical", "major", "minor", "warning", "info"];
+const NOTE_S = 8;  // how long a card keeps an action's outcome on show
 
-let technicians = [];
+const state = {
+  session: null,  // {name, role, may}: the key's, from /api/session
+  technicians: [],  // the roster, from /api/technicians
+  online: false,  // the event stream is up
+  snapshot: { alerts: [], work_orders: [] },
+  notes: new Map(),  // card -> {text, kind, until}: an action's outcome, next to its buttons
+};
 
-// The API key: asked for once, kept for this browser session only (sessionStorage).
-const KEY = "iotgw.key";
 function apiKey() { return sessionStorage.getItem(KEY) || ""; }
 
+// -- signing in and out: nothing of the board shows without a key the gateway accepted ----------
+
 function askForKey(message) {
+  clearBoard();
   $("login-message").textContent = message;
   $("login").hidden = false;
   $("key").focus();
+}
+
+function clearBoard() {
+  stopStream();
+  state.session = null;
+  state.snapshot = { alerts: [], work_orders: [] };
+  state.notes.clear();
+  for (const id of ["orders", "alerts"]) $(id).replaceChildren();
+  for (const id of ["orders-n", "alerts-n"]) $(id).textContent = "0";
+  $("board").hidden = true;
+  $("session").hidden = true;
+  $("offline").hidden = true;
+  document.title = "iotgw · staff";
 }
 
 $("login").addEventListener("submit", (event) => {
@@ -25,13 +46,11 @@ $("login").addEventListener("submit", (event) => {
   if (!key) return;
   sessionStorage.setItem(KEY, key);
   $("key").value = "";
-  $("login").hidden = true;
   start();
 });
 
 $("signout").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
-  stopStream();
   askForKey("Signed out. Enter an API key to continue.");
 });
 
@@ -41,138 +60,286 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers });
   if (response.status === 401) {
     sessionStorage.removeItem(KEY);
-    stopStream();
     askForKey("That API key was not accepted. Enter a valid one.");
   }
   return response;
 }
+
+async function start() {
+  let response;
+  try {
+    response = await api("/api/session");
+  } catch (error) {
+    askForKey("The gateway does not answer. Try again in a moment.");
+    return;
+  }
+  if (!response.ok) return;  // 401: asked for another key already
+  state.session = await response.json();
+  $("login").hidden = true;
+  $("session").hidden = false;
+  $("board").hidden = false;
+  $("role").textContent = `${state.session.role}'s key`;
+  await loadTechnicians();
+  render();
+  connect();
+}
+
+// -- who acts: chosen from the roster, not typed ------------------------------------------------
+
+async function loadTechnicians() {
+  const response = await api("/api/technicians");
+  state.technicians = response.ok ? (await response.json()).items : [];
+  const pick = $("who");
+  const stored = localStorage.getItem(WHO) || "";
+  pick.replaceChildren(el("option", { value: "" }, "choose yourself…"),
+    ...state.technicians.map((t) => el("option", { value: t.technician.id },
+      `${t.technician.name} (${t.technician.role}${t.on_shift ? "" : ", off shift"})`)));
+  pick.value = state.technicians.some((t) => t.technician.id === stored) ? stored : "";
+}
+
+$("who").addEventListener("change", () => {
+  localStorage.setItem(WHO, $("who").value);
+  render();
+});
+
+function me() { return $("who").value; }
+
+function nameOf(id) {
+  const t = state.technicians.find((x) => x.technician.id === id);
+  return t ? t.technician.name : id;
+}
+
+function may(role) { return Boolean(state.session && state.session.may.includes(role)); }
+
+// Why this page may not act now ("" when it may): shown next to the disabled buttons.
+function blocked() {
+  if (!may("technician")) {
+    return `This is a ${state.session ? state.session.role : "viewer"}'s key: it may watch, not act ` +
+      "(an administrator gives technicians a key of their own).";
+  }
+  if (!state.online) return "Offline: actions wait until the gateway answers again.";
+  if (!me()) return "Choose yourself at the top first: every action records who did it.";
+  return "";
+}
+
+// -- building the board -------------------------------------------------------------------------
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
+    else if (v === true) node.setAttribute(k, "");
+    else if (v !== false && v !== null && v !== undefined) node.setAttribute(k, v);
   }
   for (const c of children) if (c !== null && c !== undefined) node.append(c);  // text stays text
   return node;
 }
 
-function showError(message) {
-  const box = $("error");
-  box.textContent = message;
-  box.hidden = !message;
-}
-
-function me() {
-  const name = who.value.trim();
-  if (!name) {
-    showError("Enter your name first (top right): every action records who did it.");
-    who.focus();
-    return null;
-  }
-  return name;
-}
-
-async function post(path, body) {
-  const response = await api(path, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  if (!response.ok) {
-    const problem = await response.json().catch(() => ({}));
-    showError(problem.detail || `${response.status} ${response.statusText}`);
-    return false;
-  }
-  showError("");
-  return true;  // the change comes back through the event stream
-}
-
 function ago(iso) {
   const s = Math.round((Date.now() - Date.parse(iso)) / 1000);
   if (s < 60) return `${Math.max(s, 0)} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  return `${Math.round(s / 3600)} h ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+// A time as "4 min ago", ticking, with the local date and time on hover (and tap: title).
+function since(iso, prefix = "") {
+  return el("time", { datetime: iso, "data-since": iso, "data-prefix": prefix,
+    title: new Date(iso).toLocaleString() }, `${prefix}${ago(iso)}`);
+}
+
+function tick() {
+  for (const t of document.querySelectorAll("[data-since]")) t.textContent = `${t.dataset.prefix}${ago(t.dataset.since)}`;
+  for (const span of document.querySelectorAll("[data-deadline]")) countdown(span);
+}
+setInterval(tick, 1000);
+
+function countdown(span) {
+  const left = Math.round((Date.parse(span.dataset.deadline) - Date.now()) / 1000);
+  span.className = left < 0 ? "deadline overdue" : "deadline";
+  span.textContent = left < 0 ? "acknowledgement overdue"
+    : `acknowledge within ${left >= 120 ? `${Math.floor(left / 60)} min` : `${left} s`}`;
+  return span;
+}
+
+function note(card) {
+  const n = state.notes.get(card);
+  if (!n || n.until < Date.now()) return el("p", { class: "note", "data-note": card, hidden: true });
+  return el("p", { class: `note ${n.kind}`, "data-note": card, role: n.kind === "error" ? "alert" : "status" }, n.text);
+}
+
+function setNote(card, text, kind) {
+  state.notes.set(card, { text, kind, until: Date.now() + NOTE_S * 1000 });
+  const shown = document.querySelector(`[data-note="${card}"]`);
+  if (shown) {
+    shown.replaceWith(note(card));
+    document.querySelector(`[data-note="${card}"]`).scrollIntoView({ block: "nearest" });
+  }
+}
+
+// A button that acts, disabled (with the reason beside it) when the page may not act now.
+function action(card, label, key, run, primary = false) {
+  const why = blocked();
+  return el("button", { class: primary ? "primary" : "", type: "button", "data-action": key,
+    disabled: Boolean(why), title: why || null, onclick: () => run() }, label);
+}
+
+async function post(card, path, body, done) {
+  setNote(card, "sending…", "pending");
+  let response;
+  try {
+    response = await api(path, { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+  } catch (error) {
+    setNote(card, "The gateway did not answer: nothing was done. Try again when it is back.", "error");
+    return false;
+  }
+  if (!response.ok) {
+    const problem = await response.json().catch(() => ({}));
+    setNote(card, `Not done: ${problem.detail || `${response.status} ${response.statusText}`}`, "error");
+    return false;
+  }
+  setNote(card, done, "ok");
+  return true;  // the change itself comes back through the event stream
 }
 
 function deviceLink(id) {
   return el("button", { class: "device", type: "button", onclick: () => showDevice(id) }, id);
 }
 
+function actions(card, buttons) {
+  const why = blocked();
+  return el("div", { class: "actions" }, ...buttons, why ? el("p", { class: "why" }, why) : null, note(card));
+}
+
 function alertCard(a) {
-  const actions = el("div", { class: "actions" });
+  const card = `alert-${a.id}`;
+  const buttons = [];
   if (a.status === "firing" || a.status === "flapping") {
-    actions.append(el("button", { class: "primary", "data-action": "ack", onclick: () => {
-      const by = me();
-      if (by) post(`/api/alerts/${a.id}/ack`, { by });
-    } }, "Acknowledge"));
+    buttons.push(action(card, "Acknowledge", "ack",
+      () => post(card, `/api/alerts/${a.id}/ack`, { by: me() }, `Acknowledged as ${nameOf(me())}.`), true));
   }
-  actions.append(el("button", { "data-action": "resolve", onclick: () => {
-    const by = me();
-    if (!by) return;
-    const note = prompt("Why is it resolved?");
-    if (note) post(`/api/alerts/${a.id}/resolve`, { by, note });
-  } }, "Resolve"));
+  buttons.push(action(card, "Resolve…", "resolve", () => resolveAlert(a)));
   return el("li", { class: `card ${a.severity}`, "data-alert": a.id, "data-status": a.status },
     el("div", { class: "top" }, el("span", { class: `badge ${a.severity}` }, a.severity),
       el("strong", {}, a.rule), el("span", { class: "meta status" }, a.status)),
     el("p", { class: "summary" }, a.summary),
-    el("div", { class: "meta" }, deviceLink(a.device_id), ` · ${a.site || "no site"} · fired ${ago(a.fired_at)}`,
-      a.acked_by ? ` · acknowledged by ${a.acked_by}` : ""),
-    actions);
+    el("div", { class: "meta" }, deviceLink(a.device_id), ` · ${a.site || "no site"} · `, since(a.fired_at, "fired "),
+      a.acked_by ? ` · acknowledged by ${nameOf(a.acked_by)}` : ""),
+    actions(card, buttons));
 }
 
 function orderCard(o) {
-  const actions = el("div", { class: "actions" });
-  const step = (label, path, primary = false) => el("button", {
-    class: primary ? "primary" : "", "data-action": path,
-    onclick: () => { const by = me(); if (by) post(`/api/work-orders/${o.id}/${path}`, { by }); },
-  }, label);
-  if (o.status === "assigned") actions.append(step("Acknowledge", "ack", true));
-  if (["assigned", "acknowledged"].includes(o.status)) actions.append(step("En route", "en-route"));
-  if (["assigned", "acknowledged", "en_route"].includes(o.status)) actions.append(step("On site", "on-site"));
-  actions.append(el("button", { "data-action": "resolve", onclick: () => resolveOrder(o) }, "Resolve"));
-  const pick = el("select", { "aria-label": "reassign to" }, el("option", { value: "" }, "Reassign to…"));
-  for (const t of technicians) pick.append(el("option", { value: t.technician.id },
-    `${t.technician.name} (${t.technician.role}${t.on_shift ? "" : ", off shift"})`));
-  pick.addEventListener("change", () => {
-    const by = me();
-    if (by && pick.value) post(`/api/work-orders/${o.id}/reassign`, { by, to: pick.value });
-    pick.value = "";
-  });
-  actions.append(pick);
-  const deadline = o.ack_deadline && o.status === "assigned"
-    ? countdown(el("span", { "data-deadline": o.ack_deadline })) : null;
-  return el("li", { class: `card ${o.priority}`, "data-order": o.id, "data-status": o.status },
+  const card = `order-${o.id}`;
+  const step = (label, path, done, primary = false) => action(card, label, path,
+    () => post(card, `/api/work-orders/${o.id}/${path}`, { by: me() }, done), primary);
+  const buttons = [];
+  if (o.status === "assigned") buttons.push(step("Acknowledge", "ack", "Acknowledged: escalation stopped.", true));
+  if (["assigned", "acknowledged"].includes(o.status)) buttons.push(step("En route", "en-route", "On the way."));
+  if (["assigned", "acknowledged", "en_route"].includes(o.status)) buttons.push(step("On site", "on-site", "On site."));
+  buttons.push(action(card, "Resolve…", "resolve", () => resolveOrder(o)));
+  const why = blocked();
+  const pick = el("select", { "aria-label": "reassign to", disabled: Boolean(why) },
+    el("option", { value: "" }, "Reassign to…"));
+  for (const t of state.technicians) {
+    if (t.technician.id === o.assignee) continue;
+    pick.append(el("option", { value: t.technician.id },
+      `${t.technician.name} (${t.technician.role}${t.on_shift ? "" : ", off shift"})`));
+  }
+  pick.addEventListener("change", () => reassign(o, pick));
+  buttons.push(pick);
+  const trapped = o.priority === "P1";
+  return el("li", { class: `card ${o.priority}${trapped ? " entrapment" : ""}`, "data-order": o.id, "data-status": o.status },
+    trapped ? el("p", { class: "alarm" }, "Passenger trapped") : null,
     el("div", { class: "top" }, el("span", { class: `badge ${o.priority}` }, o.priority),
       el("strong", {}, `#${o.id}`), el("span", { class: "meta status" }, o.status.replace("_", " "))),
     el("p", { class: "summary" }, o.summary),
-    el("div", { class: "meta" }, deviceLink(o.device_id), ` · ${o.site || "no site"} · `,
-      o.assignee ? `assigned to ${o.assignee} (level ${o.level + 1})` : "nobody on shift yet", deadline,
+    o.ack_deadline && o.status === "assigned" ? countdown(el("p", { "data-deadline": o.ack_deadline })) : null,
+    el("div", { class: "meta" }, deviceLink(o.device_id), ` · ${o.site || "no site"} · `, since(o.created_at, "opened "),
+      " · ", o.assignee ? `assigned to ${nameOf(o.assignee)} (level ${o.level + 1})` : "nobody on shift yet",
+      o.acked_by ? ` · acknowledged by ${nameOf(o.acked_by)}` : "",
       o.recovered_at ? el("span", { class: "recovered" }, " · device recovered") : null),
-    actions);
+    actions(card, buttons));
 }
 
-function countdown(span) {
-  const left = Math.round((Date.parse(span.dataset.deadline) - Date.now()) / 1000);
-  span.className = left < 0 ? "overdue" : "";
-  span.textContent = left < 0 ? " · acknowledgement overdue"
-    : ` · acknowledge within ${left >= 120 ? `${Math.floor(left / 60)} min` : `${left} s`}`;
-  return span;
+// The board's order: a trapped passenger first, then my orders, then the team's unassigned and
+// escalated ones, then the rest; within each, the most urgent priority, then the newest.
+function orderRank(o) {
+  if (o.priority === "P1") return 0;
+  if (me() && o.assignee === me()) return 1;
+  if (!o.assignee || o.level > 0) return 2;
+  return 3;
 }
-setInterval(() => document.querySelectorAll("[data-deadline]").forEach(countdown), 1000);
+
+function sortedOrders(orders) {
+  return [...orders].sort((a, b) => orderRank(a) - orderRank(b) || a.priority.localeCompare(b.priority) || b.id - a.id);
+}
+
+// Alerts: the most severe first, then the longest firing.
+function sortedAlerts(alerts) {
+  return [...alerts].sort((a, b) => SEVERITY.indexOf(a.severity) - SEVERITY.indexOf(b.severity) ||
+    Date.parse(a.fired_at) - Date.parse(b.fired_at));
+}
+
+function render() {
+  if (!state.session) return;
+  const { alerts, work_orders: orders } = state.snapshot;
+  $("orders").replaceChildren(...sortedOrders(orders).map(orderCard));
+  $("alerts").replaceChildren(...sortedAlerts(alerts).map(alertCard));
+  $("orders-n").textContent = orders.length;
+  $("alerts-n").textContent = alerts.length;
+  $("orders-empty").hidden = orders.length > 0;
+  $("alerts-empty").hidden = alerts.length > 0;
+  const trapped = orders.filter((o) => o.priority === "P1").length;
+  document.title = trapped ? `(${trapped}) P1 · iotgw · staff` : "iotgw · staff";
+}
+
+// -- the actions that ask first --------------------------------------------------------------------
+
+function confirmFirst(text) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.onclose = () => resolve(dialog.returnValue === "ok");
+    dialog.showModal();
+  });
+}
+
+async function reassign(o, pick) {
+  const to = pick.value;
+  pick.value = "";
+  if (!to) return;
+  const t = state.technicians.find((x) => x.technician.id === to);
+  const offShift = t && !t.on_shift ? ` ${t.technician.name} is off shift now.` : "";
+  if (await confirmFirst(`Reassign #${o.id} to ${nameOf(to)}?${offShift}`)) {
+    post(`order-${o.id}`, `/api/work-orders/${o.id}/reassign`, { by: me(), to }, `Reassigned to ${nameOf(to)}.`);
+  }
+}
 
 function resolveOrder(o) {
-  const by = me();
-  if (!by) return;
   const dialog = $("resolve");
   const form = $("resolve-form");
   form.reset();
   $("resolve-id").textContent = `#${o.id}`;
   dialog.onclose = () => {
     if (dialog.returnValue !== "ok") return;
-    post(`/api/work-orders/${o.id}/resolve`, { by, problem: form.problem.value, action: form.action.value });
+    post(`order-${o.id}`, `/api/work-orders/${o.id}/resolve`,
+      { by: me(), problem: form.problem.value, action: form.action.value }, "Resolved.");
+  };
+  dialog.showModal();
+}
+
+function resolveAlert(a) {
+  const dialog = $("resolve-alert");
+  const form = $("resolve-alert-form");
+  form.reset();
+  $("resolve-alert-id").textContent = `${a.rule} on ${a.device_id}`;
+  dialog.onclose = () => {
+    if (dialog.returnValue !== "ok") return;
+    post(`alert-${a.id}`, `/api/alerts/${a.id}/resolve`, { by: me(), note: form.note.value }, "Resolved.");
   };
   dialog.showModal();
 }
@@ -182,43 +349,47 @@ async function showDevice(id) {
   const list = $("device-events");
   list.replaceChildren(el("li", {}, "loading…"));
   $("device").showModal();
-  const response = await api(`/api/devices/${encodeURIComponent(id)}/events?limit=25`);
+  let response;
+  try {
+    response = await api(`/api/devices/${encodeURIComponent(id)}/events?limit=25`);
+  } catch (error) {
+    list.replaceChildren(el("li", {}, "The gateway did not answer."));
+    return;
+  }
   if (!response.ok) {
     list.replaceChildren(el("li", {}, `could not load: ${response.status}`));
     return;
   }
   const events = (await response.json()).items;
   list.replaceChildren(...events.map((e) => el("li", {},
-    el("strong", {}, e.type), ` ${new Date(e.time).toLocaleString()} `,
-    el("span", { class: "meta" }, JSON.stringify(e.data).slice(0, 160)))));
+    el("strong", {}, e.type), " ", since(e.time), " ",
+    el("span", { class: "meta data" }, JSON.stringify(e.data)))));
   if (!events.length) list.append(el("li", {}, "no events"));
 }
 
-function render(snapshot) {
-  $("orders").replaceChildren(...snapshot.work_orders.map(orderCard));
-  $("alerts").replaceChildren(...snapshot.alerts.map(alertCard));
-  $("orders-n").textContent = snapshot.work_orders.length;
-  $("alerts-n").textContent = snapshot.alerts.length;
-  $("orders-empty").hidden = snapshot.work_orders.length > 0;
-  $("alerts-empty").hidden = snapshot.alerts.length > 0;
-}
+// -- the live stream: server-sent events over fetch (EventSource cannot send the key) -----------
 
-async function loadTechnicians() {
-  const response = await api("/api/technicians");
-  technicians = response.ok ? (await response.json()).items : [];
-}
-
-// Server-sent events over fetch (EventSource cannot send the key): a `snapshot` after every change.
 let streaming = null;
 
 function stopStream() {
   if (streaming) streaming.abort();
   streaming = null;
+  setOnline(false);
+}
+
+function setOnline(online) {
+  if (state.online === online) return;
+  state.online = online;
+  const live = $("live");
+  live.textContent = online ? "live" : "reconnecting…";
+  live.className = online ? "live on" : "live off";
+  $("offline").hidden = online || !state.session;
+  $("board").classList.toggle("stale", !online);
+  render();  // the buttons follow: disabled with the reason while offline
 }
 
 async function connect() {
-  const live = $("live");
-  stopStream();
+  if (streaming) streaming.abort();
   const controller = new AbortController();
   streaming = controller;
   let delay = 1000;
@@ -226,7 +397,6 @@ async function connect() {
     try {
       const response = await api("/api/stream", { signal: controller.signal });
       if (!response.ok) throw new Error(`${response.status}`);
-      live.textContent = "live"; live.className = "live on";
       delay = 1000;
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -241,7 +411,13 @@ async function connect() {
           const lines = block.split("\n");
           if (lines.includes("event: snapshot")) {
             const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-            render(JSON.parse(data));
+            state.snapshot = JSON.parse(data);
+            state.online = true;  // (set before rendering once, not twice)
+            $("live").textContent = "live";
+            $("live").className = "live on";
+            $("offline").hidden = true;
+            $("board").classList.remove("stale");
+            render();
           }
         }
       }
@@ -249,14 +425,10 @@ async function connect() {
       if (controller.signal.aborted) return;
     }
     if (streaming !== controller) return;
-    live.textContent = "reconnecting…"; live.className = "live off";
+    setOnline(false);
     await new Promise((resolve) => setTimeout(resolve, delay));
-    delay = Math.min(delay * 2, 15000);
+    delay = Math.min(delay * 2, 10000);
   }
-}
-
-function start() {
-  loadTechnicians().finally(connect);
 }
 
 if (apiKey()) start();

@@ -19,7 +19,7 @@ from fastapi_offline import FastAPIOffline
 from gateway import __version__
 from gateway.api.auth import VIEWER, ApiSecurity, Guard
 from gateway.api.limits import ConcurrencyLimit
-from gateway.api.routes import audit, consumers, dead_letters, devices, events, health, stream
+from gateway.api.routes import audit, consumers, dead_letters, devices, events, health, session, stream
 from gateway.errors import StoreError
 from gateway.log import Store
 from gateway.metrics import Metrics
@@ -96,7 +96,7 @@ def create_app(state: AppState) -> FastAPI:
     # Every /api route needs at least a viewer's key; mutations declare more (gateway/api/auth.py).
     known = [Depends(known_parameters)]
     app.include_router(health.router, dependencies=known + ([] if state.security.open_probes else VIEWER))
-    for module in (devices, events, dead_letters, consumers, stream, audit):
+    for module in (devices, events, dead_letters, consumers, stream, audit, session):
         app.include_router(module.router, dependencies=[*known, *VIEWER])
     for plugin in state.plugins.values():  # mounted, not imported: the platform knows no plugin
         plugin_router = plugin.api()

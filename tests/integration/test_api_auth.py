@@ -112,6 +112,7 @@ STEPS = [
     Step("PUT", "/api/technicians", "/api/technicians", "admin", json=ROSTER_EDIT, params={"by": "ada"}),
     Step("GET", "/api/stream", "/api/stream", "viewer"),
     Step("GET", "/api/audit", "/api/audit", "admin"),
+    Step("GET", "/api/session", "/api/session", "viewer"),
 ]
 
 
@@ -169,6 +170,10 @@ async def test_every_route_wants_a_key_of_its_role_and_mutations_are_audited(
         for bad in ("iotgw_0123456789ab_" + "x" * 32, "not-a-key"):
             r = await client.get("/api/devices", headers=bearer(bad))
             assert r.status_code == 401
+        # Each key learns its own name and role, and what the role includes.
+        for i, role in enumerate(ROLES):
+            r = await client.get("/api/session", headers=bearer(keys[role]))
+            assert r.json() == {"name": f"{role}-key", "role": role, "may": list(ROLES[: i + 1])}
         # X-API-Key works as well as the Authorization header.
         assert (await client.get("/api/devices", headers={"X-API-Key": keys["viewer"]})).status_code == 200
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -18,8 +19,8 @@ from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.security import create_api_key
 from gateway.service import Gateway
-from tests.support.dispatching import ROSTER, RULES, WED_10_BERLIN, Clock, message, publish
-from tests.support.gateway import running_gateway, wait_for
+from tests.support.dispatching import ROSTER, RULES, STUCK, WED_10_BERLIN, Clock, message, publish
+from tests.support.gateway import running_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +59,7 @@ def new_key(gw: Gateway, role: str) -> str:
     return create_api_key(gw.store, f"ui-{role}", role)[1]
 
 
-async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it(
+async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the_roster_acknowledges_it(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
@@ -67,8 +68,11 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
     settings = ui_settings(broker)
     async with running_gateway(settings, serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw, phone=True)
-        await page.fill("#who", "tina")
-        await page.locator("#who").dispatch_event("change")
+        # Who acts is picked from the roster, not typed: names, roles and who is on shift.
+        options = await page.locator("#who option").all_inner_texts()
+        assert options == ["choose yourself…", "Abe (technician, off shift)", "Tina (technician)",
+                           "Sue (supervisor)", "Max (manager)"]  # fmt: skip
+        await page.select_option("#who", "tina")
         await expect(page.locator("#alerts-empty")).to_be_visible()
 
         await publish(broker, "el-7", message(1, now), message(2, now, **JAM))
@@ -77,10 +81,12 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
         await expect(card).to_contain_text("Door jammed on el-7")
         await expect(card).to_have_attribute("data-status", "firing")
         order = page.locator("#orders li[data-order]")
-        await expect(order).to_contain_text("assigned to tina")
+        await expect(order).to_contain_text("assigned to Tina")
 
         await card.locator("button[data-action=ack]").click()
+        await expect(card.locator("[data-note]")).to_contain_text("Acknowledged as Tina")  # said where the finger is
         await expect(card).to_have_attribute("data-status", "acknowledged")
+        await expect(card).to_contain_text("acknowledged by Tina")
         alert_id = await card.get_attribute("data-alert")
         headers = {"Authorization": f"Bearer {new_key(gw, 'viewer')}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", headers=headers) as api:
@@ -89,6 +95,7 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
 
             await order.locator("button[data-action=ack]").click()
             await expect(order).to_have_attribute("data-status", "acknowledged")
+            await expect(order).to_contain_text("acknowledged by Tina")
             (wo,) = (await api.get("/api/work-orders")).json()["items"]
             assert (wo["status"], wo["acked_by"]) == ("acknowledged", "tina")
 
@@ -100,9 +107,19 @@ async def test_a_simulated_fault_appears_live_and_the_ack_button_acknowledges_it
         await expect(events.first).to_be_visible()
         await expect(page.locator("#device-events")).to_contain_text("alert.acknowledged")
         await expect(page.locator("#device-events")).to_contain_text("elevator.fault.raised")
+        assert await page.evaluate(
+            "[...document.querySelectorAll('#device-events li')].every(li => li.scrollWidth <= li.clientWidth + 1)"
+        ), "an event's data wraps inside the dialog"
 
 
-async def test_the_page_says_who_must_be_named_before_acting(
+def posts(page: Page) -> list[str]:
+    """The POST requests the page sends from now on (a list that grows)."""
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    return sent
+
+
+async def test_nobody_chosen_means_disabled_actions_with_the_reason_and_no_request(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
@@ -110,38 +127,145 @@ async def test_the_page_says_who_must_be_named_before_acting(
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw)
         await page.evaluate("localStorage.clear()")
+        sent = posts(page)
         await publish(broker, "el-8", message(1, now), message(2, now, **JAM))
         card = page.locator("#alerts li[data-alert]")
-        await card.locator("button[data-action=ack]").click()
-        await expect(page.locator("#error")).to_contain_text("Enter your name first")
+        await expect(card.locator("button[data-action=ack]")).to_be_disabled()
+        await expect(card.locator(".why")).to_contain_text("Choose yourself at the top first")
+        await card.locator("button[data-action=ack]").click(force=True)  # a tap on it anyway
+        await page.select_option("#who", "tina")
+        await expect(card.locator("button[data-action=ack]")).to_be_enabled()
+        assert sent == [], "nothing was sent while nobody was chosen"
+        assert (await card.get_attribute("data-status")) == "firing"
 
-        async def still_firing() -> bool:
-            return (await page.get_attribute("#alerts li[data-alert]", "data-status")) == "firing"
 
-        await wait_for(still_firing, what="the alert to stay firing")
-
-
-async def test_the_page_asks_for_a_valid_key_and_a_viewer_may_watch_but_not_act(
+async def test_the_page_asks_for_a_valid_key_and_a_viewer_watches_with_actions_disabled(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
     async with running_gateway(ui_settings(broker), serve_http=True) as gw:
         page = await browser.new_page()
         await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+        # Before signing in, nothing of the board: no lists, no "live", no "sign out".
+        for hidden in ("#board", "#session", "#live", "#signout", "#orders-h", "#alerts-empty"):
+            await expect(page.locator(hidden)).to_be_hidden()
         await page.fill("#key", "iotgw_000000000000_not-a-real-key-at-all")
         await page.locator("#login button").click()
         await expect(page.locator("#login-message")).to_contain_text("not accepted")
-        await expect(page.locator("#live")).not_to_have_text("live")
+        await expect(page.locator("#board")).to_be_hidden()
 
         page = await staff_page(browser, gw, role="viewer")
-        await page.fill("#who", "vera")
-        await page.locator("#who").dispatch_event("change")
+        await expect(page.locator("#role")).to_have_text("viewer's key")
+        sent = posts(page)
         await publish(broker, "el-9", message(1, now), message(2, now, **JAM))
         card = page.locator("#alerts li[data-alert]")
         await expect(card).to_contain_text("Door jammed on el-9")  # a viewer watches live
-        await card.locator("button[data-action=ack]").click()
-        await expect(page.locator("#error")).to_contain_text("the viewer role may not do this")
+        for action in ("ack", "resolve"):
+            await expect(card.locator(f"button[data-action={action}]")).to_be_disabled()
+        await expect(card.locator(".why")).to_contain_text("viewer's key: it may watch, not act")
+        await card.locator("button[data-action=ack]").click(force=True)
+        assert sent == []
         await expect(card).to_have_attribute("data-status", "firing")
+
+        # Signing out clears the board: nothing of it stays on screen.
+        await page.locator("#signout").click()
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(page.locator("#board")).to_be_hidden()
+        assert await page.locator("#alerts li").count() == 0
+
+
+async def test_with_the_gateway_away_the_page_says_offline_disables_actions_and_recovers_by_itself(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    settings = ui_settings(broker)
+    key = ""
+
+    def dispatcher() -> Dispatch:
+        return Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+
+    async with running_gateway(settings, serve_http=True, consumers=[dispatcher()]) as gw:
+        key = new_key(gw, "technician")
+        page = await browser.new_page(viewport={"width": 390, "height": 844})
+        await page.goto(f"http://127.0.0.1:{settings.http_port}/ui/")
+        await page.fill("#key", key)
+        await page.locator("#login button").click()
+        await expect(page.locator("#live")).to_have_text("live")
+        await page.select_option("#who", "tina")
+        await publish(broker, "el-6", message(1, now), message(2, now, **JAM))
+        card = page.locator("#alerts li[data-alert]")
+        await expect(card.locator("button[data-action=ack]")).to_be_enabled()
+    # The gateway is stopped: the page says so at once, and nothing can be tapped in vain.
+    await expect(page.locator("#offline")).to_be_visible()
+    await expect(page.locator("#offline")).to_be_in_viewport()
+    await expect(page.locator("#live")).not_to_have_text("live")
+    await expect(card.locator("button[data-action=ack]")).to_be_disabled()
+    await expect(card.locator(".why")).to_contain_text("Offline")
+    # Back (the same database and port): the page reconnects by itself, the key still works.
+    async with running_gateway(settings, serve_http=True, consumers=[dispatcher()]):
+        await expect(page.locator("#live")).to_have_text("live", timeout=20000)
+        await expect(page.locator("#offline")).to_be_hidden()
+        await expect(card.locator("button[data-action=ack]")).to_be_enabled()
+
+
+async def test_a_refused_action_is_said_next_to_its_button_within_the_screen(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+        # Many cards, so that the one acted on is far down a phone's screen.
+        for i in range(6):
+            await publish(broker, f"el-{i}", message(1, now), message(2, now, **JAM))
+        page = await staff_page(browser, gw, phone=True)
+        await page.select_option("#who", "tina")
+        orders = page.locator("#orders li[data-order]")
+        await expect(orders).to_have_count(6)
+        last = orders.last
+        # An administrator takes Abe off the roster meanwhile; this page still offers him.
+        without_abe = [
+            {"id": "tina", "name": "Tina", "contact": "pager", "sites": ["hq"], "skills": ["elevator"],
+             "shifts": [{"start": "08:00", "end": "18:00"}]},
+            {"id": "sue", "name": "Sue", "role": "supervisor", "contact": "pager",
+             "shifts": [{"start": "00:00", "end": "24:00"}]},
+            {"id": "max", "name": "Max", "role": "manager", "contact": "pager",
+             "shifts": [{"start": "00:00", "end": "24:00"}]},
+        ]  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gw.settings.http_port}",
+            headers={"Authorization": f"Bearer {new_key(gw, 'admin')}"},
+        ) as api:
+            edited = await api.put("/api/technicians", params={"by": "ada"}, json=without_abe)
+            assert edited.status_code == 200, edited.text
+        pick = last.locator("select[aria-label='reassign to']")
+        await pick.scroll_into_view_if_needed()
+        await pick.select_option("abe")
+        await expect(page.locator("#confirm-text")).to_contain_text("Reassign")
+        await expect(page.locator("#confirm-text")).to_contain_text("Abe is off shift now")  # it asks first
+        await page.locator("#confirm button[value=ok]").click()
+        note = last.locator("[data-note]")
+        await expect(note).to_contain_text("Not done:")
+        await expect(note).to_contain_text("abe")
+        await expect(note).to_be_in_viewport()
+
+
+async def test_a_trapped_passenger_comes_first_and_the_tab_title_says_so(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+        page = await staff_page(browser, gw, phone=True)
+        await page.select_option("#who", "tina")
+        await publish(broker, "el-1", message(1, now), message(2, now, **JAM))
+        await expect(page.locator("#orders li[data-order]")).to_have_count(1)
+        await expect(page).to_have_title("iotgw · staff")
+        await publish(broker, "el-2", message(1, now), message(2, now, **STUCK))
+        first = page.locator("#orders li[data-order]").first
+        await expect(first).to_have_class(re.compile(r"\bentrapment\b"))
+        await expect(first).to_contain_text("Passenger trapped")
+        await expect(first).to_contain_text("el-2")
+        await expect(page).to_have_title(re.compile(r"^\(1\) P1"))
 
 
 async def test_the_api_docs_render_with_no_other_host_reachable(
