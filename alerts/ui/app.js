@@ -7,6 +7,7 @@ const KEY = "iotgw.key";  // the API key: this browser session only (sessionStor
 const WHO = "iotgw.who";  // who works here: a technician's id from the roster (localStorage)
 const SEVERITY = ["critical", "major", "minor", "warning", "info"];
 const NOTE_S = 8;  // how long a card keeps an action's outcome on show
+const SOUND = "iotgw.sound";  // "off": silent mode (localStorage)
 
 const state = {
   session: null,  // {name, role, may}: the key's, from /api/session
@@ -14,7 +15,70 @@ const state = {
   online: false,  // the event stream is up
   snapshot: { alerts: [], work_orders: [] },
   notes: new Map(),  // card -> {text, kind, until}: an action's outcome, next to its buttons
+  seenP1: null,  // the P1 work orders this page has raised the alarm for (null: none read yet)
 };
+
+// -- the alarm: a trapped passenger is loud (a tone, a notification), or silent (title only) ----
+
+let audio = null;  // made on a click (sign-in, the sound button): browsers start sound on a gesture only
+
+function loud() { return localStorage.getItem(SOUND) !== "off"; }
+
+function showSound() {
+  const button = $("sound");
+  button.textContent = loud() ? "sound on" : "silent";
+  button.setAttribute("aria-pressed", String(loud()));
+}
+
+function wakeAudio() {
+  try {
+    audio = audio || new AudioContext();
+    if (audio.state === "suspended") audio.resume();
+  } catch (error) { audio = null; }
+  if (loud() && "Notification" in window && Notification.permission === "default") Notification.requestPermission();
+}
+
+$("sound").addEventListener("click", () => {
+  localStorage.setItem(SOUND, loud() ? "off" : "on");
+  showSound();
+  if (loud()) wakeAudio();
+});
+
+function tone() {
+  if (!audio || audio.state !== "running") return false;
+  const start = audio.currentTime;
+  for (let i = 0; i < 3; i += 1) {  // three short beeps
+    const osc = audio.createOscillator();
+    const gain = audio.createGain();
+    osc.frequency.value = 880;
+    gain.gain.value = 0.25;
+    osc.connect(gain).connect(audio.destination);
+    osc.start(start + i * 0.4);
+    osc.stop(start + i * 0.4 + 0.25);
+  }
+  return true;
+}
+
+// Every P1 order not alarmed for yet: a tone and a notification when loud; always recorded in
+// window.iotgwAlarms (and an `iotgw:alarm` event), for whoever wants to hear of it.
+function alarm(orders) {
+  const p1 = orders.filter((o) => o.priority === "P1");
+  if (state.seenP1 === null) state.seenP1 = new Set();
+  for (const o of p1) {
+    if (state.seenP1.has(o.id)) continue;
+    state.seenP1.add(o.id);
+    const sound = loud() && tone();
+    let notified = false;
+    if (loud() && "Notification" in window && Notification.permission === "granted") {
+      new Notification("Passenger trapped", { body: o.summary, tag: `iotgw-order-${o.id}` });
+      notified = true;
+    }
+    const record = { order: o.id, sound, notified, at: new Date().toISOString() };
+    window.iotgwAlarms.push(record);
+    window.dispatchEvent(new CustomEvent("iotgw:alarm", { detail: record }));
+  }
+}
+window.iotgwAlarms = [];
 
 function apiKey() { return sessionStorage.getItem(KEY) || ""; }
 
@@ -32,6 +96,7 @@ function clearBoard() {
   state.session = null;
   state.snapshot = { alerts: [], work_orders: [] };
   state.notes.clear();
+  state.seenP1 = null;
   for (const id of ["orders", "alerts"]) $(id).replaceChildren();
   for (const id of ["orders-n", "alerts-n"]) $(id).textContent = "0";
   $("board").hidden = true;
@@ -44,6 +109,7 @@ $("login").addEventListener("submit", (event) => {
   event.preventDefault();
   const key = $("key").value.trim();
   if (!key) return;
+  wakeAudio();  // this click is the gesture sound needs
   sessionStorage.setItem(KEY, key);
   $("key").value = "";
   start();
@@ -292,8 +358,9 @@ function render() {
   $("alerts-n").textContent = alerts.length;
   $("orders-empty").hidden = orders.length > 0;
   $("alerts-empty").hidden = alerts.length > 0;
-  const trapped = orders.filter((o) => o.priority === "P1").length;
-  document.title = trapped ? `(${trapped}) P1 · iotgw · staff` : "iotgw · staff";
+  // The tab title counts the trapped passengers nobody has acknowledged yet.
+  const waiting = orders.filter((o) => o.priority === "P1" && !o.acked_at).length;
+  document.title = waiting ? `(${waiting}) P1 · iotgw · staff` : "iotgw · staff";
 }
 
 // -- the actions that ask first --------------------------------------------------------------------
@@ -412,6 +479,7 @@ async function connect() {
           if (lines.includes("event: snapshot")) {
             const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
             state.snapshot = JSON.parse(data);
+            alarm(state.snapshot.work_orders);
             state.online = true;  // (set before rendering once, not twice)
             $("live").textContent = "live";
             $("live").className = "live on";
@@ -431,6 +499,7 @@ async function connect() {
   }
 }
 
+showSound();
 if (apiKey()) start();
 else askForKey("This page needs an API key: a technician's to act, a viewer's to watch. " +
   "An administrator creates one with: iotgw apikeys create --role technician --name YOUR-NAME");

@@ -266,6 +266,22 @@ async def test_a_trapped_passenger_comes_first_and_the_tab_title_says_so(
         await expect(first).to_contain_text("Passenger trapped")
         await expect(first).to_contain_text("el-2")
         await expect(page).to_have_title(re.compile(r"^\(1\) P1"))
+        # Loud by default: a tone for it (the sign-in click let the page start sound).
+        trapped_id = int(await first.get_attribute("data-order") or 0)
+        alarms = await page.evaluate("window.iotgwAlarms")
+        assert [(a["order"], a["sound"]) for a in alarms] == [(trapped_id, True)], alarms
+
+        # Silent mode: the next trapped passenger is recorded and counted in the title, without a tone.
+        await page.locator("#sound").click()
+        await expect(page.locator("#sound")).to_have_text("silent")
+        await publish(broker, "el-3", message(1, now), message(2, now, **STUCK))
+        await expect(page).to_have_title(re.compile(r"^\(2\) P1"))
+        alarms = await page.evaluate("window.iotgwAlarms")
+        assert [a["sound"] for a in alarms] == [True, False], alarms
+        assert alarms[0]["order"] != alarms[1]["order"]
+        # Acknowledged, a trapped passenger no longer counts in the title.
+        await page.locator("#orders li.entrapment button[data-action=ack]").first.click()
+        await expect(page).to_have_title(re.compile(r"^\(1\) P1"))
 
 
 async def test_the_api_docs_render_with_no_other_host_reachable(
