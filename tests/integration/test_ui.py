@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from alerts.dispatch.consumer import Dispatch
@@ -306,3 +308,52 @@ async def test_the_api_docs_render_with_no_other_host_reachable(
         await page.goto(f"{base}/redoc")  # ReDoc's bundle would fetch its logo from its CDN: the same page
         await expect(page.locator(".swagger-ui .info .title")).to_contain_text("iotgw")
         assert elsewhere == [], f"the docs asked other hosts for {elsewhere}"
+
+
+SCREENS = Path(tempfile.gettempdir()) / "iotgw-staff-screens"  # every view at both sizes, for a reviewer
+
+
+async def accessible(page: Page, view: str) -> None:
+    """No serious or critical axe-core violation in `view` as it is now; a screenshot of it is kept."""
+    SCREENS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENS / f"{view}.png"), full_page=True)
+    found = (await Axe().run(page)).response["violations"]
+    bad = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in found
+           if v["impact"] in ("serious", "critical")]  # fmt: skip
+    assert bad == [], f"{view}: {bad}"
+
+
+@pytest.mark.parametrize("phone", [True, False], ids=["phone", "desktop"])
+async def test_every_view_has_no_serious_accessibility_violation_and_is_captured(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser, phone: bool
+) -> None:
+    now = datetime.now(UTC)
+    size = "phone" if phone else "desktop"
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+        for scheme in ("light", "dark"):
+            page = await browser.new_page(viewport={"width": 390, "height": 844} if phone else
+                                          {"width": 1440, "height": 900}, color_scheme=scheme)  # fmt: skip
+            await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+            await expect(page.locator("#login")).to_be_visible()
+            await accessible(page, f"sign-in-{size}-{scheme}")
+            await page.fill("#key", new_key(gw, "technician"))
+            await page.locator("#login button").click()
+            await expect(page.locator("#live")).to_have_text("live")
+            await page.select_option("#who", "tina")
+            if scheme == "light":
+                await publish(broker, "el-1", message(1, now), message(2, now, **JAM))
+                await publish(broker, "el-2", message(1, now), message(2, now, **STUCK))
+            await expect(page.locator("#orders li.entrapment")).to_have_count(1)
+            await expect(page.locator("#alerts li[data-alert]")).to_have_count(2)
+            await accessible(page, f"board-{size}-{scheme}")
+            await page.locator("#orders li.entrapment button.device").click()
+            await expect(page.locator("#device-events li").first).to_be_visible()
+            await accessible(page, f"device-{size}-{scheme}")
+            await page.locator("#device button.close").click()
+            await page.locator("#orders li.entrapment button[data-action=resolve]").click()
+            await expect(page.locator("#resolve")).to_be_visible()
+            await accessible(page, f"resolve-{size}-{scheme}")
+            await page.locator("#resolve button[value=cancel]").click()
+            await page.close()
+    print(f"\nscreenshots: {SCREENS}")  # noqa: T201 - where a reviewer finds them
