@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from sqlmodel import Session, col, select
 
 from alerts.dispatch import routes as work_orders
-from alerts.dispatch.orders import OPEN_ORDER, WorkOrderRow
+from alerts.dispatch.orders import OPEN_ORDER, WorkOrderAlertRow, WorkOrderRow
 from alerts.dispatch.roster import load_roster_file
 from alerts.loading import FileProblemsError, load_rules_file
 from alerts.metrics import AlertFamilies, AlertMetrics, WorkOrderMetrics
@@ -83,10 +83,17 @@ class AlertsPlugin(Plugin):
             .order_by(col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
             .limit(LIVE_MAX)
         ).all()
+        attached: dict[int, list[int]] = {}
+        for link in tx.exec(
+            select(WorkOrderAlertRow).where(col(WorkOrderAlertRow.work_order_id).in_([o.id for o in orders]))
+        ):
+            attached.setdefault(link.work_order_id, []).append(link.alert_id)
         return {
             "alerts": [alerts.AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json")
                        for a in open_alerts],
-            "work_orders": [work_orders.public(o).model_dump(mode="json") for o in orders],
+            # Each order with the ids of its alerts: the staff page shows them inside it.
+            "work_orders": [{**work_orders.public(o).model_dump(mode="json"),
+                             "alert_ids": sorted(attached.get(o.id or 0, []))} for o in orders],
         }  # fmt: skip
 
     # --- what the consumers were configured with ---

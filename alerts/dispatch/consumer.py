@@ -49,6 +49,8 @@ from alerts.dispatch.roster import (
     priority_of,
     qualifies,
 )
+from alerts.lifecycle import acknowledge
+from alerts.tables import AlertRow, AlertStatus
 from gateway.core.clock import utcnow
 from gateway.core.events import Event
 from gateway.runtime import BaseConsumer
@@ -169,6 +171,7 @@ class Dispatch(BaseConsumer):
         record_step(tx, order, "alert_attached", now, note=f"alert {alert_id} ({rule}): {summary}"[:2000])
         if more_urgent(priority, Priority(order.priority)):
             order.priority = priority.value
+            order.summary = summary[:500]  # the order reads as its most urgent alert
             to = self._person(order.assignee) if order.status == OrderStatus.ASSIGNED.value else None
             if to is not None:
                 # A more urgent policy may want a shorter deadline; never a longer one.
@@ -353,6 +356,7 @@ class Dispatch(BaseConsumer):
             order.ack_deadline = None  # somebody has it: escalation stops
             if order.acked_at is None:
                 order.acked_at, order.acked_by = now, by
+                acknowledge_alerts(tx, order, now, by)
             if action == "resolve":
                 if not (problem and corrective):
                     msg = "resolving needs the problem found and the corrective action (the callback record)"
@@ -366,3 +370,17 @@ class Dispatch(BaseConsumer):
             tx, order, STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
         )
         return order
+
+
+def acknowledge_alerts(tx: Session, order: WorkOrderRow, at: datetime, by: str) -> None:
+    """One fault episode, one acknowledgement: acknowledging a work order acknowledges its alerts
+    that are still firing (or flapping), as the same person."""
+    links = tx.exec(
+        select(WorkOrderAlertRow).where(
+            col(WorkOrderAlertRow.work_order_id) == order.id, col(WorkOrderAlertRow.resolved_at).is_(None)
+        )
+    ).all()
+    for link in links:
+        alert = tx.get(AlertRow, link.alert_id)
+        if alert is not None and alert.status in (AlertStatus.FIRING.value, AlertStatus.FLAPPING.value):
+            acknowledge(tx, alert, at, by, f"with work order #{order.id}")

@@ -297,7 +297,17 @@ function alertCard(a) {
     actions(card, buttons));
 }
 
-function orderCard(o) {
+// An alert inside its work order: acted on through the order (acknowledging the order
+// acknowledges its alerts), so it has no buttons of its own here.
+function episodeAlert(a) {
+  return el("li", { class: `episode-alert ${a.severity}`, "data-alert": a.id, "data-status": a.status },
+    el("span", { class: `badge ${a.severity}` }, a.severity), " ", el("strong", {}, a.rule), " ",
+    el("span", { class: "meta" }, a.status.replace("_", " ")), " · ", a.summary, " · ",
+    el("span", { class: "meta" }, since(a.fired_at, "fired ")),
+    a.acked_by ? el("span", { class: "meta" }, ` · acknowledged by ${nameOf(a.acked_by)}`) : null);
+}
+
+function orderCard(o, alertsById) {
   const card = `order-${o.id}`;
   const step = (label, path, done, primary = false) => action(card, label, path,
     () => post(card, `/api/work-orders/${o.id}/${path}`, { by: me() }, done), primary);
@@ -323,11 +333,19 @@ function orderCard(o) {
       el("strong", {}, `#${o.id}`), el("span", { class: "meta status" }, o.status.replace("_", " "))),
     el("p", { class: "summary" }, o.summary),
     o.ack_deadline && o.status === "assigned" ? countdown(el("p", { "data-deadline": o.ack_deadline })) : null,
+    episode(o, alertsById),
     el("div", { class: "meta" }, deviceLink(o.device_id), ` · ${o.site || "no site"} · `, since(o.created_at, "opened "),
       " · ", o.assignee ? `assigned to ${nameOf(o.assignee)} (level ${o.level + 1})` : "nobody on shift yet",
       o.acked_by ? ` · acknowledged by ${nameOf(o.acked_by)}` : "",
       o.recovered_at ? el("span", { class: "recovered" }, " · device recovered") : null),
     actions(card, buttons));
+}
+
+function episode(o, alertsById) {
+  const mine = (o.alert_ids || []).map((id) => alertsById.get(id)).filter(Boolean);
+  if (!mine.length) return null;
+  return el("ul", { class: "episode", "aria-label": `alerts of work order #${o.id}` },
+    ...sortedAlerts(mine).map(episodeAlert));
 }
 
 // The board's order: a trapped passenger first, then my orders, then the team's unassigned and
@@ -351,13 +369,17 @@ function sortedAlerts(alerts) {
 
 function render() {
   if (!state.session) return;
-  const { alerts, work_orders: orders } = state.snapshot;
-  $("orders").replaceChildren(...sortedOrders(orders).map(orderCard));
-  $("alerts").replaceChildren(...sortedAlerts(alerts).map(alertCard));
+  const { work_orders: orders } = state.snapshot;
+  // One card per fault episode: an alert of an open work order is shown (and acted on) inside it.
+  const alertsById = new Map(state.snapshot.alerts.map((a) => [a.id, a]));
+  const inOrders = new Set(orders.flatMap((o) => o.alert_ids || []));
+  const alone = state.snapshot.alerts.filter((a) => !inOrders.has(a.id));
+  $("orders").replaceChildren(...sortedOrders(orders).map((o) => orderCard(o, alertsById)));
+  $("alerts").replaceChildren(...sortedAlerts(alone).map(alertCard));
   $("orders-n").textContent = orders.length;
-  $("alerts-n").textContent = alerts.length;
+  $("alerts-n").textContent = alone.length;
   $("orders-empty").hidden = orders.length > 0;
-  $("alerts-empty").hidden = alerts.length > 0;
+  $("alerts-empty").hidden = alone.length > 0;
   // The tab title counts the trapped passengers nobody has acknowledged yet.
   const waiting = orders.filter((o) => o.priority === "P1" && !o.acked_at).length;
   document.title = waiting ? `(${waiting}) P1 · iotgw · staff` : "iotgw · staff";

@@ -156,6 +156,7 @@ async def test_two_alerts_on_one_device_make_one_order_and_recovery_only_annotat
         assert [o["id"] for o in await orders(gw)] == [order["id"]]
         got = await detail(gw, order["id"])
         assert got["priority"] == "P2"  # out of service is more urgent than a door jam
+        assert got["summary"] == "el-1 is out of service", "the order reads as its most urgent alert"
         assert got["recovered_at"] is None
         await publish(broker, "el-1", message(4, t + timedelta(seconds=2)))  # fault cleared
 
@@ -166,6 +167,40 @@ async def test_two_alerts_on_one_device_make_one_order_and_recovery_only_annotat
         got = await detail(gw, order["id"])
         assert got["status"] == "assigned"  # still open: a technician has to resolve it
         assert [e["kind"] for e in got["timeline"]].count("device_recovered") == 1
+
+
+async def test_acknowledging_an_order_acknowledges_its_firing_alerts_as_the_same_person(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    clock = Clock(WED_10_BERLIN)
+    d = dispatcher(pager, clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        t = clock.now
+        jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 0}
+        await publish(broker, "el-1", message(1, t), message(2, t, **jam),
+                      message(3, t + timedelta(seconds=1), **{**jam, "mode": "out_of_service"}))  # fmt: skip
+        order = await one_order(gw, "the order")
+
+        async def both_attached() -> bool:
+            return len((await detail(gw, order["id"]))["alerts"]) == 2
+
+        await wait_for(both_attached, what="both alerts on the order")
+        async with api(gw) as client:
+            before = {
+                a["rule"]: a for a in (await client.get("/api/alerts", params={"device_id": "el-1"})).json()["items"]
+            }
+            assert {r: a["status"] for r, a in before.items()} == {"door-jam": "firing", "out-of-service": "firing"}
+            done = await client.post(f"/api/work-orders/{order['id']}/ack", json={"by": "tina"})
+            assert done.status_code == 200, done.text
+            after = {
+                a["rule"]: a for a in (await client.get("/api/alerts", params={"device_id": "el-1"})).json()["items"]
+            }
+        assert {r: (a["status"], a["acked_by"]) for r, a in after.items()} == {
+            "door-jam": ("acknowledged", "tina"), "out-of-service": ("acknowledged", "tina"),
+        }  # fmt: skip
+        with gw.store.session() as tx:
+            acks = tx.exec(select(EventRow).where(col(EventRow.type) == "alert.acknowledged")).all()
+        assert len(acks) == 2, "each alert's acknowledgement is in the log, once"
 
 
 async def test_restart_during_an_open_escalation_keeps_the_deadline(

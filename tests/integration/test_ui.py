@@ -33,8 +33,18 @@ JAM = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 0}
 @pytest.fixture
 def ui_settings(tmp_path: Path, settings_for: Callable[..., Settings]) -> Callable[[Mosquitto], Settings]:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(RULES + OVERSPEED)
     return lambda broker: settings_for(broker, consumers="alerts", rules_file=str(rules), api_auth=True)
+
+
+# A warning: dispatch opens no work order for it, so it stays an alert of its own on the page.
+OVERSPEED = """
+  - name: overspeed
+    severity: warning
+    summary: "{device} ran over speed"
+    select: {type: [elevator]}
+    event: {type: elevator.fault.raised, data: {code: OVERSPEED}, clear: {type: elevator.fault.cleared}}
+"""
 
 
 @pytest.fixture
@@ -78,33 +88,44 @@ async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the
         await expect(page.locator("#alerts-empty")).to_be_visible()
 
         await publish(broker, "el-7", message(1, now), message(2, now, **JAM))
-        card = page.locator("#alerts li[data-alert]")
-        await expect(card).to_have_count(1)  # pushed: the page was not reloaded
-        await expect(card).to_contain_text("Door jammed on el-7")
-        await expect(card).to_have_attribute("data-status", "firing")
+        # One card per fault episode: the alert is inside its work order, not a card of its own.
         order = page.locator("#orders li[data-order]")
+        await expect(order).to_have_count(1)  # pushed: the page was not reloaded
+        inside = order.locator("li[data-alert]")
+        await expect(inside).to_contain_text("Door jammed on el-7")
+        await expect(inside).to_have_attribute("data-status", "firing")
         await expect(order).to_contain_text("assigned to Tina")
+        await expect(page.locator("#alerts li[data-alert]")).to_have_count(0)
+        await expect(page.locator("#alerts-empty")).to_be_visible()
 
-        await card.locator("button[data-action=ack]").click()
-        await expect(card.locator("[data-note]")).to_contain_text("Acknowledged as Tina")  # said where the finger is
-        await expect(card).to_have_attribute("data-status", "acknowledged")
-        await expect(card).to_contain_text("acknowledged by Tina")
-        alert_id = await card.get_attribute("data-alert")
+        # Acknowledging the order acknowledges its alert, as the person chosen.
+        await order.locator("button[data-action=ack]").click()
+        await expect(order.locator("[data-note]")).to_contain_text("Acknowledged")  # said where the finger is
+        await expect(order).to_have_attribute("data-status", "acknowledged")
+        await expect(order).to_contain_text("acknowledged by Tina")
+        await expect(inside).to_have_attribute("data-status", "acknowledged")
+        alert_id = await inside.get_attribute("data-alert")
         headers = {"Authorization": f"Bearer {new_key(gw, 'viewer')}"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", headers=headers) as api:
             alert = (await api.get(f"/api/alerts/{alert_id}")).json()
             assert (alert["status"], alert["acked_by"]) == ("acknowledged", "tina")
-
-            await order.locator("button[data-action=ack]").click()
-            await expect(order).to_have_attribute("data-status", "acknowledged")
-            await expect(order).to_contain_text("acknowledged by Tina")
             (wo,) = (await api.get("/api/work-orders")).json()["items"]
             assert (wo["status"], wo["acked_by"]) == ("acknowledged", "tina")
+
+        # An alert dispatch opens no order for (a warning) stays on its own list, with its own button.
+        await publish(broker, "el-5", message(1, now), message(2, now, mode="fault", fault="OVERSPEED"))
+        alone = page.locator("#alerts li[data-alert]")
+        await expect(alone).to_have_count(1)
+        await expect(alone).to_contain_text("el-5 ran over speed")
+        await alone.locator("button[data-action=ack]").click()
+        await expect(alone.locator("[data-note]")).to_contain_text("Acknowledged as Tina")
+        await expect(alone).to_have_attribute("data-status", "acknowledged")
+        await expect(alone).to_contain_text("acknowledged by Tina")
 
         # Usable on a phone: nothing wider than the screen.
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
-        await card.locator("button.device").click()
+        await order.locator("button.device").click()
         events = page.locator("#device-events li")
         await expect(events.first).to_be_visible()
         await expect(page.locator("#device-events")).to_contain_text("alert.acknowledged")
@@ -131,14 +152,14 @@ async def test_nobody_chosen_means_disabled_actions_with_the_reason_and_no_reque
         await page.evaluate("localStorage.clear()")
         sent = posts(page)
         await publish(broker, "el-8", message(1, now), message(2, now, **JAM))
-        card = page.locator("#alerts li[data-alert]")
+        card = page.locator("#orders li[data-order]")
         await expect(card.locator("button[data-action=ack]")).to_be_disabled()
         await expect(card.locator(".why")).to_contain_text("Choose yourself at the top first")
         await card.locator("button[data-action=ack]").click(force=True)  # a tap on it anyway
         await page.select_option("#who", "tina")
         await expect(card.locator("button[data-action=ack]")).to_be_enabled()
         assert sent == [], "nothing was sent while nobody was chosen"
-        assert (await card.get_attribute("data-status")) == "firing"
+        assert (await card.get_attribute("data-status")) == "assigned"
 
 
 async def test_the_page_asks_for_a_valid_key_and_a_viewer_watches_with_actions_disabled(
@@ -195,7 +216,7 @@ async def test_with_the_gateway_away_the_page_says_offline_disables_actions_and_
         await expect(page.locator("#live")).to_have_text("live")
         await page.select_option("#who", "tina")
         await publish(broker, "el-6", message(1, now), message(2, now, **JAM))
-        card = page.locator("#alerts li[data-alert]")
+        card = page.locator("#orders li[data-order]")
         await expect(card.locator("button[data-action=ack]")).to_be_enabled()
     # The gateway is stopped: the page says so at once, and nothing can be tapped in vain.
     await expect(page.locator("#offline")).to_be_visible()
@@ -344,8 +365,10 @@ async def test_every_view_has_no_serious_accessibility_violation_and_is_captured
             if scheme == "light":
                 await publish(broker, "el-1", message(1, now), message(2, now, **JAM))
                 await publish(broker, "el-2", message(1, now), message(2, now, **STUCK))
+                await publish(broker, "el-3", message(1, now), message(2, now, mode="fault", fault="OVERSPEED"))
             await expect(page.locator("#orders li.entrapment")).to_have_count(1)
-            await expect(page.locator("#alerts li[data-alert]")).to_have_count(2)
+            await expect(page.locator("#orders li[data-alert]")).to_have_count(2)  # inside their orders
+            await expect(page.locator("#alerts li[data-alert]")).to_have_count(1)  # no order for a warning
             await accessible(page, f"board-{size}-{scheme}")
             await page.locator("#orders li.entrapment button.device").click()
             await expect(page.locator("#device-events li").first).to_be_visible()
