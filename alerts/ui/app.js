@@ -330,7 +330,9 @@ function orderCard(o, alertsById) {
   return el("li", { class: `card ${o.priority}${trapped ? " entrapment" : ""}`, "data-order": o.id, "data-status": o.status },
     trapped ? el("p", { class: "alarm" }, "Passenger trapped") : null,
     el("div", { class: "top" }, el("span", { class: `badge ${o.priority}` }, o.priority),
-      el("strong", {}, `#${o.id}`), el("span", { class: "meta status" }, o.status.replace("_", " "))),
+      el("button", { class: "link-button", type: "button", "data-detail": o.id, "aria-label": `work order #${o.id}: its history`,
+        onclick: () => showOrder(o.id) }, `#${o.id}`),
+      el("span", { class: "meta status" }, o.status.replace("_", " "))),
     el("p", { class: "summary" }, o.summary),
     o.ack_deadline && o.status === "assigned" ? countdown(el("p", { "data-deadline": o.ack_deadline })) : null,
     episode(o, alertsById),
@@ -431,6 +433,44 @@ function resolveAlert(a) {
     post(`alert-${a.id}`, `/api/alerts/${a.id}/resolve`, { by: me(), note: form.note.value }, "Resolved.");
   };
   dialog.showModal();
+}
+
+// A step of a work order as a sentence: "2 min ago: acknowledged by Tina".
+function stepText(e) {
+  const what = e.kind.replaceAll("_", " ");
+  const who = e.by && e.by !== "dispatch" ? ` by ${nameOf(e.by)}` : "";
+  const to = e.assignee && ["assigned", "escalated", "reassigned"].includes(e.kind) ? ` to ${nameOf(e.assignee)}` : "";
+  const level = e.level !== null && e.level !== undefined && to ? ` (level ${e.level + 1})` : "";
+  return `${what}${who}${to}${level}${e.note ? `: ${e.note}` : ""}`;
+}
+
+async function showOrder(id) {
+  const dialog = $("order-detail");
+  $("detail-id").textContent = `#${id}`;
+  $("detail-summary").textContent = "loading…";
+  for (const list of ["detail-timeline", "detail-alerts", "detail-pages"]) $(list).replaceChildren();
+  dialog.showModal();
+  let response;
+  try {
+    response = await api(`/api/work-orders/${id}`);
+  } catch (error) {
+    $("detail-summary").textContent = "The gateway did not answer.";
+    return;
+  }
+  if (!response.ok) {
+    $("detail-summary").textContent = `could not load: ${response.status}`;
+    return;
+  }
+  const o = await response.json();
+  $("detail-summary").textContent = `${o.priority} · ${o.status.replace("_", " ")} · ${o.summary}`;
+  $("detail-timeline").replaceChildren(...o.timeline.map((e) => el("li", { "data-kind": e.kind },
+    since(e.at), ": ", stepText(e))));
+  $("detail-alerts").replaceChildren(...o.alerts.map((a) => el("li", {},
+    el("span", { class: `badge ${a.severity}` }, a.severity), ` ${a.rule}: ${a.summary} · `,
+    since(a.attached_at, "attached "), a.resolved_at ? " · resolved" : "")));
+  $("detail-pages").replaceChildren(...(o.pages.length ? o.pages.map((p) => el("li", {},
+    `${p.receiver}: ${p.status.replaceAll("_", " ")}, ${p.delivery}`,
+    p.last_error ? el("span", { class: "meta" }, ` (${p.last_error})`) : null)) : [el("li", {}, "none")]));
 }
 
 async function showDevice(id) {

@@ -112,6 +112,16 @@ async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the
             (wo,) = (await api.get("/api/work-orders")).json()["items"]
             assert (wo["status"], wo["acked_by"]) == ("acknowledged", "tina")
 
+        # The order's history: who did what and when, in sentences.
+        await order.locator("button[data-detail]").click()
+        timeline = page.locator("#detail-timeline")
+        await expect(timeline.locator("li[data-kind=created]")).to_be_visible()
+        await expect(timeline.locator("li[data-kind=assigned]")).to_contain_text("assigned to Tina (level 1)")
+        await expect(timeline.locator("li[data-kind=acknowledged]")).to_contain_text("acknowledged by Tina")
+        await expect(page.locator("#detail-alerts")).to_contain_text("door-jam")
+        await expect(page.locator("#detail-pages")).to_contain_text("pager")
+        await page.locator("#order-detail button.close").click()
+
         # An alert dispatch opens no order for (a warning) stays on its own list, with its own button.
         await publish(broker, "el-5", message(1, now), message(2, now, mode="fault", fault="OVERSPEED"))
         alone = page.locator("#alerts li[data-alert]")
@@ -374,6 +384,10 @@ async def test_every_view_has_no_serious_accessibility_violation_and_is_captured
             await expect(page.locator("#device-events li").first).to_be_visible()
             await accessible(page, f"device-{size}-{scheme}")
             await page.locator("#device button.close").click()
+            await page.locator("#orders li.entrapment button[data-detail]").click()
+            await expect(page.locator("#detail-timeline li").first).to_be_visible()
+            await accessible(page, f"order-{size}-{scheme}")
+            await page.locator("#order-detail button.close").click()
             await page.locator("#orders li.entrapment button[data-action=resolve]").click()
             await expect(page.locator("#resolve")).to_be_visible()
             await accessible(page, f"resolve-{size}-{scheme}")
