@@ -97,7 +97,9 @@ function clearBoard() {
   state.snapshot = { alerts: [], work_orders: [] };
   state.notes.clear();
   state.seenP1 = null;
-  for (const id of ["orders", "alerts"]) $(id).replaceChildren();
+  for (const id of ["orders", "alerts", "history"]) $(id).replaceChildren();
+  $("history-note").textContent = "";
+  $("history-more").hidden = true;
   for (const id of ["orders-n", "alerts-n"]) $(id).textContent = "0";
   $("board").hidden = true;
   $("session").hidden = true;
@@ -161,6 +163,8 @@ async function loadTechnicians() {
     ...state.technicians.map((t) => el("option", { value: t.technician.id },
       `${t.technician.name} (${t.technician.role}${t.on_shift ? "" : ", off shift"})`)));
   pick.value = state.technicians.some((t) => t.technician.id === stored) ? stored : "";
+  $("history-assignee").replaceChildren(el("option", { value: "" }, "anyone"),
+    ...state.technicians.map((t) => el("option", { value: t.technician.id }, t.technician.name)));
 }
 
 $("who").addEventListener("change", () => {
@@ -495,6 +499,54 @@ async function showDevice(id) {
     el("span", { class: "meta data" }, JSON.stringify(e.data)))));
   if (!events.length) list.append(el("li", {}, "no events"));
 }
+
+// -- history: resolved work orders, searched with the API's filters, a page at a time -------------
+
+let historyCursor = null;
+
+function historyCard(o) {
+  return el("li", { class: `card ${o.priority}`, "data-resolved": o.id },
+    el("div", { class: "top" }, el("span", { class: `badge ${o.priority}` }, o.priority),
+      el("button", { class: "link-button", type: "button", "data-detail": o.id, "aria-label": `work order #${o.id}: its history`,
+        onclick: () => showOrder(o.id) }, `#${o.id}`),
+      el("span", { class: "meta" }, "resolved "), o.resolved_at ? since(o.resolved_at) : null),
+    el("p", { class: "summary" }, o.summary),
+    el("div", { class: "meta" }, `${o.device_id} · ${o.site || "no site"} · by ${nameOf(o.resolved_by || "")}`,
+      o.problem ? ` · found: ${o.problem}` : "", o.action ? ` · done: ${o.action}` : ""));
+}
+
+async function searchHistory(more = false) {
+  const form = $("history-form");
+  const params = new URLSearchParams({ status: "resolved", limit: "20" });
+  for (const name of ["device_id", "site", "priority", "assignee"]) {
+    const value = form.elements[name].value.trim();
+    if (value) params.set(name, value);
+  }
+  if (more && historyCursor) params.set("cursor", historyCursor);
+  $("history-note").textContent = "searching…";
+  let response;
+  try {
+    response = await api(`/api/work-orders?${params}`);
+  } catch (error) {
+    $("history-note").textContent = "The gateway did not answer: try again when it is back.";
+    return;
+  }
+  if (!response.ok) {
+    const problem = await response.json().catch(() => ({}));
+    $("history-note").textContent = `Not found: ${problem.detail || response.status}`;
+    return;
+  }
+  const page = await response.json();
+  historyCursor = page.next_cursor;
+  const cards = page.items.map(historyCard);
+  if (more) $("history").append(...cards); else $("history").replaceChildren(...cards);
+  const shown = $("history").children.length;
+  $("history-note").textContent = shown ? `${shown} resolved work order${shown === 1 ? "" : "s"}` : "No resolved work order matches.";
+  $("history-more").hidden = !historyCursor;
+}
+
+$("history-form").addEventListener("submit", (event) => { event.preventDefault(); searchHistory(); });
+$("history-more").addEventListener("click", () => searchHistory(true));
 
 // -- the live stream: server-sent events over fetch (EventSource cannot send the key) -----------
 

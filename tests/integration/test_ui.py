@@ -71,7 +71,7 @@ def new_key(gw: Gateway, role: str) -> str:
     return create_api_key(gw.store, f"ui-{role}", role)[1]
 
 
-async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the_roster_acknowledges_it(
+async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the_roster_acknowledges_it(  # noqa: PLR0915
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
@@ -394,3 +394,39 @@ async def test_every_view_has_no_serious_accessibility_violation_and_is_captured
             await page.locator("#resolve button[value=cancel]").click()
             await page.close()
     print(f"\nscreenshots: {SCREENS}")  # noqa: T201 - where a reviewer finds them
+
+
+async def test_resolved_work_orders_are_found_by_device_and_assignee(
+    broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+        for device in ("el-31", "el-32"):
+            await publish(broker, device, message(1, now), message(2, now, **JAM))
+        page = await staff_page(browser, gw, phone=True)
+        await page.select_option("#who", "tina")
+        orders = page.locator("#orders li[data-order]")
+        await expect(orders).to_have_count(2)
+        for i in range(2):
+            card = orders.first
+            await card.locator("button[data-action=resolve]").click()
+            await page.fill("#resolve-form textarea[name=problem]", f"jammed door {i}")
+            await page.fill("#resolve-form textarea[name=action]", "cleaned the sill")
+            await page.locator("#resolve button[value=ok]").click()
+            await expect(orders).to_have_count(1 - i)
+        form = page.locator("#history-form")
+        await form.locator("input[name=device_id]").fill("el-32")
+        await form.locator("button").click()
+        found = page.locator("#history li[data-resolved]")
+        await expect(found).to_have_count(1)
+        await expect(found).to_contain_text("el-32")
+        await expect(found).to_contain_text("by Tina")
+        await expect(found).to_contain_text("done: cleaned the sill")
+        await form.locator("input[name=device_id]").fill("")
+        await form.locator("select[name=assignee]").select_option("tina")
+        await form.locator("button").click()
+        await expect(found).to_have_count(2)
+        await form.locator("select[name=assignee]").select_option("sue")
+        await form.locator("button").click()
+        await expect(page.locator("#history-note")).to_have_text("No resolved work order matches.")
