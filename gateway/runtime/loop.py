@@ -59,7 +59,7 @@ class WakeLoop:
                 log.info("%s: %s; taking it on again if it is free", self.what, exc)
                 self.wakeup.set()
             except StoreError as exc:
-                self._quiet.warn("database", "%s: database error, retrying: %s", self.what, exc)
+                self._quiet.warn("database", "%s: %s (retrying)", self.what, exc)
                 await asyncio.sleep(self.retry_s)
             except Exception:
                 # A bug in the job must not end it for good.

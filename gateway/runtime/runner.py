@@ -183,7 +183,12 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
     async def _begin(self) -> bool:
         """On a wake-up: hold the lease, then let a few commits pile up (fewer, larger batches
         cost ingestion less)."""
-        if not await self._call(self._hold):
+        try:
+            held = await self._call(self._hold)
+        except StoreError as exc:
+            self._store_failed(exc)
+            raise
+        if not held:
             return False  # another instance runs this consumer; ask again at the next poll
         await asyncio.sleep(self.linger_s)
         return True
@@ -193,10 +198,19 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
         if self.paused:
             return False
         try:
-            return await self._step() > 0
+            handled = await self._step()
         except StoreError as exc:
-            self.last_error = f"database: {exc}"[:500]
+            self._store_failed(exc)
             raise
+        if self.failing and (self.last_error or "").startswith("database: "):
+            log.info("consumer %s: the database answers again", self.name)
+            self.failing, self.last_error = False, None
+        return handled > 0
+
+    def _store_failed(self, exc: StoreError) -> None:
+        # The consumer cannot go on: said as failing at once (not "running" with an error beside it).
+        self.failing = True
+        self.last_error = f"database: {exc}"[:500]
 
     async def _run_ticks(self) -> None:
         while True:

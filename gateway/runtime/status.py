@@ -55,7 +55,9 @@ class RunnerStatus(RunnerState):
             oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == position + 1)).first()
         lag_events = max(head - position, 0)
         lag_seconds = (head_time - oldest).total_seconds() if lag_events and oldest and head_time else 0.0
-        failing = self.failing and owner == self.lease.owner
+        # Failing here, unless another instance holds the consumer now (a lease that lapsed because
+        # this one cannot reach the database any more still says failing).
+        failing = self.failing and owner in (None, self.lease.owner)
         state = "paused" if paused else "failing" if failing else "running"
         stalled = None if paused else self._stalled(position, lag_events)
         if stalled is not None:

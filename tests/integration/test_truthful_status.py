@@ -5,6 +5,7 @@ Mosquitto with the project's config, a real database, the gateway's own API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.log import EventRow
 from gateway.security import create_api_key, revoke_api_key
-from tests.support.gateway import running_gateway, settled, wait_for
+from tests.support.gateway import on_postgresql, running_gateway, settled, wait_for
 from tests.support.probing import (
     HOLD_LOCK,
     api,
@@ -93,7 +94,17 @@ async def test_a_long_database_lock_stalls_the_consumers_and_they_recover_by_the
         # its acknowledgements.) Ticks and batches time out, their threads are abandoned.
         await publish(broker, "el-1", state(2, 1764324001000, mode="fault", fault="DOOR_JAM"))
         await publish(broker, "t-1", *[reading(seq) for seq in range(1, 301)], channel="telemetry")
+        # What the API says meanwhile must be true: a consumer the database refuses is not "running".
+        seen: list[tuple[str, str, str]] = []
+        while holder.returncode is None:
+            for name, c in (await consumer_states(gw)).items():
+                seen.append((name, c["state"], c["last_error"] or ""))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(holder.wait(), 0.3)
         assert await asyncio.wait_for(holder.wait(), 60) == 0
+        untrue = [(n, e) for n, state, e in seen if state == "running" and e.startswith("database")]
+        assert untrue == [], f"said running while the database refused it: {untrue[:3]}"
+        assert any(state in ("failing", "stalled") for _, state, _ in seen), "the lock was never seen"
         # The lock is gone: ingest commits what it held, every consumer goes on by itself, and
         # the door jam is an alert.
         await settled(gw)
@@ -188,3 +199,41 @@ async def test_a_quiet_gateway_whose_database_is_locked_says_so_and_recovers(
                 return sample(gw, "iotgw_database_writable") == 1 and (await client.get("/ready")).status_code == 200
 
             await wait_for(writable, what="the database to be writable again")
+
+
+async def test_a_consumer_the_database_refuses_says_failing_not_running_and_recovers(
+    broker: Mosquitto, settings_for: Callable[..., Settings], database_url: str
+) -> None:
+    # Default handler timeout (nothing is abandoned), a stall far away: only the refusal itself
+    # can make the consumer's state change while the lock is held.
+    settings = settings_for(broker, consumers="analytics", consumer_stall_s=600.0)
+    async with running_gateway(settings) as gw:
+        await publish(broker, "t-1", reading(1), channel="telemetry")
+
+        async def running_and_current() -> bool:
+            (c,) = (await consumer_states(gw)).values()
+            return c["state"] == "running" and c["lag_events"] == 0 and c["cursor"] > 0
+
+        await wait_for(running_and_current, what="analytics to catch up")
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLD_LOCK, database_url, "20", stdout=asyncio.subprocess.PIPE
+        )
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"locked\n"
+        # What is refused: on PostgreSQL (the cursors table locked) the commits of new work; on
+        # SQLite (the whole database) already the consumer's lease renewal. (There, new messages
+        # would only queue behind ingest's own wait, refused by nobody.)
+        if on_postgresql:
+            await publish(broker, "t-1", *[reading(seq) for seq in range(2, 41)], channel="telemetry")
+        seen: list[tuple[str, str]] = []
+        while holder.returncode is None:
+            (c,) = (await consumer_states(gw)).values()
+            seen.append((c["state"], c["last_error"] or ""))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(holder.wait(), 0.3)
+        untrue = [e for state, e in seen if state == "running" and e.startswith("database")]
+        assert untrue == [], f"said running while the database refused it: {untrue[:2]}"
+        assert any(state == "failing" and e.startswith("database") for state, e in seen), seen[-5:]
+        await wait_for(running_and_current, timeout=60, what="analytics to say running again")
+        (c,) = (await consumer_states(gw)).values()
+        assert c["last_error"] is None
