@@ -1,4 +1,9 @@
-"""The alert engine consumer: evaluates the rules over the log, with timers for absence and flapping."""
+"""The alert engine consumer: evaluates the rules over the log, with timers for absence and flapping.
+
+One class of some 400 lines on purpose: the three ways the log reaches it (batches of events,
+spans of sensor readings, ticks of the clock) share its batch state and its one transition
+path. What can stand alone already does: the rules and their pure evaluation (`rules`,
+`evaluation`), the stored state (`state`) and the alert lifecycle (`lifecycle`)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,8 @@ def test_the_platform_imports_no_plugin_and_plugins_not_each_other() -> None:
          "the platform never imports a plugin", "gateway.sneaky -> alerts.engine"),
         ("gateway/core/sneaky.py", "def f():\n    import sqlalchemy\n",
          "the core is pure", "gateway.core.sneaky -> sqlalchemy"),
+        ("gateway/core/sneaky.py", "import httpx\n", "the core is pure", "gateway.core.sneaky -> httpx"),
+        ("gateway/core/sneaky.py", "from psycopg import sql\n", "the core is pure", "gateway.core.sneaky -> psycopg"),
         ("gateway/log/sneaky.py", "from gateway.runtime import BaseConsumer\n",
          "the log knows no consumer", "gateway.log.sneaky -> gateway.runtime"),
     ],
