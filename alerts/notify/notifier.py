@@ -39,7 +39,7 @@ from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, Delivery
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
-from gateway.runtime.leases import Hold, Lease, release_now
+from gateway.runtime.leases import Hold, Lease, LeaseLostError, release_now
 from gateway.runtime.loop import WakeLoop
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,9 @@ class Notifier:
                 .where(*mine, col(DeliveryRow.next_at) <= start)
                 .order_by(col(DeliveryRow.id))
                 .limit(LANE_BATCH)
+                # PostgreSQL: rows another instance has in hand (one that froze mid-round, say)
+                # are left to it, not sent a second time while it holds them.
+                .with_for_update(skip_locked=True)
             ).all()
             for d in due:
                 if self.wakeloop.stopped:
@@ -190,6 +193,12 @@ class Notifier:
                 first = waiting.get(d.alert_id)
                 if first is not None and first < own:
                     continue
+                if self.lease is not None:
+                    try:
+                        self.lease.fence(tx)  # still ours, before each request: a stale instance sends nothing
+                    except LeaseLostError as exc:
+                        log.info("notifications to %s: %s; the lane is left to the new holder", receiver, exc)
+                        break
                 tried = True
                 transient = self._attempt(tx, d, now or datetime.now(UTC))
                 tx.commit()  # one delivery's outcome at a time: a crash repeats at most one request
@@ -277,6 +286,8 @@ class Notifier:
             n.fanned_out = True
             tx.add(n)
         if fresh:
+            if self.lease is not None:
+                self.lease.fence(tx)  # committed only while the lease is ours: a stale instance writes nothing
             tx.commit()
 
     def _request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | str | None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from sqlmodel import col, select
 
 from alerts.dispatch.consumer import Dispatch
@@ -24,6 +25,7 @@ from alerts.tables import AlertRow, AlertTransitionRow, DeliveryRow, Notificatio
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.log import append_event
+from gateway.runtime.leases import LEASES
 from gateway.service import Gateway
 from tests.support.dispatching import (
     ROSTER,
@@ -45,6 +47,7 @@ from tests.support.peers import PD_KEY, Hooks, serving
 pytestmark = pytest.mark.anyio
 
 QUEUED = 500
+HOUR = timedelta(hours=1)
 log = logging.getLogger(__name__)
 
 
@@ -402,3 +405,39 @@ receivers:
         actions = [(r["body"]["event_action"], r["body"]["dedup_key"]) for r in pd.ok()]
         assert [a for a, _ in actions] == ["trigger", "resolve"], "the silenced new alert is not sent"
         assert actions[0][1] == actions[1][1], "the incident opened is the one closed"
+
+
+async def test_a_notifier_that_lost_its_lease_mid_lane_sends_nothing_more(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # An instance that stalled (frozen, say) past its lease resumes in the middle of a lane: the
+    # deliveries left in its hands are another instance's now, and it must not send them again.
+    clock = Clock(WED_10_BERLIN)
+    with serving(delay_s=0.3) as hook:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f"""{RULES}
+receivers:
+  - {{name: hook, kind: webhook, url: "http://127.0.0.1:{hook.server_address[1]}/hook"}}
+""")
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        async with running_gateway(settings) as gw:
+            await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
+            await wait_for(lambda: asyncio.sleep(0, len(hook.ok()) == 1), what="the first alert")
+            await asyncio.to_thread(queue_for, gw, "hook", 20)  # a lane of 20, 0.3 s each
+            await wait_for(lambda: asyncio.sleep(0, len(keys(hook, prefix="queued-")) >= 2), what="the lane going")
+            with gw.store.session() as tx:  # another instance takes the notifier over
+                tx.connection().execute(
+                    update(LEASES)
+                    .where(LEASES.c.name == "notifier")
+                    .values(
+                        owner="gw-elsewhere",
+                        epoch=LEASES.c.epoch + 1,
+                        expires_at=datetime.now(UTC) + timedelta(hours=1),
+                    )
+                )
+                tx.commit()
+            sent = len(keys(hook, prefix="queued-"))
+            await asyncio.sleep(2.0)  # what the lane would send meanwhile: some 6 more
+            after = len(keys(hook, prefix="queued-"))
+            assert after <= sent + 1, f"{after - sent} sent after the lease was taken (one may have been in flight)"
+            assert "pending" in deliveries_to(gw, "hook").values(), "the rest is left to the new holder"
