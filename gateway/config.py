@@ -259,6 +259,12 @@ class GatewaySettings(BaseSettings):
         return value
 
     @property
+    def idle_in_transaction_s(self) -> float:
+        """On PostgreSQL, a transaction waiting this long between its statements (its process
+        stopped) is ended by the server: past any built-in handler's timeout, plus a lease."""
+        return max(self.consumer_timeout_s, 30.0) + self.lease_s
+
+    @property
     def clustered(self) -> bool:
         """Whether this gateway is one instance of a cluster (`instance` is set)."""
         return bool(self.instance)

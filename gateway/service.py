@@ -68,7 +68,7 @@ class Gateway:
             raise ConfigError(msg)
         self.metrics = Metrics(registry, handled_elsewhere=self.apart)
         self.consumer_process: ConsumerProcess | None = None
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, idle_in_transaction_s=settings.idle_in_transaction_s)
         # Loaded before the schema is created, so their tables are created with it.
         self.router = Router(
             self.store,

@@ -140,11 +140,17 @@ def _attach_gate(gate: threading.Lock, dbapi_conn: DBAPIConnection, _record: Con
         dbapi_conn.gate = gate
 
 
-def _pg_settings(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+def _pg_settings(idle_s: float | None, dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # As SQLite's busy_timeout: a lock held elsewhere (a migration, a backup tool) makes a write
     # fail after 10 s instead of hanging, so ingest reports it and retries, holding the acks.
     cur = dbapi_conn.cursor()
     cur.execute("SET lock_timeout = '10s'")
+    if idle_s:
+        # A process that stops in the middle of a transaction (frozen, swapped out, stuck in a
+        # debugger) would hold its locks for as long as it is stopped, and every other instance's
+        # writes to the log would wait for it. The server ends such a transaction after `idle_s`;
+        # the process finds its connection gone when it resumes, and nothing stale commits.
+        cur.execute(f"SET idle_in_transaction_session_timeout = '{int(idle_s * 1000)}ms'")
     cur.close()
     dbapi_conn.commit()
 
@@ -232,13 +238,16 @@ def write_gate(path: str) -> threading.Lock:
         return _GATES.setdefault(str(Path(path).resolve()), threading.Lock())
 
 
-def make_engine(url: str, *, durable: bool = True) -> Engine:
+def make_engine(url: str, *, durable: bool = True, idle_in_transaction_s: float | None = None) -> Engine:
     """An engine for `url`; SQLite gets WAL mode. Only SQLite and PostgreSQL are supported.
 
     `durable` (SQLite): synchronous=FULL, so a commit survives a power cut; ingest needs that,
     because it acknowledges to the broker after the commit. Consumers use NORMAL (still atomic,
     and safe against a process crash): a power cut can at worst undo their last commits, effects
     and cursor together, and they redo that work from the log.
+
+    `idle_in_transaction_s` (PostgreSQL): the longest a transaction may wait between two of its
+    statements before the server ends it (see `_pg_settings`); None: no bound.
     """
     try:
         if url.startswith("sqlite"):
@@ -251,7 +260,7 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
                 event.listen(engine, "connect", functools.partial(_attach_gate, write_gate(database)))
         elif url.startswith("postgresql"):
             engine = create_engine(url, pool_pre_ping=True)
-            event.listen(engine, "connect", _pg_settings)
+            event.listen(engine, "connect", functools.partial(_pg_settings, idle_in_transaction_s))
         else:
             msg = f"unsupported database_url {url!r}: use sqlite:///path or postgresql+psycopg://..."
             raise ConfigError(msg)

@@ -50,9 +50,9 @@ from gateway.log.tables import (
 class Store:
     """The event log and device registry on one SQLAlchemy engine."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, idle_in_transaction_s: float | None = None) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, idle_in_transaction_s=idle_in_transaction_s)
         # Consumers' own engine (see make_engine); on PostgreSQL simply the same one.
         self.consumer_engine = make_engine(url, durable=False) if url.startswith("sqlite") else self.engine
         dialect = self.engine.dialect

@@ -121,6 +121,7 @@ class ConsumerProcess:
         self._broker_task: asyncio.Task[None] | None = None
         self._broker_sent: bool | None = None
         self._heard_at = time.monotonic()  # the child's last line (it reports every second)
+        self._proc_ready = False
         self._watchdog: asyncio.Task[None] | None = None
         metrics.registry.register(self)
 
@@ -179,6 +180,7 @@ class ConsumerProcess:
             )  # fmt: skip
             self._broker_sent = None
             self._heard_at = time.monotonic()
+            self._proc_ready = False  # this child has not said ready yet: it is still starting
             await self._read(proc)
             code = await proc.wait()
             self.metrics.consumer_process_up.set(0)
@@ -225,6 +227,7 @@ class ConsumerProcess:
             if future is not None and not future.done():
                 future.set_result(error)
         if message.get("ready"):
+            self._proc_ready = True
             self.metrics.consumer_process_up.set(1)
             self._ready.set()
             self._send({"broker": self.broker_connected()})
@@ -249,10 +252,13 @@ class ConsumerProcess:
         """Kill a child that stopped answering (frozen, or hung with its event loop blocked): the
         supervisor starts another, which takes the consumers on from their cursors. An exit alone
         is no proof of life: a SIGSTOPped child never exits."""
-        limit = self.settings.consumer_process_timeout_s
+        running_limit = self.settings.consumer_process_timeout_s
         while True:
-            await asyncio.sleep(min(limit / 4, 1.0))
+            await asyncio.sleep(min(running_limit / 4, 1.0))
             proc = self._proc
+            # A child still starting (imports, connections, its consumers' preparation) may take
+            # longer on a busy machine before its first line: it is given START_TIMEOUT_S.
+            limit = running_limit if self._proc_ready else max(running_limit, START_TIMEOUT_S)
             if proc is None or proc.returncode is not None or self.silent_for() < limit:
                 continue
             log.error(

@@ -106,7 +106,7 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the gateway stops us
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, idle_in_transaction_s=settings.idle_in_transaction_s)
     metrics = Metrics(CollectorRegistry(), handled_elsewhere=True)  # handled_here: what it reports
     ProcessCollector(namespace="iotgw_consumers", registry=metrics.handled_here)
     router = Router(

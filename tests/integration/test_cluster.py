@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry
 from devices.load import Script, elevator_script, publish_scripts, sensor_script
 from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
-from gateway.log import InboxMessage, Store
+from gateway.core.events import Event
+from gateway.errors import StoreError
+from gateway.log import InboxMessage, Store, lock_log
 from gateway.runtime import ConsumerStatus
 from gateway.runtime.sequencer import in_order, ready
 from gateway.service import Gateway
@@ -331,3 +333,42 @@ async def test_a_gateway_on_its_own_first_makes_the_events_a_cluster_left_in_the
         assert seqs == sorted(seqs)
         assert set(seqs) <= {1, 3, 4, 5}
         assert query(store.url, "select last_seq from devices where device_id = 'elev-left'") == [(5,)]
+
+
+def test_a_stopped_instance_holding_the_log_lock_is_cut_off_and_the_others_write_on(tmp_path: Path) -> None:
+    # An instance frozen (SIGSTOP, swapped out) in the middle of a transaction holds the log's
+    # append lock: without a bound every other instance's writes would wait for it as long as
+    # it is stopped. The server ends such a transaction; the writer behind it goes on, the
+    # stopped one finds its connection gone. (PostgreSQL is what clusters run on.)
+    with fresh_database(tmp_path, postgresql=True) as url:
+        frozen = Store(url, idle_in_transaction_s=1.0)
+        frozen.create_schema()
+        writer = Store(url, idle_in_transaction_s=1.0)
+        now = datetime.now(UTC)
+        reading = Event("t-1-1-0", "devices/t-1", "sensor.reading", now, "t-1", {"value": 1.0, "unit": "C"}, 1, 0, "hq")
+        try:
+            with (  # noqa: PT012 - the stopped transaction is the block
+                pytest.raises(StoreError, match="idle-in-transaction timeout"),
+                frozen.session() as stopped,
+            ):
+                lock_log(stopped)  # what a writer takes first, then (stopped) never gets further
+                started = time.monotonic()
+                writer.append_batch([reading], [], [], now=now)  # waits behind it, then goes on
+                waited = time.monotonic() - started
+                stored = writer.count_events()
+                stopped.connection().exec_driver_sql("SELECT 1")  # when it resumes: ended by the server
+            assert stored == 1
+            print(f"\nthe writer behind the stopped transaction waited {waited:.1f} s")  # noqa: T201
+        finally:
+            frozen.close()
+            writer.close()
+
+
+async def test_the_gateway_bounds_its_idle_transactions_on_postgresql(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    with fresh_database(tmp_path, postgresql=True) as url:
+        async with running_gateway(settings_for(broker, database_url=url)) as gw:
+            with gw.store.session() as tx:
+                shown = tx.connection().exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar()
+            assert shown == f"{int(gw.settings.idle_in_transaction_s)}s"

@@ -72,9 +72,10 @@ on_postgresql = TEST_DATABASE == "postgresql"
 
 
 @contextmanager
-def fresh_database(directory: Path, name: str = "iotgw") -> Iterator[str]:
-    """The URL of a new, empty database: an SQLite file in `directory`, or a PostgreSQL schema."""
-    if not on_postgresql:
+def fresh_database(directory: Path, name: str = "iotgw", *, postgresql: bool = on_postgresql) -> Iterator[str]:
+    """The URL of a new, empty database: an SQLite file in `directory`, or a PostgreSQL schema
+    (`postgresql`: whichever database the run tests, unless a test needs PostgreSQL itself)."""
+    if not postgresql:
         yield f"sqlite:///{directory / f'{name}.db'}"
         return
     schema = f"t_{uuid.uuid4().hex[:16]}"
