@@ -39,7 +39,7 @@ from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, Delivery
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
-from gateway.runtime.leases import Hold, Lease, LeaseLostError, release_now
+from gateway.runtime.leases import Hold, Lease, release_now
 from gateway.runtime.loop import WakeLoop
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,29 @@ class Notifier:
                 first = waiting.get(d.alert_id)
                 if first is not None and first < own:
                     continue
-                if self.lease is not None:
-                    try:
-                        self.lease.fence(tx)  # still ours, before each request: a stale instance sends nothing
-                    except LeaseLostError as exc:
-                        log.info("notifications to %s: %s; the lane is left to the new holder", receiver, exc)
-                        break
+                # Still ours, before the request and before writing its outcome (read, not renewed:
+                # a lock held across the request would hold up every other lane): an instance that
+                # lost the lease, having stalled, sends nothing more and writes over nothing.
+                if not self._still_delivering(tx, receiver):
+                    break
                 tried = True
                 transient = self._attempt(tx, d, now or datetime.now(UTC))
+                if not self._still_delivering(tx, receiver):
+                    tx.rollback()
+                    break
                 tx.commit()  # one delivery's outcome at a time: a crash repeats at most one request
                 if d.status == "pending":
                     waiting[d.alert_id] = min(first or own, own)
                 if transient:
                     break
         return tried
+
+    def _still_delivering(self, tx: Session, receiver: str) -> bool:
+        if self.lease is None or self.lease.confirmed(tx):
+            return True
+        log.info("notifications to %s: the lease %s is another instance's now; its lane is left to it",
+                 receiver, self.lease.name)  # fmt: skip
+        return False
 
     def _expire(self, tx: Session, receiver: str, now: datetime) -> None:
         """Fail the receiver's deliveries older than the maximum age, without another try."""

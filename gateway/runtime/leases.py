@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from enum import IntEnum
 
-from sqlalchemy import Connection, or_, text, update
+from sqlalchemy import Connection, or_, select, text, update
 from sqlmodel import Session
 
 from gateway.core.clock import utcnow
@@ -106,6 +106,18 @@ class Lease:
             msg = f"{self.owner} lost the lease {self.name} (taken over, or replayed/paused elsewhere)"
             raise LeaseLostError(msg)
         self._renewed = time.monotonic()
+
+    def confirmed(self, tx: Session) -> bool:
+        """Whether the lease is still ours (its owner and epoch unchanged), read without renewing
+        or locking it: for a check before work outside the database (a request) that another
+        holder must not see done twice. Forgets the lease when it is not ours any more."""
+        if self.epoch is None:
+            return False
+        row = tx.connection().execute(select(LEASES.c.owner, LEASES.c.epoch).where(LEASES.c.name == self.name)).first()
+        if row is None or row[0] != self.owner or row[1] != self.epoch:
+            self.epoch = None
+            return False
+        return True
 
     def hold(
         self,

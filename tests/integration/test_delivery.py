@@ -87,6 +87,16 @@ def queue_for(gw: Gateway, receiver: str, count: int, later: timedelta = timedel
         tx.commit()
 
 
+def rules_to(where: Path, hook: Hooks) -> Path:
+    """The scenario's rules with one webhook receiver, `hook`."""
+    rules = where / "rules.yaml"
+    rules.write_text(f"""{RULES}
+receivers:
+  - {{name: hook, kind: webhook, url: "http://127.0.0.1:{hook.server_address[1]}/hook"}}
+""")
+    return rules
+
+
 def deliveries_to(gw: Gateway, receiver: str) -> dict[str, str]:
     """Notification key -> delivery status, of every delivery to `receiver`."""
     with gw.store.session() as tx:
@@ -357,12 +367,7 @@ async def test_deliveries_waiting_out_a_backoff_do_not_hold_up_new_ones(
 ) -> None:
     clock = Clock(WED_10_BERLIN)
     with serving() as hook:
-        rules = tmp_path / "rules.yaml"
-        rules.write_text(f"""{RULES}
-receivers:
-  - {{name: hook, kind: webhook, url: "http://127.0.0.1:{hook.server_address[1]}/hook"}}
-""")
-        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules_to(tmp_path, hook)))
         async with running_gateway(settings) as gw:
             await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
             await wait_for(lambda: asyncio.sleep(0, len(hook.ok()) == 1), what="the first alert")
@@ -414,12 +419,7 @@ async def test_a_notifier_that_lost_its_lease_mid_lane_sends_nothing_more(
     # deliveries left in its hands are another instance's now, and it must not send them again.
     clock = Clock(WED_10_BERLIN)
     with serving(delay_s=0.3) as hook:
-        rules = tmp_path / "rules.yaml"
-        rules.write_text(f"""{RULES}
-receivers:
-  - {{name: hook, kind: webhook, url: "http://127.0.0.1:{hook.server_address[1]}/hook"}}
-""")
-        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules_to(tmp_path, hook)))
         async with running_gateway(settings) as gw:
             await publish(broker, "el-2", message(1, clock.now), message(2, clock.now, mode="fault", fault="DOOR_JAM"))
             await wait_for(lambda: asyncio.sleep(0, len(hook.ok()) == 1), what="the first alert")

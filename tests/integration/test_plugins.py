@@ -20,7 +20,7 @@ from devices.fleet import Fleet, FleetConfig
 from gateway.api.routes.stream import snapshot
 from gateway.cli.broker import Mosquitto, free_port
 from gateway.config import Settings
-from tests.support.gateway import ROOT, iotgw_run, kill_9, running_gateway, until_ready, wait_for
+from tests.support.gateway import ROOT, install_plugin, iotgw_run, kill_9, running_gateway, until_ready, wait_for
 
 pytestmark = pytest.mark.anyio
 BLOCK = re.compile(r"```(python|toml)\n(.*?)```", re.DOTALL)
@@ -155,12 +155,7 @@ async def test_a_plugin_that_fails_is_said_and_harms_nothing_else(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    (tmp_path / "iotgw_failing.py").write_text(FAILING_PLUGIN)
-    info = tmp_path / "iotgw_failing-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-failing\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[iotgw.plugins]\nfailing = iotgw_failing:Failing\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, "failing", FAILING_PLUGIN, "Failing", monkeypatch, group="iotgw.plugins")
     async with running_gateway(settings_for(broker, consumers="alerts")) as gw:
         assert "failing" in gw.plugins
 
@@ -195,12 +190,7 @@ class Waking(Plugin):
 async def test_a_plugin_tells_the_gateway_its_view_changed_and_the_live_stream_wakes(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    (tmp_path / "iotgw_waking.py").write_text(WAKING_PLUGIN)
-    info = tmp_path / "iotgw_waking-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-waking\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[iotgw.plugins]\nwaking = iotgw_waking:Waking\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, "waking", WAKING_PLUGIN, "Waking", monkeypatch, group="iotgw.plugins")
     async with running_gateway(settings_for(broker, consumers="")) as gw:
         changes = gw.router.changes
         seen = changes.version
@@ -227,14 +217,9 @@ async def test_a_plugin_serves_its_own_page_and_cannot_take_a_path_already_serve
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    (tmp_path / "iotgw_pages.py").write_text(PAGES_PLUGIN)
     (tmp_path / "door_pages").mkdir()
     (tmp_path / "door_pages" / "index.html").write_text("<h1>door cycles</h1>")
-    info = tmp_path / "iotgw_pages-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iotgw-pages\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[iotgw.plugins]\npages = iotgw_pages:Pages\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, "pages", PAGES_PLUGIN, "Pages", monkeypatch, group="iotgw.plugins")
     async with running_gateway(settings_for(broker, consumers="")) as gw:
         transport = httpx.ASGITransport(app=gw.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:

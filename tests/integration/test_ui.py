@@ -76,7 +76,7 @@ async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the
 ) -> None:
     now = datetime.now(UTC)
     # Dispatch's clock at a time Tina is on shift (whatever the time of day the test runs at).
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    dispatch = on_shift_dispatch(WED_10_BERLIN)
     settings = ui_settings(broker)
     async with running_gateway(settings, serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw, phone=True)
@@ -145,6 +145,11 @@ async def test_a_simulated_fault_appears_live_and_the_technician_chosen_from_the
         ), "an event's data wraps inside the dialog"
 
 
+def on_shift_dispatch(at: datetime) -> Dispatch:
+    """The dispatch consumer on the scenario's roster (pages to nowhere), its clock standing at `at`."""
+    return Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(at))
+
+
 def posts(page: Page) -> list[str]:
     """The POST requests the page sends from now on (a list that grows)."""
     sent: list[str] = []
@@ -156,7 +161,7 @@ async def test_nobody_chosen_means_disabled_actions_with_the_reason_and_no_reque
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(now))
+    dispatch = on_shift_dispatch(now)
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw)
         await page.evaluate("localStorage.clear()")
@@ -214,10 +219,7 @@ async def test_with_the_gateway_away_the_page_says_offline_disables_actions_and_
     settings = ui_settings(broker)
     key = ""
 
-    def dispatcher() -> Dispatch:
-        return Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
-
-    async with running_gateway(settings, serve_http=True, consumers=[dispatcher()]) as gw:
+    async with running_gateway(settings, serve_http=True, consumers=[on_shift_dispatch(WED_10_BERLIN)]) as gw:
         key = new_key(gw, "technician")
         page = await browser.new_page(viewport={"width": 390, "height": 844})
         await page.goto(f"http://127.0.0.1:{settings.http_port}/ui/")
@@ -235,7 +237,7 @@ async def test_with_the_gateway_away_the_page_says_offline_disables_actions_and_
     await expect(card.locator("button[data-action=ack]")).to_be_disabled()
     await expect(card.locator(".why")).to_contain_text("Offline")
     # Back (the same database and port): the page reconnects by itself, the key still works.
-    async with running_gateway(settings, serve_http=True, consumers=[dispatcher()]):
+    async with running_gateway(settings, serve_http=True, consumers=[on_shift_dispatch(WED_10_BERLIN)]):
         await expect(page.locator("#live")).to_have_text("live", timeout=20000)
         await expect(page.locator("#offline")).to_be_hidden()
         await expect(card.locator("button[data-action=ack]")).to_be_enabled()
@@ -245,7 +247,7 @@ async def test_a_refused_action_is_said_next_to_its_button_within_the_screen(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    dispatch = on_shift_dispatch(WED_10_BERLIN)
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         # Many cards, so that the one acted on is far down a phone's screen.
         for i in range(6):
@@ -286,7 +288,7 @@ async def test_a_trapped_passenger_comes_first_and_the_tab_title_says_so(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    dispatch = on_shift_dispatch(WED_10_BERLIN)
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         page = await staff_page(browser, gw, phone=True)
         await page.select_option("#who", "tina")
@@ -360,7 +362,7 @@ async def test_every_view_has_no_serious_accessibility_violation_and_is_captured
 ) -> None:
     now = datetime.now(UTC)
     size = "phone" if phone else "desktop"
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    dispatch = on_shift_dispatch(WED_10_BERLIN)
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         for scheme in ("light", "dark"):
             page = await browser.new_page(viewport={"width": 390, "height": 844} if phone else
@@ -400,7 +402,7 @@ async def test_resolved_work_orders_are_found_by_device_and_assignee(
     broker: Mosquitto, ui_settings: Callable[[Mosquitto], Settings], browser: Browser
 ) -> None:
     now = datetime.now(UTC)
-    dispatch = Dispatch(load_roster(ROSTER.format(url="http://127.0.0.1:9/")), clock=Clock(WED_10_BERLIN))
+    dispatch = on_shift_dispatch(WED_10_BERLIN)
     async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
         for device in ("el-31", "el-32"):
             await publish(broker, device, message(1, now), message(2, now, **JAM))

@@ -134,14 +134,22 @@ async def wait_for(check: Callable[[], Awaitable[bool]], *, timeout: float = 30.
         await asyncio.sleep(0.05)
 
 
-def install_plugin(where: Path, name: str, code: str, consumer: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A distribution `iotgw_<name>` in `where`, as pip would install it, with an `iotgw.consumers`
-    entry point `<name>` -> `iotgw_<name>:<consumer>`; on this process's path and its children's."""
+def install_plugin(
+    where: Path,
+    name: str,
+    code: str,
+    attribute: str,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    group: str = "iotgw.consumers",
+) -> None:
+    """A distribution `iotgw_<name>` in `where`, as pip would install it, with an entry point
+    `<name>` -> `iotgw_<name>:<attribute>` in `group`; on this process's path and its children's."""
     (where / f"iotgw_{name}.py").write_text(code)
     info = where / f"iotgw_{name}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: iotgw-{name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[iotgw.consumers]\n{name} = iotgw_{name}:{consumer}\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{name} = iotgw_{name}:{attribute}\n")
     monkeypatch.syspath_prepend(str(where))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")]))
 
