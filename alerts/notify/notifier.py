@@ -78,7 +78,6 @@ class Notifier:
         self.receivers: dict[str, Receiver] = {}
         self.pagers: dict[str, Receiver] = {}
         self.metrics = metrics
-        self.interval_s = interval_s
         self.max_age_s = max_age_s
         self.links = links  # the staff page's address and the rules (read afresh: they may change)
         self.alertmanager = AlertmanagerSync(store, metrics, links)

@@ -594,12 +594,8 @@ async function connect() {
             const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
             state.snapshot = JSON.parse(data);
             alarm(state.snapshot.work_orders);
-            state.online = true;  // (set before rendering once, not twice)
-            $("live").textContent = "live";
-            $("live").className = "live on";
-            $("offline").hidden = true;
-            $("board").classList.remove("stale");
-            render();
+            if (state.online) render();
+            else setOnline(true);  // which renders
           }
         }
       }

@@ -71,7 +71,6 @@ class ConsumerRunner(RunnerFailures, RunnerOperations, RunnerStatus):
         self.lease = Lease(f"consumer:{consumer.name}", instance, lease_s)
         self.store = store
         self.metrics = metrics
-        self.poll_s = poll_s
         self.max_attempts = int(getattr(consumer, "max_attempts", 5))
         self.batch_size = int(getattr(consumer, "batch_size", 500))
         self.retry_base_s = float(getattr(consumer, "retry_base_s", 0.05))
