@@ -26,6 +26,7 @@ from alerts.notify.notifier import Notifier
 from alerts.notify.receivers import Receiver
 from alerts.routes import alerts, silences
 from alerts.tables import OPEN, AlertRow
+from gateway.log import DeviceRow
 from gateway.plugins import Plugin
 from gateway.runtime.leases import Lease
 from gateway.tasks import stop_task
@@ -88,12 +89,16 @@ class AlertsPlugin(Plugin):
             select(WorkOrderAlertRow).where(col(WorkOrderAlertRow.work_order_id).in_([o.id for o in orders]))
         ):
             attached.setdefault(link.work_order_id, []).append(link.alert_id)
+        devices = {d.device_id: d for d in tx.exec(
+            select(DeviceRow).where(col(DeviceRow.device_id).in_({o.device_id for o in orders})))}  # fmt: skip
         return {
             "alerts": [alerts.AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json")
                        for a in open_alerts],
-            # Each order with the ids of its alerts: the staff page shows them inside it.
+            # Each order with the ids of its alerts (the staff page shows them inside it) and its
+            # device's state now (a trapped passenger's card says the load, the floor, since when).
             "work_orders": [{**work_orders.public(o).model_dump(mode="json"),
-                             "alert_ids": sorted(attached.get(o.id or 0, []))} for o in orders],
+                             "alert_ids": sorted(attached.get(o.id or 0, [])),
+                             "device": device_now(devices.get(o.device_id))} for o in orders],
         }  # fmt: skip
 
     # --- what the consumers were configured with ---
@@ -179,3 +184,14 @@ def check_file(kind: str, path: Path) -> int:
         return 1
     print(f"{path}: {summary}")  # noqa: T201
     return 0
+
+
+def device_now(row: DeviceRow | None) -> dict[str, Any] | None:
+    """A device's shadow as the live view shows it: online, its state, since when at this floor or in fault."""
+    if row is None:
+        return None
+    at = {
+        k: v.isoformat() if v else None
+        for k, v in (("last_seen", row.last_seen), ("floor_since", row.floor_since), ("fault_since", row.fault_since))
+    }
+    return {"online": row.online, "state": row.state, **at}

@@ -10,7 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, Column, delete, func
@@ -338,6 +338,7 @@ def device(store: Store, device_id: str) -> dict[str, Any] | None:
             .order_by(col(AnalyticsSensorMinuteRow.minute).desc())
         ).first()
         windows: dict[str, Any] = {}
+        minutes: list[dict[str, Any]] = []
         for label, span in WINDOWS.items():
             buckets = list(
                 tx.exec(
@@ -354,7 +355,14 @@ def device(store: Store, device_id: str) -> dict[str, Any] | None:
                 "max": max((b.vmax for b in buckets), default=None),
                 "mean": round(sum(b.total for b in buckets) / n, 4) if n else None,
             }
+            if label == "1h":
+                minutes = [
+                    {"minute": datetime.fromtimestamp(b.minute * 60, UTC).isoformat(), "count": b.count,
+                     "min": b.vmin, "max": b.vmax, "mean": round(b.total / b.count, 4) if b.count else None}
+                    for b in sorted(buckets, key=lambda b: b.minute)
+                ]  # fmt: skip
         out["windows"] = windows
+        out["minutes"] = minutes  # the last hour minute by minute (device time): the staff page's chart
         return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -121,6 +122,10 @@ class GatewaySettings(BaseSettings):
             "the gateway's address as people reach it (behind a proxy, say): links in notifications "
             "point to its staff page; empty: the address it listens on"
         ),
+    )
+    time_zone: str = Field(
+        default="UTC",
+        description="the IANA time zone (e.g. Europe/Berlin) the staff page shows local times in",
     )
     http_host: str = Field(default="127.0.0.1", description="the API's listening address")
     http_port: Port = Field(default=8000, description="the API's port")
@@ -248,6 +253,16 @@ class GatewaySettings(BaseSettings):
         if port is not None and not 1 <= port <= 65535:  # pragma: no cover - urlsplit rejects these
             msg = f"mqtt_url port out of range: {value!r}"
             raise ValueError(msg)
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _check_time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            msg = f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin or UTC)"
+            raise ValueError(msg) from exc
         return value
 
     @field_validator("database_url")

@@ -130,6 +130,7 @@ class Gateway:
                     max_concurrent_per_key=settings.api_max_concurrent_per_key,
                 ),
                 plugins=self.plugins,
+                time_zone=settings.time_zone,
             )
         )
         self.serve_http = serve_http

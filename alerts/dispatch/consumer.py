@@ -31,6 +31,7 @@ from alerts.dispatch.orders import (
     DispatchError,
     OrderStatus,
     RosterRow,
+    UnknownTechnicianError,
     UnknownWorkOrderError,
     WorkOrderAlertRow,
     WorkOrderRow,
@@ -336,6 +337,10 @@ class Dispatch(BaseConsumer):
         if order.status not in allowed:
             msg = f"work order {order_id} is {order.status}: cannot {action.replace('_', ' ')}"
             raise DispatchError(msg)
+        if self._person(by) is None:  # the record says who did it: a name nobody has is refused
+            known = ", ".join(t.id for t in self.roster.technicians)
+            msg = f"{by!r} is not in the roster (one of: {known}); choose who you are from it"
+            raise UnknownTechnicianError(msg)
         now = self.clock()
         notify = None
         if action == "reassign":

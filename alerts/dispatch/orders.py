@@ -125,6 +125,10 @@ class DispatchError(GatewayError):
     """A work-order action that cannot be done now (the caller's mistake: 409)."""
 
 
+class UnknownTechnicianError(DispatchError):
+    """An action in the name of somebody not in the roster (422)."""
+
+
 class UnknownWorkOrderError(DispatchError):
     """No such work order (404)."""
 

@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 from alerts.dispatch.orders import (
     OPEN_ORDER,
     DispatchError,
+    UnknownTechnicianError,
     UnknownWorkOrderError,
     WorkOrderAlertRow,
     WorkOrderEntryRow,
@@ -25,7 +26,7 @@ from alerts.dispatch.roster import Technician
 from alerts.routes.alerts import DeliveryPublic, deliveries_of
 from alerts.tables import NotificationRow
 from gateway.api.auth import ADMIN, TECHNICIAN
-from gateway.api.deps import RowId, StoreDep, changed, filtered
+from gateway.api.deps import RowId, Since, StoreDep, Until, changed, filtered, within
 from gateway.api.pages import Cursor, Limit, Page, bad_cursor, page_of, whole
 from gateway.log import Store
 
@@ -142,10 +143,13 @@ async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
     device_id: str | None = None,
     site: str | None = None,
     assignee: str | None = None,
+    since: Since = None,
+    until: Until = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> Page[WorkOrderPublic]:
-    """Work orders, most urgent open ones first (then newest); `status=open` is everything not resolved."""
+    """Work orders, most urgent open ones first (then newest); `status=open` is everything not resolved;
+    `since`/`until` bound when they were opened."""
     after = _order_cursor(cursor)
 
     def read() -> list[WorkOrderRow]:
@@ -155,6 +159,7 @@ async def work_orders(  # noqa: PLR0913, PLR0917 - one parameter per filter
             [(WorkOrderRow.priority, priority), (WorkOrderRow.device_id, device_id), (WorkOrderRow.site, site),
              (WorkOrderRow.assignee, assignee)],
         )  # fmt: skip
+        stmt = within(stmt, WorkOrderRow.created_at, since, until)
         if after is not None:
             stmt = stmt.where(_after(*after))
         order = (resolved_rank, col(WorkOrderRow.priority), col(WorkOrderRow.id).desc())
@@ -232,6 +237,8 @@ async def _act(request: Request, store: Store, work: Callable[[Session], T]) -> 
                 tx.commit()
             except UnknownWorkOrderError as exc:
                 raise HTTPException(status_code=404, detail=str(exc)) from None
+            except UnknownTechnicianError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
             except DispatchError as exc:
                 raise HTTPException(status_code=409, detail=str(exc)) from None
             except StaleDataError:
@@ -246,6 +253,7 @@ async def _act(request: Request, store: Store, work: Callable[[Session], T]) -> 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such work order"},
     409: {"description": "not possible in the order's status"},
+    422: {"description": "`by` is nobody in the roster"},
 }
 
 

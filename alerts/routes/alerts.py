@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 from alerts.lifecycle import AlertActionError, act_by_hand
 from alerts.tables import OPEN, AlertRow, AlertStatus, AlertTransitionRow, DeliveryRow, NotificationRow
 from gateway.api.auth import TECHNICIAN
-from gateway.api.deps import MAX_ROW_ID, RowId, StoreDep, changed, filtered
+from gateway.api.deps import MAX_ROW_ID, RowId, Since, StoreDep, Until, changed, filtered, within
 from gateway.api.pages import Cursor, Limit, Page, id_cursor, page_of, whole
 from gateway.core.clock import utcnow
 
@@ -105,10 +105,12 @@ async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
     device_id: str | None = None,
     site: str | None = None,
     rule: str | None = None,
+    since: Since = None,
+    until: Until = None,
     cursor: Cursor = None,
     limit: Limit = 100,
 ) -> Page[AlertPublic]:
-    """Alerts, newest first; `status=open` means firing or acknowledged."""
+    """Alerts, newest first; `status=open` means firing or acknowledged; `since`/`until` bound when they fired."""
     before = id_cursor(cursor, MAX_ROW_ID)
 
     def read() -> list[AlertRow]:
@@ -118,6 +120,7 @@ async def alerts(  # noqa: PLR0913, PLR0917 - one parameter per filter
             [(AlertRow.severity, severity), (AlertRow.device_id, device_id), (AlertRow.site, site),
              (AlertRow.rule, rule)],
         )  # fmt: skip
+        stmt = within(stmt, AlertRow.fired_at, since, until)
         if before is not None:
             stmt = stmt.where(col(AlertRow.id) < before)
         with store.session() as tx:

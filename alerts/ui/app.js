@@ -16,6 +16,7 @@ const state = {
   snapshot: { alerts: [], work_orders: [] },
   notes: new Map(),  // card -> {text, kind, until}: an action's outcome, next to its buttons
   seenP1: null,  // the P1 work orders this page has raised the alarm for (null: none read yet)
+  site: null,  // the building the board shows (null: all; "": the devices with no site)
 };
 
 // -- the alarm: a trapped passenger is loud (a tone, a notification), or silent (title only) ----
@@ -97,7 +98,8 @@ function clearBoard() {
   state.snapshot = { alerts: [], work_orders: [] };
   state.notes.clear();
   state.seenP1 = null;
-  for (const id of ["orders", "alerts", "history"]) $(id).replaceChildren();
+  state.site = null;
+  for (const id of ["orders", "alerts", "history", "sites"]) $(id).replaceChildren();
   $("history-note").textContent = "";
   $("history-more").hidden = true;
   for (const id of ["orders-n", "alerts-n"]) $(id).textContent = "0";
@@ -214,14 +216,35 @@ function ago(iso) {
   return `${Math.floor(s / 86400)} d ago`;
 }
 
-// A time as "4 min ago", ticking, with the local date and time on hover (and tap: title).
+// The local date and time in the gateway's time zone (IOTGW_TIME_ZONE, from /api/session).
+function zone() { return (state.session && state.session.time_zone) || "UTC"; }
+
+function localTime(iso) {
+  try {
+    return new Intl.DateTimeFormat(undefined, { timeZone: zone(), year: "numeric", month: "short", day: "numeric",
+      hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short" }).format(new Date(iso));
+  } catch (error) {
+    return new Date(iso).toISOString();
+  }
+}
+
+// A time as "4 min ago", ticking, with the local date and time on hover; a tap switches between the two.
 function since(iso, prefix = "") {
-  return el("time", { datetime: iso, "data-since": iso, "data-prefix": prefix,
-    title: new Date(iso).toLocaleString() }, `${prefix}${ago(iso)}`);
+  const t = el("time", { datetime: iso, "data-since": iso, "data-prefix": prefix, title: localTime(iso) },
+    `${prefix}${ago(iso)}`);
+  t.addEventListener("click", () => {
+    t.toggleAttribute("data-absolute");
+    t.textContent = sinceText(t);
+  });
+  return t;
+}
+
+function sinceText(t) {
+  return `${t.dataset.prefix}${t.hasAttribute("data-absolute") ? localTime(t.dataset.since) : ago(t.dataset.since)}`;
 }
 
 function tick() {
-  for (const t of document.querySelectorAll("[data-since]")) t.textContent = `${t.dataset.prefix}${ago(t.dataset.since)}`;
+  for (const t of document.querySelectorAll("[data-since]")) t.textContent = sinceText(t);
   for (const span of document.querySelectorAll("[data-deadline]")) countdown(span);
 }
 setInterval(tick, 1000);
@@ -338,6 +361,7 @@ function orderCard(o, alertsById) {
         onclick: () => showOrder(o.id) }, `#${o.id}`),
       el("span", { class: "meta status" }, o.status.replace("_", " "))),
     el("p", { class: "summary" }, o.summary),
+    trapped ? passenger(o) : null,
     o.ack_deadline && o.status === "assigned" ? countdown(el("p", { "data-deadline": o.ack_deadline })) : null,
     episode(o, alertsById),
     el("div", { class: "meta" }, deviceLink(o.device_id), ` · ${o.site || "no site"} · `, since(o.created_at, "opened "),
@@ -345,6 +369,20 @@ function orderCard(o, alertsById) {
       o.acked_by ? ` · acknowledged by ${nameOf(o.acked_by)}` : "",
       o.recovered_at ? el("span", { class: "recovered" }, " · device recovered") : null),
     actions(card, buttons));
+}
+
+// A trapped passenger's facts, live from the device: the load, the floor, the door, since when.
+function passenger(o) {
+  const d = o.device;
+  if (!d) return el("p", { class: "facts" }, "The elevator has not reported its state.");
+  const s = d.state || {};
+  const facts = [];
+  if (s.load_kg !== undefined) facts.push(`${s.load_kg} kg inside`);
+  if (s.floor !== undefined) facts.push(`floor ${s.floor}`);
+  if (s.door) facts.push(`door ${s.door}`);
+  if (!d.online) facts.push("elevator offline");
+  return el("p", { class: "facts", "data-facts": o.id }, facts.join(" · "), " · ",
+    since(d.fault_since || o.created_at, "fault began "));
 }
 
 function episode(o, alertsById) {
@@ -373,21 +411,50 @@ function sortedAlerts(alerts) {
     Date.parse(a.fired_at) - Date.parse(b.fired_at));
 }
 
+// The overview by building: per site its trapped passengers, open orders and alerts; a tap shows
+// that building alone.
+function overview(orders, alone) {
+  const sites = new Map();
+  const of = (site) => {
+    const key = site || "";
+    if (!sites.has(key)) sites.set(key, { p1: 0, orders: 0, alerts: 0 });
+    return sites.get(key);
+  };
+  for (const o of orders) {
+    of(o.site).orders += 1;
+    if (o.priority === "P1") of(o.site).p1 += 1;
+  }
+  for (const a of alone) of(a.site).alerts += 1;
+  if (state.site !== null && !sites.has(state.site)) state.site = null;  // that building has nothing open now
+  const chip = (site, label, counts) => el("button", { type: "button", class: `site${counts && counts.p1 ? " p1" : ""}`,
+    "data-site": site === null ? "*" : site, "aria-pressed": String(state.site === site), onclick: () => { state.site = site; render(); } },
+    label, counts ? el("span", { class: "meta" }, [counts.p1 ? `${counts.p1} trapped` : "",
+      `${counts.orders} order${counts.orders === 1 ? "" : "s"}`,
+      `${counts.alerts} alert${counts.alerts === 1 ? "" : "s"}`].filter(Boolean).join(" · ")) : null);
+  const names = [...sites.keys()].sort((a, b) => sites.get(b).p1 - sites.get(a).p1 || a.localeCompare(b));
+  $("sites").replaceChildren(chip(null, "All buildings"),
+    ...names.map((site) => chip(site, site || "no site", sites.get(site))));
+  $("sites").hidden = sites.size === 0;
+}
+
 function render() {
   if (!state.session) return;
-  const { work_orders: orders } = state.snapshot;
   // One card per fault episode: an alert of an open work order is shown (and acted on) inside it.
   const alertsById = new Map(state.snapshot.alerts.map((a) => [a.id, a]));
-  const inOrders = new Set(orders.flatMap((o) => o.alert_ids || []));
-  const alone = state.snapshot.alerts.filter((a) => !inOrders.has(a.id));
+  const inOrders = new Set(state.snapshot.work_orders.flatMap((o) => o.alert_ids || []));
+  const everyAlone = state.snapshot.alerts.filter((a) => !inOrders.has(a.id));
+  overview(state.snapshot.work_orders, everyAlone);
+  const here = (x) => state.site === null || (x.site || "") === state.site;
+  const orders = state.snapshot.work_orders.filter(here);
+  const alone = everyAlone.filter(here);
   $("orders").replaceChildren(...sortedOrders(orders).map((o) => orderCard(o, alertsById)));
   $("alerts").replaceChildren(...sortedAlerts(alone).map(alertCard));
   $("orders-n").textContent = orders.length;
   $("alerts-n").textContent = alone.length;
   $("orders-empty").hidden = orders.length > 0;
   $("alerts-empty").hidden = alone.length > 0;
-  // The tab title counts the trapped passengers nobody has acknowledged yet.
-  const waiting = orders.filter((o) => o.priority === "P1" && !o.acked_at).length;
+  // The tab title counts the trapped passengers nobody has acknowledged yet, in every building.
+  const waiting = state.snapshot.work_orders.filter((o) => o.priority === "P1" && !o.acked_at).length;
   document.title = waiting ? `(${waiting}) P1 · iotgw · staff` : "iotgw · staff";
 }
 
@@ -452,7 +519,8 @@ async function showOrder(id) {
   const dialog = $("order-detail");
   $("detail-id").textContent = `#${id}`;
   $("detail-summary").textContent = "loading…";
-  for (const list of ["detail-timeline", "detail-alerts", "detail-pages"]) $(list).replaceChildren();
+  for (const list of ["detail-timeline", "detail-alerts", "detail-pages", "detail-device"]) $(list).replaceChildren();
+  $("detail-device-h").replaceChildren("Its device's latest events");
   dialog.showModal();
   let response;
   try {
@@ -475,29 +543,152 @@ async function showOrder(id) {
   $("detail-pages").replaceChildren(...(o.pages.length ? o.pages.map((p) => el("li", {},
     `${p.receiver}: ${p.status.replaceAll("_", " ")}, ${p.delivery}`,
     p.last_error ? el("span", { class: "meta" }, ` (${p.last_error})`) : null)) : [el("li", {}, "none")]));
+  $("detail-device-h").replaceChildren("Latest events of ", deviceLink(o.device_id));
+  const events = await getJson(`/api/devices/${encodeURIComponent(o.device_id)}/events?limit=10`);
+  $("detail-device").replaceChildren(...(events.body ? eventItems(events.body.items)
+    : [el("li", {}, `could not load: ${events.status}`)]));
+}
+
+// -- a device: its state now, its latest events as sentences, a sensor's last hour as a chart ------
+
+function seconds(s) {
+  if (s === null || s === undefined) return "?";
+  return s < 120 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`;
+}
+
+// Who did it, when a person did ("dispatch" and "engine" are the gateway's own steps).
+function byWhom(by) { return by && by !== "dispatch" && by !== "engine" ? ` by ${nameOf(by)}` : ""; }
+
+// An event as a sentence ("door opened at floor 3"); a type this page does not know, by its name.
+function sentence(e) {
+  const d = e.data || {};
+  const said = {
+    "elevator.door.opened": () => `door opened at floor ${d.floor}`,
+    "elevator.door.closed": () => `door closed at floor ${d.floor}`,
+    "elevator.trip.started": () => `left floor ${d.from_floor} going ${d.direction}`,
+    "elevator.trip.completed": () => `went from floor ${d.from_floor} to ${d.to_floor} in ${seconds(d.duration_s)}`,
+    "elevator.fault.raised": () => `fault ${d.code} at floor ${d.floor} with ${d.load_kg} kg inside`,
+    "elevator.fault.cleared": () => `fault ${d.code} cleared after ${seconds(d.duration_s)}`,
+    "elevator.mode.changed": () => `mode changed from ${d.from || "unknown"} to ${d.to}`,
+    "elevator.stuck": () => `stuck at floor ${d.floor} with ${d.load_kg} kg inside`,
+    "sensor.reading": () => `read ${d.value} ${d.unit}`,
+    "device.online": () => "came online",
+    "device.offline": () => `went offline${d.reason && d.reason !== "status" ? ` (${d.reason})` : ""}`,
+    "device.discovered": () => `seen for the first time${d.type ? ` (${d.type})` : ""}`,
+    "device.seq.reset": () => `restarted its message counter (${d.last_seq} to ${d.seq})`,
+  }[e.type];
+  if (said) return said();
+  if (e.type.startsWith("alert.") && d.rule) {
+    return `alert ${d.rule} ${String(d.status || "").replaceAll("_", " ")}${byWhom(d.by)}: ${d.summary}`;
+  }
+  if (e.type.startsWith("workorder.") && d.work_order_id) {
+    const to = d.assignee && ["assigned", "escalated", "reassigned"].includes(d.kind) ? ` to ${nameOf(d.assignee)}` : "";
+    return `work order #${d.work_order_id} ${String(d.kind || "").replaceAll("_", " ")}${byWhom(d.by)}${to}`;
+  }
+  return e.type;
+}
+
+function eventItems(events) {
+  if (!events.length) return [el("li", {}, "no events")];
+  return events.map((e) => el("li", { "data-type": e.type }, since(e.time), ": ", sentence(e)));
+}
+
+async function getJson(path) {
+  try {
+    const response = await api(path);
+    if (response.ok) return { body: await response.json() };
+    const problem = await response.json().catch(() => ({}));
+    const detail = typeof problem.detail === "string" ? problem.detail : JSON.stringify(problem.detail || "");
+    return { status: `${response.status}${detail ? `: ${detail}` : ""}` };
+  } catch (error) {
+    return { status: "no answer" };
+  }
+}
+
+const STATE_FIELDS = [["floor", "Floor"], ["door", "Door"], ["direction", "Direction"], ["mode", "Mode"],
+  ["load_kg", "Load (kg)"], ["fault", "Fault"], ["value", "Reading"]];
+
+function stateList(device) {
+  const s = device.state || {};
+  const rows = [["Type", device.type || "unknown"], ["Site", device.site || "no site"],
+    ["Online", device.online ? "yes" : "no"]];
+  for (const [key, label] of STATE_FIELDS) {
+    if (s[key] === undefined || s[key] === null) continue;
+    rows.push([label, key === "value" ? `${s.value} ${s.unit || ""}`.trim() : String(s[key]).replaceAll("_", " ")]);
+  }
+  const items = rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k.toLowerCase() }, v)]);
+  if (device.last_seen) items.push(el("dt", {}, "Last heard"), el("dd", {}, since(device.last_seen)));
+  return items;
+}
+
+// A sensor's last hour, minute by minute (the analytics consumer's buckets): the mean as a line,
+// the minimum and maximum as a band; drawn as SVG, nothing loaded.
+function chart(minutes, unit) {
+  const W = 320;
+  const H = 120;
+  const pad = 4;
+  const lo = Math.min(...minutes.map((m) => m.min));
+  const hi = Math.max(...minutes.map((m) => m.max));
+  const t0 = Date.parse(minutes[0].minute);
+  const t1 = Math.max(Date.parse(minutes[minutes.length - 1].minute), t0 + 60000);
+  const x = (m) => pad + ((Date.parse(m.minute) - t0) / (t1 - t0)) * (W - 2 * pad);
+  const room = 16;  // above and below the line: the labels
+  const y = (v) => H - room - (hi === lo ? 0.5 : (v - lo) / (hi - lo)) * (H - 2 * room);
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  const last = minutes[minutes.length - 1];
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `last hour: from ${lo} to ${hi} ${unit}, latest minute's mean ${last.mean} ${unit}`);
+  const band = document.createElementNS(NS, "polygon");
+  band.setAttribute("points", [...minutes.map((m) => `${x(m)},${y(m.max)}`),
+    ...[...minutes].reverse().map((m) => `${x(m)},${y(m.min)}`)].join(" "));
+  band.setAttribute("class", "band");
+  const line = document.createElementNS(NS, "polyline");
+  line.setAttribute("points", minutes.map((m) => `${x(m)},${y(m.mean)}`).join(" "));
+  line.setAttribute("class", "line");
+  const frame = document.createElementNS(NS, "rect");
+  for (const [k, v] of Object.entries({ x: pad, y: pad, width: W - 2 * pad, height: H - 2 * pad, class: "frame" })) {
+    frame.setAttribute(k, v);
+  }
+  const label = (text, ly, anchor = "start", lx = pad + 3) => {
+    const t = document.createElementNS(NS, "text");
+    for (const [k, v] of Object.entries({ x: lx, y: ly, "text-anchor": anchor, class: "label" })) t.setAttribute(k, v);
+    t.textContent = text;
+    return t;
+  };
+  svg.append(frame, band, line, label(`${hi} ${unit}`, pad + 11), label(`${lo} ${unit}`, H - pad - 3),
+    label(new Date(t0).toLocaleTimeString([], { timeZone: zone(), hour: "2-digit", minute: "2-digit" }),
+      H - pad - 3, "middle", W / 2 - 40),
+    label(new Date(t1).toLocaleTimeString([], { timeZone: zone(), hour: "2-digit", minute: "2-digit" }),
+      H - pad - 3, "end", W - pad - 3));
+  return el("figure", { class: "chart", "data-points": minutes.length }, svg,
+    el("figcaption", { class: "meta" }, `The last hour, per minute: the mean, and between ${lo} and ${hi} ${unit}; `,
+      `the latest minute's mean ${last.mean} ${unit}, `, since(last.minute)));
 }
 
 async function showDevice(id) {
   $("device-id").textContent = id;
   const list = $("device-events");
+  $("device-state").replaceChildren();
+  $("device-chart").replaceChildren();
   list.replaceChildren(el("li", {}, "loading…"));
-  $("device").showModal();
-  let response;
-  try {
-    response = await api(`/api/devices/${encodeURIComponent(id)}/events?limit=25`);
-  } catch (error) {
-    list.replaceChildren(el("li", {}, "The gateway did not answer."));
+  if (!$("device").open) $("device").showModal();
+  const [device, events] = await Promise.all([getJson(`/api/devices/${encodeURIComponent(id)}`),
+    getJson(`/api/devices/${encodeURIComponent(id)}/events?limit=25`)]);
+  if (!device.body) {
+    list.replaceChildren(el("li", {}, device.status === "no answer" ? "The gateway did not answer."
+      : `could not load: ${device.status}`));
     return;
   }
-  if (!response.ok) {
-    list.replaceChildren(el("li", {}, `could not load: ${response.status}`));
-    return;
+  $("device-state").replaceChildren(...stateList(device.body));
+  list.replaceChildren(...(events.body ? eventItems(events.body.items) : [el("li", {}, `could not load: ${events.status}`)]));
+  if (device.body.type && device.body.type !== "elevator") {
+    const figures = await getJson(`/api/analytics/devices/${encodeURIComponent(id)}`);
+    const minutes = figures.body && figures.body.minutes ? figures.body.minutes.filter((m) => m.count) : [];
+    $("device-chart").replaceChildren(minutes.length ? chart(minutes, (device.body.state || {}).unit || "")
+      : el("p", { class: "meta" }, "No readings in the last hour."));
   }
-  const events = (await response.json()).items;
-  list.replaceChildren(...events.map((e) => el("li", {},
-    el("strong", {}, e.type), " ", since(e.time), " ",
-    el("span", { class: "meta data" }, JSON.stringify(e.data)))));
-  if (!events.length) list.append(el("li", {}, "no events"));
 }
 
 // -- history: resolved work orders, searched with the API's filters, a page at a time -------------
@@ -515,35 +706,57 @@ function historyCard(o) {
       o.problem ? ` · found: ${o.problem}` : "", o.action ? ` · done: ${o.action}` : ""));
 }
 
+function historyAlertCard(a) {
+  return el("li", { class: `card ${a.severity}`, "data-resolved-alert": a.id },
+    el("div", { class: "top" }, el("span", { class: `badge ${a.severity}` }, a.severity), el("strong", {}, a.rule),
+      el("span", { class: "meta" }, "resolved "), a.resolved_at ? since(a.resolved_at) : null),
+    el("p", { class: "summary" }, a.summary),
+    el("div", { class: "meta" }, deviceLink(a.device_id), ` · ${a.site || "no site"} · `, since(a.fired_at, "fired "),
+      a.acked_by ? ` · acknowledged by ${nameOf(a.acked_by)}` : "",
+      a.resolved_by ? ` · resolved by ${nameOf(a.resolved_by)}` : " · resolved when its condition ended",
+      a.note ? ` · ${a.note}` : ""));
+}
+
+// A day picked in the form, as the start of that day in this browser's zone (RFC 3339 for the API).
+function dayStart(value, next = false) {
+  const [y, m, d] = value.split("-").map(Number);
+  return new Date(y, m - 1, d + (next ? 1 : 0)).toISOString();
+}
+
 async function searchHistory(more = false) {
   const form = $("history-form");
+  const alerts = form.elements.kind.value === "alerts";
   const params = new URLSearchParams({ status: "resolved", limit: "20" });
-  for (const name of ["device_id", "site", "priority", "assignee"]) {
+  const names = alerts ? ["device_id", "site"] : ["device_id", "site", "priority", "assignee"];
+  for (const name of names) {
     const value = form.elements[name].value.trim();
     if (value) params.set(name, value);
   }
+  if (form.elements.from.value) params.set("since", dayStart(form.elements.from.value));
+  if (form.elements.until.value) params.set("until", dayStart(form.elements.until.value, true));  // that day included
   if (more && historyCursor) params.set("cursor", historyCursor);
   $("history-note").textContent = "searching…";
-  let response;
-  try {
-    response = await api(`/api/work-orders?${params}`);
-  } catch (error) {
-    $("history-note").textContent = "The gateway did not answer: try again when it is back.";
+  const page = await getJson(`/${alerts ? "api/alerts" : "api/work-orders"}?${params}`);
+  if (!page.body) {
+    $("history-note").textContent = page.status === "no answer" ? "The gateway did not answer: try again when it is back."
+      : `Not found: ${page.status}`;
     return;
   }
-  if (!response.ok) {
-    const problem = await response.json().catch(() => ({}));
-    $("history-note").textContent = `Not found: ${problem.detail || response.status}`;
-    return;
-  }
-  const page = await response.json();
-  historyCursor = page.next_cursor;
-  const cards = page.items.map(historyCard);
+  historyCursor = page.body.next_cursor;
+  const cards = page.body.items.map(alerts ? historyAlertCard : historyCard);
   if (more) $("history").append(...cards); else $("history").replaceChildren(...cards);
   const shown = $("history").children.length;
-  $("history-note").textContent = shown ? `${shown} resolved work order${shown === 1 ? "" : "s"}` : "No resolved work order matches.";
+  const what = alerts ? "alert" : "work order";
+  $("history-note").textContent = shown ? `${shown} resolved ${what}${shown === 1 ? "" : "s"}`
+    : `No resolved ${what} matches.`;
   $("history-more").hidden = !historyCursor;
 }
+
+// Priority and assignee are work orders' alone.
+$("history-form").elements.kind.addEventListener("change", () => {
+  const alerts = $("history-form").elements.kind.value === "alerts";
+  for (const name of ["priority", "assignee"]) $("history-form").elements[name].disabled = alerts;
+});
 
 $("history-form").addEventListener("submit", (event) => { event.preventDefault(); searchHistory(); });
 $("history-more").addEventListener("click", () => searchHistory(true));

@@ -42,6 +42,7 @@ class AppState:
     ingest: bool = True  # False: this process does not subscribe (its readiness ignores the broker)
     security: ApiSecurity = field(default_factory=ApiSecurity)
     plugins: Mapping[str, Plugin] = field(default_factory=dict)  # their routes are mounted, their `live` streamed
+    time_zone: str = "UTC"  # the staff page's local times (Settings.time_zone)
 
 
 def _query_names(dependant: Dependant) -> set[str]:

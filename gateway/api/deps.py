@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from sqlmodel import col
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -65,4 +66,25 @@ def filtered(stmt: S, status: tuple[Any, str | None, Sequence[str]], equal: Sequ
     for column, value in equal:
         if value:
             stmt = stmt.where(col(column) == value)
+    return stmt
+
+
+Since = Annotated[datetime | None, Query(description="opened at or after this time (RFC 3339, with its zone)")]
+Until = Annotated[datetime | None, Query(description="opened before this time (RFC 3339, with its zone)")]
+
+
+def zoned(**times: datetime | None) -> None:
+    """A 422 for a time given without its zone (which zone a bare time means is a guess)."""
+    for name, value in times.items():
+        if value is not None and value.tzinfo is None:
+            raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
+
+
+def within(stmt: S, column: Any, since: datetime | None, until: datetime | None) -> S:  # noqa: ANN401 - a column
+    """A list route's query narrowed to `since <= column < until` (either may be open)."""
+    zoned(since=since, until=until)
+    if since is not None:
+        stmt = stmt.where(col(column) >= since)
+    if until is not None:
+        stmt = stmt.where(col(column) < until)
     return stmt

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     # (Its own broker, database and API key: only what means something for a demo.)
     add_settings(
         demo,
-        fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers"),
+        fields=("mqtt_url", "http_host", "http_port", "log_level", "consumers", "time_zone"),
         about={"mqtt_url": "the demo runs its own broker on 127.0.0.1: only the port of its gateway listener is taken"},
     )
     # A building, not a disaster: most cars in service, a fault every few minutes (and one at once).

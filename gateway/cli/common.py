@@ -37,6 +37,7 @@ SETTING_FLAGS = {
     "http_host": "--http-host",
     "http_port": "--http-port",
     "log_level": "--log-level",
+    "time_zone": "--time-zone",
     "consumers": "--consumers",
     "broker_password_file": "--password-file",
     "broker_pid_file": "--pid-file",

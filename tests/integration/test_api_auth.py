@@ -173,7 +173,7 @@ async def test_every_route_wants_a_key_of_its_role_and_mutations_are_audited(
         # Each key learns its own name and role, and what the role includes.
         for i, role in enumerate(ROLES):
             r = await client.get("/api/session", headers=bearer(keys[role]))
-            assert r.json() == {"name": f"{role}-key", "role": role, "may": list(ROLES[: i + 1])}
+            assert r.json() == {"name": f"{role}-key", "role": role, "may": list(ROLES[: i + 1]), "time_zone": "UTC"}
         # X-API-Key works as well as the Authorization header.
         assert (await client.get("/api/devices", headers={"X-API-Key": keys["viewer"]})).status_code == 200
 

@@ -21,6 +21,7 @@ from tests.support.gateway import ROOT
         (["run", "--mqtt-url", "http://x"], "--mqtt-url"),
         (["run", "--http-port", "70000"], "--http-port"),
         (["run", "--database-url", "iotgw.db"], "--database-url"),
+        (["run", "--time-zone", "Mars/Olympus"], "unknown time zone 'Mars/Olympus'"),
         (["simulate", "--rate", "0"], "--rate"),
         (["simulate", "--fault-rate", "2"], "--fault-rate"),
         (["demo", "--duration", "-5"], "--duration must be > 0"),

@@ -231,6 +231,11 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
     async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw, api(gw) as c:
         await trap(broker, clock)
         oid = (await one_order(gw, "a work order"))["id"]
+        # The record says who did it: a name nobody in the roster has is refused, and nothing changes.
+        r = await c.post(f"/api/work-orders/{oid}/ack", json={"by": "mallory"})
+        assert r.status_code == 422, r.text
+        assert "'mallory' is not in the roster" in r.json()["detail"]
+        assert (await detail(gw, oid))["status"] == "assigned"
         r = await c.post(f"/api/work-orders/{oid}/ack", json={"by": "tina"})
         assert r.status_code == 200, r.text
         assert (r.json()["status"], r.json()["acked_by"]) == ("acknowledged", "tina")
@@ -254,6 +259,15 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
             "created", "assigned", "acknowledged", "en_route", "on_site", "resolved",
         ]  # fmt: skip
         assert (await c.post(f"/api/work-orders/{oid}/on-site", json={"by": "tina"})).status_code == 409
+        # Found by when it was opened; a time with no zone is refused, not guessed.
+        opened = got["created_at"]
+        for since, until, found in ((opened, None, [oid]), (None, opened, []), ("2026-01-01T00:00:00Z", None, [oid])):
+            bounds = {k: v for k, v in (("since", since), ("until", until)) if v}
+            params = {"status": "resolved", **bounds}
+            r = await c.get("/api/work-orders", params=params)
+            assert [o["id"] for o in r.json()["items"]] == found, (since, until, r.text)
+        r = await c.get("/api/work-orders", params={"since": "2026-11-25T10:00:00"})
+        assert (r.status_code, r.json()["detail"]) == (422, "since: needs a time zone, e.g. 2026-11-28T10:00:00Z")
         assert (await c.post("/api/work-orders/999/ack", json={"by": "tina"})).status_code == 404
         kinds = [e["type"] async for e in _events(c, "el-1")]
         assert "workorder.resolved" in kinds

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlmodel import col, select
 
-from gateway.api.deps import StoreDep
+from gateway.api.deps import StoreDep, zoned
 from gateway.api.pages import id_cursor
 from gateway.api.schemas import EventPage
 from gateway.core.events import EVENT_TYPES
@@ -89,9 +89,7 @@ async def events(  # noqa: PLR0913, PLR0917 - one parameter per documented filte
     ] = "asc",
 ) -> Response:
     """Events in log order (or the newest first: `order=desc`), filtered; at most `limit` (≤ 1000) per page."""
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
+    zoned(since=since, until=until)
     if type is not None:
         exact, prefixes = known_types(request.app.state.iotgw.plugins)
         if not _check_type(type, exact, prefixes) and not await asyncio.to_thread(_in_log, store, type):
