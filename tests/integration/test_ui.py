@@ -550,3 +550,36 @@ async def test_the_overview_by_building_narrows_the_board_and_times_read_in_the_
         await expect(opened).to_contain_text("GMT+9")
         await opened.click()
         await expect(opened).to_contain_text("ago")
+
+
+async def test_a_trapped_passenger_is_notified_when_the_browser_allows_notifications(
+    broker: Mosquitto, ui_settings: Callable[..., Settings], browser: Browser
+) -> None:
+    now = datetime.now(UTC)
+    async with running_gateway(
+        ui_settings(broker), serve_http=True, consumers=[on_shift_dispatch(WED_10_BERLIN)]
+    ) as gw:
+        context = await browser.new_context(permissions=["notifications"])
+        page = await context.new_page()
+        # What the page shows, as the browser's Notification sees it.
+        await page.add_init_script("""
+            window.shown = [];
+            const Real = window.Notification;
+            window.Notification = class extends Real {
+              constructor(title, options) { super(title, options); window.shown.push({ title, ...options }); }
+            };
+        """)
+        await page.goto(f"http://127.0.0.1:{gw.settings.http_port}/ui/")
+        await page.fill("#key", new_key(gw, "technician"))
+        await page.locator("#login button").click()
+        await expect(page.locator("#live")).to_have_text("live")
+        assert await page.evaluate("Notification.permission") == "granted"
+        await publish(broker, "el-2", message(1, now), message(2, now, **STUCK))
+        await expect(page.locator("#orders li.entrapment")).to_have_count(1)
+        shown = await page.evaluate("window.shown")
+        assert [(n["title"], n["body"]) for n in shown] == [
+            ("Passenger trapped", "el-2 stuck at floor 3 with 80 kg inside")
+        ]
+        alarms = await page.evaluate("window.iotgwAlarms")
+        assert [a["notified"] for a in alarms] == [True]
+        await context.close()
