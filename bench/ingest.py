@@ -245,6 +245,23 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cpu_split(gateway: psutil.Process, broker: psutil.Process) -> dict[str, float]:
+    """CPU seconds (user + system, from /proc) so far of the gateway's process, its consumers'
+    process (when they run apart) and the broker."""
+
+    def used(p: psutil.Process) -> float:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            return times.user + times.system
+        return 0.0
+
+    return {"gateway": used(gateway), "consumers": sum(used(c) for c in gateway.children()), "broker": used(broker)}
+
+
+def per_message_us(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) * 1e6 / n, 1) for k in before}
+
+
 def _write_streams(work: Path, prefix: str, devices: int, per_device: int, site: str) -> list[tuple[str, Path]]:
     """One file of JSON lines per device, for `mosquitto_pub -l` (seq 1..per_device)."""
     out = []
@@ -338,6 +355,8 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         all_rates: list[float] = []
         inproc_rates: list[float] = []
         behind: list[float] = []
+        cpu: dict[str, list[dict[str, float]]] = {"solo": [], "all": [], "inproc": []}
+        mosquitto = psutil.Process(broker.proc.pid) if broker.proc is not None else psutil.Process()
         peak_rss = 0
         for run_no in range(args.repeat):
             for mode in ("solo", "all", "inproc"):
@@ -351,7 +370,10 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                 _wait_ready(http_port, gw)
                 proc = psutil.Process(gw.pid)
                 prefix = f"{PREFIX}{mode}{run_no}-"
-                started = _blast(broker.gateway_port, _write_streams(work, prefix, args.devices, per_device, args.site))
+                streams = _write_streams(work, prefix, args.devices, per_device, args.site)
+                time.sleep(0.5)  # the consumers' process is up and idle: its start is not counted
+                before = cpu_split(proc, mosquitto)
+                started = _blast(broker.gateway_port, streams)
                 while (done := _stored_span(target_db, prefix))[0] < total:
                     peak_rss = max(peak_rss, gateway_rss(proc))
                     if gw.poll() is not None or time.time() - started > args.timeout:
@@ -364,6 +386,9 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                 if mode == "all":
                     behind.append(_caught_up_after(http_port, done[1], args.timeout))
                     say(f"    its consumers caught up {behind[-1]:.1f} s after the last event was stored")
+                # CPU per stored message, until stored (and, as deployed, until its consumers caught up).
+                cpu[mode].append(per_message_us(before, cpu_split(proc, mosquitto), total))
+                say("    CPU per message: " + ", ".join(f"{k} {v} µs" for k, v in cpu[mode][-1].items()))
                 _stop(gw)
                 # Its persistent session would queue every later stream: burden the broker and
                 # skew the next runs. A clean-session connect with the same id discards it.
@@ -380,6 +405,9 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         paired = sorted(a / s for a, s in zip(all_rates, solo_rates, strict=True))
         results["paired_ratios"] = [round(r, 3) for r in paired]
         results["caught_up_s"] = round(max(behind), 1)
+        results["cpu_us_per_msg"] = {
+            mode: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for mode, runs in cpu.items()
+        }
         inproc = statistics.median(inproc_rates)
         results["in_process_msg_s"] = round(inproc)
         results["in_process_runs"] = [round(r) for r in inproc_rates]
@@ -387,6 +415,8 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
         results["in_process_paired_ratios"] = sorted(
             round(a / s, 3) for a, s in zip(inproc_rates, solo_rates, strict=True)
         )
+        if args.quick:
+            return results
         # 3. Backlog: the gateway (with all consumers) was away while the same volume queued up.
         gw = _gateway(broker.gateway_port, db, http_port, log)  # creates its persistent session
         _wait_ready(http_port, gw)
@@ -460,7 +490,17 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each live gateway phase (medians reported)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up on a phase after this many seconds")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the live runs alone, once each: 40,000 messages from 20 devices (unless given); no backlog or latency",
+    )
     args = p.parse_args()
+    if args.quick:
+        given = set(sys.argv)
+        args.messages = args.messages if "--messages" in given else 40_000
+        args.devices = args.devices if "--devices" in given else 20
+        args.repeat = args.repeat if "--repeat" in given else 1
     r = run(args)
     print()
     print("| figure | value |")
@@ -481,6 +521,14 @@ def main() -> None:
     print(f"| consumers in the gateway's process vs ingest only | {r['in_process_vs_ingest_only']:.0%} |")
     pairs = ", ".join(f"{x:.0%}" for x in r["in_process_paired_ratios"])
     print(f"| the same, run by run | {pairs} |")
+    labels = {"solo": "ingest only", "all": "all consumers in their own process", "inproc": "all in one process"}
+    for mode, us in r["cpu_us_per_msg"].items():
+        split = ", ".join(f"{k} {v} µs" for k, v in us.items())
+        both = us["gateway"] + us["consumers"]
+        print(f"| CPU per stored message, {labels[mode]} | {split}; gateway + consumers {both:.1f} µs |")
+    if args.quick:
+        save(args.out.with_name("ingest-quick.json"), r)
+        return
     print(f"| gateway catching up a backlog after a restart | {r['backlog_msg_s']:,} msg/s |")
     print(f"| its consumers caught up after the backlog's last event stored | {r['backlog_consumers_caught_up_s']} s |")
     for lat in r["latency"]:
