@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm.exc import StaleDataError
 from sqlmodel import Session, col, select
@@ -102,6 +102,10 @@ class WorkOrderDetail(WorkOrderPublic):
     pages: list[DeliveryPublic]
 
 
+# A record that says something: blank is refused, surrounding spaces are dropped.
+Record = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
 class StepBody(BaseModel):
     """Who does it, with an optional note."""
 
@@ -112,8 +116,8 @@ class StepBody(BaseModel):
 class ResolveBody(StepBody):
     """The callback record: what was found and what was done (both required)."""
 
-    problem: str = Field(min_length=1, max_length=2000)
-    action: str = Field(min_length=1, max_length=2000)
+    problem: Record
+    action: Record
 
 
 class ReassignBody(StepBody):

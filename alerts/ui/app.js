@@ -17,6 +17,7 @@ const state = {
   notes: new Map(),  // card -> {text, kind, until}: an action's outcome, next to its buttons
   seenP1: null,  // the P1 work orders this page has raised the alarm for (null: none read yet)
   site: null,  // the building the board shows (null: all; "": the devices with no site)
+  absolute: new Set(),  // the times tapped to show their date and time (kept across re-renders)
 };
 
 // -- the alarm: a trapped passenger is loud (a tone, a notification), or silent (title only) ----
@@ -230,11 +231,15 @@ function localTime(iso) {
 
 // A time as "4 min ago", ticking, with the local date and time on hover; a tap switches between the two.
 function since(iso, prefix = "") {
-  const t = el("time", { datetime: iso, "data-since": iso, "data-prefix": prefix, title: localTime(iso) },
-    `${prefix}${ago(iso)}`);
+  const t = el("time", { datetime: iso, "data-since": iso, "data-prefix": prefix, title: localTime(iso),
+    "data-absolute": state.absolute.has(iso) });
+  t.textContent = sinceText(t);
   t.addEventListener("click", () => {
-    t.toggleAttribute("data-absolute");
-    t.textContent = sinceText(t);
+    if (state.absolute.has(iso)) state.absolute.delete(iso); else state.absolute.add(iso);
+    for (const same of document.querySelectorAll(`time[data-since="${iso}"]`)) {
+      same.toggleAttribute("data-absolute", state.absolute.has(iso));
+      same.textContent = sinceText(same);
+    }
   });
   return t;
 }
@@ -339,7 +344,9 @@ function orderCard(o, alertsById) {
   const step = (label, path, done, primary = false) => action(card, label, path,
     () => post(card, `/api/work-orders/${o.id}/${path}`, { by: me() }, done), primary);
   const buttons = [];
-  if (o.status === "assigned") buttons.push(step("Acknowledge", "ack", "Acknowledged: escalation stopped.", true));
+  if (o.status === "assigned") {
+    buttons.push(step("Acknowledge", "ack", `Acknowledged as ${nameOf(me())}: escalation stopped.`, true));
+  }
   if (["assigned", "acknowledged"].includes(o.status)) buttons.push(step("En route", "en-route", "On the way."));
   if (["assigned", "acknowledged", "en_route"].includes(o.status)) buttons.push(step("On site", "on-site", "On site."));
   buttons.push(action(card, "Resolve…", "resolve", () => resolveOrder(o)));
@@ -381,8 +388,13 @@ function passenger(o) {
   if (s.floor !== undefined) facts.push(`floor ${s.floor}`);
   if (s.door) facts.push(`door ${s.door}`);
   if (!d.online) facts.push("elevator offline");
+  if (s.mode !== "fault" || !d.fault_since) {  // running again: what it says now is no trapped passenger's
+    return el("p", { class: "facts recovered", "data-facts": o.id },
+      `The elevator runs again (${String(s.mode || "unknown").replaceAll("_", " ")}): now ${facts.join(" · ")}. `,
+      "Check that nobody is still inside before resolving.");
+  }
   return el("p", { class: "facts", "data-facts": o.id }, facts.join(" · "), " · ",
-    since(d.fault_since || o.created_at, "fault began "));
+    since(d.fault_since, "fault began "));
 }
 
 function episode(o, alertsById) {
@@ -486,6 +498,11 @@ function resolveOrder(o) {
   const form = $("resolve-form");
   form.reset();
   $("resolve-id").textContent = `#${o.id}`;
+  const byId = new Map(state.snapshot.alerts.map((a) => [a.id, a]));
+  const firing = (o.alert_ids || []).map((id) => byId.get(id)).filter((a) => a && a.status !== "resolved");
+  $("resolve-warning").hidden = !firing.length;
+  $("resolve-warning").textContent = firing.length ? `Still firing: ${firing.map((a) => a.summary).join("; ")}. ` +
+    "The device still reports the fault; resolve only when it is safe (the alert then stays on its own list)." : "";
   dialog.onclose = () => {
     if (dialog.returnValue !== "ok") return;
     post(`order-${o.id}`, `/api/work-orders/${o.id}/resolve`,
@@ -622,50 +639,55 @@ function stateList(device) {
 }
 
 // A sensor's last hour, minute by minute (the analytics consumer's buckets): the mean as a line,
-// the minimum and maximum as a band; drawn as SVG, nothing loaded.
+// the minimum and maximum as a band, a minute with no reading as a gap; drawn as SVG, nothing loaded.
 function chart(minutes, unit) {
   const W = 320;
   const H = 120;
   const pad = 4;
+  const room = 16;  // above and below the line: the labels
   const lo = Math.min(...minutes.map((m) => m.min));
   const hi = Math.max(...minutes.map((m) => m.max));
-  const t0 = Date.parse(minutes[0].minute);
-  const t1 = Math.max(Date.parse(minutes[minutes.length - 1].minute), t0 + 60000);
+  const last = minutes[minutes.length - 1];
+  const t1 = Date.parse(last.minute);
+  const t0 = t1 - 59 * 60000;  // the whole hour ending at the latest minute, however few readings
   const x = (m) => pad + ((Date.parse(m.minute) - t0) / (t1 - t0)) * (W - 2 * pad);
-  const room = 16;  // above and below the line: the labels
   const y = (v) => H - room - (hi === lo ? 0.5 : (v - lo) / (hi - lo)) * (H - 2 * room);
   const NS = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(NS, "svg");
-  const last = minutes[minutes.length - 1];
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `last hour: from ${lo} to ${hi} ${unit}, latest minute's mean ${last.mean} ${unit}`);
-  const band = document.createElementNS(NS, "polygon");
-  band.setAttribute("points", [...minutes.map((m) => `${x(m)},${y(m.max)}`),
-    ...[...minutes].reverse().map((m) => `${x(m)},${y(m.min)}`)].join(" "));
-  band.setAttribute("class", "band");
-  const line = document.createElementNS(NS, "polyline");
-  line.setAttribute("points", minutes.map((m) => `${x(m)},${y(m.mean)}`).join(" "));
-  line.setAttribute("class", "line");
-  const frame = document.createElementNS(NS, "rect");
-  for (const [k, v] of Object.entries({ x: pad, y: pad, width: W - 2 * pad, height: H - 2 * pad, class: "frame" })) {
-    frame.setAttribute(k, v);
-  }
-  const label = (text, ly, anchor = "start", lx = pad + 3) => {
-    const t = document.createElementNS(NS, "text");
-    for (const [k, v] of Object.entries({ x: lx, y: ly, "text-anchor": anchor, class: "label" })) t.setAttribute(k, v);
-    t.textContent = text;
-    return t;
+  const node = (tag, attrs, text) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    return n;
   };
-  svg.append(frame, band, line, label(`${hi} ${unit}`, pad + 11), label(`${lo} ${unit}`, H - pad - 3),
-    label(new Date(t0).toLocaleTimeString([], { timeZone: zone(), hour: "2-digit", minute: "2-digit" }),
-      H - pad - 3, "middle", W / 2 - 40),
-    label(new Date(t1).toLocaleTimeString([], { timeZone: zone(), hour: "2-digit", minute: "2-digit" }),
-      H - pad - 3, "end", W - pad - 3));
-  return el("figure", { class: "chart", "data-points": minutes.length }, svg,
-    el("figcaption", { class: "meta" }, `The last hour, per minute: the mean, and between ${lo} and ${hi} ${unit}; `,
-      `the latest minute's mean ${last.mean} ${unit}, `, since(last.minute)));
+  // Runs of consecutive minutes: a gap (a silent sensor) is not drawn over.
+  const runs = [];
+  for (const m of minutes) {
+    const run = runs[runs.length - 1];
+    if (run && Date.parse(m.minute) - Date.parse(run[run.length - 1].minute) <= 60000) run.push(m);
+    else runs.push([m]);
+  }
+  const svg = node("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": `last hour: from ${lo} to ${hi} ${unit}, latest minute's mean ${round2(last.mean)} ${unit}` +
+      (runs.length > 1 ? `, ${runs.length - 1} gap${runs.length > 2 ? "s" : ""} with no reading` : "") });
+  svg.append(node("rect", { x: pad, y: pad, width: W - 2 * pad, height: H - 2 * pad, class: "frame" }));
+  for (const run of runs) {
+    svg.append(node("polygon", { class: "band", points: [...run.map((m) => `${x(m)},${y(m.max)}`),
+      ...[...run].reverse().map((m) => `${x(m)},${y(m.min)}`)].join(" ") }));
+    const points = run.map((m) => `${x(m)},${y(m.mean)}`).join(" ");
+    svg.append(run.length > 1 ? node("polyline", { class: "line", points })
+      : node("circle", { class: "dot", cx: x(run[0]), cy: y(run[0].mean), r: 2 }));
+  }
+  const clock = (ms) => new Date(ms).toLocaleTimeString([], { timeZone: zone(), hour: "2-digit", minute: "2-digit" });
+  svg.append(node("text", { x: pad + 3, y: pad + 12, class: "label" }, `${hi} ${unit}`),
+    node("text", { x: pad + 3, y: H - pad - 3, class: "label" }, `${lo} ${unit}`));
+  return el("figure", { class: "chart", "data-points": minutes.length, "data-runs": runs.length }, svg,
+    el("div", { class: "axis meta" }, el("span", {}, clock(t0)), el("span", {}, clock(t1))),
+    el("figcaption", { class: "meta" }, `The last hour, per minute: the mean, and between ${lo} and ${hi} ${unit}`,
+      runs.length > 1 ? "; the gaps are minutes with no reading" : "",
+      `; the latest minute's mean ${round2(last.mean)} ${unit}, `, since(last.minute)));
 }
+
+function round2(v) { return Math.round(v * 100) / 100; }
 
 async function showDevice(id) {
   $("device-id").textContent = id;
@@ -713,14 +735,28 @@ function historyAlertCard(a) {
     el("p", { class: "summary" }, a.summary),
     el("div", { class: "meta" }, deviceLink(a.device_id), ` · ${a.site || "no site"} · `, since(a.fired_at, "fired "),
       a.acked_by ? ` · acknowledged by ${nameOf(a.acked_by)}` : "",
-      a.resolved_by ? ` · resolved by ${nameOf(a.resolved_by)}` : " · resolved when its condition ended",
+      a.resolved_by && a.resolved_by !== "engine" ? ` · resolved by ${nameOf(a.resolved_by)}`
+        : " · ended by itself (its condition cleared)",
       a.note ? ` · ${a.note}` : ""));
 }
 
-// A day picked in the form, as the start of that day in this browser's zone (RFC 3339 for the API).
+// How far the gateway's zone is ahead of UTC at `ms` (milliseconds).
+function zoneOffset(ms) {
+  const parts = Object.fromEntries(new Intl.DateTimeFormat("en-US", { timeZone: zone(), hourCycle: "h23",
+    year: "numeric", month: "numeric", day: "numeric", hour: "numeric", minute: "numeric", second: "numeric" })
+    .formatToParts(new Date(ms)).map((p) => [p.type, p.value]));
+  const wall = Date.UTC(parts.year, parts.month - 1, parts.day, parts.hour, parts.minute, parts.second);
+  return wall - Math.floor(ms / 1000) * 1000;
+}
+
+// A day picked in the form, as the start of that day in the gateway's zone (RFC 3339 for the API).
 function dayStart(value, next = false) {
   const [y, m, d] = value.split("-").map(Number);
-  return new Date(y, m - 1, d + (next ? 1 : 0)).toISOString();
+  const wall = new Date(0);
+  wall.setUTCFullYear(y, m - 1, d + (next ? 1 : 0));  // years below 100 stay themselves
+  let at = wall.getTime() - zoneOffset(wall.getTime());
+  at = wall.getTime() - zoneOffset(at);  // the offset at that instant (a change of time that day)
+  return new Date(at).toISOString();
 }
 
 async function searchHistory(more = false) {
@@ -732,14 +768,20 @@ async function searchHistory(more = false) {
     const value = form.elements[name].value.trim();
     if (value) params.set(name, value);
   }
+  if (form.elements.from.value && form.elements.until.value && form.elements.until.value < form.elements.from.value) {
+    $("history").replaceChildren();
+    $("history-note").textContent = "The “until” day is before the “from” day: nothing can match.";
+    return;
+  }
   if (form.elements.from.value) params.set("since", dayStart(form.elements.from.value));
   if (form.elements.until.value) params.set("until", dayStart(form.elements.until.value, true));  // that day included
   if (more && historyCursor) params.set("cursor", historyCursor);
   $("history-note").textContent = "searching…";
   const page = await getJson(`/${alerts ? "api/alerts" : "api/work-orders"}?${params}`);
   if (!page.body) {
+    if (!more) $("history").replaceChildren();
     $("history-note").textContent = page.status === "no answer" ? "The gateway did not answer: try again when it is back."
-      : `Not found: ${page.status}`;
+      : `Could not search: ${page.status}`;
     return;
   }
   historyCursor = page.body.next_cursor;

@@ -132,7 +132,11 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": f"database unavailable: {exc}"})
+        # The first line says what (a lock, a refused connection); the statement and its
+        # parameters stay in the log, not in a reply to whoever asked.
+        log.warning("API request failed on the database: %s", exc)
+        said = str(exc).split("\n", 1)[0].split(" [SQL:", 1)[0]
+        return JSONResponse(status_code=503, content={"detail": f"database unavailable: {said}"})
 
     @app.exception_handler(UnknownConsumerError)
     async def _unknown_consumer(_request: Request, exc: UnknownConsumerError) -> JSONResponse:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
@@ -74,10 +74,17 @@ Until = Annotated[datetime | None, Query(description="opened before this time (R
 
 
 def zoned(**times: datetime | None) -> None:
-    """A 422 for a time given without its zone (which zone a bare time means is a guess)."""
+    """A 422 for a time given without its zone (which zone a bare time means is a guess), or one
+    that is no time in UTC (9999-12-31T23:00-23:00 is past the year 9999)."""
     for name, value in times.items():
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            continue
+        if value.tzinfo is None:
             raise HTTPException(status_code=422, detail=f"{name}: needs a time zone, e.g. 2026-11-28T10:00:00Z")
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise HTTPException(status_code=422, detail=f"{name}: out of range in UTC") from None
 
 
 def within(stmt: S, column: Any, since: datetime | None, until: datetime | None) -> S:  # noqa: ANN401 - a column

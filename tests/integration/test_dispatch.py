@@ -245,6 +245,8 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
         for step in ("en-route", "on-site"):
             r = await c.post(f"/api/work-orders/{oid}/{step}", json={"by": "tina"})
             assert r.status_code == 200, r.text
+        r = await c.post(f"/api/work-orders/{oid}/resolve", json={"by": "tina", "problem": "   ", "action": " \n"})
+        assert r.status_code == 422, "a blank callback record is no record"
         r = await c.post(f"/api/work-orders/{oid}/resolve", json={"by": "tina", "problem": "roller"})
         assert r.status_code == 422
         assert "action" in r.json()["detail"]
@@ -268,6 +270,9 @@ async def test_technician_steps_stop_escalation_and_resolve_needs_the_callback_r
             assert [o["id"] for o in r.json()["items"]] == found, (since, until, r.text)
         r = await c.get("/api/work-orders", params={"since": "2026-11-25T10:00:00"})
         assert (r.status_code, r.json()["detail"]) == (422, "since: needs a time zone, e.g. 2026-11-28T10:00:00Z")
+        for path in ("/api/work-orders", "/api/alerts", "/api/events"):  # no time in UTC: a 422, not the database's
+            r = await c.get(path, params={"since": "9999-12-31T23:59:59-23:00", "until": "0001-01-01T00:00:00+14:00"})
+            assert (r.status_code, r.json()["detail"]) == (422, "since: out of range in UTC"), (path, r.text)
         assert (await c.post("/api/work-orders/999/ack", json={"by": "tina"})).status_code == 404
         kinds = [e["type"] async for e in _events(c, "el-1")]
         assert "workorder.resolved" in kinds

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -248,7 +249,14 @@ async def test_with_the_gateway_away_the_page_says_offline_disables_actions_and_
         await expect(card.locator("button[data-action=ack]")).to_be_enabled()
     # The gateway is stopped: the page says so at once, and nothing can be tapped in vain.
     await expect(page.locator("#offline")).to_be_visible()
+    await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # far down the board: still said
     await expect(page.locator("#offline")).to_be_in_viewport()
+    on_top = (
+        "(() => { const r = document.getElementById('offline').getBoundingClientRect();"
+        " return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2)?.id; })()"
+    )
+    assert await page.evaluate(on_top) == "offline", "nothing covers the notice"
+    await accessible(page, "offline-phone")  # what it last knew stays readable
     await expect(page.locator("#live")).not_to_have_text("live")
     await expect(card.locator("button[data-action=ack]")).to_be_disabled()
     await expect(card.locator(".why")).to_contain_text("Offline")
@@ -336,6 +344,11 @@ async def test_a_trapped_passenger_comes_first_and_the_tab_title_says_so(
         # Acknowledged, a trapped passenger no longer counts in the title.
         await page.locator("#orders li.entrapment button[data-action=ack]").first.click()
         await expect(page).to_have_title(re.compile(r"^\(1\) P1"))
+        # The elevator runs again: its card no longer reads as a trapped passenger's facts.
+        await publish(broker, "el-2", message(3, now))
+        again = page.locator(f"#orders li[data-order='{trapped_id}'] [data-facts]")
+        await expect(again).to_contain_text("The elevator runs again (normal)")
+        await expect(again).not_to_contain_text("fault began")
 
 
 async def test_the_api_docs_render_with_no_other_host_reachable(
@@ -438,7 +451,9 @@ async def test_resolved_work_orders_are_found_by_device_and_assignee(
 ) -> None:
     now = datetime.now(UTC)
     dispatch = on_shift_dispatch(WED_10_BERLIN)
-    async with running_gateway(ui_settings(broker), serve_http=True, consumers=[dispatch]) as gw:
+    # A gateway whose day is not the browser's (UTC) now: the day filter is the gateway's calendar.
+    zone = "Etc/GMT-14" if now.hour >= 12 else "Etc/GMT+12"  # POSIX signs: 14 h ahead of UTC, or 12 h behind
+    async with running_gateway(ui_settings(broker, time_zone=zone), serve_http=True, consumers=[dispatch]) as gw:
         for device in ("el-31", "el-32"):
             await publish(broker, device, message(1, now), message(2, now, **JAM))
         page = await staff_page(browser, gw, phone=True)
@@ -473,15 +488,17 @@ async def test_resolved_work_orders_are_found_by_device_and_assignee(
         await form.locator("select[name=kind]").select_option("alerts")
         await expect(form.locator("select[name=assignee]")).to_be_disabled()  # work orders' alone
         await form.locator("input[name=device_id]").fill("el-31")
-        today = await page.evaluate("new Date().toLocaleDateString('en-CA')")  # YYYY-MM-DD, the browser's day
-        await form.locator("input[name=from]").fill(today)
+        today = datetime.now(ZoneInfo(zone)).date()  # the gateway's day, not the browser's
+        assert today != datetime.now(UTC).date()
+        await form.locator("input[name=from]").fill(today.isoformat())
+        await form.locator("input[name=until]").fill(today.isoformat())  # that day included
         await form.locator("button").click()
         ended = page.locator("#history li[data-resolved-alert]")
         await expect(ended).to_have_count(1)
         await expect(ended).to_contain_text("door-jam")
         await expect(ended).to_contain_text("acknowledged by Tina")
         await form.locator("input[name=from]").fill("")
-        await form.locator("input[name=until]").fill("2026-01-01")  # opened before then: none
+        await form.locator("input[name=until]").fill((today - timedelta(days=1)).isoformat())  # none opened by then
         await form.locator("button").click()
         await expect(page.locator("#history-note")).to_have_text("No resolved alert matches.")
 
@@ -497,7 +514,8 @@ async def test_a_sensors_device_view_shows_its_state_and_charts_its_last_hour(
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     values = [20.5 + i for i in range(12)]  # one a minute for 12 minutes, the last ones too hot
     async with running_gateway(ui_settings(broker, consumers="alerts,analytics"), serve_http=True) as gw:
-        readings = [reading(i + 1, now - timedelta(minutes=11 - i), v) for i, v in enumerate(values)]
+        silent = (5, 6)  # two minutes with no reading
+        readings = [reading(i + 1, now - timedelta(minutes=11 - i), v) for i, v in enumerate(values) if i not in silent]
         async with mqtt_client(broker.url_as("tester"), "t-1") as c:
             for r in readings:
                 await c.publish("devices/t-1/telemetry", r, qos=1)
@@ -510,12 +528,18 @@ async def test_a_sensors_device_view_shows_its_state_and_charts_its_last_hour(
         await expect(page.locator("#device-events")).to_contain_text("read 31.5 C")
         # The chart: one point a minute, from the analytics API's buckets, drawn without any library.
         figure = page.locator("#device-chart figure.chart")
-        await expect(figure).to_have_attribute("data-points", "12")
-        points = await figure.locator("polyline").get_attribute("points") or ""
-        assert len(points.split()) == 12, points
-        heights = [float(p.split(",")[1]) for p in points.split()]
+        await expect(figure).to_have_attribute("data-points", "10")
+        # The silent minutes are a gap, not a line drawn over them: two runs, of 5 and 5 minutes.
+        await expect(figure).to_have_attribute("data-runs", "2")
+        runs = [(await line.get_attribute("points") or "").split() for line in await figure.locator("polyline").all()]
+        assert [len(r) for r in runs] == [5, 5], runs
+        xs = [float(p.split(",")[0]) for r in runs for p in r]
+        heights = [float(p.split(",")[1]) for r in runs for p in r]
         assert heights == sorted(heights, reverse=True), "rising readings draw a rising line (y grows downwards)"
-        await expect(figure.locator("svg")).to_have_attribute("aria-label", re.compile(r"from 20.5 to 31.5 C"))
+        assert xs == sorted(xs)
+        assert xs[0] > 320 / 2, "12 minutes of readings take the end of the hour, not all of it"
+        label = re.compile(r"from 20.5 to 31.5 C.*1 gap with no reading")
+        await expect(figure.locator("svg")).to_have_attribute("aria-label", label)
         await accessible(page, "device-sensor-desktop")
 
 
@@ -548,6 +572,9 @@ async def test_the_overview_by_building_narrows_the_board_and_times_read_in_the_
         assert "GMT+9" in (await opened.get_attribute("title") or "")
         await opened.click()
         await expect(opened).to_contain_text("GMT+9")
+        await publish(broker, "el-43", message(1, now), message(2, now, **JAM))  # a new snapshot: a re-render
+        await expect(page.locator("#orders li[data-order]")).to_have_count(2)
+        await expect(opened).to_contain_text("GMT+9")  # the tap stays
         await opened.click()
         await expect(opened).to_contain_text("ago")
 
