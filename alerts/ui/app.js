@@ -86,9 +86,9 @@ function apiKey() { return sessionStorage.getItem(KEY) || ""; }
 
 // -- signing in and out: nothing of the board shows without a key the gateway accepted ----------
 
-function askForKey(message) {
+function askForKey(message, command = "") {
   clearBoard();
-  $("login-message").textContent = message;
+  $("login-message").replaceChildren(message, command ? el("code", { class: "command" }, command) : "");
   $("login").hidden = false;
   $("key").focus();
 }
@@ -586,7 +586,8 @@ function sentence(e) {
     "elevator.trip.completed": () => `went from floor ${d.from_floor} to ${d.to_floor} in ${seconds(d.duration_s)}`,
     "elevator.fault.raised": () => `fault ${d.code} at floor ${d.floor} with ${d.load_kg} kg inside`,
     "elevator.fault.cleared": () => `fault ${d.code} cleared after ${seconds(d.duration_s)}`,
-    "elevator.mode.changed": () => `mode changed from ${d.from || "unknown"} to ${d.to}`,
+    "elevator.mode.changed": () => `mode changed from ${String(d.from || "unknown").replaceAll("_", " ")} to ` +
+      String(d.to).replaceAll("_", " "),
     "elevator.stuck": () => `stuck at floor ${d.floor} with ${d.load_kg} kg inside`,
     "sensor.reading": () => `read ${d.value} ${d.unit}`,
     "device.online": () => "came online",
@@ -724,7 +725,8 @@ function historyCard(o) {
         onclick: () => showOrder(o.id) }, `#${o.id}`),
       el("span", { class: "meta" }, "resolved "), o.resolved_at ? since(o.resolved_at) : null),
     el("p", { class: "summary" }, o.summary),
-    el("div", { class: "meta" }, `${o.device_id} · ${o.site || "no site"} · by ${nameOf(o.resolved_by || "")}`,
+    el("div", { class: "meta" }, deviceLink(o.device_id), ` · ${o.site || "no site"} · `, since(o.created_at, "opened "),
+      ` · resolved by ${nameOf(o.resolved_by || "")}`,
       o.problem ? ` · found: ${o.problem}` : "", o.action ? ` · done: ${o.action}` : ""));
 }
 
@@ -866,5 +868,7 @@ async function connect() {
 
 showSound();
 if (apiKey()) start();
-else askForKey("This page needs an API key: a technician's to act, a viewer's to watch. " +
-  "An administrator creates one with: iotgw apikeys create --role technician --name YOUR-NAME");
+else {
+  askForKey("This page needs an API key: a technician's to act, a viewer's to watch. An administrator creates one with:",
+    "iotgw apikeys create --role technician --name YOUR-NAME");
+}
