@@ -89,16 +89,20 @@ class AlertsPlugin(Plugin):
             select(WorkOrderAlertRow).where(col(WorkOrderAlertRow.work_order_id).in_([o.id for o in orders]))
         ):
             attached.setdefault(link.work_order_id, []).append(link.alert_id)
+        # Only a trapped passenger's elevator: every other device's readings would change the
+        # snapshot, and push it again, at each message.
+        trapped = {o.device_id for o in orders if o.priority == "P1"}
         devices = {d.device_id: d for d in tx.exec(
-            select(DeviceRow).where(col(DeviceRow.device_id).in_({o.device_id for o in orders})))}  # fmt: skip
+            select(DeviceRow).where(col(DeviceRow.device_id).in_(trapped)))} if trapped else {}  # fmt: skip
         return {
             "alerts": [alerts.AlertPublic.model_validate(a, from_attributes=True).model_dump(mode="json")
                        for a in open_alerts],
-            # Each order with the ids of its alerts (the staff page shows them inside it) and its
-            # device's state now (a trapped passenger's card says the load, the floor, since when).
+            # Each order with the ids of its alerts (the staff page shows them inside it); a P1
+            # order with its device's state now (the card says the load, the floor, since when).
             "work_orders": [{**work_orders.public(o).model_dump(mode="json"),
                              "alert_ids": sorted(attached.get(o.id or 0, [])),
-                             "device": device_now(devices.get(o.device_id))} for o in orders],
+                             "device": device_now(devices.get(o.device_id)) if o.priority == "P1" else None}
+                            for o in orders],
         }  # fmt: skip
 
     # --- what the consumers were configured with ---

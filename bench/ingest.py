@@ -129,6 +129,17 @@ def _caught_up_after(http_port: int, last_stored: float, timeout: float) -> floa
     raise SystemExit("the consumers never caught up")
 
 
+def _consumers_up(http_port: int, timeout: float) -> None:
+    """Wait until the consumers' own process has said it is ready (`iotgw_consumer_process_up 1`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if "\niotgw_consumer_process_up 1.0" in httpx.get(f"http://127.0.0.1:{http_port}/metrics").text:
+                return
+        time.sleep(0.05)
+    raise SystemExit("the consumers' process never said it was ready")
+
+
 def gateway_rss(proc: psutil.Process) -> int:
     """Resident memory of the gateway and its consumers' process together."""
     total = proc.memory_info().rss
@@ -371,7 +382,8 @@ def _run(args: argparse.Namespace, work: Path, broker: Mosquitto) -> dict[str, A
                 proc = psutil.Process(gw.pid)
                 prefix = f"{PREFIX}{mode}{run_no}-"
                 streams = _write_streams(work, prefix, args.devices, per_device, args.site)
-                time.sleep(0.5)  # the consumers' process is up and idle: its start is not counted
+                if mode == "all":  # its consumers' process has started: its start is not counted
+                    _consumers_up(http_port, args.timeout)
                 before = cpu_split(proc, mosquitto)
                 started = _blast(broker.gateway_port, streams)
                 while (done := _stored_span(target_db, prefix))[0] < total:
