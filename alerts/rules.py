@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+import msgspec
 from pydantic import Field, field_validator, model_validator
 
 from alerts.notify.receivers import (
@@ -35,7 +36,7 @@ DEVICE_TYPES = tuple(t.value for t in DeviceType)
 KNOWN_EVENT_TYPES = (*EVENT_TYPES, "alert.firing", "alert.acknowledged", "alert.flapping", "alert.resolved")
 
 
-STATE_FIELDS = (*ElevatorData.model_fields, *SensorData.model_fields, "online")
+STATE_FIELDS = (*ElevatorData.__struct_fields__, *SensorData.__struct_fields__, "online")
 
 
 EVENT_FIELDS = ("code", "floor", "load_kg", "duration_s", "from_floor", "to_floor", "floors", "direction",
@@ -54,10 +55,10 @@ def _literal_values(annotation: Any) -> tuple[Any, ...]:  # noqa: ANN401 - a typ
 
 # The fields of the device state with a fixed set of values, and those values.
 STATE_CHOICES = {
-    name: values
+    info.name: values
     for model in (ElevatorData, SensorData)
-    for name, info in model.model_fields.items()
-    if (values := _literal_values(info.annotation))
+    for info in msgspec.structs.fields(model)
+    if (values := _literal_values(info.type))
 }
 
 

@@ -11,6 +11,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import msgspec
+
 from gateway.core import events as ev
 from gateway.core.events import Event
 from gateway.core.protocol import DeviceMessage, DeviceType, ElevatorData, Reason, SensorData, StatusData
@@ -220,7 +222,7 @@ def _elevator(b: _Builder, prev: Shadow, cur: ElevatorData, stuck_after_s: float
                 b.add(ev.STUCK, {"reason": "fault", "floor": cur.floor, "load_kg": cur.load_kg})
                 sh = replace(sh, stuck=True)
         return sh
-    old = ElevatorData.model_validate(prev.state)
+    old = msgspec.convert(prev.state, ElevatorData)
     sh = prev
     if old.mode != cur.mode:
         b.add(ev.MODE_CHANGED, {"from": old.mode, "to": cur.mode})

@@ -7,13 +7,14 @@ dead-letter reason and the `iotgw_messages_rejected_total{reason}` label.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
 
 from gateway.errors import PayloadError
 
@@ -66,35 +67,35 @@ def sensor_type_of(unit: object) -> str:
 
 FAULT_CODES = ("DOOR_JAM", "STUCK", "OVERSPEED", "LEVELLING", "POWER")
 
-_Strict = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A device's data: strict types (no "3" for 3, no true for 1), unknown fields refused."""
+
+    def model_dump(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return msgspec.structs.asdict(self)
 
 
-class ElevatorData(BaseModel):
+class ElevatorData(_Data, frozen=True):
     """The full state of an elevator car."""
 
-    model_config = _Strict
-
-    floor: int = Field(ge=-10, le=300)
+    floor: Annotated[int, msgspec.Meta(ge=-10, le=300)]
     direction: Literal["up", "down", "idle"]
     door: Literal["open", "closed", "opening", "closing"]
     mode: Literal["normal", "maintenance", "fault", "out_of_service"]
-    load_kg: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False, strict=False)]
+    load_kg: Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # an integer is taken too; NaN fails the bounds
     fault: Literal["DOOR_JAM", "STUCK", "OVERSPEED", "LEVELLING", "POWER"] | None = None
 
 
-class SensorData(BaseModel):
+class SensorData(_Data, frozen=True):
     """One sensor reading."""
 
-    model_config = _Strict
-
-    value: Annotated[float, Field(allow_inf_nan=False, strict=False)]
+    value: float  # finite: checked after decoding (a float with no bounds takes NaN)
     unit: Literal["C", "mm/s", "%RH", "W"]
 
 
-class StatusData(BaseModel):
+class StatusData(_Data, frozen=True):
     """A connection status message (retained on connect, Last Will on loss)."""
-
-    model_config = _Strict
 
     online: bool
 
@@ -130,11 +131,11 @@ def parse_topic(topic: str) -> tuple[str, Literal["state", "telemetry", "status"
 
 
 def parse_ts(value: object) -> datetime:
-    """Device time: RFC 3339 with a zone, or epoch milliseconds. Returns an aware UTC datetime.
-    (Raises ValueError for anything else: pydantic turns that, not TypeError, into a field error.)"""
+    """Device time: RFC 3339 with a zone, or epoch milliseconds. Returns an aware UTC datetime;
+    anything else is a ValueError saying what `ts` must be."""
     if isinstance(value, bool):
         msg = "ts must be an RFC 3339 string or epoch milliseconds"
-        raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
+        raise ValueError(msg)  # noqa: TRY004 - the caller reports a ValueError as a schema error
     if isinstance(value, int | float):
         # A plain comparison: NaN and infinities fail it, and huge ints never reach float() (OverflowError).
         if not 0 <= value < 32_503_680_000_000:  # before year 3000
@@ -155,41 +156,63 @@ def parse_ts(value: object) -> datetime:
     raise ValueError(msg)
 
 
-class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Site = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A state or telemetry message as it comes off the wire; `data` is decoded by its type."""
 
     type: str
-    seq: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
-    ts: datetime
-    site: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    ts: str | int | float
+    data: msgspec.Raw
+    site: _Site | None = None
+    device_id: str | None = None
+
+
+class _LooseEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """The same message from a parsed JSON object, for the rare one the fast path refused."""
+
+    type: str
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    ts: str | int | float
     data: dict[str, Any]
+    site: _Site | None = None
     device_id: str | None = None
 
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _ts(cls, value: object) -> datetime:
-        return parse_ts(value)
 
-
-class _StatusEnvelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    online: Annotated[bool, Field(strict=True)]
-    ts: datetime | None = None
+class _StatusEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    online: bool
+    ts: str | int | float | None = None
     type: str | None = None
-    site: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    site: _Site | None = None
     device_id: str | None = None
 
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _ts(cls, value: object) -> datetime | None:
-        return None if value is None else parse_ts(value)
+
+# The values each of the data's fixed-choice fields takes, by the name a `detail` gives it.
+_CHOICES = {
+    f"data.{info.name}": [
+        v for arg in (info.type, *get_args(info.type)) if get_origin(arg) is Literal for v in get_args(arg)
+    ]
+    for model in (ElevatorData, SensorData)
+    for info in msgspec.structs.fields(model)
+}
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_NAMED = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]*)`$")
 
 
-def _schema_error(exc: ValidationError, topic: str) -> PayloadError:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "message"
-    return PayloadError(Reason.SCHEMA, f"{where}: {first['msg']}", topic)
+def _schema_error(exc: msgspec.ValidationError | RecursionError, topic: str, within: str = "") -> PayloadError:
+    """`where: what`, e.g. `data.floor: Expected `int` >= -10` or `seq: field required`."""
+    found = _AT.match(str(exc))
+    assert found is not None  # noqa: S101 - the pattern matches any text
+    msg, where = found["msg"], [within, *re.split(r"[.\[\]]+", found["path"] or "")]
+    if named := _NAMED.match(msg):
+        where.append(named["name"][:64])
+        msg = "field required" if named["what"] == "missing required" else "unknown field (not in the protocol)"
+    field = ".".join(w for w in where if w) or "message"
+    if msg.startswith("Invalid enum value") and _CHOICES.get(field):
+        msg += f" (one of {', '.join(_CHOICES[field])})"
+    return PayloadError(Reason.SCHEMA, f"{field}: {msg[:200]}", topic)
 
 
 def _device_type(name: str | None, topic: str) -> DeviceType | None:
@@ -210,6 +233,13 @@ def _check_identity(claimed: str | None, device_id: str, topic: str) -> None:
         )
 
 
+def _device_time(value: str | float | None, topic: str) -> datetime | None:
+    try:
+        return None if value is None else parse_ts(value)
+    except ValueError as exc:
+        raise PayloadError(Reason.SCHEMA, f"ts: {exc}", topic) from None
+
+
 def _has_nul(value: object) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -220,8 +250,19 @@ def _has_nul(value: object) -> bool:
     return False
 
 
+_Channel = Literal["state", "telemetry", "status"]
+_STATUS = msgspec.json.Decoder(_StatusEnvelope)
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_ELEVATOR = msgspec.json.Decoder(ElevatorData)
+_SENSOR = msgspec.json.Decoder(SensorData)
+
+
 def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMessage:
-    """Validate one MQTT message against the device contract (docs/protocol.md)."""
+    """Validate one MQTT message against the device contract (docs/protocol.md).
+
+    A valid message is decoded and validated straight from its bytes. One the decoder refuses
+    (or one with an escaped NUL) takes the careful path, which finds the first thing wrong in the
+    order the reasons are documented: UTF-8, JSON, the envelope, the device, the data."""
     if len(payload) > max_bytes:
         raise PayloadError(Reason.TOO_LARGE, f"{len(payload)} bytes exceeds the limit of {max_bytes}", topic)
     device_id, channel = parse_topic(topic)
@@ -229,6 +270,27 @@ def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMe
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PayloadError(Reason.NOT_UTF8, f"payload is not UTF-8 (byte {exc.start})", topic) from None
+    if "\\u0000" not in text:
+        # A decoded envelope is a whole, valid JSON object: the checks after it are the careful path's.
+        try:
+            if channel == "status":
+                return _status(_STATUS.decode(text), device_id, topic)
+            env = _ENVELOPE.decode(text)
+        except (msgspec.MsgspecError, RecursionError):
+            return _parse_carefully(text, device_id, channel, topic)
+        if memoryview(env.data)[:1] != b"{":  # the envelope's data must be an object before anything else
+            return _parse_carefully(text, device_id, channel, topic)
+        ts, dtype = _checked(env, device_id, channel, topic)
+        try:
+            data: ElevatorData | SensorData = (_ELEVATOR if dtype is DeviceType.ELEVATOR else _SENSOR).decode(env.data)
+        except (msgspec.MsgspecError, RecursionError):
+            return _parse_carefully(text, device_id, channel, topic)
+        data = _checked_data(data, dtype, topic)
+        return DeviceMessage(device_id, channel, dtype, env.seq, ts, env.site, data)
+    return _parse_carefully(text, device_id, channel, topic)
+
+
+def _parse_carefully(text: str, device_id: str, channel: _Channel, topic: str) -> DeviceMessage:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -243,52 +305,48 @@ def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMe
     # text column takes it (PostgreSQL refuses the whole commit), and no device needs it.
     if "\\u0000" in text and _has_nul(raw):
         raise PayloadError(Reason.SCHEMA, "NUL characters (\\u0000) are not accepted in device messages", topic)
-    if channel == "status":
-        return _parse_status(raw, device_id, topic)
-    return _parse_data(raw, device_id, channel, topic)
-
-
-def _parse_status(raw: dict[str, Any], device_id: str, topic: str) -> DeviceMessage:
     try:
-        env = _StatusEnvelope.model_validate(raw)
-    except ValidationError as exc:
+        if channel == "status":
+            return _status(msgspec.convert(raw, _StatusEnvelope), device_id, topic)
+        env = msgspec.convert(raw, _LooseEnvelope)
+    except (msgspec.ValidationError, RecursionError) as exc:
         raise _schema_error(exc, topic) from None
+    ts, dtype = _checked(env, device_id, channel, topic)
+    try:
+        model: type[ElevatorData | SensorData] = ElevatorData if dtype is DeviceType.ELEVATOR else SensorData
+        data = msgspec.convert(env.data, model)
+    except (msgspec.ValidationError, RecursionError) as exc:
+        raise _schema_error(exc, topic, "data") from None
+    data = _checked_data(data, dtype, topic)
+    return DeviceMessage(device_id, channel, dtype, env.seq, ts, env.site, data)
+
+
+def _status(env: _StatusEnvelope, device_id: str, topic: str) -> DeviceMessage:
+    ts = _device_time(env.ts, topic)
     _check_identity(env.device_id, device_id, topic)
-    return DeviceMessage(
-        device_id=device_id,
-        channel="status",
-        type=_device_type(env.type, topic),
-        seq=None,
-        ts=env.ts,
-        site=env.site,
-        data=StatusData(online=env.online),
-    )
+    dtype = _device_type(env.type, topic)
+    return DeviceMessage(device_id, "status", dtype, None, ts, env.site, StatusData(online=env.online))
 
 
-def _parse_data(
-    raw: dict[str, Any], device_id: str, channel: Literal["state", "telemetry"], topic: str
-) -> DeviceMessage:
-    try:
-        env = _Envelope.model_validate(raw)
-    except ValidationError as exc:
-        raise _schema_error(exc, topic) from None
+def _checked(
+    env: _Envelope | _LooseEnvelope, device_id: str, channel: _Channel, topic: str
+) -> tuple[datetime, DeviceType]:
+    """The envelope's time, the device's identity, its type and channel, in that order."""
+    ts = _device_time(env.ts, topic)
+    assert ts is not None  # noqa: S101 - a data message's ts is required
     _check_identity(env.device_id, device_id, topic)
     dtype = _device_type(env.type, topic)
     assert dtype is not None  # noqa: S101 - env.type is required, so _device_type returned a type
     expected = "state" if dtype is DeviceType.ELEVATOR else "telemetry"
     if channel != expected:
         raise PayloadError(Reason.CHANNEL_MISMATCH, f"{dtype.value} devices publish on /{expected}", topic)
-    data: ElevatorData | SensorData
-    try:
-        data = (
-            ElevatorData.model_validate(env.data)
-            if dtype is DeviceType.ELEVATOR
-            else SensorData.model_validate(env.data)
-        )
-    except ValidationError as exc:
-        raise _schema_error(exc, topic) from None
-    if isinstance(data, SensorData) and data.unit != SENSOR_UNITS[dtype]:
-        raise PayloadError(Reason.SCHEMA, f"data.unit: {dtype.value} readings are in {SENSOR_UNITS[dtype]}", topic)
-    return DeviceMessage(
-        device_id=device_id, channel=channel, type=dtype, seq=env.seq, ts=env.ts, site=env.site, data=data
-    )
+    return ts, dtype
+
+
+def _checked_data(data: ElevatorData | SensorData, dtype: DeviceType, topic: str) -> ElevatorData | SensorData:
+    if isinstance(data, SensorData):
+        if not math.isfinite(data.value):
+            raise PayloadError(Reason.SCHEMA, "data.value: must be a finite number", topic)
+        if data.unit != SENSOR_UNITS[dtype]:
+            raise PayloadError(Reason.SCHEMA, f"data.unit: {dtype.value} readings are in {SENSOR_UNITS[dtype]}", topic)
+    return data
