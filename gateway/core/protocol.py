@@ -278,7 +278,7 @@ def parse(topic: str, payload: bytes, *, max_bytes: int = 16 * 1024) -> DeviceMe
             env = _ENVELOPE.decode(text)
         except (msgspec.MsgspecError, RecursionError):
             return _parse_carefully(text, device_id, channel, topic)
-        if memoryview(env.data)[:1] != b"{":  # the envelope's data must be an object before anything else
+        if memoryview(env.data)[0] != ord("{"):  # the envelope's data must be an object before anything else
             return _parse_carefully(text, device_id, channel, topic)
         ts, dtype = _checked(env, device_id, channel, topic)
         try:
