@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from gateway.core.clock import iso_z
 
@@ -40,8 +41,7 @@ EVENT_TYPES = (
 )
 
 
-@dataclass(slots=True, frozen=True)
-class Event:
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One event (CloudEvents 1.0 attribute names, plus `sequence` and `site` extensions).
 
     `id` is deterministic (`{device}-{seq}-{part}`), so a redelivered message yields the same ids.
@@ -52,7 +52,7 @@ class Event:
     type: str
     time: datetime
     subject: str
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = {}
     sequence: int | None = None
     part: int = 0
     site: str | None = None

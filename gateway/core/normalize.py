@@ -6,12 +6,12 @@ The shadow is the gateway's memory of a device (last state, last seq, open trip 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 
 from gateway.core import events as ev
 from gateway.core.events import Event
@@ -31,8 +31,7 @@ class SeqAnomaly(StrEnum):
 SEQ_MAX = 2**63 - 1  # the log's sequence column (BIGINT)
 
 
-@dataclass(slots=True, frozen=True)
-class Shadow:
+class Shadow(msgspec.Struct, frozen=True, gc=False):
     """What the gateway knows of a device between messages."""
 
     device_id: str
@@ -41,7 +40,7 @@ class Shadow:
     last_seq: int | None = None
     online: bool = False
     last_seen: datetime | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = {}
     # Elevator bookkeeping, kept so a diff can say how long things took.
     trip_from: int | None = None
     trip_started: datetime | None = None
@@ -53,8 +52,7 @@ class Shadow:
     seq_base: int = 0
 
 
-@dataclass(slots=True, frozen=True)
-class Normalized:
+class Normalized(msgspec.Struct, frozen=True, gc=False):
     """The events a message produced, the device's new shadow, any seq anomaly, and whether the
     device's clock was off by more than the skew allowed (its events then carry the receive time)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -100,8 +99,7 @@ class StatusData(_Data, frozen=True):
     online: bool
 
 
-@dataclass(slots=True, frozen=True)
-class DeviceMessage:
+class DeviceMessage(msgspec.Struct, frozen=True, gc=False):
     """A validated device message. `seq`, `ts` and `type` are None only on status messages."""
 
     device_id: str

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import gmqtt
@@ -67,6 +68,7 @@ class Ingest:
         self._delay = 0.5
         self._stopping = False
         self._session_held = False  # whether the broker should have a session for us (see _on_connect)
+        self._read_at: datetime | None = None  # the receive time of the messages of one socket read
 
     @property
     def database_ok(self) -> bool:
@@ -214,7 +216,16 @@ class Ingest:
         self.subscribed.set()
 
     def _receive(self, topic: str, payload: bytes, mid: int | None, connection: object) -> None:
-        self.writer.put(Pending(topic, bytes(payload), self.clock(), mid, connection))
+        # gmqtt hands over every message of one socket read in one go: they share one clock
+        # reading, forgotten once the event loop moves on.
+        at = self._read_at
+        if at is None:
+            at = self._read_at = self.clock()
+            asyncio.get_running_loop().call_soon(self._read_done)
+        self.writer.put(Pending(topic, bytes(payload), at, mid, connection))
+
+    def _read_done(self) -> None:
+        self._read_at = None
 
     def _acknowledge(self, batch: list[Pending]) -> None:
         # Usually one connection per batch; group in case the broker reconnected mid-batch.

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+
 from gateway.config import Settings
 from gateway.core.events import Event
 from gateway.core.normalize import Shadow, normalize
@@ -24,8 +26,7 @@ log = logging.getLogger("gateway.ingest")
 Clock = Callable[[], datetime]
 
 
-@dataclass(slots=True)
-class Pending:
+class Pending(msgspec.Struct, gc=False):
     topic: str
     payload: bytes
     received_at: datetime
@@ -33,8 +34,7 @@ class Pending:
     connection: object  # the connection it arrived on: only that one may acknowledge it
 
 
-@dataclass(slots=True, frozen=True)
-class Parsed:
+class Parsed(msgspec.Struct, frozen=True, gc=False):
     """A message that passed admission and parsing."""
 
     topic: str

@@ -72,6 +72,7 @@ class Writer:
         # One writer thread: SQLite allows one writer, and the shadow cache is touched only there.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-writer")
         self._pending = 0
+        metrics.pending.set_function(lambda: self._pending)  # read when scraped, not counted per message
         self._drained = asyncio.Event()  # set while nothing received is waiting for its commit
         self._drained.set()
         self._census = Census()
@@ -124,7 +125,6 @@ class Writer:
         """A message received: to the next batch (or, over its device's rate, to the dead letters)."""
         self._pending += 1
         self._drained.clear()
-        self.metrics.pending.inc()
         if self._buckets is not None:
             device_id = topic_device(p.topic)
             if device_id is not None and not self._buckets.allow(device_id, p.received_at.timestamp()):
@@ -172,7 +172,6 @@ class Writer:
         self._pending -= len(batch)
         if self._pending == 0:
             self._drained.set()
-        self.metrics.pending.dec(len(batch))
 
     async def _commit_with_retry(
         self,

@@ -98,6 +98,8 @@ def naive_utc(value: datetime | None) -> datetime | None:
 
 def sqlite_dt(value: datetime | None) -> str | None:
     # The text form SQLAlchemy's SQLite DateTime writes and reads back.
+    if value is not None and value.tzinfo is UTC:  # the usual case, without a conversion
+        return value.isoformat(" ", "microseconds")[:-6]  # less its "+00:00"
     naive = naive_utc(value)
     return None if naive is None else naive.isoformat(" ", "microseconds")
 

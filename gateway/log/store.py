@@ -5,13 +5,13 @@ translated to `StoreError` here and never leak into the core."""
 from __future__ import annotations
 
 import base64
-import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from sqlalchemy import (
     Connection,
     func,
@@ -175,16 +175,16 @@ class Store:
         converted here: measured on a 30,000-message drain, SQLAlchemy's per-parameter processing
         was a third of the writer's time.
         """
-        dt = self._dt_param
+        dt, js = self._dt_param, _json
+        at = dt(now)
         event_rows = [
-            (e.id, e.source, e.type, e.subject, dt(e.time), dt(now), e.sequence, e.part, e.site, json.dumps(e.data))
-            for e in events
+            (e.id, e.source, e.type, e.subject, dt(e.time), at, e.sequence, e.part, e.site, js(e.data)) for e in events
         ]
         device_rows = [
             (
-                sh.device_id, sh.type, sh.site, sh.last_seq, sh.online, dt(sh.last_seen), json.dumps(sh.state),
+                sh.device_id, sh.type, sh.site, sh.last_seq, sh.online, dt(sh.last_seen), js(sh.state),
                 sh.trip_from, dt(sh.trip_started), dt(sh.fault_since), dt(sh.floor_since), sh.stuck, sh.seq_base,
-                dt(now),
+                at,
             )
             for sh in shadows
         ]  # fmt: skip
@@ -261,6 +261,14 @@ class Store:
             stmt = stmt.where(col(EventRow.type) == event_type)
         with self.session() as s:
             return int(s.exec(stmt).one())
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _json(value: dict[str, Any]) -> str:
+    """An event's data or a device's state as JSON text (msgspec: several times json.dumps's speed)."""
+    return _ENCODER.encode(value).decode()
 
 
 def _dead_row(d: DeadLetter) -> dict[str, Any]:
