@@ -145,8 +145,7 @@ def count_outcome(  # noqa: PLR0913
         m.events_duplicate.inc(skipped)
     for etype, n in Counter(e.type for e in events).items():
         m.events.labels(etype).inc(n)
-    for e in events:
-        m.device_latency.observe(max((now - e.time).total_seconds(), 0.0))
+    m.device_latency.observe_all(max((now - e.time).total_seconds(), 0.0) for e in events)
 
 
 @dataclass(slots=True, frozen=True)

@@ -167,8 +167,7 @@ class Writer:
     def _done(self, batch: list[Pending]) -> None:
         """After a batch's commit and acknowledgement: latency, and what is still pending."""
         stored_at = self.clock()
-        for p in batch:
-            self.metrics.receive_latency.observe(max((stored_at - p.received_at).total_seconds(), 0.0))
+        self.metrics.receive_latency.observe_all(max((stored_at - p.received_at).total_seconds(), 0.0) for p in batch)
         self._pending -= len(batch)
         if self._pending == 0:
             self._drained.set()
