@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -154,6 +154,10 @@ class GatewaySettings(BaseSettings):
             "a seq this far below a device's last one is a counter reset (device.seq.reset); within it,"
             " an older seq is a late or repeated message"
         ),
+    )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="the event loop of the gateway's and the consumers' processes: uvloop (libuv), or asyncio's own",
     )
     log_level: str = Field(
         default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="DEBUG, INFO, WARNING or ERROR"

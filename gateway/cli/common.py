@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import uvloop
 from sqlalchemy.engine import make_url
 
 from gateway.cli.broker import DEVICE_LISTENER
@@ -115,6 +116,13 @@ def setup_logging(level: str, process: str = "") -> None:
     logging.getLogger("alembic.runtime.migration").addFilter(
         lambda record: record.levelno > logging.INFO or record.getMessage().startswith("Running ")
     )
+
+
+def run_loop(main: Coroutine[Any, Any, int], settings: Settings) -> int:
+    """Run `main` to its end on the event loop the settings choose (IOTGW_EVENT_LOOP)."""
+    factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def stop_event() -> asyncio.Event:

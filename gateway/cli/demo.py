@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from sqlalchemy import delete
 
 from gateway.cli.broker import DEVICE_LISTENER, Mosquitto, free_port, port_open
-from gateway.cli.common import check_fleet, fleet_config, log, settings_from, setup_logging, stop_event
+from gateway.cli.common import check_fleet, fleet_config, log, run_loop, settings_from, setup_logging, stop_event
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.log import Store
@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = settings_from(args, database_url=f"sqlite:///{args.data_dir / 'iotgw.db'}")
     setup_logging(settings.log_level)
     with lock:
-        return asyncio.run(_demo(args, settings))
+        return run_loop(_demo(args, settings), settings)
 
 
 def _demo_lock(data_dir: Path) -> Any:  # noqa: ANN401 - an open file

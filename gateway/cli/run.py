@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
-from gateway.cli.common import log, settings_from, setup_logging, stop_event
+from gateway.cli.common import log, run_loop, settings_from, setup_logging, stop_event
 from gateway.config import Settings
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     setup_logging(settings.log_level)
-    return asyncio.run(_run(settings))
+    return run_loop(_run(settings), settings)
 
 
 def cmd_consumer_process(_args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def cmd_consumer_process(_args: argparse.Namespace) -> int:
 
     settings = Settings()
     setup_logging(settings.log_level, process="consumers")
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings), settings)
 
 
 async def _run(settings: Settings) -> int:
