@@ -4,8 +4,11 @@ gmqtt with `optimistic_acknowledgement=False` already withholds a PUBACK until a
 `on_message` returns, but it pays for that with one asyncio task per message and one socket
 write per PUBACK. Profiling a 30,000-message drain showed those two costs at about half of the
 event loop's time. So QoS 1 publishes are handed to a plain callback with their packet id, and
-`ack()` sends the PUBACKs of a committed batch in one write. gmqtt is pinned (pyproject.toml):
-this leans on its `_handle_qos_1_publish_packet` hook and its packet builder.
+`ack()` sends the PUBACKs of a committed batch in one write. A QoS 1 PUBLISH without MQTT 5
+properties (what devices send) is decoded here in a few slices, where gmqtt's handler builds
+three struct formats and a property dict per packet (a third of the event loop's time); any
+other PUBLISH goes through gmqtt's. gmqtt is pinned (pyproject.toml): this leans on its
+`_handle_publish_packet` and `_handle_qos_1_publish_packet` hooks and its packet builder.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gmqtt
-from gmqtt.mqtt.constants import MQTTCommands
+from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
 from gmqtt.mqtt.package import CommandWithMidPacket
 
 from gateway.config import Settings
@@ -35,7 +38,10 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
         super().__init__(client_id, optimistic_acknowledgement=False, **kwargs)
         self._sink = sink
         # QoS 1: the handler gives us the packet id; we never let gmqtt acknowledge.
-        self._package_handler._handle_qos_1_publish_packet = self._on_qos1  # noqa: SLF001
+        handler = self._package_handler
+        handler._handle_qos_1_publish_packet = self._on_qos1  # noqa: SLF001
+        self._gmqtt_publish = handler._handle_publish_packet  # noqa: SLF001
+        handler._handle_publish_packet = self._on_publish  # noqa: SLF001
         # QoS 0 (and anything else gmqtt routes through on_message): nothing to acknowledge.
         self.on_message = self._on_qos0
 
@@ -53,6 +59,29 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
     def connection(self) -> object:
         """The current connection; messages remember theirs, and only the live one is acked."""
         return self._connection
+
+    def _on_publish(self, cmd: int, raw: bytes) -> None:
+        """A PUBLISH packet's variable header and payload: topic length and topic, packet id
+        (QoS 1 and 2), properties (MQTT 5: their length, then them), the payload."""
+        fields = self._lean_qos1(cmd, raw)
+        if fields is None:
+            self._gmqtt_publish(cmd, raw)  # QoS 0 or 2, properties, a topic alias, a bad topic: gmqtt's
+        else:
+            self._sink(*fields, self._connection)
+
+    def _lean_qos1(self, cmd: int, raw: bytes) -> tuple[str, bytes, int] | None:
+        """Topic, payload and packet id of a QoS 1 PUBLISH without properties; None for any other."""
+        if (cmd >> 1) & 3 != 1 or len(raw) < 2:
+            return None
+        at = 2 + (raw[0] << 8 | raw[1])
+        body = at + 2 + (self._connection_state.protocol_version >= MQTTv50)
+        if at == 2 or len(raw) < body or (body > at + 2 and raw[at + 2] != 0):
+            return None
+        try:
+            topic = raw[2:at].decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # gmqtt logs it and hands the topic over as bytes
+        return topic, raw[body:], raw[at] << 8 | raw[at + 1]
 
     def _on_qos1(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:  # noqa: ANN401, ARG002
         self._sink(topic, payload, mid, self._connection)
