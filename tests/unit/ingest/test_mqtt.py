@@ -31,24 +31,27 @@ def _packet(topic: bytes, payload: bytes, mid: int, qos: int, props: bytes | Non
 def _handed_over(cmd: int, raw: bytes, version: int, *, lean: bool) -> list[tuple[Any, ...]]:
     got: list[tuple[Any, ...]] = []
     client = AckAfterCommitClient("probe", lambda *fields: got.append(fields[:3]))
-    client._connection_state.protocol_version = version  # noqa: SLF001
-    handle = client._package_handler._handle_publish_packet if lean else client._gmqtt_publish  # noqa: SLF001
+    client._connection_state.protocol_version = version
+    handle = client._package_handler._handle_publish_packet if lean else client._gmqtt_publish
     handle(cmd, raw)
     return got
 
 
-@given(
-    st.one_of(st.binary(max_size=80), st.text(max_size=40).map(str.encode)),
-    st.binary(max_size=200),
-    st.integers(1, 65535),
-    st.sampled_from([0, 1]),
-    st.sampled_from([4, 5]),
+_PUBLISH = st.tuples(
+    st.one_of(st.binary(max_size=80), st.text(max_size=40).map(str.encode)),  # topic
+    st.binary(max_size=200),  # payload
+    st.integers(1, 65535),  # packet id
+    st.sampled_from([0, 1]),  # QoS
     st.sampled_from(PROPERTIES),
 )
+
+
+@given(_PUBLISH, st.sampled_from([4, 5]))
 def test_the_lean_decoder_hands_over_what_gmqtt_does(
-    topic: bytes, payload: bytes, mid: int, qos: int, version: int, props: bytes
+    publish: tuple[bytes, bytes, int, int, bytes], version: int
 ) -> None:
-    cmd, raw = _packet(topic, payload, mid, qos, props if version == 5 else None)  # noqa: PLR2004
+    topic, payload, mid, qos, props = publish
+    cmd, raw = _packet(topic, payload, mid, qos, props if version == 5 else None)
     lean = _handed_over(cmd, raw, version, lean=True)
     assert lean == _handed_over(cmd, raw, version, lean=False)
 
@@ -56,6 +59,6 @@ def test_the_lean_decoder_hands_over_what_gmqtt_does(
 def test_a_device_reading_is_decoded_by_the_lean_path() -> None:
     got: list[tuple[Any, ...]] = []
     client = AckAfterCommitClient("probe", lambda *fields: got.append(fields[:3]))
-    client._gmqtt_publish = lambda *_: got.append(("gmqtt",))  # noqa: SLF001 - must not be reached
-    client._package_handler._handle_publish_packet(*_packet(b"devices/t-1/telemetry", b"{}", 7, 1, b""))  # noqa: SLF001
+    client._gmqtt_publish = lambda *_: got.append(("gmqtt",))
+    client._package_handler._handle_publish_packet(*_packet(b"devices/t-1/telemetry", b"{}", 7, 1, b""))
     assert got == [("devices/t-1/telemetry", b"{}", 7)]
