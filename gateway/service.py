@@ -116,6 +116,7 @@ class Gateway:
                 metrics=self.metrics,
                 broker_connected=lambda: self.ingest.connected,
                 database_writable=lambda: self.ingest.database_ok,
+                ingest_failure=lambda: self.ingest.writer.failure,
                 router=self.router,
                 ingest=settings.ingest,
                 security=ApiSecurity(

@@ -40,6 +40,7 @@ class AppState:
     database_writable: Callable[[], bool]
     router: Router | None = None
     ingest: bool = True  # False: this process does not subscribe (its readiness ignores the broker)
+    ingest_failure: Callable[[], str | None] = lambda: None  # why the batch writer stopped, or None
     security: ApiSecurity = field(default_factory=ApiSecurity)
     plugins: Mapping[str, Plugin] = field(default_factory=dict)  # their routes are mounted, their `live` streamed
     time_zone: str = "UTC"  # the staff page's local times (Settings.time_zone)

@@ -238,6 +238,22 @@ def _device_time(value: str | float | None, topic: str) -> datetime | None:
         raise PayloadError(Reason.SCHEMA, f"ts: {exc}", topic) from None
 
 
+def _lone_surrogate(value: object, where: str = "") -> str | None:
+    """Where a string (or a key) holds a lone UTF-16 surrogate, e.g. `site` or `data.door`; None if nowhere."""
+    if isinstance(value, str):
+        return None if value.isascii() or not any("\ud800" <= c <= "\udfff" for c in value) else where or "message"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{where}.{k}" if where else str(k)
+            if (found := _lone_surrogate(k, where or "message") or _lone_surrogate(v, name)) is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{where}.{i}" if where else str(i))) is not None:
+                return found
+    return None
+
+
 def _has_nul(value: object) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -303,6 +319,11 @@ def _parse_carefully(text: str, device_id: str, channel: _Channel, topic: str) -
     # text column takes it (PostgreSQL refuses the whole commit), and no device needs it.
     if "\\u0000" in text and _has_nul(raw):
         raise PayloadError(Reason.SCHEMA, "NUL characters (\\u0000) are not accepted in device messages", topic)
+    # An unpaired \ud800-\udfff escape is no character: no database stores it as text (json reads it).
+    if ("\\ud" in text or "\\uD" in text) and (where := _lone_surrogate(raw)) is not None:
+        raise PayloadError(
+            Reason.SCHEMA, f"{where[:100]}: a lone UTF-16 surrogate (\\ud800-\\udfff) is no character", topic
+        )
     try:
         if channel == "status":
             return _status(msgspec.convert(raw, _StatusEnvelope), device_id, topic)

@@ -89,6 +89,7 @@ class Writer:
         self._rejections = QuietLog(log, every_s=10.0)
         self._committed_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
+        self.failure: str | None = None  # why one of the writer's loops ended (they never should)
 
     async def start(self) -> None:
         """Load the shadows (unless in a cluster: the sequencer keeps them) and start committing."""
@@ -101,6 +102,15 @@ class Writer:
         if self._buckets is not None:
             self._tasks.append(asyncio.create_task(self._limited_loop(), name="iotgw-ingest-limited"))
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="iotgw-ingest-probe"))
+        for task in self._tasks:
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return  # stopped
+        exc = task.exception()
+        self.failure = f"{task.get_name()}: {type(exc).__name__}: {exc}"
+        log.critical("%s ended; nothing received is stored or acknowledged any more", task.get_name(), exc_info=exc)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (at most `timeout_s`) until everything received is committed and acknowledged."""
@@ -205,6 +215,15 @@ class Writer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            except Exception:
+                # A bug, or data nothing checked before the database driver refused it: the writer
+                # must not end (nothing would be stored or acknowledged again). Each message on its
+                # own, then; the one that fails becomes a dead letter `internal_error`.
+                if process != self._process:
+                    raise
+                log.exception("committing a batch of %d messages failed; committing them one by one", len(batch))
+                process = self._isolate
+                continue
             if not self.database_ok:
                 log.info("database writable again; committed the held batch")
             self.database_ok = True
@@ -242,8 +261,8 @@ class Writer:
         for p in batch:
             try:
                 types |= self._process([p])
-            except StoreError as exc:
-                if exc.transient:
+            except Exception as exc:
+                if isinstance(exc, StoreError) and exc.transient:
                     raise  # the database itself is in trouble: the whole batch waits, as usual
                 dead = internal_error(p.topic, p.payload, p.received_at, exc)
                 now = self.clock()

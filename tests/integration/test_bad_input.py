@@ -5,6 +5,7 @@ config, a real database, the gateway's own API."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 from collections.abc import Callable
@@ -234,3 +235,75 @@ async def test_a_message_the_database_refuses_is_a_dead_letter_and_the_others_ar
         with gw.store.session() as tx:
             assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 50
         assert sample(gw, "iotgw_database_writable") == 1
+
+
+SURROGATES = {
+    "site": b'{"type":"temperature","seq":1,"ts":1764324000000,"site":"\\ud800","data":{"value":1.0,"unit":"C"}}',
+    "data.unit": b'{"type":"temperature","seq":2,"ts":1764324000000,"data":{"value":1.0,"unit":"\\udc00"}}',
+    "data": b'{"type":"temperature","seq":3,"ts":1764324000000,"data":{"value":1.0,"unit":"C","\\uDBFF":1}}',
+}
+
+
+async def test_lone_surrogate_escapes_are_schema_dead_letters_and_the_fleet_goes_on(
+    broker: Mosquitto, settings_for: Callable[..., Settings]
+) -> None:
+    # json reads "\ud800" as a string no database can store as text: it must not reach the commit.
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        await publish(broker, "t-sur", *SURROGATES.values(), channel="telemetry")
+        await publish(broker, "t-sur", b'{"online": true, "site": "a\\ud800b"}', channel="status")
+        await publish(broker, "t-ok", *[reading(seq) for seq in range(1, 4)], channel="telemetry")
+        await publish(broker, "t-ok", b'{"online": true, "site": "\\ud83d\\ude00"}', channel="status")  # a pair
+        await settled(gw)
+        assert [(d.reason, d.detail.split(":")[0], "surrogate" in d.detail) for d in dead_letters(gw)] == [
+            ("schema", field, True) for field in (*SURROGATES, "site")
+        ]
+        with gw.store.session() as tx:
+            assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 3
+        async with api(gw) as c:
+            assert (await c.get("/api/devices/t-ok")).json()["site"] == "\N{GRINNING FACE}"
+
+
+async def test_an_error_the_writer_did_not_expect_is_one_dead_letter_not_a_stopped_gateway(
+    broker: Mosquitto, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a StoreError: what a driver raises for a value nothing checked before it (an encoding,
+    # an adapter). The writer must go on, message by message, as for a refused value.
+    real = Store.append_batch
+
+    def failing(self: Store, events: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(e.subject == "t-poison" for e in events):
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real(self, events, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "append_batch", failing)
+    async with running_gateway(settings_for(broker, consumers="")) as gw:
+        await publish(broker, "t-poison", reading(1), channel="telemetry")
+        await publish(broker, "t-ok", *[reading(seq) for seq in range(1, 21)], channel="telemetry")
+        await settled(gw)
+        (dead,) = dead_letters(gw)
+        assert (dead.topic, dead.reason) == ("devices/t-poison/telemetry", "internal_error")
+        assert "surrogates not allowed" in dead.detail
+        with gw.store.session() as tx:
+            assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 20
+        async with api(gw) as c:
+            assert (await c.get("/ready")).status_code == 200
+
+
+async def test_a_batch_writer_that_ended_makes_the_gateway_not_ready(
+    broker: Mosquitto, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> None:
+        msg = "the acknowledgement path broke"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr("gateway.ingest.client.Ingest._acknowledge", broken)
+    async with running_gateway(settings_for(broker, consumers="")) as gw, api(gw) as c:
+        sender = asyncio.create_task(publish(broker, "t-1", reading(1), channel="telemetry"))  # never acknowledged
+
+        async def not_ready() -> bool:
+            r = await c.get("/ready")
+            return r.status_code == 503 and "ingest" in r.json()["checks"]
+
+        await wait_for(not_ready, what="/ready to say the writer stopped")
+        assert "the acknowledgement path broke" in (await c.get("/ready")).json()["checks"]["ingest"]
+        sender.cancel()

@@ -26,6 +26,8 @@ async def ready(request: Request, store: StoreDep) -> JSONResponse:
     accepts commits."""
     state = request.app.state.iotgw
     checks: dict[str, str] = {"broker": "ok" if state.broker_connected() else "disconnected"} if state.ingest else {}
+    if state.ingest and (failure := state.ingest_failure()) is not None:
+        checks["ingest"] = f"stopped: {failure[:200]}"  # nothing received is stored or acknowledged
     try:
         await asyncio.to_thread(store.ping)
         checks["database"] = "ok" if state.database_writable() else "not writable"
