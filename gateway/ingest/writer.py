@@ -67,7 +67,8 @@ class Writer:
         self.on_commit = on_commit
         self.on_inbox = on_inbox  # cluster: a batch went into the inbox (the sequencer's input)
         self.database_ok = True
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._received: list[Pending] = []  # waiting for the next batch, oldest first
+        self._arrived = asyncio.Event()  # set while _received holds any
         self._shadows: dict[str, Shadow] = {}
         # One writer thread: SQLite allows one writer, and the shadow cache is touched only there.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-writer")
@@ -144,14 +145,17 @@ class Writer:
                 if len(self._limited) >= self._limited_max:
                     self._flush_limited.set()
                 return
-        self._queue.put_nowait(p)
+        self._received.append(p)
+        self._arrived.set()
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.settings.batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            await self._arrived.wait()
+            n = self.settings.batch_max
+            batch, self._received = self._received[:n], self._received[n:]
+            if not self._received:
+                self._arrived.clear()
             types = await self._commit_with_retry(loop, batch)
             self._ack(batch)
             if self.on_inbox is not None and self.settings.clustered:
