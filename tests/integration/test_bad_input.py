@@ -211,17 +211,33 @@ async def test_nul_characters_are_schema_dead_letters_and_the_fleet_goes_on(
         assert sample(gw, "iotgw_database_writable") == 1
 
 
-async def test_a_message_the_database_refuses_is_a_dead_letter_and_the_others_are_stored(
-    broker: Mosquitto, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("refusal", "words"),
+    [
+        (
+            StoreError("batch commit failed: (DataError) a value the database cannot store", transient=False),
+            "cannot store",
+        ),
+        # Not a StoreError: what a driver raises for a value nothing checked before it (an encoding, an adapter).
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "surrogates not allowed"),
+    ],
+    ids=["database", "driver"],
+)
+async def test_a_message_the_database_or_its_driver_refuses_is_a_dead_letter_and_the_others_are_stored(
+    broker: Mosquitto,
+    settings_for: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: Exception,
+    words: str,
 ) -> None:
     # Whatever the protocol lets through that the database then refuses (a value it cannot
-    # store): the real commit path, with the database's refusal made to order for one device.
+    # store): the real commit path, with the refusal made to order for one device. The writer
+    # goes on, message by message.
     real = Store.append_batch
 
     def refusing(self: Store, events: Any, *args: Any, **kwargs: Any) -> Any:
         if any(e.subject == "t-poison" for e in events):
-            msg = "batch commit failed: (DataError) a value the database cannot store"
-            raise StoreError(msg, transient=False)
+            raise refusal
         return real(self, events, *args, **kwargs)
 
     monkeypatch.setattr(Store, "append_batch", refusing)
@@ -231,10 +247,12 @@ async def test_a_message_the_database_refuses_is_a_dead_letter_and_the_others_ar
         await settled(gw)
         (dead,) = dead_letters(gw)
         assert (dead.topic, dead.reason) == ("devices/t-poison/telemetry", "internal_error")
-        assert "cannot store" in dead.detail
+        assert words in dead.detail
         with gw.store.session() as tx:
             assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 50
         assert sample(gw, "iotgw_database_writable") == 1
+        async with api(gw) as c:
+            assert (await c.get("/ready")).status_code == 200
 
 
 SURROGATES = {
@@ -261,32 +279,6 @@ async def test_lone_surrogate_escapes_are_schema_dead_letters_and_the_fleet_goes
             assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 3
         async with api(gw) as c:
             assert (await c.get("/api/devices/t-ok")).json()["site"] == "\N{GRINNING FACE}"
-
-
-async def test_an_error_the_writer_did_not_expect_is_one_dead_letter_not_a_stopped_gateway(
-    broker: Mosquitto, settings_for: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Not a StoreError: what a driver raises for a value nothing checked before it (an encoding,
-    # an adapter). The writer must go on, message by message, as for a refused value.
-    real = Store.append_batch
-
-    def failing(self: Store, events: Any, *args: Any, **kwargs: Any) -> Any:
-        if any(e.subject == "t-poison" for e in events):
-            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
-        return real(self, events, *args, **kwargs)
-
-    monkeypatch.setattr(Store, "append_batch", failing)
-    async with running_gateway(settings_for(broker, consumers="")) as gw:
-        await publish(broker, "t-poison", reading(1), channel="telemetry")
-        await publish(broker, "t-ok", *[reading(seq) for seq in range(1, 21)], channel="telemetry")
-        await settled(gw)
-        (dead,) = dead_letters(gw)
-        assert (dead.topic, dead.reason) == ("devices/t-poison/telemetry", "internal_error")
-        assert "surrogates not allowed" in dead.detail
-        with gw.store.session() as tx:
-            assert len(tx.exec(select(EventRow).where(EventRow.subject == "t-ok")).all()) == 20
-        async with api(gw) as c:
-            assert (await c.get("/ready")).status_code == 200
 
 
 async def test_a_batch_writer_that_ended_makes_the_gateway_not_ready(
