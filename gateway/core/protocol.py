@@ -157,26 +157,26 @@ def parse_ts(value: object) -> datetime:
 _Site = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
-class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
-    """A state or telemetry message as it comes off the wire; `data` is decoded by its type."""
+class _EnvelopeFields(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, kw_only=True):
+    """A state or telemetry message's fields but its data."""
 
     type: str
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     ts: str | int | float
-    data: msgspec.Raw
     site: _Site | None = None
     device_id: str | None = None
 
 
-class _LooseEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+class _Envelope(_EnvelopeFields, frozen=True, kw_only=True):
+    """The message as it comes off the wire; `data` is decoded by its type."""
+
+    data: msgspec.Raw
+
+
+class _LooseEnvelope(_EnvelopeFields, frozen=True, kw_only=True):
     """The same message from a parsed JSON object, for the rare one the fast path refused."""
 
-    type: str
-    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-    ts: str | int | float
     data: dict[str, Any]
-    site: _Site | None = None
-    device_id: str | None = None
 
 
 class _StatusEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
@@ -347,9 +347,7 @@ def _status(env: _StatusEnvelope, device_id: str, topic: str) -> DeviceMessage:
     return DeviceMessage(device_id, "status", dtype, None, ts, env.site, StatusData(online=env.online))
 
 
-def _checked(
-    env: _Envelope | _LooseEnvelope, device_id: str, channel: _Channel, topic: str
-) -> tuple[datetime, DeviceType]:
+def _checked(env: _EnvelopeFields, device_id: str, channel: _Channel, topic: str) -> tuple[datetime, DeviceType]:
     """The envelope's time, the device's identity, its type and channel, in that order."""
     ts = _device_time(env.ts, topic)
     assert ts is not None  # noqa: S101 - a data message's ts is required
