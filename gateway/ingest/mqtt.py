@@ -7,25 +7,32 @@ event loop's time. So QoS 1 publishes are handed to a plain callback with their 
 `ack()` sends the PUBACKs of a committed batch in one write. A QoS 1 PUBLISH without MQTT 5
 properties (what devices send) is decoded here in a few slices, where gmqtt's handler builds
 three struct formats and a property dict per packet (a third of the event loop's time); any
-other PUBLISH goes through gmqtt's. gmqtt is pinned (pyproject.toml): this leans on its
-`_handle_publish_packet` and `_handle_qos_1_publish_packet` hooks and its packet builder.
+other PUBLISH goes through gmqtt's. The packets of a socket read are framed here too
+(`_read_packets`, in place of gmqtt's `MQTTProtocol._read_packet`), and those the lean decoder
+takes go straight to `sink`; every other packet goes to gmqtt's connection as before. gmqtt is
+pinned (pyproject.toml): this leans on its `_read_packet`, `_handle_publish_packet` and
+`_handle_qos_1_publish_packet` hooks and its packet builder.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
-from gmqtt.mqtt.package import CommandWithMidPacket
+from gmqtt.mqtt.package import CommandWithMidPacket, Package
 
 from gateway.config import Settings
 from gateway.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_PUBLISH = int(MQTTCommands.PUBLISH)  # (an int: comparing with the IntEnum costs more)
 
 # topic, payload, packet id (None for QoS 0), the connection it arrived on
 Sink = Callable[[str, bytes, int | None, object], None]
@@ -59,6 +66,49 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
     def connection(self) -> object:
         """The current connection; messages remember theirs, and only the live one is acked."""
         return self._connection
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - gmqtt's signature
+        connection = await super()._create_connection(*args, **kwargs)
+        # Before the CONNECT goes out, so every packet of this connection is framed here.
+        connection._protocol._read_packet = functools.partial(self._read_packets, connection)  # noqa: SLF001
+        return connection
+
+    def _read_packets(self, connection: Any, data: bytes) -> int:  # noqa: ANN401 - gmqtt's connection
+        """The whole packets at the start of `data` (what one socket read left): QoS 1 PUBLISHes
+        the lean decoder takes to `sink`, every other packet to gmqtt's connection (it handles it,
+        or drops it if the connection was superseded). Returns the bytes used, or -1 for a length
+        over MQTT's four bytes (gmqtt then drops the connection). Packet by packet what gmqtt's
+        `MQTTProtocol._read_packet` does, without its per-packet Package, clock reads and debug call."""
+        size, at = len(data), 0
+        live = self._package_handler.current_connection is connection
+        lean, sink = self._lean_qos1, self._sink
+        while size - at >= 2:  # a fixed header is 2 bytes at least
+            length, mult, i = 0, 1, at + 1
+            while True:
+                if i >= size:
+                    return at  # the rest of the fixed header is in the next read
+                byte = data[i]
+                length += (byte & 0x7F) * mult
+                i += 1
+                if not byte & 0x80:
+                    break
+                mult *= 128
+                if mult > 2097152:  # 128**3: a fifth length byte is malformed
+                    return -1
+            end = i + length
+            if end > size:
+                break
+            cmd, body = data[at], data[i:end]
+            at = end
+            if live and cmd & 0xF0 == _PUBLISH:
+                fields = lean(cmd, body)
+                if fields is not None:
+                    sink(*fields, connection)
+                    continue
+            connection.put_package(Package(cmd, body))
+        if at and live:
+            connection._last_data_in = time.monotonic()  # noqa: SLF001 - gmqtt's keepalive reads it
+        return at
 
     def _on_publish(self, cmd: int, raw: bytes) -> None:
         """A PUBLISH packet's variable header and payload: topic length and topic, packet id
