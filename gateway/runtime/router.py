@@ -149,12 +149,12 @@ class Router:
     def status(self) -> list[ConsumerStatus]:
         """Every consumer's state and lag (blocking: call from a thread)."""
         try:
-            with self.store.session() as tx:
+            with self.store.session() as tx:  # one session (and read snapshot) for them all
                 head = ConsumerRunner._head(tx)  # noqa: SLF001
                 head_time = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == head)).first()
+                return [r.status_sync(tx, head, head_time) for r in self.runners.values()]
         except SQLAlchemyError as exc:  # pragma: no cover - session() translates already
             raise StoreError(str(exc)) from exc
-        return [r.status_sync(head, head_time) for r in self.runners.values()]
 
     async def _refresh_lag(self) -> None:
         while True:

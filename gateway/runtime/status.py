@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from gateway.log import (
     ConsumerCursorRow,
@@ -39,20 +39,19 @@ class ConsumerStatus:
 class RunnerStatus(RunnerState):
     """The runner's status, read in the caller's thread."""
 
-    def status_sync(self, head: int, head_time: datetime | None) -> ConsumerStatus:
-        """Lag and counts, read in the caller's thread (the API's)."""
-        with self.store.session() as tx:
-            cursor = tx.get(ConsumerCursorRow, self.name)
-            owner = holder(tx, self.lease.name)
-            parked = tx.exec(
-                select(func.count())
-                .select_from(ConsumerDeadLetterRow)
-                .where(col(ConsumerDeadLetterRow.consumer) == self.name, col(ConsumerDeadLetterRow.status) == "parked")
-            ).one()
-            # The cluster's view: another instance may be running this consumer.
-            position = cursor.position if cursor is not None and owner != self.lease.owner else self.position
-            paused = cursor.paused if cursor is not None else self.paused
-            oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == position + 1)).first()
+    def status_sync(self, tx: Session, head: int, head_time: datetime | None) -> ConsumerStatus:
+        """Lag and counts, read in the caller's thread (the API's) and session `tx`."""
+        cursor = tx.get(ConsumerCursorRow, self.name)
+        owner = holder(tx, self.lease.name)
+        parked = tx.exec(
+            select(func.count())
+            .select_from(ConsumerDeadLetterRow)
+            .where(col(ConsumerDeadLetterRow.consumer) == self.name, col(ConsumerDeadLetterRow.status) == "parked")
+        ).one()
+        # The cluster's view: another instance may be running this consumer.
+        position = cursor.position if cursor is not None and owner != self.lease.owner else self.position
+        paused = cursor.paused if cursor is not None else self.paused
+        oldest = tx.exec(select(EventRow.received_at).where(col(EventRow.id) == position + 1)).first()
         lag_events = max(head - position, 0)
         lag_seconds = (head_time - oldest).total_seconds() if lag_events and oldest and head_time else 0.0
         # Failing here, unless another instance holds the consumer now (a lease that lapsed because
