@@ -120,7 +120,8 @@ class AlertsPlugin(Plugin):
     def links(self) -> Links:
         """The staff page's address and the alert rules, for what notifications link and label."""
         rules = getattr(self.host.consumers.get("alerts"), "rules", None)
-        return Links(self.host.public_url, {r.name: r for r in rules or ()})
+        zone = str(getattr(self.host.settings, "time_zone", "UTC") or "UTC")
+        return Links(self.host.public_url, {r.name: r for r in rules or ()}, zone)
 
     # --- in the gateway's process ---
 

@@ -36,6 +36,7 @@ class Links:
 
     public_url: str = "http://127.0.0.1:8000"
     rules: Mapping[str, Rule] = field(default_factory=dict)
+    time_zone: str = "UTC"  # the gateway's (IOTGW_TIME_ZONE): times people read are in it
 
     def alert(self, alert_id: int | None) -> str:
         return f"{self.public_url}/ui/?alert={alert_id}"

@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import func
@@ -31,6 +32,7 @@ from sqlmodel import Session, col, select
 
 from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.metrics import AlertFamilies
+from alerts.notify import mail
 from alerts.notify.alertmanager import AlertmanagerSync
 from alerts.notify.bodies import Links, build, build_page, cloudevent_request
 from alerts.notify.http import OUTCOME_RANK, Request, post, readable
@@ -298,9 +300,14 @@ class Notifier:
                 self.lease.fence(tx)  # committed only while the lease is ours: a stale instance writes nothing
             tx.commit()
 
-    def _request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | str | None:
-        """The request (body, headers) to send; None: nothing for this receiver; a string: why it
-        cannot be built."""
+    def _request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | EmailMessage | str | None:
+        """The request (body, headers) to send, or the e-mail; None: nothing for this receiver; a
+        string: why it cannot be built."""
+        if receiver.kind == "email":
+            return self._mail(tx, receiver, n)
+        return self._http_request(tx, receiver, n)
+
+    def _http_request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | str | None:
         if receiver.kind in ("webhook", "log"):
             stored = event_at(tx, n.event_position) if n.event_position is not None else None
             if stored is None:
@@ -325,6 +332,38 @@ class Notifier:
             return None
         return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
 
+    def _mail(self, tx: Session, receiver: Receiver, n: NotificationRow) -> EmailMessage | str:
+        """The e-mail of a notification, threaded under the first one of its alert (a page: of its
+        work order and person)."""
+        links = self.links()
+        if n.work_order_id is not None:
+            order = tx.get(WorkOrderRow, n.work_order_id)
+            entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
+            if order is None or entry is None:
+                return "work order no longer there"
+            facts = mail.page_facts(n, order, entry, links)
+            first = tx.exec(
+                select(func.min(NotificationRow.id)).where(
+                    col(NotificationRow.work_order_id) == order.id, col(NotificationRow.person) == n.person
+                )
+            ).one()
+            thread = f"iotgw.order-{order.id}.{n.person or 'all'}"
+        else:
+            alert = tx.get(AlertRow, n.alert_id)
+            tr = tx.get(AlertTransitionRow, n.transition_id)
+            if alert is None or tr is None:
+                return "alert no longer there"
+            facts = mail.alert_facts(n, alert, tr, tx.get(AlertDeviceRow, alert.device_id), links)
+            first = tx.exec(
+                select(func.min(NotificationRow.id)).where(
+                    col(NotificationRow.alert_id) == alert.id, col(NotificationRow.work_order_id).is_(None)
+                )
+            ).one()
+            thread = f"iotgw.alert-{alert.id}"
+        root = first is None or first == n.id
+        own = thread if root else f"iotgw.{n.key}"
+        return mail.message(receiver, facts, own, None if root else thread, n.created_at)
+
     def _attempt(self, tx: Session, d: DeliveryRow, now: datetime) -> bool:
         """One try of `d` (its outcome in `tx`); True when it failed for now and is to be retried."""
         n = tx.get(NotificationRow, d.notification_id)
@@ -343,8 +382,10 @@ class Notifier:
             d.status = "silenced"  # a retry sends the current state: not while a silence of ours covers it
             tx.add(d)
             return False
-        content, headers = request
         d.attempts += 1
+        if isinstance(request, EmailMessage):
+            return self._outcome(tx, d, receiver, n, mail.send(receiver, request), now)
+        content, headers = request
         if receiver.kind == "log":
             log.info("notify %s: %s", receiver.name, readable(content))
             self._delivered(d, receiver, now)
@@ -353,7 +394,19 @@ class Notifier:
         # Every target (both of an Alertmanager HA pair) must take it; the worst outcome counts.
         results = [post(url, content, {**headers, "Idempotency-Key": n.key}, receiver.timeout_s)
                    for url in receiver.targets]  # fmt: skip
-        outcome, error, retry_after = max(results, key=lambda x: OUTCOME_RANK[x[0]])
+        return self._outcome(tx, d, receiver, n, max(results, key=lambda x: OUTCOME_RANK[x[0]]), now)
+
+    def _outcome(  # noqa: PLR0913, PLR0917
+        self,
+        tx: Session,
+        d: DeliveryRow,
+        receiver: Receiver,
+        n: NotificationRow,
+        result: tuple[str, str | None, float | None],
+        now: datetime,
+    ) -> bool:
+        """The try's outcome into `d`; True when it failed for now and is to be retried."""
+        outcome, error, retry_after = result
         tx.add(d)
         if outcome == "delivered":
             self._delivered(d, receiver, now)

@@ -4,11 +4,13 @@ files share: durations, severities and strict models."""
 from __future__ import annotations
 
 import re
+import string
+from email.utils import parseaddr
 from enum import StrEnum
 from typing import Annotated, Literal
 
 import httpx
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
@@ -51,13 +53,40 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# What an e-mail receiver's subject or body template may name ({field}); one without a value reads "".
+TEMPLATE_FIELDS = (
+    "summary", "status", "severity", "priority", "rule", "device", "type", "site", "floor", "since",
+    "by", "note", "link", "order", "assignee", "step", "ack_deadline",
+)  # fmt: skip
+
+
+def check_template(template: str) -> str:
+    """`template` if it names only TEMPLATE_FIELDS; else a ValueError naming the unknown field."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        msg = f"template {template!r}: {exc} (a literal brace is written {{{{ or }}}})"
+        raise ValueError(msg) from exc
+    for field in names:
+        if field not in TEMPLATE_FIELDS:
+            known = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+            msg = f"unknown field {{{field}}} (known: {known})"
+            raise ValueError(msg)
+    return template
+
+
+Template = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(check_template)]
+
+_EMAIL_ONLY = ("from_", "to", "username", "password_env", "password_file", "ca_file", "subject", "body")
+
+
 class Receiver(StrictModel):
     """Where notifications go: a generic webhook (CloudEvents), Alertmanager (its API, kept in
-    sync), a consumer of Alertmanager's webhook format, PagerDuty Events v2, or `log` (the
-    gateway's own log, for trying things out: no URL)."""
+    sync), a consumer of Alertmanager's webhook format, PagerDuty Events v2, e-mail (SMTP), or
+    `log` (the gateway's own log, for trying things out: no URL)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "log"] = "webhook"
+    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "email", "log"] = "webhook"
     # alertmanager: the base URL of Alertmanager, or a list of them (an HA pair: each is sent to)
     url: str | list[str] | None = None
     severities: list[Severity] | None = None  # only these (default: all)
@@ -67,9 +96,29 @@ class Receiver(StrictModel):
     mode: Literal["structured", "binary"] = "structured"
     # alertmanager: every open alert is sent again this often (and endsAt is 4 times this ahead)
     resend_interval: Duration = Field(default=60.0, ge=1, le=3600)
+    # email: url smtp://host[:port] (STARTTLS when offered) or smtps://host[:port] (implicit TLS);
+    # the login's password from the environment or a file, never from the rules file.
+    from_: str | None = Field(default=None, alias="from")
+    to: list[str] | None = None
+    username: str | None = None
+    password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    password_file: str | None = None
+    ca_file: str | None = None  # the CA that signed the server's certificate (default: the system's)
+    subject: Template | None = None
+    body: Template | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Receiver:
+        if self.kind == "email":
+            if self.mode == "binary" or self.routing_key is not None:
+                msg = "mode and routing_key are not for email receivers"
+                raise ValueError(msg)
+            _check_email(self)
+            return self
+        given = [("from" if f == "from_" else f) for f in _EMAIL_ONLY if getattr(self, f) is not None]
+        if given:
+            msg = f"{', '.join(given)}: for email receivers only"
+            raise ValueError(msg)
         if self.kind == "pagerduty" and not PD_ROUTING_KEY.fullmatch(self.routing_key or ""):
             msg = "a pagerduty receiver needs routing_key, its integration key of 32 characters"
             raise ValueError(msg)
@@ -100,6 +149,40 @@ class Receiver(StrictModel):
 
 
 PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
+
+
+def _check_email(r: Receiver) -> None:
+    if not isinstance(r.url, str) or not r.url.startswith(("smtp://", "smtps://")):
+        msg = "an email receiver needs url smtp://host[:port] (STARTTLS when offered) or smtps://host[:port]"
+        raise ValueError(msg)
+    try:
+        parsed = httpx.URL(r.url)
+        host, port = parsed.host, parsed.port
+    except httpx.InvalidURL as exc:
+        msg = f"url {r.url!r} is not a URL: {exc}"
+        raise ValueError(msg) from exc
+    if parsed.userinfo:
+        msg = "no credentials in the url: username, and password_env or password_file (no password in the rules file)"
+        raise ValueError(msg)
+    if not host or parsed.path not in ("", "/") or parsed.query:
+        msg = f"url {r.url!r}: smtp://host[:port] or smtps://host[:port], nothing more"
+        raise ValueError(msg)
+    if port is not None and not 0 < port < 65536:
+        msg = f"url {r.url!r}: port {port} is not a TCP port"
+        raise ValueError(msg)
+    for who in [r.from_, *(r.to or [])]:
+        if who is None or "@" not in parseaddr(who)[1]:
+            msg = f"{who!r} is not an e-mail address" if who else "an email receiver needs from and to"
+            raise ValueError(msg)
+    if not r.to:
+        msg = "an email receiver needs to: [addresses]"
+        raise ValueError(msg)
+    if (r.password_env or r.password_file) and not r.username:
+        msg = "password_env or password_file is for a login: set username too"
+        raise ValueError(msg)
+    if r.password_env and r.password_file:
+        msg = "password_env or password_file, not both"
+        raise ValueError(msg)
 
 
 def _check_url(url: str) -> None:

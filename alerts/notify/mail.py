@@ -1,0 +1,193 @@
+"""E-mail receivers (`kind: email`): one message per notification, with a plain-text and an HTML
+part, threaded per alert (and per work order and person) by `Message-ID`, `In-Reply-To` and
+`References`; sent by SMTP, with STARTTLS when the server offers it (`smtp://`) or implicit TLS
+(`smtps://`), and a login whose password comes from the environment or a file."""
+
+from __future__ import annotations
+
+import html
+import os
+import smtplib
+import ssl
+import string
+from collections.abc import Mapping
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
+
+from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
+from alerts.notify.bodies import Links
+from alerts.notify.receivers import TEMPLATE_FIELDS, Receiver
+from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, NotificationRow
+
+DEFAULT_SUBJECT = "[{severity}{priority}] {status}: {summary}"
+
+# What, where, how urgent, since when, and the staff page: what a person on a phone needs first.
+DEFAULT_BODY = """{summary}
+
+{status} · {severity}{priority}
+Where: site {site}, device {device}, floor {floor}
+Since: {since}
+By: {by}
+Note: {note}
+
+{link}
+"""
+
+
+def _local(at: datetime | None, links: Links) -> str | None:
+    if at is None:
+        return None
+    local = at.astimezone(ZoneInfo(links.time_zone))
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or links.time_zone)
+
+
+def alert_facts(
+    n: NotificationRow, alert: AlertRow, tr: AlertTransitionRow, device: AlertDeviceRow | None, links: Links
+) -> dict[str, Any]:
+    """What an alert's e-mail can say (TEMPLATE_FIELDS)."""
+    state = device.state if device is not None else {}
+    return {
+        "summary": alert.summary, "status": n.status, "severity": alert.severity, "rule": alert.rule,
+        "device": alert.device_id, "type": device.type if device is not None else None, "site": alert.site,
+        "floor": state.get("floor"), "since": _local(alert.fired_at, links),
+        "by": None if tr.by == "engine" else tr.by, "note": tr.note, "link": links.alert(alert.id),
+    }  # fmt: skip
+
+
+def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow, links: Links) -> dict[str, Any]:
+    """What a work order's page by e-mail can say (TEMPLATE_FIELDS)."""
+    return {
+        "summary": f"work order {order.id}: {order.summary}", "status": n.status, "priority": order.priority,
+        "device": order.device_id, "type": order.device_type, "site": order.site,
+        "since": _local(order.created_at, links), "by": None if entry.by == "dispatch" else entry.by,
+        "note": entry.note, "link": links.order(order.id), "order": order.id, "assignee": order.assignee,
+        "step": entry.kind, "ack_deadline": _local(order.ack_deadline, links),
+    }  # fmt: skip
+
+
+def render(template: str, facts: Mapping[str, Any]) -> str:
+    """`template` with the facts filled in; lines whose fields are all empty are left out."""
+    values = {f: "" if facts.get(f) is None else str(facts[f]) for f in TEMPLATE_FIELDS}
+    out: list[str] = []
+    for line in template.split("\n"):
+        fields = [f for _, f, _, _ in string.Formatter().parse(line) if f]
+        if fields and all(not values[f] for f in fields):
+            continue  # "Note: " without a note says nothing
+        out.append(line.format_map(values))
+    return "\n".join(out).strip() + "\n"
+
+
+def message(receiver: Receiver, facts: Mapping[str, Any], own: str, parent: str | None, at: datetime) -> EmailMessage:
+    """The e-mail for one notification: Message-ID `own`, and `parent` (the first message of its
+    alert, or of its work order and person; None: this is that one) as In-Reply-To and References."""
+    domain = parseaddr(receiver.from_ or "")[1].rpartition("@")[2] or "iotgw"
+    subject = render(receiver.subject or DEFAULT_SUBJECT, facts).replace("\n", " ").strip()
+    text = render(receiver.body or DEFAULT_BODY, facts)
+    msg = EmailMessage()
+    msg["Subject"] = subject[:200]
+    msg["From"] = receiver.from_ or ""
+    msg["To"] = ", ".join(receiver.to or ())
+    msg["Date"] = format_datetime(at)
+    msg["Message-ID"] = f"<{own}@{domain}>"
+    if parent is not None:
+        msg["In-Reply-To"] = msg["References"] = f"<{parent}@{domain}>"
+    msg["Auto-Submitted"] = "auto-generated"  # (RFC 3834: no vacation replies)
+    msg.set_content(text)
+    msg.add_alternative(_html(text, str(facts.get("link") or "")), subtype="html")
+    return msg
+
+
+def _html(text: str, link: str) -> str:
+    lines = text.strip().split("\n")
+    head, rest = html.escape(lines[0]), [html.escape(x) for x in lines[1:] if x != link]
+    button = f'<p><a href="{html.escape(link, quote=True)}">Open in iotgw</a></p>' if link else ""
+    return (
+        '<!doctype html><html><body style="font-family:sans-serif;font-size:16px;line-height:1.4">'
+        f"<p><strong>{head}</strong></p><p>{'<br>'.join(rest).strip()}</p>{button}</body></html>"
+    )
+
+
+def password(receiver: Receiver) -> str | None:
+    """The login's password, read now from the variable or file the receiver names (so a rotated
+    file is read at the next try); None: the receiver has no login. A ValueError if it is missing."""
+    if receiver.password_env:
+        value = os.environ.get(receiver.password_env)
+        if value is None:
+            msg = f"the environment variable {receiver.password_env} (password_env) is not set"
+            raise ValueError(msg)
+        return value
+    if receiver.password_file:
+        try:
+            return Path(receiver.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            msg = f"cannot read password_file {receiver.password_file}: {exc.strerror or exc}"
+            raise ValueError(msg) from exc
+    return None
+
+
+def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float | None]:  # noqa: PLR0911 - one per outcome
+    """Send once: (outcome, error, None), outcome as for HTTP (`alerts.notify.http.post`):
+    delivered; transient (a 4xx reply, a server down or slow: retried); rejected (a 5xx reply, a
+    refused login or recipient: final)."""
+    url = urlsplit(receiver.url if isinstance(receiver.url, str) else "")
+    implicit = url.scheme == "smtps"
+    try:
+        secret = password(receiver)
+    except ValueError as exc:
+        return "transient", str(exc), None  # fixed by the operator, then retried
+    context = ssl.create_default_context(cafile=receiver.ca_file or None)
+    host, port = url.hostname or "", url.port or (465 if implicit else 25)
+    try:
+        smtp: smtplib.SMTP = (
+            smtplib.SMTP_SSL(host, port, timeout=receiver.timeout_s, context=context)
+            if implicit
+            else smtplib.SMTP(host, port, timeout=receiver.timeout_s)
+        )
+        with smtp:
+            smtp.ehlo()
+            if not implicit and smtp.has_extn("starttls"):
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            if receiver.username:
+                if not isinstance(smtp.sock, ssl.SSLSocket):
+                    return "rejected", "the server offers no STARTTLS: a password is not sent in the clear", None
+                _login(smtp, receiver.username, secret or "")
+            smtp.send_message(msg)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = {code for code, _ in exc.recipients.values()}
+        words = "; ".join(f"{who}: {code} {_text(reply)}" for who, (code, reply) in exc.recipients.items())
+        return (
+            ("transient" if all(400 <= c < 500 for c in codes) else "rejected"),
+            f"recipients refused: {words}"[:300],
+            None,
+        )
+    except smtplib.SMTPResponseException as exc:
+        outcome = "transient" if 400 <= exc.smtp_code < 500 else "rejected"
+        return outcome, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}"[:300], None
+    except smtplib.SMTPNotSupportedError as exc:  # no AUTH offered, say: it would not be, next time either
+        return "rejected", f"{exc}"[:300], None
+    except (TimeoutError, smtplib.SMTPException, ssl.SSLError, OSError) as exc:
+        return "transient", f"{type(exc).__name__}: {exc}"[:300], None
+    return "delivered", None, None
+
+
+def _login(smtp: smtplib.SMTP, username: str, secret: str) -> None:
+    """One mechanism, PLAIN where offered (smtplib's `login` tries the next one after a refusal,
+    and a server may wait for ever in the middle of LOGIN's exchange)."""
+    offered = (smtp.esmtp_features.get("auth") or "").upper().split()
+    smtp.user, smtp.password = username, secret
+    if "PLAIN" in offered:
+        smtp.auth("PLAIN", smtp.auth_plain)
+    elif "LOGIN" in offered:
+        smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)
+    else:
+        smtp.login(username, secret)  # CRAM-MD5 only, or no AUTH: smtplib says which
+
+
+def _text(reply: bytes | str) -> str:
+    return " ".join((reply.decode(errors="replace") if isinstance(reply, bytes) else reply).split())

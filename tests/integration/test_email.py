@@ -1,0 +1,243 @@
+"""E-mail receivers against a real SMTP server (aiosmtpd): STARTTLS and a login, implicit TLS, the
+messages of an alert's life threaded together, and a server's refusals told apart (a 4xx is
+retried, a refused login fails at once)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from alerts.dispatch.consumer import Dispatch
+from alerts.dispatch.roster import load_roster
+from alerts.notify import mail
+from alerts.notify.receivers import Receiver
+from devices.connect import mqtt_client
+from gateway.cli.broker import Mosquitto
+from gateway.config import Settings
+from tests.support.dispatching import ROSTER, RULES, WED_10_BERLIN, Clock, one_order, trap
+from tests.support.elevators import alerts_of, caught_up, state
+from tests.support.gateway import running_gateway, wait_for
+from tests.support.smtp import PASSWORD, USER, SmtpServer, smtp_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def smtp(tmp_path: Path) -> Iterator[SmtpServer]:
+    with smtp_server(tmp_path) as server:
+        yield server
+
+
+def _receiver(server: SmtpServer, scheme: str = "smtp", **extra: Any) -> Receiver:
+    return Receiver.model_validate({
+        "name": "ops-mail", "kind": "email", "url": f"{scheme}://127.0.0.1:{server.port}",
+        "from": "iotgw@example.org", "to": ["ops@example.org"], "username": USER,
+        "password_env": "IOTGW_TEST_SMTP_PASSWORD", "ca_file": str(server.ca_file), **extra,
+    })  # fmt: skip
+
+
+def _message(receiver: Receiver) -> Any:
+    facts = {"summary": "Door jammed on el-1", "status": "firing", "severity": "major", "site": "hq",
+             "device": "el-1", "link": "http://staff.example/ui/?alert=1"}  # fmt: skip
+    return mail.message(receiver, facts, "iotgw.alert-1", None, datetime.now(UTC))
+
+
+async def test_an_alerts_life_reaches_a_mailbox_as_one_thread(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {{device}}"
+    event:
+      type: elevator.fault.raised
+      data: {{code: DOOR_JAM}}
+      clear: {{type: elevator.fault.cleared, data: {{code: DOOR_JAM}}}}
+receivers:
+  - name: ops-mail
+    kind: email
+    url: "smtp://127.0.0.1:{smtp.port}"
+    from: "iotgw <iotgw@example.org>"
+    to: ["ops@example.org", "lead@example.org"]
+    username: {USER}
+    password_env: IOTGW_TEST_SMTP_PASSWORD
+    ca_file: "{smtp.ca_file}"
+""")
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules), public_url="https://staff.example")
+    async with running_gateway(settings) as gw:
+        async with mqtt_client(broker.url_as("tester"), "el-m1") as c:
+            await c.publish("devices/el-m1/state", state(1, floor=4), qos=1)
+            await c.publish("devices/el-m1/state", state(2, mode="fault", fault="DOOR_JAM", floor=4), qos=1)
+            await caught_up(gw, "el-m1", 2)
+            (alert,) = await alerts_of(gw)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+                r = await client.post(f"/api/alerts/{alert['id']}/ack", json={"by": "ana", "note": "on my way"})
+                assert r.status_code == 200
+            await c.publish("devices/el-m1/state", state(3, floor=4), qos=1)
+            await caught_up(gw, "el-m1", 3)
+
+        async def three() -> bool:
+            return len(smtp.mailbox.messages) >= 3
+
+        await wait_for(three, timeout=30, what="three e-mails")
+    firing, acked, resolved = smtp.mailbox.messages
+    assert smtp.mailbox.tls == [True, True, True]  # STARTTLS before the login, every time
+    assert smtp.mailbox.logins == [USER] * 3
+    assert firing["Subject"] == "[major] firing: Door jammed on el-m1"
+    assert acked["Subject"] == "[major] acknowledged: Door jammed on el-m1"
+    assert firing["To"] == "ops@example.org, lead@example.org"
+    root = f"<iotgw.alert-{alert['id']}@example.org>"
+    assert firing["Message-ID"] == root
+    assert firing["In-Reply-To"] is None
+    for later in (acked, resolved):
+        assert later["In-Reply-To"] == later["References"] == root
+        assert later["Message-ID"] not in (root, firing["Message-ID"])
+    assert len({m["Message-ID"] for m in smtp.mailbox.messages}) == 3
+    text = firing.get_body(("plain",)).get_content()
+    html = firing.get_body(("html",)).get_content()
+    assert "Where: site hq, device el-m1, floor 4" in text
+    assert f"https://staff.example/ui/?alert={alert['id']}" in text
+    assert f'href="https://staff.example/ui/?alert={alert["id"]}"' in html
+    assert "Since: " in text
+    assert "By:" not in text
+    ack_text = acked.get_body(("plain",)).get_content()
+    assert "By: ana" in ack_text
+    assert "Note: on my way" in ack_text
+
+
+async def test_a_technician_is_paged_by_email(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    mailer = (
+        f'{{name: pager, kind: email, url: "smtp://127.0.0.1:{smtp.port}", from: "dispatch@example.org", '
+        f'to: ["tina@example.org"], username: {USER}, password_env: IOTGW_TEST_SMTP_PASSWORD, '
+        f'ca_file: "{smtp.ca_file}"}}'
+    )
+    roster = ROSTER.format(url="-").replace('{name: pager, kind: webhook, url: "-"}', mailer)
+    clock = Clock(WED_10_BERLIN)
+    d = Dispatch(load_roster(roster), clock=clock)
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules), time_zone="Europe/Berlin")
+    async with running_gateway(settings, consumers=[d]) as gw:
+        await trap(broker, clock)
+        order = await one_order(gw, "the entrapment's work order", lambda o: o["status"] == "assigned")
+
+        async def paged() -> bool:
+            return len(smtp.mailbox.messages) >= 1
+
+        await wait_for(paged, what="the page by e-mail")
+    (page,) = smtp.mailbox.messages
+    assert page["Subject"] == f"[P1] assigned: work order {order['id']}: el-1 stuck at floor 3 with 80 kg inside"
+    assert page["To"] == "tina@example.org"
+    text = page.get_body(("plain",)).get_content()
+    assert f"/ui/?work_order={order['id']}" in text
+    assert "Since: 2026-11-25 10:00:00 CET" in text  # the simulated 09:00 UTC, in the gateway's zone
+    assert page["Message-ID"] == f"<iotgw.order-{order['id']}.tina@example.org>"  # a reminder would thread under it
+    assert page["In-Reply-To"] is None
+
+
+async def test_implicit_tls_and_a_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    with smtp_server(tmp_path, implicit_tls=True) as server:
+        receiver = _receiver(server, "smtps", subject="{site}: {summary}", body="{summary} ({severity})\n{link}")
+        assert mail.send(receiver, _message(receiver)) == ("delivered", None, None)
+        (got,) = server.mailbox.messages
+    assert server.mailbox.tls == [True]
+    assert got["Subject"] == "hq: Door jammed on el-1"
+    text = got.get_body(("plain",)).get_content().replace("\r\n", "\n")  # (SMTP's line ends)
+    assert text == "Door jammed on el-1 (major)\nhttp://staff.example/ui/?alert=1\n"
+
+
+async def test_a_busy_server_is_retried_and_a_refused_login_is_final(
+    smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = _receiver(smtp)
+    monkeypatch.delenv("IOTGW_TEST_SMTP_PASSWORD", raising=False)
+    outcome, error, _ = mail.send(receiver, _message(receiver))
+    assert (outcome, error) == (
+        "transient",
+        "the environment variable IOTGW_TEST_SMTP_PASSWORD (password_env) is not set",
+    )
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", "wrong")
+    outcome, error, _ = mail.send(receiver, _message(receiver))
+    assert outcome == "rejected"
+    assert error is not None
+    assert error.startswith("SMTP 535")
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    smtp.mailbox.refuse_next = 1
+    outcome, error, _ = mail.send(receiver, _message(receiver))
+    assert outcome == "transient"
+    assert error is not None
+    assert "451" in error
+    assert mail.send(receiver, _message(receiver))[0] == "delivered"
+    assert len(smtp.mailbox.messages) == 1
+
+
+async def test_a_password_is_never_sent_without_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    with smtp_server(tmp_path, plain=True) as server:
+        receiver = _receiver(server)
+        outcome, error, _ = mail.send(receiver, _message(receiver))
+        assert (outcome, error) == ("rejected", "the server offers no STARTTLS: a password is not sent in the clear")
+        anonymous = _receiver(server, username=None, password_env=None)  # no login: plain SMTP is fine
+        assert mail.send(anonymous, _message(anonymous))[0] == "delivered"
+    assert server.mailbox.tls == [False]
+    assert server.mailbox.logins == [""]
+
+
+async def test_a_server_that_is_not_there_is_transient(tmp_path: Path) -> None:
+    with smtp_server(tmp_path) as server:
+        receiver = _receiver(server, password_env=None, username=None)
+    outcome, error, _ = mail.send(receiver, _message(receiver))  # (stopped: nothing listens there now)
+    assert outcome == "transient"
+    assert error is not None
+    assert "Connection refused" in error
+
+
+def test_a_password_file_is_read_at_each_try(tmp_path: Path) -> None:
+    secret = tmp_path / "smtp-password"
+    secret.write_text(PASSWORD + "\n")
+    with smtp_server(tmp_path) as server:
+        receiver = _receiver(server, password_env=None, password_file=str(secret))
+        assert mail.send(receiver, _message(receiver))[0] == "delivered"
+        secret.write_text("rotated-away")
+        assert mail.send(receiver, _message(receiver))[0] == "rejected"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"url": "smtp://iotgw:hunter2@mail.example"}, "no credentials in the url"),
+        ({"url": "https://mail.example"}, "smtp://host[:port]"),
+        ({"to": []}, "needs to"),
+        ({"from": "not an address"}, "not an e-mail address"),
+        ({"subject": "{colour}"}, "unknown field {colour}"),
+        ({"body": "{summary"}, "literal brace"),
+        ({"username": None}, "set username too"),
+        ({"password_file": "/run/secrets/smtp"}, "not both"),
+    ],
+)
+def test_a_bad_email_receiver_is_refused_with_its_reason(change: dict[str, Any], says: str) -> None:
+    raw = {"name": "m", "kind": "email", "url": "smtp://mail.example:587", "from": "iotgw@example.org",
+           "to": ["ops@example.org"], "username": "iotgw", "password_env": "SMTP_PASSWORD", **change}  # fmt: skip
+    with pytest.raises(ValidationError) as caught:
+        Receiver.model_validate(raw)
+    assert says in str(caught.value)
+
+
+def test_email_fields_are_for_email_receivers_only() -> None:
+    with pytest.raises(ValidationError, match="to: for email receivers only"):
+        Receiver.model_validate({"name": "h", "kind": "webhook", "url": "http://x.example/h", "to": ["a@b.example"]})
