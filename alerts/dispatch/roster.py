@@ -208,7 +208,7 @@ class Roster(StrictModel):
                 msg = f"technician {t.id}: contact {t.contact!r} is not one of the receivers ({', '.join(receivers)})"
                 raise ValueError(msg)
             if receiver.kind in ("alertmanager", "alertmanager-webhook"):
-                msg = f"technician {t.id}: an alertmanager receiver cannot page a person; use webhook or pagerduty"
+                msg = f"technician {t.id}: an alertmanager receiver pages nobody (webhook, pagerduty, email, apprise)"
                 raise ValueError(msg)
         roles = {t.role for t in self.technicians}
         for p in self.policies:  # (a level nobody holds is passed over; a policy with none pages nobody)

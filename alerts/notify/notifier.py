@@ -32,10 +32,11 @@ from sqlmodel import Session, col, select
 
 from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.metrics import AlertFamilies
-from alerts.notify import mail
+from alerts.notify import mail, push
 from alerts.notify.alertmanager import AlertmanagerSync
 from alerts.notify.bodies import Links, build, build_page, cloudevent_request
 from alerts.notify.http import OUTCOME_RANK, Request, post, readable
+from alerts.notify.push import Push
 from alerts.notify.receivers import Receiver
 from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.errors import StoreError
@@ -300,10 +301,12 @@ class Notifier:
                 self.lease.fence(tx)  # committed only while the lease is ours: a stale instance writes nothing
             tx.commit()
 
-    def _request(self, tx: Session, receiver: Receiver, n: NotificationRow) -> Request | EmailMessage | str | None:
-        """The request (body, headers) to send, or the e-mail; None: nothing for this receiver; a
-        string: why it cannot be built."""
-        if receiver.kind == "email":
+    def _request(
+        self, tx: Session, receiver: Receiver, n: NotificationRow
+    ) -> Request | EmailMessage | Push | str | None:
+        """The request (body, headers) to send, the e-mail or the apprise message; None: nothing for
+        this receiver; a string: why it cannot be built."""
+        if receiver.kind in ("email", "apprise"):
             return self._mail(tx, receiver, n)
         return self._http_request(tx, receiver, n)
 
@@ -332,9 +335,9 @@ class Notifier:
             return None
         return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
 
-    def _mail(self, tx: Session, receiver: Receiver, n: NotificationRow) -> EmailMessage | str:
+    def _mail(self, tx: Session, receiver: Receiver, n: NotificationRow) -> EmailMessage | Push | str:
         """The e-mail of a notification, threaded under the first one of its alert (a page: of its
-        work order and person)."""
+        work order and person); or its apprise message."""
         links = self.links()
         if n.work_order_id is not None:
             order = tx.get(WorkOrderRow, n.work_order_id)
@@ -342,11 +345,7 @@ class Notifier:
             if order is None or entry is None:
                 return "work order no longer there"
             facts = mail.page_facts(n, order, entry, links)
-            first = tx.exec(
-                select(func.min(NotificationRow.id)).where(
-                    col(NotificationRow.work_order_id) == order.id, col(NotificationRow.person) == n.person
-                )
-            ).one()
+            same = (col(NotificationRow.work_order_id) == order.id, col(NotificationRow.person) == n.person)
             thread = f"iotgw.order-{order.id}.{n.person or 'all'}"
         else:
             alert = tx.get(AlertRow, n.alert_id)
@@ -354,12 +353,11 @@ class Notifier:
             if alert is None or tr is None:
                 return "alert no longer there"
             facts = mail.alert_facts(n, alert, tr, tx.get(AlertDeviceRow, alert.device_id), links)
-            first = tx.exec(
-                select(func.min(NotificationRow.id)).where(
-                    col(NotificationRow.alert_id) == alert.id, col(NotificationRow.work_order_id).is_(None)
-                )
-            ).one()
+            same = (col(NotificationRow.alert_id) == alert.id, col(NotificationRow.work_order_id).is_(None))
             thread = f"iotgw.alert-{alert.id}"
+        if receiver.kind == "apprise":
+            return push.push(receiver, facts)
+        first = tx.exec(select(func.min(NotificationRow.id)).where(*same)).one()
         root = first is None or first == n.id
         own = thread if root else f"iotgw.{n.key}"
         return mail.message(receiver, facts, own, None if root else thread, n.created_at)
@@ -385,6 +383,8 @@ class Notifier:
         d.attempts += 1
         if isinstance(request, EmailMessage):
             return self._outcome(tx, d, receiver, n, mail.send(receiver, request), now)
+        if isinstance(request, Push):
+            return self._outcome(tx, d, receiver, n, push.send(receiver, request), now)
         content, headers = request
         if receiver.kind == "log":
             log.info("notify %s: %s", receiver.name, readable(content))

@@ -77,7 +77,20 @@ def check_template(template: str) -> str:
 
 Template = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(check_template)]
 
-_EMAIL_ONLY = ("from_", "to", "username", "password_env", "password_file", "ca_file", "subject", "body")
+
+def _apprise_url(url: str) -> str:
+    """`url` if apprise knows the service it names (the error leaves the URL out: it may hold a token)."""
+    import apprise  # noqa: PLC0415 - large, and only for files with apprise receivers
+
+    if not apprise.Apprise().add(url):
+        msg = f"not a URL apprise takes (scheme {url.partition('://')[0][:20]!r}): see apprise's list of services"
+        raise ValueError(msg)
+    return url
+
+
+_EMAIL_ONLY = ("from_", "to", "username", "password_env", "password_file", "ca_file")
+_APPRISE_ONLY = ("apprise_urls", "urls_file")
+_MESSAGES_ONLY = ("subject", "body")  # email and apprise: messages people read
 
 
 class Receiver(StrictModel):
@@ -86,7 +99,7 @@ class Receiver(StrictModel):
     `log` (the gateway's own log, for trying things out: no URL)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "email", "log"] = "webhook"
+    kind: Literal["webhook", "alertmanager", "alertmanager-webhook", "pagerduty", "email", "apprise", "log"] = "webhook"
     # alertmanager: the base URL of Alertmanager, or a list of them (an HA pair: each is sent to)
     url: str | list[str] | None = None
     severities: list[Severity] | None = None  # only these (default: all)
@@ -104,21 +117,34 @@ class Receiver(StrictModel):
     password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     password_file: str | None = None
     ca_file: str | None = None  # the CA that signed the server's certificate (default: the system's)
+    # apprise: its URLs (Slack, Teams, ntfy, Telegram...), and/or a file of them, one a line (for tokens)
+    apprise_urls: list[Annotated[str, AfterValidator(_apprise_url)]] | None = Field(default=None, alias="urls")
+    urls_file: str | None = None
+    # email and apprise: the message's subject (title) and body, templates of TEMPLATE_FIELDS
     subject: Template | None = None
     body: Template | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Receiver:
-        if self.kind == "email":
-            if self.mode == "binary" or self.routing_key is not None:
-                msg = "mode and routing_key are not for email receivers"
+        for kinds, fields in (
+            (("email",), _EMAIL_ONLY),
+            (("apprise",), _APPRISE_ONLY),
+            (("email", "apprise"), _MESSAGES_ONLY),
+        ):
+            given = [_NAMES.get(f, f) for f in fields if getattr(self, f) is not None]
+            if given and self.kind not in kinds:
+                msg = f"{', '.join(given)}: for {' and '.join(kinds)} receivers only"
                 raise ValueError(msg)
-            _check_email(self)
+        if self.kind in ("email", "apprise"):
+            if self.mode == "binary" or self.routing_key is not None:
+                msg = f"mode and routing_key are not for {self.kind} receivers"
+                raise ValueError(msg)
+            if self.kind == "email":
+                _check_email(self)
+            elif self.url is not None or not (self.apprise_urls or self.urls_file):
+                msg = "an apprise receiver has urls: [apprise URLs] and/or urls_file (no url)"
+                raise ValueError(msg)
             return self
-        given = [("from" if f == "from_" else f) for f in _EMAIL_ONLY if getattr(self, f) is not None]
-        if given:
-            msg = f"{', '.join(given)}: for email receivers only"
-            raise ValueError(msg)
         if self.kind == "pagerduty" and not PD_ROUTING_KEY.fullmatch(self.routing_key or ""):
             msg = "a pagerduty receiver needs routing_key, its integration key of 32 characters"
             raise ValueError(msg)
@@ -149,6 +175,8 @@ class Receiver(StrictModel):
 
 
 PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
+
+_NAMES = {"from_": "from", "apprise_urls": "urls"}  # fields by the names the files use
 
 
 def _check_email(r: Receiver) -> None:
