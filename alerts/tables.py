@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer
 from sqlmodel import Field, SQLModel
 
+from alerts.windows import in_window
 from gateway.log import (
     datetime_field,
 )
@@ -144,10 +145,17 @@ class SilenceRow(SQLModel, table=True):
     comment: str
     starts_at: datetime = datetime_field(nullable=False)
     ends_at: datetime = datetime_field(nullable=False, index=True)
+    # A recurring maintenance window (alerts/windows.py): in force only in its windows, from
+    # starts_at until ends_at; None: all the time in between.
+    schedule: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+    def in_force(self, at: datetime) -> bool:
+        """Whether the silence holds notifications back at `at` (whatever they match)."""
+        return self.starts_at <= at < self.ends_at and (self.schedule is None or in_window(self.schedule, at))
 
     def matches(self, alert: AlertRow, at: datetime) -> bool:
         """True when `alert` falls under this silence at `at` (matchers are fnmatch patterns)."""
-        if not self.starts_at <= at < self.ends_at:
+        if not self.in_force(at):
             return False
         fields = {
             "rule": alert.rule,

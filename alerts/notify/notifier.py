@@ -38,7 +38,7 @@ from alerts.notify.bodies import Links, build, build_page, cloudevent_request
 from alerts.notify.http import OUTCOME_RANK, Request, post, readable
 from alerts.notify.push import Push
 from alerts.notify.receivers import Receiver
-from alerts.tables import AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
+from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
@@ -296,10 +296,34 @@ class Notifier:
                 )  # fmt: skip
             n.fanned_out = True
             tx.add(n)
-        if fresh:
+        released = self._release(tx, now)
+        if fresh or released:
             if self.lease is not None:
                 self.lease.fence(tx)  # committed only while the lease is ours: a stale instance writes nothing
             tx.commit()
+        if released:
+            log.info("%d notifications held back by a silence are sent now that it is over", released)
+
+    def _release(self, tx: Session, now: datetime) -> int:
+        """Deliveries a silence held back, of alerts still open that no silence holds now: pending
+        again, to go out at once (a receiver learns of an alert still firing when the silence or
+        maintenance window is over). Those of alerts that resolved meanwhile stay held."""
+        held = tx.exec(
+            select(DeliveryRow, AlertRow)
+            .join(AlertRow, col(AlertRow.id) == col(DeliveryRow.alert_id))
+            .where(col(DeliveryRow.status) == "silenced", col(AlertRow.status).in_(OPEN))
+            .order_by(col(DeliveryRow.id))
+        ).all()
+        if not held:
+            return 0
+        silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now)))
+        released = 0
+        for d, alert in held:
+            if d.receiver in self.receivers and not any(s.matches(alert, now) for s in silences):
+                d.status, d.next_at = "pending", min(d.next_at, now)  # due since it was made
+                tx.add(d)
+                released += 1
+        return released
 
     def _request(
         self, tx: Session, receiver: Receiver, n: NotificationRow

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from sqlalchemy import text
 
+from alerts.windows import DAYS
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
@@ -155,3 +159,71 @@ receivers:
         assert (await client.delete(f"/api/silences/{silence['id']}")).status_code == 200
         assert (await client.get("/api/silences")).json()["items"] == []
         assert (await client.delete("/api/silences/999")).status_code == 404
+
+        async def told_after() -> bool:
+            return len(hooks.ok()) >= 2
+
+        # The silence is over and el-q1's alert still fires: its receiver is told now.
+        await wait_for(told_after, what="the held notification, once the silence ended")
+        assert [r["body"]["subject"] for r in hooks.ok()] == ["el-z1", "el-q1"]
+
+
+async def test_a_maintenance_window_holds_notifications_until_it_closes(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, hooks: Hooks
+) -> None:
+    hooks.fail_first = 0
+    base = f"http://127.0.0.1:{hooks.server_address[1]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {{device}}"
+    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
+receivers:
+  - {{name: hook, kind: webhook, url: "{base}/hook"}}
+""")
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+    now = datetime.now(UTC)
+    opened, closes = now - timedelta(hours=1), now + timedelta(hours=1)  # a window around now, in Tokyo
+    tokyo = ZoneInfo("Asia/Tokyo")
+    window = {"days": [DAYS[opened.astimezone(tokyo).weekday()]], "start": opened.astimezone(tokyo).strftime("%H:%M"),
+              "end": closes.astimezone(tokyo).strftime("%H:%M"), "time_zone": "Asia/Tokyo"}  # fmt: skip
+    async with running_gateway(settings) as gw, client_of(gw) as client:
+        bad = await client.post("/api/silences", json={"matchers": {"site": "*"}, "by": "ana", "comment": "x",
+                                                       "schedule": {**window, "days": ["someday"]}})  # fmt: skip
+        assert bad.status_code == 422
+        assert "days: a list of mon" in str(bad.json()["detail"])
+        r = await client.post("/api/silences", json={"matchers": {"rule": "door-jam"}, "by": "ana",
+                                                     "comment": "weekly lift service", "schedule": window})  # fmt: skip
+        assert r.status_code == 201, r.text
+        assert (r.json()["in_force"], r.json()["schedule"]) == (True, window)
+        async with mqtt_client(broker.url_as("tester"), "pub") as c:
+            for device in ("el-w1", "el-w2"):
+                await c.publish(f"devices/{device}/state", state(1), qos=1)
+                await c.publish(f"devices/{device}/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+            await c.publish("devices/el-w2/state", state(3), qos=1)  # el-w2 recovers inside the window
+        await caught_up(gw, "el-w2", 3)
+
+        async def held() -> int:
+            with gw.store.session() as tx:
+                return int(
+                    tx.exec(text("select count(*) from notification_deliveries where status = 'silenced'")).one()[0]
+                )  # type: ignore[call-overload]
+
+        async def three_held() -> bool:
+            return await held() == 3  # el-w1 firing; el-w2 firing and resolved
+
+        await wait_for(three_held, what="the window to hold three notifications back")
+        assert hooks.ok() == []
+        # The window closes (its end, a minute later): what is still firing is told then.
+        notifier = gw.plugins["alerts"].notifier
+        await asyncio.to_thread(notifier.fan_out, closes + timedelta(minutes=1))
+
+        async def told() -> bool:
+            return len(hooks.ok()) >= 1
+
+        await wait_for(told, what="the notification of the alert still firing after the window")
+        await asyncio.sleep(1.0)  # (anything more would have gone out by now)
+        assert [(r["body"]["subject"], r["body"]["type"]) for r in hooks.ok()] == [("el-w1", "alert.firing")]
+        assert await held() == 2  # el-w2 resolved meanwhile: nothing to say about it
