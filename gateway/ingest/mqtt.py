@@ -84,9 +84,7 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
         lean, sink = self._lean_qos1, self._sink
         while size - at >= 2:  # a fixed header is 2 bytes at least
             length, mult, i = 0, 1, at + 1
-            while True:
-                if i >= size:
-                    return at  # the rest of the fixed header is in the next read
+            while i < size:
                 byte = data[i]
                 length += (byte & 0x7F) * mult
                 i += 1
@@ -95,6 +93,8 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
                 mult *= 128
                 if mult > 2097152:  # 128**3: a fifth length byte is malformed
                     return -1
+            else:
+                break  # the rest of the fixed header is in the next read
             end = i + length
             if end > size:
                 break
@@ -103,7 +103,10 @@ class AckAfterCommitClient(gmqtt.Client):  # type: ignore[misc]
             if live and cmd & 0xF0 == _PUBLISH:
                 fields = lean(cmd, body)
                 if fields is not None:
-                    sink(*fields, connection)
+                    try:
+                        sink(*fields, connection)
+                    except Exception:  # as gmqtt's handler does: the read loop must go on
+                        log.exception("handing over a message of %s failed", fields[0][:200])
                     continue
             connection.put_package(Package(cmd, body))
         if at and live:

@@ -9,6 +9,7 @@ import struct
 from types import MethodType, SimpleNamespace
 from typing import Any
 
+import pytest
 from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.protocol import MQTTProtocol
 from hypothesis import given
@@ -145,3 +146,31 @@ def test_a_superseded_connection_hands_nothing_over() -> None:
     stream = _fixed_header(*_packet(b"devices/t-1/telemetry", b"{}", 7, 1, b""))
     assert client._read_packets(old, stream) == len(stream)
     assert got == [("gmqtt", 0x32, stream[2:])]  # to gmqtt's connection, which drops it
+
+
+def test_a_read_that_ends_inside_a_header_still_counts_as_data_in() -> None:
+    # gmqtt's keepalive closes a connection it has heard nothing from: whole packets are something.
+    client = AckAfterCommitClient("probe", lambda *_: None)
+    connection = SimpleNamespace(put_package=lambda _pkg: None, _last_data_in=0.0)
+    client._package_handler._connection = connection
+    reading = _fixed_header(*_packet(b"devices/t-1/telemetry", b"{}", 7, 1, b""))
+    big = _fixed_header(*_packet(b"devices/t-1/telemetry", b"x" * 300, 8, 1, b""))
+    assert client._read_packets(connection, reading + big[:2]) == len(reading)
+    assert connection._last_data_in > 0
+
+
+def test_a_sink_that_fails_loses_the_read_loop_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    got: list[int] = []
+
+    def sink(_topic: str, _payload: bytes, mid: int, _connection: object) -> None:
+        if mid == 8:
+            raise RuntimeError("a bug downstream")
+        got.append(mid)
+
+    client = AckAfterCommitClient("probe", sink)
+    connection = SimpleNamespace(put_package=lambda _pkg: None, _last_data_in=0.0)
+    client._package_handler._connection = connection
+    stream = b"".join(_fixed_header(*_packet(b"devices/t-1/telemetry", b"{}", mid, 1, b"")) for mid in (7, 8, 9))
+    assert client._read_packets(connection, stream) == len(stream)
+    assert got == [7, 9]
+    assert "handing over a message of devices/t-1/telemetry failed" in caplog.text
