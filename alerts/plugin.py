@@ -24,7 +24,7 @@ from alerts.metrics import AlertFamilies, AlertMetrics, WorkOrderMetrics
 from alerts.notify.bodies import Links
 from alerts.notify.notifier import Notifier
 from alerts.notify.receivers import Receiver
-from alerts.routes import alerts, silences
+from alerts.routes import ack, alerts, silences
 from alerts.tables import OPEN, AlertRow
 from gateway.log import DeviceRow
 from gateway.plugins import Plugin
@@ -73,6 +73,10 @@ class AlertsPlugin(Plugin):
             router.include_router(module.router)
         return router
 
+    def pages(self) -> APIRouter:
+        """The pages acknowledge links open (/ack/...): the signed link is their credential."""
+        return ack.router
+
     def live(self, tx: Session) -> dict[str, Any]:
         """The open alerts (newest first) and open work orders (most urgent first)."""
         open_alerts = tx.exec(
@@ -120,8 +124,13 @@ class AlertsPlugin(Plugin):
     def links(self) -> Links:
         """The staff page's address and the alert rules, for what notifications link and label."""
         rules = getattr(self.host.consumers.get("alerts"), "rules", None)
-        zone = str(getattr(self.host.settings, "time_zone", "UTC") or "UTC")
-        return Links(self.host.public_url, {r.name: r for r in rules or ()}, zone)
+        settings = self.host.settings
+        zone = str(getattr(settings, "time_zone", "UTC") or "UTC")
+        key, valid = (
+            str(getattr(settings, "ack_link_key", "") or ""),
+            float(getattr(settings, "ack_link_valid_s", 86400)),
+        )
+        return Links(self.host.public_url, {r.name: r for r in rules or ()}, zone, key, valid)
 
     # --- in the gateway's process ---
 

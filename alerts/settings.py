@@ -3,7 +3,7 @@ entry point group `iotgw.settings`. Nothing of the gateway is imported here: the
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class AlertsSettings(BaseModel):
@@ -23,3 +23,21 @@ class AlertsSettings(BaseModel):
             "given up as expired"
         ),
     )
+    ack_link_key: str = Field(
+        default="",
+        description=(
+            "the secret that signs the acknowledge links in notifications (empty: no links); at least "
+            "32 characters, e.g. from `openssl rand -hex 32`"
+        ),
+    )
+    ack_link_valid_s: float = Field(
+        default=86400.0, gt=0, description="how long an acknowledge link in a notification can be used"
+    )
+
+    @field_validator("ack_link_key")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        if value and len(value) < 32:
+            msg = "ack_link_key: at least 32 characters (e.g. openssl rand -hex 32)"
+            raise ValueError(msg)
+        return value

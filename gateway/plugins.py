@@ -116,6 +116,11 @@ class Plugin:
         mutations declare more with gateway.api.auth's dependencies)."""
         return None
 
+    def pages(self) -> APIRouter | None:
+        """Routes mounted without an API key, outside /api: each checks a credential of its own (a
+        signed link, say) before it shows or changes anything."""
+        return None
+
     def live(self, tx: Session) -> dict[str, Any]:
         """What the plugin adds to each snapshot of the live stream (/api/stream), as JSON values."""
         del tx

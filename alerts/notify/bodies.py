@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from alerts.dispatch.orders import HANDED_OVER, WorkOrderEntryRow, WorkOrderRow
+from alerts.notify.acklinks import Grant, token
 from alerts.notify.http import Request
 from alerts.notify.receivers import Receiver
 from alerts.rules import Rule
@@ -37,6 +38,16 @@ class Links:
     public_url: str = "http://127.0.0.1:8000"
     rules: Mapping[str, Rule] = field(default_factory=dict)
     time_zone: str = "UTC"  # the gateway's (IOTGW_TIME_ZONE): times people read are in it
+    ack_key: str = ""  # IOTGW_ACK_LINK_KEY: signs acknowledge links (empty: none)
+    ack_valid_s: float = 86400.0
+
+    def ack(self, kind: str, ident: int | None, person: str | None, at: datetime) -> str | None:
+        """A signed link that acknowledges the alert (`kind` alert) or work order (order) as
+        `person`, valid for `ack_valid_s` from `at`; None without a key (or a person)."""
+        if not self.ack_key or ident is None or not person:
+            return None
+        grant = Grant(kind, ident, person, at + timedelta(seconds=self.ack_valid_s))
+        return f"{self.public_url}/ack/{token(self.ack_key, grant)}"
 
     def alert(self, alert_id: int | None) -> str:
         return f"{self.public_url}/ui/?alert={alert_id}"

@@ -11,7 +11,7 @@ import smtplib
 import ssl
 import string
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
@@ -36,6 +36,7 @@ By: {by}
 Note: {note}
 
 {link}
+Acknowledge: {ack_link}
 """
 
 
@@ -46,17 +47,30 @@ def _local(at: datetime | None, links: Links) -> str | None:
     return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or links.time_zone)
 
 
-def alert_facts(
-    n: NotificationRow, alert: AlertRow, tr: AlertTransitionRow, device: AlertDeviceRow | None, links: Links
+ACKABLE = ("firing", "flapping")  # an alert's notifications that carry an acknowledge link
+
+
+def alert_facts(  # noqa: PLR0913, PLR0917
+    n: NotificationRow,
+    alert: AlertRow,
+    tr: AlertTransitionRow,
+    device: AlertDeviceRow | None,
+    links: Links,
+    person: str,
 ) -> dict[str, Any]:
-    """What an alert's e-mail can say (TEMPLATE_FIELDS)."""
+    """What an alert's message can say (TEMPLATE_FIELDS); its acknowledge link acts as `person`
+    (the receiver's name: whoever reads that mailbox or channel)."""
     state = device.state if device is not None else {}
     return {
         "summary": alert.summary, "status": n.status, "severity": alert.severity, "rule": alert.rule,
         "device": alert.device_id, "type": device.type if device is not None else None, "site": alert.site,
         "floor": state.get("floor"), "since": _local(alert.fired_at, links),
         "by": None if tr.by == "engine" else tr.by, "note": tr.note, "link": links.alert(alert.id),
+        "ack_link": links.ack("alert", alert.id, person, datetime.now(UTC)) if n.status in ACKABLE else None,
     }  # fmt: skip
+
+
+ASSIGNED = "assigned"  # a page's order that an acknowledge link can still acknowledge
 
 
 def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow, links: Links) -> dict[str, Any]:
@@ -67,6 +81,7 @@ def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow
         "since": _local(order.created_at, links), "by": None if entry.by == "dispatch" else entry.by,
         "note": entry.note, "link": links.order(order.id), "order": order.id, "assignee": order.assignee,
         "step": entry.kind, "ack_deadline": _local(order.ack_deadline, links),
+        "ack_link": links.ack("order", order.id, n.person, datetime.now(UTC)) if entry.status == ASSIGNED else None,
     }  # fmt: skip
 
 

@@ -376,7 +376,7 @@ class Notifier:
             tr = tx.get(AlertTransitionRow, n.transition_id)
             if alert is None or tr is None:
                 return "alert no longer there"
-            facts = mail.alert_facts(n, alert, tr, tx.get(AlertDeviceRow, alert.device_id), links)
+            facts = mail.alert_facts(n, alert, tr, tx.get(AlertDeviceRow, alert.device_id), links, receiver.name)
             same = (col(NotificationRow.alert_id) == alert.id, col(NotificationRow.work_order_id).is_(None))
             thread = f"iotgw.alert-{alert.id}"
         if receiver.kind == "apprise":

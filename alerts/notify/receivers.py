@@ -56,7 +56,7 @@ class StrictModel(BaseModel):
 # What an e-mail receiver's subject or body template may name ({field}); one without a value reads "".
 TEMPLATE_FIELDS = (
     "summary", "status", "severity", "priority", "rule", "device", "type", "site", "floor", "since",
-    "by", "note", "link", "order", "assignee", "step", "ack_deadline",
+    "by", "note", "link", "ack_link", "order", "assignee", "step", "ack_deadline",
 )  # fmt: skip
 
 

@@ -104,6 +104,12 @@ def create_app(state: AppState) -> FastAPI:
         plugin_router = plugin.api()
         if plugin_router is not None:
             app.include_router(plugin_router, dependencies=[*known, *VIEWER])
+        public = plugin.pages()
+        if public is not None:
+            if any(getattr(r, "path", "").startswith("/api") for r in public.routes):
+                msg = f"plugin {plugin.name}: pages() routes take no API key, so none may be under /api"
+                raise ValueError(msg)
+            app.include_router(public, dependencies=known)
     app.add_middleware(Guard, security=state.security, store=state.store)
     if state.security.cors_origins:
         # Off unless origins are configured: the staff page is served from the gateway itself.

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from gateway.api import AppState, create_app
@@ -298,4 +299,21 @@ async def test_an_event_type_a_consumer_appends_is_filtered_on_even_undeclared(m
         assert (await c.get("/api/events", params={"type": "doorwatch.bsy"})).status_code == 422
         declared = await c.get("/api/events", params={"type": "workorder.assigned"})  # the alerts plugin's
         assert declared.status_code == 200, declared.text
+    store.close()
+
+
+def test_a_plugin_page_under_api_would_take_no_key_and_is_refused(make_store: Callable[[], Store]) -> None:
+    class Leaky(Plugin):
+        name = "leaky"
+
+        def pages(self) -> APIRouter:
+            router = APIRouter()
+            router.add_api_route("/api/secrets", lambda: {"all": "of them"})
+            return router
+
+    store = make_store()
+    metrics = Metrics(CollectorRegistry())
+    leaky = Leaky.__new__(Leaky)
+    with pytest.raises(ValueError, match="pages\\(\\) routes take no API key, so none may be under /api"):
+        create_app(AppState(store, metrics, lambda: True, lambda: True, plugins={"leaky": leaky}))
     store.close()

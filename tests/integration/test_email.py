@@ -130,7 +130,10 @@ async def test_a_technician_is_paged_by_email(
     roster = ROSTER.format(url="-").replace('{name: pager, kind: webhook, url: "-"}', mailer)
     clock = Clock(WED_10_BERLIN)
     d = Dispatch(load_roster(roster), clock=clock)
-    settings = settings_for(broker, consumers="alerts", rules_file=str(rules), time_zone="Europe/Berlin")
+    settings = settings_for(
+        broker, consumers="alerts", rules_file=str(rules), time_zone="Europe/Berlin",
+        ack_link_key="k3y-for-the-tests-0123456789abcdef", public_url="https://staff.example",
+    )  # fmt: skip
     async with running_gateway(settings, consumers=[d]) as gw:
         await trap(broker, clock)
         order = await one_order(gw, "the entrapment's work order", lambda o: o["status"] == "assigned")
@@ -139,6 +142,17 @@ async def test_a_technician_is_paged_by_email(
             return len(smtp.mailbox.messages) >= 1
 
         await wait_for(paged, what="the page by e-mail")
+        # Its link acknowledges the order as the technician paged.
+        text = smtp.mailbox.messages[0].get_body(("plain",)).get_content()
+        link = next(
+            line.removeprefix("Acknowledge: ") for line in text.splitlines() if line.startswith("Acknowledge: ")
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            assert "Acknowledge as tina" in (await client.get(link.removeprefix("https://staff.example"))).text
+            done = await client.post(link.removeprefix("https://staff.example"))
+            assert done.status_code == 200, done.text
+            acked = (await client.get(f"/api/work-orders/{order['id']}")).json()
+        assert (acked["status"], acked["acked_by"]) == ("acknowledged", "tina")
     (page,) = smtp.mailbox.messages
     assert page["Subject"] == f"[P1] assigned: work order {order['id']}: el-1 stuck at floor 3 with 80 kg inside"
     assert page["To"] == "tina@example.org"
