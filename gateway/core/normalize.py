@@ -115,15 +115,18 @@ def _seq_anomaly(seq: int, last: int | None, reset_below: int | None = None) -> 
     return SeqAnomaly.OUT_OF_ORDER
 
 
-def _reset(prev: Shadow, seq: int, topic_device: str) -> Shadow:
-    """The shadow after a counter reset to `seq`: the log's sequence goes on from the last one."""
+def _reset(prev: Shadow, seq: int, topic_device: str, window: int) -> Shadow:
+    """The shadow after a counter reset to `seq`: the log's sequence goes on above the last one,
+    `window` further on. A message of the new count that arrives late (up to `window` below the
+    device's newest seq: not a reset itself) is then logged above every sequence of the old count,
+    not on one of them (where the store would take it for a repeat and drop it)."""
     assert prev.last_seq is not None  # noqa: S101 - a reset needs a last seq
     last_logged = prev.seq_base + prev.last_seq
-    if last_logged >= SEQ_MAX:
+    if last_logged + window >= SEQ_MAX:
         msg = f"device {topic_device}: the log's sequence is exhausted; provision the device under a new id"
         raise PayloadError(Reason.SCHEMA, msg)
-    # The new seq is logged as the one after the last logged: last_logged + 1 == base + seq.
-    return replace(prev, seq_base=last_logged + 1 - seq)
+    # base + seq == last_logged + 1 + window: so base + (seq - window) == last_logged + 1.
+    return replace(prev, seq_base=last_logged + 1 + window - seq)
 
 
 def normalize(  # noqa: PLR0913
@@ -148,7 +151,8 @@ def normalize(  # noqa: PLR0913
     anomaly = _seq_anomaly(msg.seq, prev.last_seq, reset_below)
     if anomaly is SeqAnomaly.RESET:
         last = prev.last_seq
-        prev = _reset(prev, msg.seq, msg.device_id)
+        assert reset_below is not None  # noqa: S101 - a reset is only told with it
+        prev = _reset(prev, msg.seq, msg.device_id, reset_below)
         b = _Builder(msg, time, prev.seq_base)
         b.add(ev.SEQ_RESET, {"last_seq": last, "seq": msg.seq, "reason": f"seq went back by more than {reset_below}"})
     else:
