@@ -188,7 +188,7 @@ class Dispatch(BaseConsumer):
                 now,
                 note=f"now {priority.value}: {summary}"[:2000],
                 notify=to,
-                follow=self._follows(to),
+                **self._reach(to, order, now),
             )
         order.updated_at = now
         tx.add(order)
@@ -278,14 +278,16 @@ class Dispatch(BaseConsumer):
         note = f"level {a.level + 1}: {a.technician.role} {a.technician.name}; acknowledge by {a.deadline:%H:%M:%S}Z"
         if a.skipped:
             note += f" (nobody on shift at level {', '.join(str(i + 1) for i in a.skipped)})"
-        record_step(tx, order, kind, now, note=note, notify=a.technician, follow=self._follows(a.technician))
+        record_step(tx, order, kind, now, note=note, notify=a.technician, **self._reach(a.technician, order, now))
 
-    def _follows(self, person: Technician | None) -> bool:
-        """Whether a page to this person opens an incident that the order's steps then follow."""
+    def _reach(self, person: Technician | None, order: WorkOrderRow, now: datetime) -> dict[str, Any]:
+        """Where a page to this person goes now (the contacts that take the order's priority, out
+        of their quiet hours), and which of them opens an incident the order's steps then follow."""
         if person is None:
-            return False
-        contact = next((r for r in self.roster.receivers if r.name == person.contact), None)
-        return contact is not None and contact.kind == "pagerduty"
+            return {}
+        reach = person.reach(order.priority, now, self.roster.timezone)
+        kinds = {r.name: r.kind for r in self.roster.receivers}
+        return {"reach": reach, "follow": next((c for c in reach if kinds.get(c) == "pagerduty"), None)}
 
     def _escalate(self, tx: Session, order: WorkOrderRow, now: datetime) -> None:
         policy = self.roster.policy_for(order.site, Priority(order.priority))
@@ -309,7 +311,7 @@ class Dispatch(BaseConsumer):
         order.updated_at = now
         tx.add(order)
         note = f"still not acknowledged; paging {person.name} again (last level)"
-        record_step(tx, order, "renotified", now, note=note, notify=person, follow=self._follows(person))
+        record_step(tx, order, "renotified", now, note=note, notify=person, **self._reach(person, order, now))
 
     # -- people's actions (the API) ----------------------------------------------------------------
 
@@ -372,7 +374,7 @@ class Dispatch(BaseConsumer):
         order.updated_at = now
         tx.add(order)
         record_step(
-            tx, order, STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, follow=self._follows(notify)
+            tx, order, STEP_OF_ACTION[action], now, by=by, note=note, notify=notify, **self._reach(notify, order, now)
         )
         return order
 

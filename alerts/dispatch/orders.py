@@ -4,6 +4,7 @@ in the order's timeline, appended to the log as `workorder.<step>` and paged to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -165,9 +166,12 @@ def record_step(  # noqa: PLR0913
     by: str = "dispatch",
     note: str | None = None,
     notify: Technician | None = None,
-    follow: bool = False,
+    reach: Sequence[str] | None = None,
+    follow: str | None = None,
 ) -> WorkOrderEntryRow:
-    """One timeline entry, its `workorder.<kind>` event in the log and, for `notify`, a page."""
+    """One timeline entry, its `workorder.<kind>` event in the log and, for `notify`, a page to
+    each of the receivers in `reach` (default: the person's contact); `follow`: the one of them
+    whose incident the order's later steps follow (PagerDuty)."""
     assert order.id is not None  # noqa: S101 - flushed before
     entry = WorkOrderEntryRow(
         work_order_id=order.id, at=at, kind=kind, status=order.status, by=by, assignee=order.assignee,
@@ -196,14 +200,16 @@ def record_step(  # noqa: PLR0913
         )  # fmt: skip
 
     previous = (order.paged, order.paged_contact) if order.paged and order.paged_contact else None
-    if notify is not None:  # the page is this event (same id), to one person's contact
-        if previous is not None and previous != (notify.id, notify.contact):
+    if notify is not None:  # the page is this event (same id), to the person's contacts
+        contacts = list(reach) if reach is not None else [notify.contact]
+        if previous is not None and (previous[0] != notify.id or (follow is not None and previous[1] != follow)):
             # The order is someone else's now, or reaches its person elsewhere (a new contact).
             page(*previous, HANDED_OVER, "-handover")
             order.paged = order.paged_contact = None
-        page(notify.id, notify.contact, kind)
-        if follow:  # an incident (PagerDuty), to be acknowledged and resolved as the order goes
-            order.paged, order.paged_contact = notify.id, notify.contact
+        for i, contact in enumerate(contacts):
+            page(notify.id, contact, kind, "" if i == 0 else f"-{contact}")
+        if follow is not None:  # an incident (PagerDuty), to be acknowledged and resolved as the order goes
+            order.paged, order.paged_contact = notify.id, follow
         tx.add(order)
     elif previous is not None and kind == "unassigned":
         page(*previous, HANDED_OVER, "-handover")  # nobody has it now: not that person either

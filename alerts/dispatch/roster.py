@@ -106,13 +106,53 @@ class Shift(StrictModel):
         return (today in self.days and now >= start) or (yesterday in self.days and now < end)
 
 
+class Contact(StrictModel):
+    """One way to reach a person: a receiver of the roster, for some priorities (default: all),
+    quiet in some hours (weekly windows, as shifts are; a P1 page goes through them)."""
+
+    receiver: str
+    priorities: list[Priority] | None = None
+    quiet: list[Shift] = Field(default_factory=list)
+
+    def takes(self, priority: str, at: datetime, default_tz: str) -> bool:
+        """Whether a page of this priority goes here now."""
+        if self.priorities is not None and priority not in self.priorities:
+            return False
+        return priority == Priority.P1 or not any(q.covers(at, default_tz) for q in self.quiet)
+
+
 class Technician(StrictModel):
-    """A person who can be dispatched: role, contact receiver, the sites and skills they cover, shifts."""
+    """A person who can be dispatched: role, contact receiver (or several, with the priorities
+    each takes and quiet hours), the sites and skills they cover, shifts."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     name: str = Field(min_length=1, max_length=200)
     role: Role = "technician"
-    contact: str  # the name of a receiver in the roster
+    contact: str  # the name of a receiver in the roster (with `contacts`: the first one's)
+    contacts: list[Contact] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_way_or_several(cls, data: Any) -> Any:  # noqa: ANN401 - pydantic's raw input
+        if isinstance(data, dict) and data.get("contacts"):
+            first = data["contacts"][0]
+            receiver = first.get("receiver") if isinstance(first, dict) else getattr(first, "receiver", None)
+            if data.get("contact") not in (None, receiver):
+                msg = "contact or contacts, not both (contact is then the first of contacts)"
+                raise ValueError(msg)
+            return {**data, "contact": receiver}
+        return data
+
+    def reach(self, priority: str, at: datetime, default_tz: str) -> list[str]:
+        """The receivers a page of this priority goes to now: the contacts that take it; a P1 page
+        reaches every contact when none of them lists P1."""
+        if not self.contacts:
+            return [self.contact]
+        chosen = [c.receiver for c in self.contacts if c.takes(priority, at, default_tz)]
+        if not chosen and priority == Priority.P1:
+            chosen = [c.receiver for c in self.contacts]
+        return chosen
+
     sites: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # fnmatch patterns
     skills: list[str] = Field(default_factory=list)
 
@@ -203,13 +243,16 @@ class Roster(StrictModel):
         _unique("policy name", [p.name for p in self.policies])
         receivers = {r.name: r for r in self.receivers}
         for t in self.technicians:
-            receiver = receivers.get(t.contact)
-            if receiver is None:
-                msg = f"technician {t.id}: contact {t.contact!r} is not one of the receivers ({', '.join(receivers)})"
-                raise ValueError(msg)
-            if receiver.kind in ("alertmanager", "alertmanager-webhook"):
-                msg = f"technician {t.id}: an alertmanager receiver pages nobody (webhook, pagerduty, email, apprise)"
-                raise ValueError(msg)
+            for name in [t.contact, *(c.receiver for c in t.contacts)]:
+                receiver = receivers.get(name)
+                if receiver is None:
+                    msg = f"technician {t.id}: contact {name!r} is not one of the receivers ({', '.join(receivers)})"
+                    raise ValueError(msg)
+                if receiver.kind in ("alertmanager", "alertmanager-webhook"):
+                    msg = (
+                        f"technician {t.id}: an alertmanager receiver pages nobody (webhook, pagerduty, email, apprise)"
+                    )
+                    raise ValueError(msg)
         roles = {t.role for t in self.technicians}
         for p in self.policies:  # (a level nobody holds is passed over; a policy with none pages nobody)
             if not any(level.role in roles for level in p.levels):

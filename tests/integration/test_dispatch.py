@@ -16,6 +16,8 @@ import httpx
 import pytest
 from sqlmodel import col, select
 
+from alerts.dispatch.consumer import Dispatch
+from alerts.dispatch.roster import load_roster
 from alerts.tables import NotificationRow
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
@@ -361,3 +363,37 @@ def derived_events(gw: Gateway) -> list[tuple[str, str]]:
 def notification_count(gw: Gateway) -> int:
     with gw.store.session() as tx:
         return len(tx.exec(select(NotificationRow)).all())
+
+
+async def test_a_technicians_contacts_take_the_priorities_they_list(
+    broker: Mosquitto, dispatch_settings: Callable[[Mosquitto], Settings], pager: Hooks
+) -> None:
+    base = f"http://127.0.0.1:{pager.server_address[1]}"
+    # Tina's desk is quiet from 09:00 to 12:00 Berlin; the simulated clock stands at 10:00.
+    roster = (
+        ROSTER.format(url=f"{base}/page")
+        .replace(
+            "{id: tina, name: Tina, contact: pager,",
+            "{id: tina, name: Tina, contacts: [{receiver: pager}, {receiver: desk, priorities: [P1, P3],"
+            ' quiet: [{start: "09:00", end: "12:00"}]}],',
+        )
+        .replace("receivers:\n", f'receivers:\n  - {{name: desk, kind: webhook, url: "{base}/desk"}}\n')
+    )
+    clock = Clock(WED_10_BERLIN)
+    d = Dispatch(load_roster(roster), clock=clock)
+    async with running_gateway(dispatch_settings(broker), consumers=[d]) as gw:
+        await trap(broker, clock)  # P1: through the desk's quiet hours
+        order = await one_order(gw, "the entrapment's order", lambda o: o["status"] == "assigned")
+        await wait_for(lambda: asyncio.sleep(0, len(pages(pager, "assigned")) == 2), what="two pages")
+        t = clock.now
+        jam = {"mode": "fault", "fault": "DOOR_JAM", "door": "opening", "load_kg": 0}
+        await publish(broker, "el-2", message(1, t), message(2, t, **jam))  # P3: the desk is quiet
+        jammed = await one_order(gw, "the door-jam order", lambda o: o["device_id"] == "el-2")
+        await wait_for(lambda: asyncio.sleep(0, len(pages(pager, "assigned")) == 3), what="the P3 page")
+        await asyncio.sleep(0.5)  # (a page to the desk would be out by now)
+    by_path = sorted((r["path"], r["body"]["data"]["work_order_id"]) for r in pager.ok())
+    assert by_path == sorted([("/page", order["id"]), ("/desk", order["id"]), ("/page", jammed["id"])])
+    assert jammed["priority"] == "P3"
+    with gw.store.session() as tx:
+        keys = [n.key for n in tx.exec(select(NotificationRow).where(NotificationRow.work_order_id == order["id"]))]
+    assert len(keys) == len(set(keys)) == 2  # one notification a contact

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -133,3 +134,65 @@ def test_invalid_roster_says_what_and_where(text: str, expected: str) -> None:
     with pytest.raises(RosterError) as info:
         load_roster(text, "roster.yaml")
     assert expected in str(info.value)
+
+
+PREFERENCES = """
+timezone: Europe/Berlin
+receivers:
+  - {name: phone, kind: log}
+  - {name: desk, kind: log}
+  - {name: mail, kind: log}
+technicians:
+  - id: tina
+    name: Tina
+    shifts: [{start: "00:00", end: "24:00"}]
+    contacts:
+      - {receiver: phone, priorities: [P1, P2], quiet: [{start: "22:00", end: "07:00"}]}
+      - {receiver: desk, priorities: [P2, P3], quiet: [{start: "18:00", end: "08:00"}]}
+      - {receiver: mail, priorities: [P3]}
+policies:
+  - {name: default, levels: [{role: technician, ack_timeout: 5m}]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("priority", "berlin_hour", "reached"),
+    [
+        ("P1", 10, ["phone"]),
+        ("P2", 10, ["phone", "desk"]),
+        ("P3", 10, ["desk", "mail"]),
+        ("P2", 23, []),  # both of its contacts are quiet: the escalation goes on without a page
+        ("P3", 23, ["mail"]),
+        ("P1", 23, ["phone"]),  # a P1 page goes through quiet hours
+    ],
+)
+def test_a_page_reaches_the_contacts_that_take_its_priority_now(
+    priority: str, berlin_hour: int, reached: list[str]
+) -> None:
+    (tina,) = load_roster(PREFERENCES).technicians
+    at = datetime(2026, 11, 25, berlin_hour - 1, 30, tzinfo=UTC)  # UTC+1 in November
+    assert tina.reach(priority, at, "Europe/Berlin") == reached
+    assert tina.contact == "phone"  # the first contact: what single-contact readers see
+
+
+def test_a_p1_page_reaches_every_contact_when_none_lists_p1() -> None:
+    roster = load_roster(PREFERENCES.replace("priorities: [P1, P2]", "priorities: [P2]"))
+    (tina,) = roster.technicians
+    assert tina.reach("P1", datetime(2026, 11, 25, 9, tzinfo=UTC), "Europe/Berlin") == ["phone", "desk", "mail"]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (("receiver: mail", "receiver: fax"), "contact 'fax' is not one of the receivers"),
+        (("    contacts:\n", "    contact: desk\n    contacts:\n"), "contact or contacts, not both"),
+        (
+            ("priorities: [P3]}", "priorities: [P4]}"),
+            "<roster>:14: technicians.0.contacts.2.priorities.0: Input should be",
+        ),
+        (('quiet: [{start: "22:00", end: "07:00"}]', 'quiet: [{start: "22:00", end: "22:00"}]'), "the same time"),
+    ],
+)
+def test_bad_contacts_are_refused_with_their_line(change: tuple[str, str], says: str) -> None:
+    with pytest.raises(RosterError, match=re.escape(says)):
+        load_roster(PREFERENCES.replace(*change))
