@@ -61,7 +61,7 @@ def check(schedule: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(msg)
     try:
         ZoneInfo(str(schedule.get("time_zone", "")))
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # (OSError: a folder such as "Europe", a long name)
         msg = f"time_zone {schedule.get('time_zone')!r} is not an IANA time zone (e.g. Europe/Berlin)"
         raise ValueError(msg) from exc
     return schedule

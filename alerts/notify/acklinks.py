@@ -54,7 +54,12 @@ def token(key: str, grant: Grant) -> str:
 def verify(key: str, text: str, now: datetime) -> Grant:
     """The grant `text` carries, if `key` signed it and it has not expired; else a LinkError."""
     payload, _, mac = text.partition(".")
-    if not key or not payload or not hmac.compare_digest(mac.encode(), _mac(key, payload).encode()):
+    if (
+        not key
+        or not payload.isascii()
+        or not payload
+        or not hmac.compare_digest(mac.encode(), _mac(key, payload).encode())
+    ):
         msg = "this link is not valid: it was changed, or it is not from this gateway"
         raise LinkError(msg)
     kind, ident, person, expires = json.loads(_unb64(payload))

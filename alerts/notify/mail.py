@@ -101,7 +101,7 @@ def message(receiver: Receiver, facts: Mapping[str, Any], own: str, parent: str 
     """The e-mail for one notification: Message-ID `own`, and `parent` (the first message of its
     alert, or of its work order and person; None: this is that one) as In-Reply-To and References."""
     domain = parseaddr(receiver.from_ or "")[1].rpartition("@")[2] or "iotgw"
-    subject = render(receiver.subject or DEFAULT_SUBJECT, facts).replace("\n", " ").strip()
+    subject = one_line(render(receiver.subject or DEFAULT_SUBJECT, facts))
     text = render(receiver.body or DEFAULT_BODY, facts)
     msg = EmailMessage()
     msg["Subject"] = subject[:200]
@@ -115,6 +115,13 @@ def message(receiver: Receiver, facts: Mapping[str, Any], own: str, parent: str 
     msg.set_content(text)
     msg.add_alternative(_html(text, str(facts.get("link") or "")), subtype="html")
     return msg
+
+
+def one_line(text: str) -> str:
+    """`text` as a header value: every line break and control character a space, and no "=?"
+    (an encoded word that Python's email package would decode into a line break: CVE-2024-6923)."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in line) for line in text.splitlines())
+    return flat.replace("=?", "= ?").strip()
 
 
 def _html(text: str, link: str) -> str:

@@ -79,6 +79,7 @@ receivers:
                     (f"/ack/{foreign}", 403, "not valid"),
                     (f"/ack/{expired}", 410, "expired"),
                     ("/ack/garbage", 403, "not valid"),
+                    ("/ack/%C3%A9.abc", 403, "not valid"),
                 ):
                     for method in (client.get, client.post):
                         r = await method(bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,17 @@ def test_a_bad_email_receiver_is_refused_with_its_reason(change: dict[str, Any],
 def test_email_fields_are_for_email_receivers_only() -> None:
     with pytest.raises(ValidationError, match="to: for email receivers only"):
         Receiver.model_validate({"name": "h", "kind": "webhook", "url": "http://x.example/h", "to": ["a@b.example"]})
+
+
+@pytest.mark.parametrize(
+    "site", ["hq\r\nBcc: evil@evil.example", "x=?UTF-8?Q?=0A?=Reply-To: boss@evil.example", "a\x0bb\u2028c"]
+)
+def test_a_devices_words_cannot_add_a_header(site: str) -> None:
+    receiver = Receiver.model_validate({"name": "m", "kind": "email", "url": "smtp://mail.example",
+                                        "from": "iotgw@example.org", "to": ["ops@example.org"]})  # fmt: skip
+    msg = mail.message(receiver, {"summary": f"Door jammed ({site})", "status": "firing", "severity": "major"},
+                       "iotgw.alert-1", None, datetime.now(UTC))  # fmt: skip
+    sent = message_from_bytes(msg.as_bytes(), policy=policy.default)
+    assert sent["Bcc"] is None
+    assert sent["Reply-To"] is None
+    assert "\n" not in str(sent["Subject"])

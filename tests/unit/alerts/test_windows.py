@@ -65,6 +65,8 @@ def test_a_whole_day_and_daylight_saving_time() -> None:
         ({**TUESDAYS, "start": "24:00"}, "starts before 24:00"),
         ({**TUESDAYS, "end": "02:00"}, "the same as start"),
         ({**TUESDAYS, "time_zone": "Mars/Olympus"}, "not an IANA time zone"),
+        ({**TUESDAYS, "time_zone": "Europe"}, "not an IANA time zone"),
+        ({**TUESDAYS, "time_zone": "x" * 300}, "not an IANA time zone"),
     ],
 )
 def test_a_bad_schedule_is_told_why(schedule: dict[str, Any], says: str) -> None:
