@@ -342,17 +342,14 @@ class Notifier:
             return cloudevent_request(receiver, stored.to_cloudevent())
         body: dict[str, Any] | list[dict[str, Any]] | None
         links = self.links()
+        rows = _rows(tx, n)
+        if isinstance(rows, str):
+            return rows
         if n.work_order_id is not None:
-            order = tx.get(WorkOrderRow, n.work_order_id)
-            entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
-            if order is None or entry is None:
-                return "work order no longer there"
+            order, entry = rows
             body = build_page(receiver, n, order, entry, links)
         else:
-            alert = tx.get(AlertRow, n.alert_id)
-            tr = tx.get(AlertTransitionRow, n.transition_id)
-            if alert is None or tr is None:
-                return "alert no longer there"
+            alert, tr = rows
             seen = tx.get(AlertDeviceRow, alert.device_id)
             body = build(receiver, n, alert, tr, links, seen.type if seen is not None else None)
         if body is None:
@@ -363,19 +360,16 @@ class Notifier:
         """The e-mail of a notification, threaded under the first one of its alert (a page: of its
         work order and person); or its apprise message."""
         links = self.links()
+        rows = _rows(tx, n)
+        if isinstance(rows, str):
+            return rows
         if n.work_order_id is not None:
-            order = tx.get(WorkOrderRow, n.work_order_id)
-            entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
-            if order is None or entry is None:
-                return "work order no longer there"
+            order, entry = rows
             facts = mail.page_facts(n, order, entry, links)
             same = (col(NotificationRow.work_order_id) == order.id, col(NotificationRow.person) == n.person)
             thread = f"iotgw.order-{order.id}.{n.person or 'all'}"
         else:
-            alert = tx.get(AlertRow, n.alert_id)
-            tr = tx.get(AlertTransitionRow, n.transition_id)
-            if alert is None or tr is None:
-                return "alert no longer there"
+            alert, tr = rows
             facts = mail.alert_facts(n, alert, tr, tx.get(AlertDeviceRow, alert.device_id), links, receiver.name)
             same = (col(NotificationRow.alert_id) == alert.id, col(NotificationRow.work_order_id).is_(None))
             thread = f"iotgw.alert-{alert.id}"
@@ -465,3 +459,15 @@ class Notifier:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
         self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
+
+
+def _rows(tx: Session, n: NotificationRow) -> tuple[Any, Any] | str:
+    """What a notification speaks of: its work order and step (a page), or its alert and
+    transition; or why they cannot be had."""
+    if n.work_order_id is not None:
+        order = tx.get(WorkOrderRow, n.work_order_id)
+        entry = tx.get(WorkOrderEntryRow, n.entry_id) if n.entry_id else None
+        return "work order no longer there" if order is None or entry is None else (order, entry)
+    alert = tx.get(AlertRow, n.alert_id)
+    tr = tx.get(AlertTransitionRow, n.transition_id)
+    return "alert no longer there" if alert is None or tr is None else (alert, tr)
