@@ -134,6 +134,29 @@ class DeliveryRow(SQLModel, table=True):
     created_at: datetime | None = datetime_field()  # when it was fanned out: retries end at the maximum age
 
 
+class NotificationGroupRow(SQLModel, table=True):
+    """A receiver's group of alerts (its `group_by` labels' values): what its last message listed
+    as open, when it was sent, and the retry of the next one (alerts/notify/groups.py)."""
+
+    __tablename__ = "notification_groups"
+    # One row a receiver and key while the group has open alerts; ids never reused (acknowledge
+    # links and e-mail threads name a group by id).
+    __table_args__ = (
+        Index("ix_notification_groups_key", "receiver", "key", unique=True),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    receiver: str
+    key: str  # the group_by labels' values, as JSON
+    open: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # alert ids
+    sent_at: datetime | None = datetime_field()
+    messages: int = 0  # sent so far (the e-mails' Message-IDs count them)
+    attempts: int = 0  # failed tries of the next message in a row
+    next_at: datetime | None = datetime_field()  # not tried again before (a backoff)
+    last_error: str | None = None
+
+
 class SilenceRow(SQLModel, table=True):
     """A silence: notifications of matching alerts are not sent while it lasts (alerts still fire)."""
 

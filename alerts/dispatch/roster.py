@@ -242,6 +242,10 @@ class Roster(StrictModel):
         _unique("receiver name", [r.name for r in self.receivers])
         _unique("policy name", [p.name for p in self.policies])
         receivers = {r.name: r for r in self.receivers}
+        for r in self.receivers:
+            if r.grouped:
+                msg = f"receiver {r.name}: a page is never grouped or delayed (group_by is for the rules' receivers)"
+                raise ValueError(msg)
         for t in self.technicians:
             for name in [t.contact, *(c.receiver for c in t.contacts)]:
                 receiver = receivers.get(name)

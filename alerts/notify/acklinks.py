@@ -12,14 +12,14 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-KINDS = ("alert", "order")
+KINDS = ("alert", "order", "group")  # group: every alert of a receiver's group that fires
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a valid link allows: acknowledging one alert or work order as `person`, until `expires`."""
 
-    kind: str  # alert | order
+    kind: str  # alert | order | group
     id: int
     person: str
     expires: datetime

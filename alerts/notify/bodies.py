@@ -108,22 +108,12 @@ def build(  # noqa: PLR0913, PLR0917
     if receiver.kind == "alertmanager-webhook":
         if n.status == "acknowledged":
             return None  # Alertmanager's webhook format knows only firing and resolved
-        am_status = "resolved" if n.status == "resolved" else "firing"
-        labels = {
-            "alertname": alert.rule,
-            "device": alert.device_id,
-            "site": alert.site or "",
-            "severity": alert.severity,
-        }
+        item = am_webhook_alert(alert, links, status="resolved" if n.status == "resolved" else "firing")
         return {
             "version": "4", "groupKey": f"{alert.rule}:{alert.device_id}", "truncatedAlerts": 0,
-            "status": am_status, "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
-            "commonLabels": labels, "commonAnnotations": {"summary": alert.summary}, "externalURL": links.public_url,
-            "alerts": [{
-                "status": am_status, "labels": labels, "annotations": {"summary": alert.summary},
-                "startsAt": iso_z(alert.fired_at), "endsAt": iso_z(alert.resolved_at) or "0001-01-01T00:00:00Z",
-                "generatorURL": links.alert(alert.id), "fingerprint": f"iotgw-{alert.id}",
-            }],
+            "status": item["status"], "receiver": receiver.name, "groupLabels": {"alertname": alert.rule},
+            "commonLabels": item["labels"], "commonAnnotations": {"summary": alert.summary},
+            "externalURL": links.public_url, "alerts": [item],
         }  # fmt: skip
     body: dict[str, Any] = {
         "routing_key": receiver.routing_key,
@@ -138,6 +128,21 @@ def build(  # noqa: PLR0913, PLR0917
         }  # fmt: skip
         body |= _pd_links(links, links.alert(alert.id), "The alert on the staff page")
     return body
+
+
+def am_webhook_alert(
+    alert: AlertRow, links: Links, device_type: str | None = None, *, status: str | None = None
+) -> dict[str, Any]:
+    """One alert as Alertmanager's webhook lists it: firing (acknowledged too) or resolved."""
+    labels = {"alertname": alert.rule, "device": alert.device_id, "site": alert.site or "", "severity": alert.severity}
+    if device_type:
+        labels["device_type"] = device_type
+    return {
+        "status": status or ("resolved" if alert.status == "resolved" else "firing"), "labels": labels,
+        "annotations": {"summary": alert.summary}, "startsAt": iso_z(alert.fired_at),
+        "endsAt": iso_z(alert.resolved_at) or "0001-01-01T00:00:00Z", "generatorURL": links.alert(alert.id),
+        "fingerprint": f"iotgw-{alert.id}",
+    }  # fmt: skip
 
 
 NO_SITE = "no site"  # PagerDuty's payload.group is a string

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import smtplib
 import ssl
 import string
@@ -30,7 +31,7 @@ DEFAULT_SUBJECT = "[{severity}{priority}] {status}: {summary}"
 DEFAULT_BODY = """{summary}
 
 {status} · {severity}{priority}
-Where: site {site}, device {device}, floor {floor}
+Where: {where}
 Since: {since}
 By: {by}
 Note: {note}
@@ -39,8 +40,28 @@ Note: {note}
 Acknowledge: {ack_link}
 """
 
+# A group's message (alerts/notify/groups.py): how many, of what, where, then the list.
+DEFAULT_GROUP_SUBJECT = "[{severity}] {summary}"
 
-def _local(at: datetime | None, links: Links) -> str | None:
+DEFAULT_GROUP_BODY = """{summary}
+
+Where: {where}
+Since: {since}
+
+{alerts}
+
+{link}
+Acknowledge all that fire: {ack_link}
+"""
+
+
+def templates(receiver: Receiver, *, grouped: bool = False) -> tuple[str, str]:
+    """The receiver's subject and body templates, or the defaults (a group's, for a group)."""
+    subject, body = (DEFAULT_GROUP_SUBJECT, DEFAULT_GROUP_BODY) if grouped else (DEFAULT_SUBJECT, DEFAULT_BODY)
+    return receiver.subject or subject, receiver.body or body
+
+
+def local_time(at: datetime | None, links: Links) -> str | None:
     if at is None:
         return None
     local = at.astimezone(ZoneInfo(links.time_zone))
@@ -64,7 +85,7 @@ def alert_facts(  # noqa: PLR0913, PLR0917
     return {
         "summary": alert.summary, "status": n.status, "severity": alert.severity, "rule": alert.rule,
         "device": alert.device_id, "type": device.type if device is not None else None, "site": alert.site,
-        "floor": state.get("floor"), "since": _local(alert.fired_at, links),
+        "floor": state.get("floor"), "since": local_time(alert.fired_at, links),
         "by": None if tr.by == "engine" else tr.by, "note": tr.note, "link": links.alert(alert.id),
         "ack_link": links.ack("alert", alert.id, person, datetime.now(UTC)) if n.status in ACKABLE else None,
     }  # fmt: skip
@@ -78,9 +99,9 @@ def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow
     return {
         "summary": f"work order {order.id}: {order.summary}", "status": n.status, "priority": order.priority,
         "device": order.device_id, "type": order.device_type, "site": order.site,
-        "since": _local(order.created_at, links), "by": None if entry.by == "dispatch" else entry.by,
+        "since": local_time(order.created_at, links), "by": None if entry.by == "dispatch" else entry.by,
         "note": entry.note, "link": links.order(order.id), "order": order.id, "assignee": order.assignee,
-        "step": entry.kind, "ack_deadline": _local(order.ack_deadline, links),
+        "step": entry.kind, "ack_deadline": local_time(order.ack_deadline, links),
         "ack_link": links.ack("order", order.id, n.person, datetime.now(UTC)) if entry.status == ASSIGNED else None,
     }  # fmt: skip
 
@@ -88,6 +109,7 @@ def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow
 def render(template: str, facts: Mapping[str, Any]) -> str:
     """`template` with the facts filled in; lines whose fields are all empty are left out."""
     values = {f: "" if facts.get(f) is None else str(facts[f]) for f in TEMPLATE_FIELDS}
+    values["where"] = ", ".join(f"{f} {values[f]}" for f in ("site", "device", "floor") if values[f])
     out: list[str] = []
     for line in template.split("\n"):
         fields = [f for _, f, _, _ in string.Formatter().parse(line) if f]
@@ -97,12 +119,22 @@ def render(template: str, facts: Mapping[str, Any]) -> str:
     return "\n".join(out).strip() + "\n"
 
 
-def message(receiver: Receiver, facts: Mapping[str, Any], own: str, parent: str | None, at: datetime) -> EmailMessage:
-    """The e-mail for one notification: Message-ID `own`, and `parent` (the first message of its
-    alert, or of its work order and person; None: this is that one) as In-Reply-To and References."""
+def message(  # noqa: PLR0913
+    receiver: Receiver,
+    facts: Mapping[str, Any],
+    own: str,
+    parent: str | None,
+    at: datetime,
+    *,
+    grouped: bool = False,
+) -> EmailMessage:
+    """The e-mail for one notification, dated `at` (when it is sent): Message-ID `own`, and
+    `parent` (the first message of its alert, or of its work order and person; None: this is that
+    one) as In-Reply-To and References."""
     domain = parseaddr(receiver.from_ or "")[1].rpartition("@")[2] or "iotgw"
-    subject = one_line(render(receiver.subject or DEFAULT_SUBJECT, facts))
-    text = render(receiver.body or DEFAULT_BODY, facts)
+    subject_template, body_template = templates(receiver, grouped=grouped)
+    subject = one_line(render(subject_template, facts))
+    text = render(body_template, facts)
     msg = EmailMessage()
     msg["Subject"] = subject[:200]
     msg["From"] = receiver.from_ or ""
@@ -124,9 +156,22 @@ def one_line(text: str) -> str:
     return flat.replace("=?", "= ?").strip()
 
 
+_URL = re.compile(r"https?://[^\s<>\"']+")
+
+
+def _linked(line: str) -> str:
+    """`line` as HTML, its web addresses as links."""
+    out, at = [], 0
+    for m in _URL.finditer(line):
+        url = html.escape(m.group(), quote=True)
+        out += [html.escape(line[at : m.start()]), f'<a href="{url}">{url}</a>']
+        at = m.end()
+    return "".join([*out, html.escape(line[at:])])
+
+
 def _html(text: str, link: str) -> str:
     lines = text.strip().split("\n")
-    head, rest = html.escape(lines[0]), [html.escape(x) for x in lines[1:] if x != link]
+    head, rest = html.escape(lines[0]), [_linked(x) for x in lines[1:] if x != link]
     button = f'<p><a href="{html.escape(link, quote=True)}">Open in iotgw</a></p>' if link else ""
     return (
         '<!doctype html><html><body style="font-family:sans-serif;font-size:16px;line-height:1.4">'
@@ -193,6 +238,8 @@ def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float 
         return outcome, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}"[:300], None
     except smtplib.SMTPNotSupportedError as exc:  # no AUTH offered, say: it would not be, next time either
         return "rejected", f"{exc}"[:300], None
+    except UnicodeError:  # smtplib sends a login as ASCII only
+        return "rejected", "the username or password is not ASCII: smtplib cannot send it", None
     except (TimeoutError, smtplib.SMTPException, ssl.SSLError, OSError) as exc:
         return "transient", f"{type(exc).__name__}: {exc}"[:300], None
     return "delivered", None, None

@@ -32,13 +32,22 @@ from sqlmodel import Session, col, select
 
 from alerts.dispatch.orders import WorkOrderEntryRow, WorkOrderRow
 from alerts.metrics import AlertFamilies
-from alerts.notify import mail, push
+from alerts.notify import groups, mail, push
 from alerts.notify.alertmanager import AlertmanagerSync
 from alerts.notify.bodies import Links, build, build_page, cloudevent_request
 from alerts.notify.http import OUTCOME_RANK, Request, post, readable
 from alerts.notify.push import Push
 from alerts.notify.receivers import Receiver
-from alerts.tables import OPEN, AlertDeviceRow, AlertRow, AlertTransitionRow, DeliveryRow, NotificationRow, SilenceRow
+from alerts.tables import (
+    OPEN,
+    AlertDeviceRow,
+    AlertRow,
+    AlertTransitionRow,
+    DeliveryRow,
+    NotificationGroupRow,
+    NotificationRow,
+    SilenceRow,
+)
 from gateway.errors import StoreError
 from gateway.log import Store, event_at
 from gateway.logs import QuietLog
@@ -52,6 +61,9 @@ MAX_BACKOFF_S = 300.0
 
 
 LANE_BATCH = 100  # deliveries one lane tries per round at most
+
+
+Result = tuple[str, str | None, float | None]  # a try's outcome, error and Retry-After
 
 
 FAILURE_REASONS = ("rejected", "unreachable", "expired")  # iotgw_notifications_failed_total{reason}
@@ -142,8 +154,18 @@ class Notifier:
                 .where(col(DeliveryRow.status) == "pending")
                 .group_by(col(DeliveryRow.receiver))
             ).all()
+            grouped = [r.name for r in self.receivers.values() if r.grouped]
+            repeating = (
+                tx.exec(
+                    select(NotificationGroupRow.receiver)
+                    .where(col(NotificationGroupRow.receiver).in_(grouped))
+                    .distinct()
+                ).all()
+                if grouped
+                else []
+            )  # (their open groups are sent again every repeat_interval)
         self.metrics.notifications_pending.set(sum(n for _, n in pending))
-        return sorted(name for name, _ in pending)
+        return sorted({name for name, _ in pending} | set(repeating))
 
     def _lane_round(self, receiver: str) -> bool:
         try:
@@ -179,10 +201,17 @@ class Notifier:
                 ).all()
                 if first is not None
             }
+            grouped = self.receivers.get(receiver)
+            grouped = grouped if grouped is not None and grouped.grouped else None
+            one_by_one = select(DeliveryRow).where(*mine, col(DeliveryRow.next_at) <= start)
+            if grouped is not None:  # its alerts' notifications go in groups; pages one by one, at once
+                one_by_one = one_by_one.where(
+                    col(DeliveryRow.notification_id).in_(
+                        select(NotificationRow.id).where(col(NotificationRow.work_order_id).is_not(None))
+                    )
+                )
             due = tx.exec(
-                select(DeliveryRow)
-                .where(*mine, col(DeliveryRow.next_at) <= start)
-                .order_by(col(DeliveryRow.id))
+                one_by_one.order_by(col(DeliveryRow.id))
                 .limit(LANE_BATCH)
                 # PostgreSQL: rows another instance has in hand (one that froze mid-round, say)
                 # are left to it, not sent a second time while it holds them.
@@ -209,8 +238,213 @@ class Notifier:
                 if d.status == "pending":
                     waiting[d.alert_id] = min(first or own, own)
                 if transient:
-                    break
+                    return True
+            if grouped is not None and not self.wakeloop.stopped:
+                tried = self._deliver_groups(tx, grouped, start, now) or tried
         return tried
+
+    def _deliver_groups(self, tx: Session, receiver: Receiver, start: datetime, now: datetime | None) -> bool:
+        """A grouped receiver's due groups, each as one message (alerts/notify/groups.py); then
+        the repeats of groups still open. True if any was tried."""
+        rows = tx.exec(
+            select(DeliveryRow, AlertRow)
+            .join(NotificationRow, col(NotificationRow.id) == col(DeliveryRow.notification_id))
+            .outerjoin(AlertRow, col(AlertRow.id) == col(DeliveryRow.alert_id))
+            .where(
+                col(DeliveryRow.status) == "pending",
+                col(DeliveryRow.receiver) == receiver.name,
+                col(NotificationRow.work_order_id).is_(None),
+            )
+            .order_by(col(DeliveryRow.id))
+            .limit(groups.GROUP_BATCH)
+            .with_for_update(skip_locked=True, of=DeliveryRow)  # (PostgreSQL: as the lane's, above)
+        ).all()
+        mine = col(NotificationGroupRow.receiver) == receiver.name
+        existing = {g.key: g for g in tx.exec(select(NotificationGroupRow).where(mine))}
+        types = self._types(tx, {a.device_id for _, a in rows if a is not None})
+        pending: dict[str, list[tuple[DeliveryRow, AlertRow]]] = {}
+        for d, alert in rows:
+            if alert is None:
+                d.status, d.last_error = "skipped", "alert no longer there"
+                tx.add(d)
+            else:
+                key = groups.key(groups.labels(receiver, alert, types.get(alert.device_id)))
+                pending.setdefault(key, []).append((d, alert))
+        tx.commit()  # (the skipped)
+        repeats = [g for k, g in existing.items() if k not in pending and self._repeat_due(receiver, g, start)]
+        tried = False
+        for key, items in pending.items():
+            group = existing.get(key)
+            first = min(d.created_at or d.next_at for d, _ in items)
+            sent_at, retry_at = (group.sent_at, group.next_at) if group is not None else (None, None)
+            if start < groups.due(receiver, first, sent_at, retry_at):
+                continue
+            if self.wakeloop.stopped or not self._still_delivering(tx, receiver.name):
+                return tried
+            if group is None:
+                group = NotificationGroupRow(receiver=receiver.name, key=key)
+                tx.add(group)
+                tx.flush()  # its id: the message's thread and acknowledge link name it
+            tried = True
+            ds, changed = [d for d, _ in items], [a for _, a in items]
+            if self._send_group(tx, receiver, group, ds, changed, now or datetime.now(UTC)):
+                return tried
+        for group in repeats:
+            if self.wakeloop.stopped or not self._still_delivering(tx, receiver.name):
+                return tried
+            tried = True
+            if self._send_group(tx, receiver, group, [], [], now or datetime.now(UTC)):
+                return tried
+        return tried
+
+    @staticmethod
+    def _repeat_due(receiver: Receiver, group: NotificationGroupRow, now: datetime) -> bool:
+        if group.sent_at is None or now < group.sent_at + timedelta(seconds=receiver.repeat_s):
+            return False
+        return group.next_at is None or now >= group.next_at
+
+    @staticmethod
+    def _types(tx: Session, devices: set[str]) -> dict[str, str | None]:
+        if not devices:
+            return {}
+        found = tx.exec(
+            select(AlertDeviceRow.device_id, AlertDeviceRow.type).where(col(AlertDeviceRow.device_id).in_(devices))
+        )
+        return dict(found.all())
+
+    def _send_group(  # noqa: PLR0913, PLR0917
+        self,
+        tx: Session,
+        receiver: Receiver,
+        group: NotificationGroupRow,
+        ds: list[DeliveryRow],
+        changed: list[AlertRow],
+        now: datetime,
+    ) -> bool:
+        """One message of `group`: the alerts whose deliveries `ds` it carries (`changed`) and
+        those still open from its earlier messages (a repeat, with no `ds`: those alone, less the
+        silenced); committed with its outcome. True when it failed for now (the round ends)."""
+        listed = self._listed(tx, group, changed, repeat=not ds, now=now)
+        key = f"iotgw-group-{group.id}-{group.messages + 1}"
+        request: Request | EmailMessage | Push | str | None = None
+        if listed and not (receiver.kind == "alertmanager-webhook" and ds and self._only_acks(tx, ds)):
+            try:
+                request = self._group_request(tx, receiver, group, listed, now)
+            except Exception as exc:  # as for one notification: this message fails, not the lane
+                log.exception("notifications to %s: a message of group %s cannot be built", receiver.name, group.key)
+                request = f"its message cannot be built: {type(exc).__name__}: {exc}"[:300]
+        if request is None:  # nothing to say: its alerts are gone, or only acknowledged (Alertmanager's format)
+            for d in ds:
+                d.status, d.last_error = "skipped", "nothing this receiver's format says of it"
+                tx.add(d)
+            self._settle(tx, group, listed, now, sent=False)
+            tx.commit()
+            return False
+        if isinstance(request, str):
+            result: Result = ("rejected", request, None)
+        else:
+            for d in ds:
+                d.attempts += 1
+            result = self._send(receiver, request, key)
+            if not self._still_delivering(tx, receiver.name):
+                tx.rollback()
+                return True
+        transient = self._group_outcome(tx, receiver, group, ds, listed, key, result, now)
+        tx.commit()
+        return transient
+
+    def _listed(
+        self, tx: Session, group: NotificationGroupRow, changed: list[AlertRow], *, repeat: bool, now: datetime
+    ) -> list[AlertRow]:
+        """What a message of `group` lists: `changed`, and its earlier ones still open."""
+        ids = {a.id for a in changed}
+        earlier = [i for i in group.open if i not in ids]
+        still = [a for a in tx.exec(select(AlertRow).where(col(AlertRow.id).in_(earlier))) if a.status in OPEN]
+        if repeat:  # what a silence holds now is not said again
+            silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now)))
+            still = [a for a in still if not any(s.matches(a, now) for s in silences)]
+        return groups.ordered([*changed, *still])
+
+    def _group_outcome(  # noqa: PLR0913, PLR0917
+        self,
+        tx: Session,
+        receiver: Receiver,
+        group: NotificationGroupRow,
+        ds: list[DeliveryRow],
+        listed: list[AlertRow],
+        key: str,
+        result: Result,
+        now: datetime,
+    ) -> bool:
+        """A group message's outcome into its deliveries and the group; True when it is to be retried."""
+        outcome, error, _ = result
+        if ds:
+            transient = self._outcome(tx, ds, receiver, key, result, now)
+        else:  # a repeat: no delivery of its own
+            transient = outcome == "transient"
+            self.metrics.notification_receiver_failing.labels(receiver.name).set(int(outcome != "delivered"))
+            if transient:
+                self.metrics.notification_retries.labels(receiver.name).inc()
+            if outcome != "delivered":
+                self._quiet.warn(receiver.name, "notification %s to %s failed (%s)", key, receiver.name, error)
+        if outcome == "delivered":
+            self._settle(tx, group, listed, now, sent=True)
+            return False
+        if transient:
+            group.attempts += 1
+            group.next_at = ds[0].next_at if ds else now + timedelta(seconds=backoff(group.attempts))
+        else:
+            group.attempts, group.next_at = 0, None
+            if not ds:
+                group.sent_at = now  # a repeat that cannot be sent waits for the next one
+        group.last_error = error
+        tx.add(group)
+        return transient
+
+    @staticmethod
+    def _only_acks(tx: Session, ds: list[DeliveryRow]) -> bool:
+        ids = [d.notification_id for d in ds]
+        return all(
+            s == "acknowledged" for s in tx.exec(select(NotificationRow.status).where(col(NotificationRow.id).in_(ids)))
+        )
+
+    @staticmethod
+    def _settle(tx: Session, group: NotificationGroupRow, listed: list[AlertRow], now: datetime, *, sent: bool) -> None:
+        """After a message (or none needed): the group's open alerts; a group with none ends."""
+        group.open = [a.id for a in listed if a.status in OPEN and a.id is not None]
+        group.attempts, group.next_at, group.last_error = 0, None, None
+        if sent:
+            group.sent_at, group.messages = now, group.messages + 1
+        if group.open:
+            tx.add(group)
+        else:
+            tx.delete(group)
+
+    def _group_request(
+        self, tx: Session, receiver: Receiver, group: NotificationGroupRow, listed: list[AlertRow], now: datetime
+    ) -> Request | EmailMessage | Push:
+        """The message of a group listing `listed`, in the receiver's kind."""
+        links = self.links()
+        values = groups.unkey(group.key)
+        devices = {
+            r.device_id: r
+            for r in tx.exec(
+                select(AlertDeviceRow).where(col(AlertDeviceRow.device_id).in_({a.device_id for a in listed}))
+            )
+        }
+        if receiver.kind == "alertmanager-webhook":
+            body = groups.am_webhook(receiver, group.key, values, listed, devices, links)
+            return json.dumps(body, separators=(",", ":")).encode(), {"Content-Type": "application/json"}
+        firing = any(a.status in groups.FIRING for a in listed)
+        ack = links.ack("group", group.id, receiver.name, now) if firing else None
+        facts = groups.facts(listed, devices, values, links, ack)
+        if receiver.kind == "apprise":
+            return push.push(receiver, facts, grouped=True)
+        if receiver.kind == "log":
+            return f"group {values}: {facts['summary']}".encode(), {}
+        thread = f"iotgw.group-{group.id}"
+        own = thread if group.messages == 0 else f"{thread}.{group.messages + 1}"
+        return mail.message(receiver, facts, own, None if group.messages == 0 else thread, now, grouped=True)
 
     def _still_delivering(self, tx: Session, receiver: str) -> bool:
         if self.lease is None or self.lease.confirmed(tx):
@@ -378,73 +612,98 @@ class Notifier:
         first = tx.exec(select(func.min(NotificationRow.id)).where(*same)).one()
         root = first is None or first == n.id
         own = thread if root else f"iotgw.{n.key}"
-        return mail.message(receiver, facts, own, None if root else thread, n.created_at)
+        return mail.message(receiver, facts, own, None if root else thread, datetime.now(UTC))
 
     def _attempt(self, tx: Session, d: DeliveryRow, now: datetime) -> bool:
         """One try of `d` (its outcome in `tx`); True when it failed for now and is to be retried."""
         n = tx.get(NotificationRow, d.notification_id)
         receiver = None if n is None else (self.pagers if n.receiver else self.receivers).get(d.receiver)
-        request = (
-            self._request(tx, receiver, n)
-            if receiver is not None and n is not None
-            else "receiver no longer configured"
-        )
-        if request is None or isinstance(request, str):
-            d.status, d.last_error = "skipped", request
-            tx.add(d)
-            return False
+        request = self._built(tx, d, receiver, n)
+        if request is None:
+            return False  # settled without a try: skipped or failed
         assert receiver is not None and n is not None  # noqa: PT018, S101 - the request was built from them
         if receiver.kind == "alertmanager" and n.work_order_id is None and self._silenced_now(tx, n.alert_id, now):
             d.status = "silenced"  # a retry sends the current state: not while a silence of ours covers it
             tx.add(d)
             return False
         d.attempts += 1
+        return self._outcome(tx, [d], receiver, n.key, self._send(receiver, request, n.key), now)
+
+    def _built(
+        self, tx: Session, d: DeliveryRow, receiver: Receiver | None, n: NotificationRow | None
+    ) -> Request | EmailMessage | Push | None:
+        """What to send for `d`; None when there is nothing (`d` skipped) or it cannot be built
+        (`d` failed: the lane goes on with the next)."""
+        try:
+            request = (
+                self._request(tx, receiver, n)
+                if receiver is not None and n is not None
+                else "receiver no longer configured"
+            )
+        except Exception as exc:  # a bug or a fact no message can carry: this one fails, not the lane
+            log.exception("notification %s to %s: its message cannot be built", d.notification_id, d.receiver)
+            d.status, d.last_error = "failed", f"its message cannot be built: {type(exc).__name__}: {exc}"[:300]
+            tx.add(d)
+            self.metrics.notifications_failed.labels(d.receiver, "rejected").inc()
+            return None
+        if request is None or isinstance(request, str):
+            d.status, d.last_error = "skipped", request
+            tx.add(d)
+            return None
+        return request
+
+    @staticmethod
+    def _send(receiver: Receiver, request: Request | EmailMessage | Push, key: str) -> Result:
+        """Send once: (outcome, error, retry after), as `alerts.notify.http.post` says it."""
         if isinstance(request, EmailMessage):
-            return self._outcome(tx, d, receiver, n, mail.send(receiver, request), now)
+            return mail.send(receiver, request)
         if isinstance(request, Push):
-            return self._outcome(tx, d, receiver, n, push.send(receiver, request), now)
+            return push.send(receiver, request)
         content, headers = request
         if receiver.kind == "log":
             log.info("notify %s: %s", receiver.name, readable(content))
-            self._delivered(d, receiver, now)
-            tx.add(d)
-            return False
+            return "delivered", None, None
         # Every target (both of an Alertmanager HA pair) must take it; the worst outcome counts.
-        results = [post(url, content, {**headers, "Idempotency-Key": n.key}, receiver.timeout_s)
+        results = [post(url, content, {**headers, "Idempotency-Key": key}, receiver.timeout_s)
                    for url in receiver.targets]  # fmt: skip
-        return self._outcome(tx, d, receiver, n, max(results, key=lambda x: OUTCOME_RANK[x[0]]), now)
+        return max(results, key=lambda x: OUTCOME_RANK[x[0]])
 
     def _outcome(  # noqa: PLR0913, PLR0917
         self,
         tx: Session,
-        d: DeliveryRow,
+        ds: Sequence[DeliveryRow],
         receiver: Receiver,
-        n: NotificationRow,
-        result: tuple[str, str | None, float | None],
+        key: str,
+        result: Result,
         now: datetime,
     ) -> bool:
-        """The try's outcome into `d`; True when it failed for now and is to be retried."""
+        """The try's outcome into the deliveries it carried (one, or a group's); True when it
+        failed for now and is to be retried."""
         outcome, error, retry_after = result
-        tx.add(d)
+        for d in ds:
+            tx.add(d)
         if outcome == "delivered":
-            self._delivered(d, receiver, now)
+            for d in ds:
+                self._delivered(d, receiver, now)
             return False
-        d.last_error = error
         self.metrics.notification_receiver_failing.labels(receiver.name).set(1)
-        first = d.created_at or d.next_at
+        first = min(d.created_at or d.next_at for d in ds)
         if outcome == "transient" and (now - first).total_seconds() >= self.max_age_s:
-            outcome, d.last_error = "expired", f"{error}; retried for {self.max_age_s:g} s"
+            outcome, error = "expired", f"{error}; retried for {self.max_age_s:g} s"
+        for d in ds:
+            d.last_error = error
         if outcome != "transient":
-            d.status = "failed"
-            self.metrics.notifications_failed.labels(receiver.name, outcome).inc()
-            self._quiet.warn(
-                receiver.name, "notification %s to %s failed for good: %s", n.key, receiver.name, d.last_error
-            )
+            for d in ds:
+                d.status = "failed"
+            self.metrics.notifications_failed.labels(receiver.name, outcome).inc(len(ds))
+            self._quiet.warn(receiver.name, "notification %s to %s failed for good: %s", key, receiver.name, error)
             return False
-        backoff = min(0.5 * 2 ** (d.attempts - 1), MAX_BACKOFF_S)
-        d.next_at = now + timedelta(seconds=max(backoff, min(retry_after or 0.0, MAX_BACKOFF_S)))
+        wait = max(backoff(max(d.attempts for d in ds)), min(retry_after or 0.0, MAX_BACKOFF_S))
+        next_at = now + timedelta(seconds=wait)
+        for d in ds:
+            d.next_at = next_at
         self.metrics.notification_retries.labels(receiver.name).inc()
-        self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", n.key, receiver.name, error)
+        self._quiet.warn(receiver.name, "notification %s to %s failed (%s); retrying", key, receiver.name, error)
         return True
 
     @staticmethod
@@ -459,6 +718,11 @@ class Notifier:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
         self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
+
+
+def backoff(attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th failed try in a row: 0.5, 1, 2... up to MAX_BACKOFF_S."""
+    return min(0.5 * 2.0 ** (max(attempts, 1) - 1), MAX_BACKOFF_S)
 
 
 def _rows(tx: Session, n: NotificationRow) -> tuple[Any, Any] | str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alerts.notify.mail import DEFAULT_BODY, DEFAULT_SUBJECT, render
+from alerts.notify.mail import one_line, render, templates
 from alerts.notify.receivers import Receiver
 
 
@@ -26,11 +26,12 @@ class Push:
     kind: str  # apprise's notify type: info, success, warning, failure
 
 
-def push(receiver: Receiver, facts: Mapping[str, Any]) -> Push:
-    """The message of one notification: the receiver's `subject` and `body` templates (or the
-    defaults) filled in, and how bad it is."""
-    title = render(receiver.subject or DEFAULT_SUBJECT, facts).replace("\n", " ").strip()
-    return Push(title[:250], render(receiver.body or DEFAULT_BODY, facts), _kind(facts))
+def push(receiver: Receiver, facts: Mapping[str, Any], *, grouped: bool = False) -> Push:
+    """The message of one notification (or group): the receiver's `subject` and `body` templates
+    (or the defaults) filled in, and how bad it is."""
+    subject, body = templates(receiver, grouped=grouped)
+    title = one_line(render(subject, facts))
+    return Push(title[:250], render(body, facts), _kind(facts))
 
 
 def _kind(facts: Mapping[str, Any]) -> str:

@@ -53,21 +53,26 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-# What an e-mail receiver's subject or body template may name ({field}); one without a value reads "".
+# What an e-mail or apprise receiver's subject or body template may name ({field}); one without a
+# value reads "". {where} is site, device and floor, those that have a value.
 TEMPLATE_FIELDS = (
     "summary", "status", "severity", "priority", "rule", "device", "type", "site", "floor", "since",
-    "by", "note", "link", "ack_link", "order", "assignee", "step", "ack_deadline",
+    "by", "note", "link", "ack_link", "order", "assignee", "step", "ack_deadline", "count", "alerts", "where",
 )  # fmt: skip
 
 
 def check_template(template: str) -> str:
     """`template` if it names only TEMPLATE_FIELDS; else a ValueError naming the unknown field."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         msg = f"template {template!r}: {exc} (a literal brace is written {{{{ or }}}})"
         raise ValueError(msg) from exc
-    for field in names:
+    for field, spec, conversion in parts:
+        if spec or conversion:
+            given = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            msg = f"{given}: a field is named alone, with no format or conversion: {{{field}}}"
+            raise ValueError(msg)
         if field not in TEMPLATE_FIELDS:
             known = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
             msg = f"unknown field {{{field}}} (known: {known})"
@@ -76,6 +81,10 @@ def check_template(template: str) -> str:
 
 
 Template = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(check_template)]
+
+
+# What a receiver's alerts may be grouped by (group_by).
+GroupLabel = Literal["site", "rule", "severity", "device", "type"]
 
 
 def _apprise_url(url: str) -> str:
@@ -123,9 +132,17 @@ class Receiver(StrictModel):
     # email and apprise: the message's subject (title) and body, templates of TEMPLATE_FIELDS
     subject: Template | None = None
     body: Template | None = None
+    # Grouping, as Alertmanager's (alerts/notify/groups.py): one message for the alerts that share
+    # these labels' values, sent `group_wait` after the first, then at most every `group_interval`
+    # with what changed, and again every `repeat_interval` while any is open. Pages never are.
+    group_by: list[GroupLabel] | None = None
+    group_wait: Duration | None = Field(default=None, le=86400)
+    group_interval: Duration | None = Field(default=None, ge=1, le=86400)
+    repeat_interval: Duration | None = Field(default=None, ge=60, le=30 * 86400)
 
     @model_validator(mode="after")
     def _consistent(self) -> Receiver:
+        _check_grouping(self)
         for kinds, fields in (
             (("email",), _EMAIL_ONLY),
             (("apprise",), _APPRISE_ONLY),
@@ -173,10 +190,48 @@ class Receiver(StrictModel):
             return [u.rstrip("/") + "/api/v2/alerts" for u in self.urls]
         return self.urls
 
+    @property
+    def grouped(self) -> bool:
+        """Whether this receiver's alert notifications are sent in groups."""
+        return self.group_by is not None
+
+    @property
+    def wait_s(self) -> float:
+        return 30.0 if self.group_wait is None else self.group_wait
+
+    @property
+    def interval_s(self) -> float:
+        return 300.0 if self.group_interval is None else self.group_interval
+
+    @property
+    def repeat_s(self) -> float:
+        return 4 * 3600.0 if self.repeat_interval is None else self.repeat_interval
+
 
 PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
 
 _NAMES = {"from_": "from", "apprise_urls": "urls"}  # fields by the names the files use
+
+
+GROUPED_KINDS = ("email", "apprise", "alertmanager-webhook", "log")  # what sends a message of many alerts
+
+
+def _check_grouping(r: Receiver) -> None:
+    timings = [f for f in ("group_wait", "group_interval", "repeat_interval") if getattr(r, f) is not None]
+    if r.group_by is None:
+        if timings:
+            msg = f"{', '.join(timings)}: for a receiver with group_by"
+            raise ValueError(msg)
+        return
+    if r.kind not in GROUPED_KINDS:
+        msg = f"group_by is for {', '.join(GROUPED_KINDS)} receivers: a {r.kind} receiver takes one alert a request"
+        raise ValueError(msg)
+    if len(set(r.group_by)) != len(r.group_by):
+        msg = f"group_by {r.group_by}: a label is named twice"
+        raise ValueError(msg)
+    if r.repeat_s < r.interval_s:
+        msg = f"repeat_interval ({r.repeat_s:g} s) is shorter than group_interval ({r.interval_s:g} s)"
+        raise ValueError(msg)
 
 
 def _check_email(r: Receiver) -> None:

@@ -11,11 +11,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm.exc import StaleDataError
+from sqlmodel import Session, col, select
 
 from alerts.dispatch.orders import DispatchError, WorkOrderRow
 from alerts.lifecycle import AlertActionError, act_by_hand
 from alerts.notify.acklinks import Grant, LinkError, verify
-from alerts.tables import AlertRow, AlertStatus
+from alerts.notify.groups import FIRING
+from alerts.tables import AlertRow, AlertStatus, NotificationGroupRow
 from gateway.api.deps import changed
 from gateway.core.clock import utcnow
 
@@ -52,6 +54,8 @@ def _what(request: Request, grant: Grant) -> tuple[str, bool, str]:  # noqa: PLR
     """What the link is about, whether it can still be acknowledged, and why not."""
     store = request.app.state.iotgw.store
     with store.session() as tx:
+        if grant.kind == "group":
+            return _what_group(tx, grant)
         if grant.kind == "alert":
             alert = tx.get(AlertRow, grant.id)
             if alert is None:
@@ -69,7 +73,26 @@ def _what(request: Request, grant: Grant) -> tuple[str, bool, str]:  # noqa: PLR
         if order.status != "assigned":
             by = f" by {order.acked_by}" if order.acked_by else ""
             return what, False, f"It is {order.status.replace('_', ' ')}{by}."
+        if order.assignee != grant.person:  # passed on since the page: the link was for its former assignee
+            return what, False, f"It is assigned to {order.assignee} now, not to {grant.person}."
         return what, True, f"It is assigned to {order.assignee}."
+
+
+def _firing(tx: Session, grant: Grant) -> list[AlertRow]:
+    """A group link's alerts that can be acknowledged: those of the group that fire."""
+    group = tx.get(NotificationGroupRow, grant.id)
+    if group is None or group.receiver != grant.person or not group.open:
+        return []
+    found = tx.exec(select(AlertRow).where(col(AlertRow.id).in_(group.open)).order_by(col(AlertRow.id)))
+    return [a for a in found if a.status in FIRING]
+
+
+def _what_group(tx: Session, grant: Grant) -> tuple[str, bool, str]:
+    firing = _firing(tx, grant)
+    if not firing:
+        return "Alerts of a group", False, "None of the group's alerts fires now: nothing to acknowledge."
+    listed = "; ".join(f"{a.device_id}: {a.summary}" for a in firing[:20]) + ("; ..." if len(firing) > 20 else "")
+    return f"{len(firing)} alerts firing", True, listed
 
 
 @router.get("/ack/{token}", response_class=HTMLResponse, include_in_schema=False)
@@ -102,12 +125,21 @@ def _acknowledge(request: Request, grant: Grant) -> None:
     store = request.app.state.iotgw.store
     note = "acknowledged from the notification's link"
     with store.session() as tx:
-        if grant.kind == "alert":
+        if grant.kind == "group":
+            firing = _firing(tx, grant)
+            if not firing:
+                raise AlertActionError("state", "none of the group's alerts fires")
+            for alert in firing:
+                act_by_hand(tx, alert.id or 0, AlertStatus.ACKNOWLEDGED, by=grant.person, note=note, at=utcnow())
+        elif grant.kind == "alert":
             act_by_hand(tx, grant.id, AlertStatus.ACKNOWLEDGED, by=grant.person, note=note, at=utcnow())
         else:
             live = request.app.state.iotgw.router
             runner = live.runners.get("dispatch") if live is not None else None
             if runner is None:
                 raise DispatchError("this gateway does not run the dispatch consumer")
+            order = tx.get(WorkOrderRow, grant.id)
+            if order is not None and order.assignee != grant.person:
+                raise DispatchError(f"work order {grant.id} is assigned to {order.assignee} now")
             runner.consumer.act(tx, grant.id, "acknowledge", grant.person, note=note)
         tx.commit()

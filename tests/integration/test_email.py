@@ -13,11 +13,13 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlmodel import select
 
 from alerts.dispatch.consumer import Dispatch
 from alerts.dispatch.roster import load_roster
 from alerts.notify import mail
 from alerts.notify.receivers import Receiver
+from alerts.tables import DeliveryRow
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
@@ -148,13 +150,27 @@ async def test_a_technician_is_paged_by_email(
         link = next(
             line.removeprefix("Acknowledge: ") for line in text.splitlines() if line.startswith("Acknowledge: ")
         )
+        path = link.removeprefix("https://staff.example")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
-            assert "Acknowledge as tina" in (await client.get(link.removeprefix("https://staff.example"))).text
-            done = await client.post(link.removeprefix("https://staff.example"))
+            assert "Acknowledge as tina" in (await client.get(path)).text
+            # Passed on to Abe: tina's link no longer acknowledges it (Abe was paged with his own).
+            moved = {"by": "sue", "to": "abe", "note": "tina is at the other site"}
+            r = await client.post(f"/api/work-orders/{order['id']}/reassign", json=moved)
+            assert r.status_code == 200, r.text
+            page = await client.get(path)
+            assert "It is assigned to abe now, not to tina." in page.text
+            assert "<button" not in page.text
+            refused = await client.post(path)
+            assert refused.status_code == 409
+            still = (await client.get(f"/api/work-orders/{order['id']}")).json()
+            assert (still["status"], still["assignee"], still["acked_by"]) == ("assigned", "abe", None)
+            back = {"by": "sue", "to": "tina", "note": "tina is here after all"}
+            assert (await client.post(f"/api/work-orders/{order['id']}/reassign", json=back)).status_code == 200
+            done = await client.post(path)  # hers again: her link acknowledges it
             assert done.status_code == 200, done.text
             acked = (await client.get(f"/api/work-orders/{order['id']}")).json()
         assert (acked["status"], acked["acked_by"]) == ("acknowledged", "tina")
-    (page,) = smtp.mailbox.messages
+    page = smtp.mailbox.messages[0]
     assert page["Subject"] == f"[P1] assigned: work order {order['id']}: el-1 stuck at floor 3 with 80 kg inside"
     assert page["To"] == "tina@example.org"
     text = page.get_body(("plain",)).get_content()
@@ -201,6 +217,34 @@ async def test_a_busy_server_is_retried_and_a_refused_login_is_final(
     assert len(smtp.mailbox.messages) == 1
 
 
+async def test_a_password_smtplib_cannot_send_is_refused_not_raised(
+    smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", "pässwörd")
+    receiver = _receiver(smtp)
+    assert mail.send(receiver, _message(receiver)) == (
+        "rejected",
+        "the username or password is not ASCII: smtplib cannot send it",
+        None,
+    )
+    assert smtp.mailbox.messages == []
+
+
+def test_a_message_is_dated_when_it_is_sent_and_its_links_are_links() -> None:
+    receiver = Receiver.model_validate({"name": "m", "kind": "email", "url": "smtp://mail.example",
+                                        "from": "iotgw@example.org", "to": ["ops@example.org"]})  # fmt: skip
+    facts = {"summary": "Door <jammed>", "status": "firing", "severity": "major", "site": "hq",
+             "link": "https://staff.example/ui/?alert=1", "ack_link": "https://staff.example/ack/abc.d-f_"}  # fmt: skip
+    sent_at = datetime(2026, 12, 2, 14, 30, tzinfo=UTC)
+    msg = mail.message(receiver, facts, "iotgw.alert-1", None, sent_at)
+    assert msg["Date"] == "Wed, 02 Dec 2026 14:30:00 +0000"
+    html = msg.get_body(("html",)).get_content()
+    assert 'Acknowledge: <a href="https://staff.example/ack/abc.d-f_">https://staff.example/ack/abc.d-f_</a>' in html
+    assert "Door &lt;jammed&gt;" in html
+    text = msg.get_body(("plain",)).get_content()
+    assert "Where: site hq\n" in text  # (no device or floor: left out, not "device , floor")
+
+
 async def test_a_password_is_never_sent_without_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
     with smtp_server(tmp_path, plain=True) as server:
@@ -241,6 +285,9 @@ def test_a_password_file_is_read_at_each_try(tmp_path: Path) -> None:
         ({"from": "not an address"}, "not an e-mail address"),
         ({"subject": "{colour}"}, "unknown field {colour}"),
         ({"body": "{summary"}, "literal brace"),
+        ({"body": "{summary:>999999999}"}, "no format or conversion"),
+        ({"subject": "{site!r}"}, "no format or conversion"),
+        ({"subject": "{site.__class__}"}, "unknown field {site.__class__}"),
         ({"username": None}, "set username too"),
         ({"password_file": "/run/secrets/smtp"}, "not both"),
     ],
@@ -270,3 +317,50 @@ def test_a_devices_words_cannot_add_a_header(site: str) -> None:
     assert sent["Bcc"] is None
     assert sent["Reply-To"] is None
     assert "\n" not in str(sent["Subject"])
+
+
+async def test_a_message_that_cannot_be_built_fails_alone(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Whatever breaks the building of one message (here a fault made to happen for one device)
+    fails that delivery with its reason, once; the receiver's lane goes on with the next."""
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    built = mail.alert_facts
+
+    def breaks_for_el_x(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        facts = built(*args, **kwargs)
+        if facts["device"] == "el-x":
+            raise UnicodeError("a fact no message can carry")
+        return facts
+
+    monkeypatch.setattr(mail, "alert_facts", breaks_for_el_x)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {{device}}"
+    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
+receivers:
+  - {{name: ops-mail, kind: email, url: "smtp://127.0.0.1:{smtp.port}", from: "iotgw@example.org",
+      to: ["ops@example.org"], username: {USER}, password_env: IOTGW_TEST_SMTP_PASSWORD, ca_file: "{smtp.ca_file}"}}
+""")
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+    async with running_gateway(settings) as gw:
+        async with mqtt_client(broker.url_as("tester"), "pub") as c:
+            for device in ("el-x", "el-y"):
+                await c.publish(f"devices/{device}/state", state(1), qos=1)
+                await c.publish(f"devices/{device}/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+
+        async def one() -> bool:
+            return len(smtp.mailbox.messages) >= 1
+
+        await wait_for(one, what="el-y's message")
+        with gw.store.session() as tx:
+            rows = tx.exec(select(DeliveryRow.status, DeliveryRow.attempts, DeliveryRow.last_error)).all()
+    assert sorted(rows, key=lambda r: r[0]) == [
+        ("delivered", 1, None),
+        ("failed", 0, "its message cannot be built: UnicodeError: a fact no message can carry"),
+    ]
+    assert smtp.mailbox.messages[0]["Subject"] == "[major] firing: Door jammed on el-y"

@@ -1,0 +1,214 @@
+"""Grouped notifications against real peers: 40 devices offline at a site reach a mailbox (aiosmtpd)
+as one message listing them, a later change as one update in the same thread, the end as one
+more; a group in Alertmanager's webhook format reaches an HTTP receiver once, retried whole, and
+is sent again every repeat_interval (less what a silence holds) while it is open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from alerts.tables import DeliveryRow, NotificationGroupRow
+from devices.connect import mqtt_client
+from gateway.cli.broker import Mosquitto
+from gateway.config import Settings
+from tests.support.elevators import alerts_of, state
+from tests.support.gateway import running_gateway, wait_for
+from tests.support.peers import Hooks, serving
+from tests.support.smtp import PASSWORD, USER, SmtpServer, smtp_server
+
+pytestmark = pytest.mark.anyio
+
+KEY = "k3y-for-the-tests-0123456789abcdef"
+
+OFFLINE_RULE = """
+rules:
+  - name: device-offline
+    severity: warning
+    summary: "{device} ({site}) went offline"
+    event: {type: device.offline, clear: {type: device.online}}
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {device}"
+    event: {type: elevator.fault.raised, data: {code: DOOR_JAM}, clear: {type: elevator.fault.cleared}}
+"""
+
+
+def _status(online: bool, seq: int) -> bytes:
+    return json.dumps({"online": online, "type": "elevator", "site": "hq", "ts": 1764324000000 + seq * 1000}).encode()
+
+
+@pytest.fixture
+def smtp(tmp_path: Path) -> Iterator[SmtpServer]:
+    with smtp_server(tmp_path) as server:
+        yield server
+
+
+def mails(smtp: SmtpServer, n: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        return len(smtp.mailbox.messages) >= n
+
+    return check
+
+
+def alerts(gw: Any, status: str, n: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        return len(await alerts_of(gw, status=status, limit=100)) == n
+
+    return check
+
+
+def _groups(gw: Any) -> list[NotificationGroupRow]:
+    with gw.store.session() as tx:
+        return list(tx.exec(select(NotificationGroupRow)))
+
+
+async def test_forty_devices_offline_reach_a_mailbox_as_one_message_then_one_update_then_the_end(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, smtp: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""{OFFLINE_RULE}
+receivers:
+  - name: ops-mail
+    kind: email
+    url: "smtp://127.0.0.1:{smtp.port}"
+    from: "iotgw@example.org"
+    to: ["ops@example.org"]
+    username: {USER}
+    password_env: IOTGW_TEST_SMTP_PASSWORD
+    ca_file: "{smtp.ca_file}"
+    group_by: [site, rule]
+    group_wait: 2s
+    group_interval: 3s
+""")
+    settings = settings_for(
+        broker, consumers="alerts", rules_file=str(rules), public_url="https://staff.example", ack_link_key=KEY
+    )
+    devices = [f"el-g{i:02d}" for i in range(41)]
+    async with running_gateway(settings) as gw:
+        async with mqtt_client(broker.url_as("tester"), "site-hq") as c:
+            for device in devices:
+                await c.publish(f"devices/{device}/state", state(1, floor=2), qos=1)
+            for device in devices[:40]:  # the site's power goes: 40 of them drop off, within a second
+                await c.publish(f"devices/{device}/status", _status(False, 2), qos=1)
+            await wait_for(alerts(gw, "firing", 40), what="40 devices offline")
+
+            await wait_for(mails(smtp, 1), timeout=30, what="the group's first message")
+            await asyncio.sleep(1.0)  # (a second one, if it were to come, would be due by now)
+            assert len(smtp.mailbox.messages) == 1
+            await _acknowledge_all_by_its_link(gw, smtp.mailbox.messages[0].get_body(("plain",)).get_content())
+            await c.publish(f"devices/{devices[40]}/status", _status(False, 2), qos=1)  # one more
+            await wait_for(mails(smtp, 2), timeout=30, what="the group's update")
+            for device in devices:  # power back: all online again
+                await c.publish(f"devices/{device}/status", _status(True, 3), qos=1)
+            await wait_for(alerts(gw, "resolved", 41), what="41 devices online again")
+            await wait_for(mails(smtp, 3), timeout=30, what="the group's end")
+            await asyncio.sleep(1.0)
+        assert _groups(gw) == []  # the group ended with the message that left none open
+        with gw.store.session() as tx:
+            statuses = tx.exec(select(DeliveryRow.status)).all()
+        assert set(statuses) == {"delivered"}
+        assert len(statuses) == 122  # every notification delivered: 41 offline, 40 acknowledged, 41 online
+    first, update, end = smtp.mailbox.messages
+    assert first["Subject"] == "[warning] 40 open: device-offline at site hq"
+    body = first.get_body(("plain",)).get_content()
+    listed = [line for line in body.splitlines() if line.startswith("- ")]
+    assert len(listed) == 40
+    assert all("firing · el-g" in line and "went offline" in line for line in listed)
+    assert "Where: site hq, floor 2" in body  # what they share; the device they differ in is left out
+    assert "https://staff.example/ui/" in body
+    assert update["Subject"] == "[warning] 41 open: device-offline at site hq"
+    update_text = update.get_body(("plain",)).get_content()
+    assert "- firing · el-g40" in update_text.splitlines()[5]  # what fires first, then the acknowledged
+    assert update_text.count("- acknowledged · el-g") == 40
+    assert end["Subject"] == "[warning] 41 resolved: device-offline at site hq"
+    root = first["Message-ID"]
+    assert root.startswith("<iotgw.group-")
+    for later in (update, end):
+        assert later["In-Reply-To"] == later["References"] == root
+    assert len({m["Message-ID"] for m in smtp.mailbox.messages}) == 3
+
+
+async def _acknowledge_all_by_its_link(gw: Any, text: str) -> None:
+    """The group message's link acknowledges all 40, as the receiver, from a page that lists them."""
+    link = re.search(r"Acknowledge all that fire: https://staff.example(\S+)", text)
+    assert link is not None, text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+        page = await client.get(link.group(1))
+        assert "40 alerts firing" in page.text
+        assert "Acknowledge as ops-mail" in page.text
+        assert (await client.post(link.group(1))).status_code == 200
+        again = await client.post(link.group(1))
+        assert again.status_code == 409
+        assert "nothing to acknowledge" in again.text
+    acked = await alerts_of(gw, status="acknowledged", limit=100)
+    assert len(acked) == 40
+    assert {a["acked_by"] for a in acked} == {"ops-mail"}
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    with serving(fail_first=1) as server:
+        yield server
+
+
+async def test_a_group_in_alertmanagers_format_is_retried_whole_and_repeated_while_open(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, hooks: Hooks
+) -> None:
+    base = f"http://127.0.0.1:{hooks.server_address[1]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""{OFFLINE_RULE}
+receivers:
+  - {{name: am, kind: alertmanager-webhook, url: "{base}/am", group_by: [site], group_wait: 1s, repeat_interval: 1h}}
+""")
+    settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+    async with running_gateway(settings) as gw:
+        async with mqtt_client(broker.url_as("tester"), "pub") as c:
+            await c.publish("devices/el-a/state", state(1), qos=1)
+            await c.publish("devices/el-b/state", state(1), qos=1)
+            await c.publish("devices/el-a/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+            await c.publish("devices/el-b/status", _status(False, 2), qos=1)
+        await wait_for(alerts(gw, "firing", 2), what="two alerts")
+
+        async def delivered() -> bool:
+            return len(hooks.ok()) >= 1
+
+        await wait_for(delivered, timeout=30, what="the group, after a 503")
+        assert [r["code"] for r in hooks.requests] == [503, 200]  # one message, retried whole
+        assert hooks.requests[0]["key"] == hooks.requests[1]["key"]  # the same Idempotency-Key
+        body = hooks.ok()[0]["body"]
+        assert body["groupLabels"] == {"site": "hq"}
+        assert body["status"] == "firing"
+        assert body["commonLabels"] == {"site": "hq", "device_type": "elevator"}
+        assert sorted(a["labels"]["alertname"] for a in body["alerts"]) == ["device-offline", "door-jam"]
+        assert body["alerts"][0]["labels"]["severity"] == "major"  # the worst first
+        (group,) = _groups(gw)
+        assert group.sent_at is not None
+        assert group.messages == 1
+        notifier = gw.plugins["alerts"].notifier
+        later = group.sent_at + timedelta(hours=1, seconds=1)
+        await asyncio.to_thread(notifier.deliver_lane, "am", later)  # an hour on: sent again
+        assert len(hooks.ok()) == 2
+        assert hooks.ok()[1]["body"]["alerts"] == body["alerts"]
+        assert hooks.ok()[1]["key"] != hooks.ok()[0]["key"]
+        await asyncio.to_thread(notifier.deliver_lane, "am", later + timedelta(minutes=1))
+        assert len(hooks.ok()) == 2  # not before another hour
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+            until = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
+            silence = {"matchers": {"device_id": "el-a"}, "by": "ana", "comment": "door fixed", "ends_at": until}
+            r = await client.post("/api/silences", json=silence)
+            assert r.status_code == 201, r.text
+        await asyncio.to_thread(notifier.deliver_lane, "am", later + timedelta(hours=1, seconds=1))
+        assert len(hooks.ok()) == 3
+        assert [a["labels"]["device"] for a in hooks.ok()[2]["body"]["alerts"]] == ["el-b"]  # el-a is silenced
