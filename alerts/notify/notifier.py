@@ -263,14 +263,16 @@ class Notifier:
         existing = {g.key: g for g in tx.exec(select(NotificationGroupRow).where(mine))}
         types = self._types(tx, {a.device_id for _, a in rows if a is not None})
         pending: dict[str, list[tuple[DeliveryRow, AlertRow]]] = {}
+        gone = [d for d, alert in rows if alert is None]
         for d, alert in rows:
-            if alert is None:
-                d.status, d.last_error = "skipped", "alert no longer there"
-                tx.add(d)
-            else:
+            if alert is not None:
                 key = groups.key(groups.labels(receiver, alert, types.get(alert.device_id)))
                 pending.setdefault(key, []).append((d, alert))
-        tx.commit()  # (the skipped)
+        for d in gone:
+            d.status, d.last_error = "skipped", "alert no longer there"
+            tx.add(d)
+        if gone:
+            tx.commit()
         repeats = [g for k, g in existing.items() if k not in pending and self._repeat_due(receiver, g, start)]
         tried = False
         for key, items in pending.items():

@@ -18,7 +18,7 @@ from alerts.tables import AlertRow
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
-from tests.support.elevators import state
+from tests.support.elevators import door_jam_rules, state
 from tests.support.gateway import running_gateway, wait_for
 from tests.support.peers import Hooks, serving
 
@@ -30,17 +30,9 @@ KEY = "k3y-for-the-tests-0123456789abcdef"
 async def test_the_link_in_a_message_acknowledges_as_its_receiver(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules.yaml"
     with serving() as chat:
-        rules.write_text(f"""
-rules:
-  - name: door-jam
-    severity: major
-    summary: "Door jammed on {{device}}"
-    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
-receivers:
-  - {{name: ops-chat, kind: apprise, urls: ["json://127.0.0.1:{chat.server_address[1]}/chat"]}}
-""")
+        receivers = f'  - {{name: ops-chat, kind: apprise, urls: ["json://127.0.0.1:{chat.server_address[1]}/chat"]}}'
+        rules = door_jam_rules(tmp_path, receivers)
         settings = settings_for(
             broker, consumers="alerts", rules_file=str(rules), public_url="https://staff.example",
             ack_link_key=KEY, api_auth=True,

@@ -17,7 +17,7 @@ from alerts.notify.receivers import Receiver
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
-from tests.support.elevators import alerts_of, caught_up, state
+from tests.support.elevators import alerts_of, caught_up, door_jam_rules, state
 from tests.support.gateway import running_gateway, wait_for
 from tests.support.peers import Hooks, serving
 
@@ -34,18 +34,12 @@ async def test_an_alert_reaches_chat_and_ntfy_through_apprise_after_a_failure(
     broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, chat: Hooks
 ) -> None:
     port = chat.server_address[1]
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(f"""
-rules:
-  - name: door-jam
-    severity: major
-    summary: "Door jammed on {{device}}"
-    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
-receivers:
+    receivers = f"""
   - name: ops-chat
     kind: apprise
     urls: ["json://127.0.0.1:{port}/chat", "ntfy://127.0.0.1:{port}/ops-lifts"]
-""")
+"""
+    rules = door_jam_rules(tmp_path, receivers)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules), public_url="https://staff.example")
     async with running_gateway(settings) as gw:
         async with mqtt_client(broker.url_as("tester"), "el-a1") as c:

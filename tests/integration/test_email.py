@@ -24,7 +24,7 @@ from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from tests.support.dispatching import ROSTER, RULES, WED_10_BERLIN, Clock, one_order, trap
-from tests.support.elevators import alerts_of, caught_up, state
+from tests.support.elevators import alerts_of, caught_up, door_jam_rules, state
 from tests.support.gateway import running_gateway, wait_for
 from tests.support.smtp import PASSWORD, USER, SmtpServer, smtp_server
 
@@ -335,17 +335,11 @@ async def test_a_message_that_cannot_be_built_fails_alone(
         return facts
 
     monkeypatch.setattr(mail, "alert_facts", breaks_for_el_x)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(f"""
-rules:
-  - name: door-jam
-    severity: major
-    summary: "Door jammed on {{device}}"
-    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
-receivers:
+    receivers = f"""
   - {{name: ops-mail, kind: email, url: "smtp://127.0.0.1:{smtp.port}", from: "iotgw@example.org",
       to: ["ops@example.org"], username: {USER}, password_env: IOTGW_TEST_SMTP_PASSWORD, ca_file: "{smtp.ca_file}"}}
-""")
+"""
+    rules = door_jam_rules(tmp_path, receivers)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
     async with running_gateway(settings) as gw:
         async with mqtt_client(broker.url_as("tester"), "pub") as c:

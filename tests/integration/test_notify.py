@@ -17,7 +17,7 @@ from alerts.windows import DAYS
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
-from tests.support.elevators import alerts_of, caught_up, state
+from tests.support.elevators import alerts_of, caught_up, door_jam_rules, state
 from tests.support.gateway import running_gateway, wait_for
 from tests.support.peers import PD_KEY, Hooks, serving
 
@@ -108,16 +108,10 @@ async def test_a_silence_stops_notifications_but_not_the_alert(
 ) -> None:
     hooks.fail_first = 0
     base = f"http://127.0.0.1:{hooks.server_address[1]}"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(f"""
-rules:
-  - name: door-jam
-    severity: major
-    summary: "Door jammed on {{device}}"
-    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
-receivers:
+    receivers = f"""
   - {{name: hook, kind: webhook, url: "{base}/hook"}}
-""")
+"""
+    rules = door_jam_rules(tmp_path, receivers)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
     transport = httpx.ASGITransport
     async with (
@@ -173,16 +167,10 @@ async def test_a_maintenance_window_holds_notifications_until_it_closes(
 ) -> None:
     hooks.fail_first = 0
     base = f"http://127.0.0.1:{hooks.server_address[1]}"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(f"""
-rules:
-  - name: door-jam
-    severity: major
-    summary: "Door jammed on {{device}}"
-    event: {{type: elevator.fault.raised, data: {{code: DOOR_JAM}}, clear: {{type: elevator.fault.cleared}}}}
-receivers:
+    receivers = f"""
   - {{name: hook, kind: webhook, url: "{base}/hook"}}
-""")
+"""
+    rules = door_jam_rules(tmp_path, receivers)
     settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
     now = datetime.now(UTC)
     opened, closes = now - timedelta(hours=1), now + timedelta(hours=1)  # a window around now, in Tokyo

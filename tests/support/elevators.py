@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,22 @@ from gateway.service import Gateway
 from tests.support.gateway import wait_for
 
 IDLE = {"floor": 2, "direction": "idle", "door": "closed", "mode": "normal", "load_kg": 0, "fault": None}
+
+
+DOOR_JAM_RULE = """
+rules:
+  - name: door-jam
+    severity: major
+    summary: "Door jammed on {device}"
+    event: {type: elevator.fault.raised, data: {code: DOOR_JAM}, clear: {type: elevator.fault.cleared}}
+"""
+
+
+def door_jam_rules(tmp: Path, receivers: str) -> Path:
+    """A rules file of one rule (a door jam on an elevator) and `receivers` (YAML list items)."""
+    path = tmp / "rules.yaml"
+    path.write_text(f"{DOOR_JAM_RULE}receivers:\n{receivers.lstrip(chr(10))}")
+    return path
 
 
 def state(seq: int, **data: Any) -> bytes:
