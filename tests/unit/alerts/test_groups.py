@@ -34,6 +34,11 @@ def test_grouping_takes_alertmanagers_defaults() -> None:
     assert r.grouped
     assert (r.wait_s, r.interval_s, r.repeat_s) == (30.0, 300.0, 4 * 3600.0)
     assert not Receiver.model_validate({"name": "ops", "kind": "log"}).grouped
+    everything = _receiver(group_by=[])  # one group of all its alerts
+    assert everything.grouped
+    assert groups.key(groups.labels(everything, _alert(1), None)) == groups.key(
+        groups.labels(everything, _alert(2, site="b"), "x")
+    )
     timed = _receiver(group_wait="10s", group_interval="1m", repeat_interval="2h")
     assert (timed.wait_s, timed.interval_s, timed.repeat_s) == (10.0, 60.0, 7200.0)
 
