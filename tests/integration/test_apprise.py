@@ -48,11 +48,13 @@ async def test_an_alert_reaches_chat_and_ntfy_through_apprise_after_a_failure(
             await caught_up(gw, "el-a1", 2)
         (alert,) = await alerts_of(gw)
 
-        async def delivered() -> bool:
-            return len(chat.ok()) >= 2
-
-        await wait_for(delivered, timeout=30, what="the retried messages")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+
+            async def delivered() -> bool:  # (its outcome is committed after the service answered)
+                notes = (await client.get(f"/api/alerts/{alert['id']}")).json()["notifications"]
+                return [n["delivery"] for n in notes] == ["delivered"]
+
+            await wait_for(delivered, timeout=30, what="the retried messages")
             (note,) = (await client.get(f"/api/alerts/{alert['id']}")).json()["notifications"]
     assert (note["delivery"], note["attempts"]) == ("delivered", 2)  # the first try met two 503s
     first = [r for r in chat.requests if r["code"] == 503]

@@ -67,6 +67,14 @@ def alerts(gw: Any, status: str, n: int) -> Callable[[], Any]:
     return check
 
 
+def delivered(gw: Any, n: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        with gw.store.session() as tx:
+            return len(tx.exec(select(DeliveryRow.id).where(DeliveryRow.status == "delivered")).all()) >= n
+
+    return check
+
+
 def _groups(gw: Any) -> list[NotificationGroupRow]:
     with gw.store.session() as tx:
         return list(tx.exec(select(NotificationGroupRow)))
@@ -105,6 +113,7 @@ receivers:
             await wait_for(alerts(gw, "firing", 40), what="40 devices offline")
 
             await wait_for(mails(smtp, 1), timeout=30, what="the group's first message")
+            await wait_for(delivered(gw, 40), what="its outcome")  # (committed after the server took it)
             await asyncio.sleep(1.0)  # (a second one, if it were to come, would be due by now)
             assert len(smtp.mailbox.messages) == 1
             await _acknowledge_all_by_its_link(gw, smtp.mailbox.messages[0].get_body(("plain",)).get_content())
@@ -114,6 +123,7 @@ receivers:
                 await c.publish(f"devices/{device}/status", _status(True, 3), qos=1)
             await wait_for(alerts(gw, "resolved", 41), what="41 devices online again")
             await wait_for(mails(smtp, 3), timeout=30, what="the group's end")
+            await wait_for(delivered(gw, 122), what="every notification's outcome")
             await asyncio.sleep(1.0)
         assert _groups(gw) == []  # the group ended with the message that left none open
         with gw.store.session() as tx:
@@ -181,8 +191,8 @@ receivers:
             await c.publish("devices/el-b/status", _status(False, 2), qos=1)
         await wait_for(alerts(gw, "firing", 2), what="two alerts")
 
-        async def delivered() -> bool:
-            return len(hooks.ok()) >= 1
+        async def delivered() -> bool:  # (its outcome is committed after the receiver answered)
+            return len(hooks.ok()) >= 1 and [g.messages for g in _groups(gw)] == [1]
 
         await wait_for(delivered, timeout=30, what="the group, after a 503")
         assert [r["code"] for r in hooks.requests] == [503, 200]  # one message, retried whole
