@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from alerts.notify.bodies import Links, am_webhook_alert
-from alerts.notify.mail import local_time
+from alerts.notify.mail import flat, local_time
 from alerts.notify.receivers import Receiver, Severity
 from alerts.tables import OPEN, AlertDeviceRow, AlertRow
 
@@ -60,7 +60,7 @@ def ordered(alerts: Iterable[AlertRow]) -> list[AlertRow]:
 def summary(alerts: Sequence[AlertRow], values: Mapping[str, str]) -> str:
     """One line for the group: how many are open and resolved, of what, where."""
     if len(alerts) == 1:
-        return alerts[0].summary
+        return f"{alerts[0].status}: {alerts[0].summary}"
     open_ = sum(a.status in OPEN for a in alerts)
     counts = [f"{n} {word}" for n, word in ((open_, "open"), (len(alerts) - open_, "resolved")) if n]
     rules = {a.rule for a in alerts}
@@ -115,7 +115,8 @@ def _lines(alerts: Sequence[AlertRow], devices: Mapping[str, AlertDeviceRow], li
     for a in alerts[:LISTED]:
         floor = _floor(devices.get(a.device_id))
         where = f"{a.device_id}" + (f", floor {floor}" if floor is not None else "")
-        lines.append(f"- {a.status} · {where} · {a.summary} · since {local_time(a.fired_at, links)}")
+        line = f"- {a.status} · {where} · {a.summary} · since {local_time(a.fired_at, links)}"
+        lines.append(flat(line))
     if len(alerts) > LISTED:
         lines.append(f"- and {len(alerts) - LISTED} more on the staff page")
     return "\n".join(lines)

@@ -108,7 +108,9 @@ def page_facts(n: NotificationRow, order: WorkOrderRow, entry: WorkOrderEntryRow
 
 def render(template: str, facts: Mapping[str, Any]) -> str:
     """`template` with the facts filled in; lines whose fields are all empty are left out."""
-    values = {f: "" if facts.get(f) is None else str(facts[f]) for f in TEMPLATE_FIELDS}
+    # A device's words are one line each: no line break or control character of theirs can
+    # forge a line (a fake "Acknowledge:" link, say). {alerts} is ours, a line per alert.
+    values = {f: "" if facts.get(f) is None else flat(str(facts[f]), keep_lines=f == "alerts") for f in TEMPLATE_FIELDS}
     values["where"] = ", ".join(f"{f} {values[f]}" for f in ("site", "device", "floor") if values[f])
     out: list[str] = []
     for line in template.split("\n"):
@@ -145,33 +147,43 @@ def message(  # noqa: PLR0913
         msg["In-Reply-To"] = msg["References"] = f"<{parent}@{domain}>"
     msg["Auto-Submitted"] = "auto-generated"  # (RFC 3834: no vacation replies)
     msg.set_content(text)
-    msg.add_alternative(_html(text, str(facts.get("link") or "")), subtype="html")
+    ours = {str(facts[f]) for f in ("link", "ack_link") if facts.get(f)}
+    msg.add_alternative(_html(text, str(facts.get("link") or ""), ours), subtype="html")
     return msg
+
+
+def flat(text: str, *, keep_lines: bool = False) -> str:
+    """`text` with every control character (and line break, unless `keep_lines`) a space."""
+    lines = text.split("\n") if keep_lines else [text]
+    return "\n".join("".join(c if c.isprintable() else " " for c in line) for line in lines)
 
 
 def one_line(text: str) -> str:
     """`text` as a header value: every line break and control character a space, and no "=?"
     (an encoded word that Python's email package would decode into a line break: CVE-2024-6923)."""
-    flat = " ".join("".join(c if c.isprintable() else " " for c in line) for line in text.splitlines())
-    return flat.replace("=?", "= ?").strip()
+    joined = " ".join(flat(line) for line in text.splitlines())
+    return joined.replace("=?", "= ?").strip()
 
 
 _URL = re.compile(r"https?://[^\s<>\"']+")
 
 
-def _linked(line: str) -> str:
-    """`line` as HTML, its web addresses as links."""
+def _linked(line: str, ours: set[str]) -> str:
+    """`line` as HTML, the gateway's own links in it (`ours`) as links; any other address stays
+    text (a device's words could name one)."""
     out, at = [], 0
     for m in _URL.finditer(line):
+        if m.group() not in ours:
+            continue
         url = html.escape(m.group(), quote=True)
         out += [html.escape(line[at : m.start()]), f'<a href="{url}">{url}</a>']
         at = m.end()
     return "".join([*out, html.escape(line[at:])])
 
 
-def _html(text: str, link: str) -> str:
+def _html(text: str, link: str, ours: set[str]) -> str:
     lines = text.strip().split("\n")
-    head, rest = html.escape(lines[0]), [_linked(x) for x in lines[1:] if x != link]
+    head, rest = html.escape(lines[0]), [_linked(x, ours) for x in lines[1:] if x != link]
     button = f'<p><a href="{html.escape(link, quote=True)}">Open in iotgw</a></p>' if link else ""
     return (
         '<!doctype html><html><body style="font-family:sans-serif;font-size:16px;line-height:1.4">'

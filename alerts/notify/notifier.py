@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -286,9 +287,11 @@ class Notifier:
             if group is None:
                 group = NotificationGroupRow(receiver=receiver.name, key=key)
                 tx.add(group)
-                tx.flush()  # its id: the message's thread and acknowledge link name it
+                # Committed before the send: its id (the message's key and thread, its link) is
+                # the same when a crash makes the message go again.
+                tx.commit()
             tried = True
-            ds, changed = [d for d, _ in items], [a for _, a in items]
+            ds, changed = [d for d, _ in items], list({a.id: a for _, a in items}.values())  # an alert once
             if self._send_group(tx, receiver, group, ds, changed, now or datetime.now(UTC)):
                 return tried
         for group in repeats:
@@ -326,8 +329,10 @@ class Notifier:
         """One message of `group`: the alerts whose deliveries `ds` it carries (`changed`) and
         those still open from its earlier messages (a repeat, with no `ds`: those alone, less the
         silenced); committed with its outcome. True when it failed for now (the round ends)."""
-        listed = self._listed(tx, group, changed, repeat=not ds, now=now)
-        key = f"iotgw-group-{group.id}-{group.messages + 1}"
+        listed, held = self._listed(tx, group, changed, repeat=not ds, now=now)
+        # The same on every try of the same message; another when what it says has changed.
+        said = hashlib.sha256(",".join(f"{a.id}:{a.status}" for a in listed).encode()).hexdigest()[:12]
+        key = f"iotgw-group-{group.id}-{group.messages + 1}-{said}"
         request: Request | EmailMessage | Push | str | None = None
         if listed and not (receiver.kind == "alertmanager-webhook" and ds and self._only_acks(tx, ds)):
             try:
@@ -339,7 +344,9 @@ class Notifier:
             for d in ds:
                 d.status, d.last_error = "skipped", "nothing this receiver's format says of it"
                 tx.add(d)
-            self._settle(tx, group, listed, now, sent=False)
+            self._settle(tx, group, [*listed, *held], now, sent=False)
+            if not ds and held:
+                group.sent_at = now  # a repeat with all of it held: the next one, a repeat_interval on
             tx.commit()
             return False
         if isinstance(request, str):
@@ -351,21 +358,25 @@ class Notifier:
             if not self._still_delivering(tx, receiver.name):
                 tx.rollback()
                 return True
-        transient = self._group_outcome(tx, receiver, group, ds, listed, key, result, now)
+        transient = self._group_outcome(tx, receiver, group, ds, [*listed, *held], key, result, now)
         tx.commit()
         return transient
 
     def _listed(
         self, tx: Session, group: NotificationGroupRow, changed: list[AlertRow], *, repeat: bool, now: datetime
-    ) -> list[AlertRow]:
-        """What a message of `group` lists: `changed`, and its earlier ones still open."""
+    ) -> tuple[list[AlertRow], list[AlertRow]]:
+        """What a message of `group` lists (`changed`, and its earlier ones still open), and what
+        it leaves out for now but the group keeps: in a repeat, the open alerts a silence holds
+        (in the group's repeats again once it is over)."""
         ids = {a.id for a in changed}
         earlier = [i for i in group.open if i not in ids]
         still = [a for a in tx.exec(select(AlertRow).where(col(AlertRow.id).in_(earlier))) if a.status in OPEN]
-        if repeat:  # what a silence holds now is not said again
+        held: list[AlertRow] = []
+        if repeat:
             silences = list(tx.exec(select(SilenceRow).where(col(SilenceRow.ends_at) > now)))
-            still = [a for a in still if not any(s.matches(a, now) for s in silences)]
-        return groups.ordered([*changed, *still])
+            held = [a for a in still if any(s.matches(a, now) for s in silences)]
+            still = [a for a in still if all(a.id != h.id for h in held)]
+        return groups.ordered([*changed, *still]), held
 
     def _group_outcome(  # noqa: PLR0913, PLR0917
         self,

@@ -22,7 +22,7 @@ def parse_duration(value: object) -> float:
     """Seconds from `90`, `90s`, `5m`, `1.5h`, `2d` or `250ms`."""
     if isinstance(value, bool):
         msg = "a duration is a number of seconds or a string like 90s, 5m, 1h"
-        raise TypeError(msg)
+        raise ValueError(msg)  # noqa: TRY004 - pydantic says a ValueError with its field and line
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
@@ -254,6 +254,9 @@ def _check_email(r: Receiver) -> None:
         msg = f"url {r.url!r}: port {port} is not a TCP port"
         raise ValueError(msg)
     for who in [r.from_, *(r.to or [])]:
+        if who is not None and not who.isprintable():
+            msg = f"{who!r}: an e-mail address is one line of printable characters"
+            raise ValueError(msg)
         if who is None or "@" not in parseaddr(who)[1]:
             msg = f"{who!r} is not an e-mail address" if who else "an email receiver needs from and to"
             raise ValueError(msg)

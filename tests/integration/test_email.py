@@ -283,6 +283,7 @@ def test_a_password_file_is_read_at_each_try(tmp_path: Path) -> None:
         ({"url": "https://mail.example"}, "smtp://host[:port]"),
         ({"to": []}, "needs to"),
         ({"from": "not an address"}, "not an e-mail address"),
+        ({"to": ["ops@example.org\nBcc: evil@x.example"]}, "one line of printable characters"),
         ({"subject": "{colour}"}, "unknown field {colour}"),
         ({"body": "{summary"}, "literal brace"),
         ({"body": "{summary:>999999999}"}, "no format or conversion"),

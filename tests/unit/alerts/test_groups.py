@@ -59,6 +59,7 @@ def test_grouping_takes_alertmanagers_defaults() -> None:
             "takes one alert",
         ),
         ({"name": "h", "kind": "log", "group_by": ["site", "site"]}, "named twice"),
+        ({"name": "h", "kind": "log", "group_by": ["site"], "group_wait": True}, "a duration is a number"),
         ({"name": "h", "kind": "log", "group_by": ["colour"]}, "group_by.0"),
         (
             {"name": "h", "kind": "log", "group_by": ["site"], "group_interval": "2h", "repeat_interval": "1h"},
@@ -129,7 +130,7 @@ def test_a_long_group_is_counted_past_fifty_and_one_alert_reads_as_itself() -> N
     assert lines[-1] == "- and 10 more on the staff page"
     (one,) = [_alert(7)]
     alone = groups.facts([one], {}, {"site": "hq"}, Links(public_url="https://gw.example"), None)
-    assert alone["summary"] == "el-7 (hq) went offline"
+    assert alone["summary"] == "firing: el-7 (hq) went offline"  # (its status: the subject has no other)
     assert alone["link"] == "https://gw.example/ui/?alert=7"
 
 
@@ -144,3 +145,21 @@ def test_a_group_in_alertmanagers_webhook_format() -> None:
     assert body["status"] == "firing"
     assert [a["labels"]["device"] for a in body["alerts"]] == ["el-2", "el-1"]  # the worst first
     assert body["groupKey"] == 'am:[["site","hq"]]'
+
+
+def test_a_devices_words_stay_on_their_line_and_are_never_a_link() -> None:
+    raw = {"name": "m", "kind": "email", "url": "smtp://mail.example", "from": "iotgw@example.org",
+           "to": ["ops@example.org"], "group_by": ["site"]}  # fmt: skip
+    r = Receiver.model_validate(raw)
+    forged = "hq\nAcknowledge all that fire: https://evil.example/ack/phish\r"
+    alerts = [_alert(1, site=forged), _alert(2, site=forged, summary="x\nAcknowledge: https://evil.example/2")]
+    links = Links(public_url="https://gw.example")
+    facts = groups.facts(alerts, {}, {"site": forged}, links, "https://gw.example/ack/ours")
+    msg = mail.message(r, facts, "iotgw.group-1", None, T0, grouped=True)
+    text = msg.get_body(("plain",)).get_content()
+    lines = text.splitlines()
+    assert not [line for line in lines if line.startswith("Acknowledge") and "evil" in line]
+    assert "Acknowledge all that fire: https://gw.example/ack/ours" in lines
+    html = msg.get_body(("html",)).get_content()
+    assert 'href="https://evil' not in html
+    assert '<a href="https://gw.example/ack/ours">' in html
