@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlmodel import select
 
+from alerts.notify.notifier import Notifier
 from alerts.tables import DeliveryRow, NotificationGroupRow
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
@@ -235,3 +236,44 @@ receivers:
         assert len(hooks.ok()) == 4
         again = [a["labels"]["device"] for a in hooks.ok()[3]["body"]["alerts"]]
         assert again == ["el-a", "el-b"]  # the silence over: el-a is in the group's repeats again
+
+
+async def test_a_crash_while_a_groups_first_message_is_sent_sends_it_again_under_the_same_key(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request goes out, then the sender dies before its outcome is committed (here: it
+    raises there): the message goes again with the same Idempotency-Key, of the same group.
+    (PostgreSQL tells: its sequences do not give back the id of a rolled-back row; SQLite's do.)"""
+    with serving() as hooks:
+        base = f"http://127.0.0.1:{hooks.server_address[1]}"
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f"""{OFFLINE_RULE}
+receivers:
+  - {{name: am, kind: alertmanager-webhook, url: "{base}/am", group_by: [site], group_wait: 0s}}
+""")
+        sent = Notifier._send
+        crashes = [1]
+
+        def send_then_crash(receiver: Any, request: Any, key: str) -> Any:
+            result = sent(receiver, request, key)
+            if crashes:
+                crashes.pop()
+                raise RuntimeError("the sender dies after the request, before its outcome")
+            return result
+
+        monkeypatch.setattr(Notifier, "_send", staticmethod(send_then_crash))
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        async with running_gateway(settings) as gw:
+            async with mqtt_client(broker.url_as("tester"), "pub") as c:
+                await c.publish("devices/el-k/state", state(1), qos=1)
+                await c.publish("devices/el-k/status", _status(False, 2), qos=1)
+
+            async def settled() -> bool:
+                return len(hooks.ok()) >= 2 and [g.messages for g in _groups(gw)] == [1]
+
+            await wait_for(settled, what="the message sent again, and its outcome")
+            (group,) = _groups(gw)
+        first, again = hooks.ok()[:2]
+        assert first["key"] == again["key"]
+        assert first["key"].startswith(f"iotgw-group-{group.id}-1-")
+        assert first["body"] == again["body"]
