@@ -132,6 +132,7 @@ class DeliveryRow(SQLModel, table=True):
     last_error: str | None = None
     delivered_at: datetime | None = datetime_field()
     created_at: datetime | None = datetime_field()  # when it was fanned out: retries end at the maximum age
+    sent_as: str | None = None  # the key its last try went under (its own, or its group message's)
 
 
 class NotificationGroupRow(SQLModel, table=True):

@@ -694,6 +694,7 @@ class Notifier:
         failed for now and is to be retried."""
         outcome, error, retry_after = result
         for d in ds:
+            d.sent_as = key
             tx.add(d)
         if outcome == "delivered":
             for d in ds:

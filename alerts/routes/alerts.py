@@ -60,6 +60,7 @@ class DeliveryPublic(BaseModel):
     attempts: int
     last_error: str | None
     delivered_at: datetime | None
+    sent_as: str | None  # the Idempotency-Key of its last try: its own key, or its group message's
 
 
 def deliveries_of(tx: Session, *where: ColumnElement[bool]) -> list[DeliveryPublic]:
@@ -73,7 +74,7 @@ def deliveries_of(tx: Session, *where: ColumnElement[bool]) -> list[DeliveryPubl
     return [
         DeliveryPublic(
             key=n.key, status=n.status, receiver=d.receiver, delivery=d.status, attempts=d.attempts,
-            last_error=d.last_error, delivered_at=d.delivered_at,
+            last_error=d.last_error, delivered_at=d.delivered_at, sent_as=d.sent_as,
         )
         for n, d in rows
     ]  # fmt: skip

@@ -168,6 +168,14 @@ async def _acknowledge_all_by_its_link(gw: Any, text: str) -> None:
     assert {a["acked_by"] for a in acked} == {"ops-mail"}
 
 
+async def _sent_as(gw: Any, device: str) -> set[tuple[str, str | None]]:
+    """The (delivery, sent_as) of the notifications of `device`'s alert, from the API."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+        (alert,) = (await client.get("/api/alerts", params={"device_id": device})).json()["items"]
+        detail = (await client.get(f"/api/alerts/{alert['id']}")).json()
+    return {(d["delivery"], d["sent_as"]) for d in detail["notifications"]}
+
+
 @pytest.fixture
 def hooks() -> Iterator[Hooks]:
     with serving(fail_first=1) as server:
@@ -211,6 +219,8 @@ receivers:
             ("el-b", "firing"),
             ("el-c", "resolved"),
         ]  # the worst first; each alert once
+        # Its deliveries name the message they went in: the key the receiver saw.
+        assert await _sent_as(gw, "el-a") == {("delivered", hooks.ok()[0]["key"])}
         (group,) = _groups(gw)
         assert group.sent_at is not None
         assert group.messages == 1

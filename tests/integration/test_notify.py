@@ -78,6 +78,10 @@ receivers:
     assert deliveries[("am", "acknowledged")] == "skipped"
     assert deliveries[("pd", "resolved")] == "delivered"
     assert len(detail["notifications"]) == 9  # 3 transitions x 3 receivers (the critical-only one gets none)
+    sent = {n["sent_as"] for n in detail["notifications"] if n["delivery"] == "delivered"}
+    assert sent == {n["key"] for n in detail["notifications"] if n["delivery"] == "delivered"}  # each under its own
+    assert sent <= {str(r["key"]) for r in hooks.ok()}  # the Idempotency-Keys the receivers saw
+    assert [n["sent_as"] for n in detail["notifications"] if n["delivery"] == "skipped"] == [None]  # never tried
     ok = hooks.ok()
     assert len(ok) == 8  # 3 transitions x (webhook + pagerduty) + 2 for Alertmanager (no acknowledge there)
     by_path: dict[str, list[dict[str, Any]]] = {}
