@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, select, update
 
 from alerts.tables import OPEN, AlertReplayIdRow, AlertRow, AlertStatus, AlertTransitionRow, NotificationRow
 from gateway.core.clock import iso_z
@@ -146,8 +146,11 @@ def act_by_hand(  # noqa: PLR0913 - who acts, on what, how, why and when
     tx: Session, alert_id: int, to: AlertStatus, *, by: str, note: str | None, at: datetime
 ) -> None:
     """A person acknowledges a firing (or flapping) alert, or resolves an open one, saying why
-    (`note` is required to resolve). Raises `AlertActionError` when that cannot be done."""
-    row = tx.get(AlertRow, alert_id)
+    (`note` is required to resolve). Raises `AlertActionError` when that cannot be done.
+    The alert's row is locked before its status is read: of two people acting at once (a
+    double click), the second sees what the first did."""
+    tx.exec(update(AlertRow).where(col(AlertRow.id) == alert_id).values(status=AlertRow.status))
+    row = tx.get(AlertRow, alert_id, populate_existing=True)
     if row is None:
         raise AlertActionError("unknown", f"no alert {alert_id}")
     if to is AlertStatus.ACKNOWLEDGED:

@@ -123,23 +123,33 @@ async def acknowledge(request: Request, token: str) -> HTMLResponse:
 
 def _acknowledge(request: Request, grant: Grant) -> None:
     store = request.app.state.iotgw.store
-    note = "acknowledged from the notification's link"
     with store.session() as tx:
-        if grant.kind == "group":
-            firing = _firing(tx, grant)
-            if not firing:
-                raise AlertActionError("state", "none of the group's alerts fires")
-            for alert in firing:
+        try:
+            _acknowledge_in(tx, request, grant, "acknowledged from the notification's link")
+            tx.commit()
+        except StaleDataError:  # another click (or person) changed the work order meanwhile
+            raise DispatchError(f"work order {grant.id} changed meanwhile") from None
+
+
+def _acknowledge_in(tx: Session, request: Request, grant: Grant, note: str) -> None:
+    if grant.kind == "group":
+        done = 0
+        for alert in _firing(tx, grant):  # (in id order: two group links at once lock alike)
+            try:
                 act_by_hand(tx, alert.id or 0, AlertStatus.ACKNOWLEDGED, by=grant.person, note=note, at=utcnow())
-        elif grant.kind == "alert":
-            act_by_hand(tx, grant.id, AlertStatus.ACKNOWLEDGED, by=grant.person, note=note, at=utcnow())
-        else:
-            live = request.app.state.iotgw.router
-            runner = live.runners.get("dispatch") if live is not None else None
-            if runner is None:
-                raise DispatchError("this gateway does not run the dispatch consumer")
-            order = tx.get(WorkOrderRow, grant.id)
-            if order is not None and order.assignee != grant.person:
-                raise DispatchError(f"work order {grant.id} is assigned to {order.assignee} now")
-            runner.consumer.act(tx, grant.id, "acknowledge", grant.person, note=note)
-        tx.commit()
+                done += 1
+            except AlertActionError:
+                continue  # acknowledged (or resolved) meanwhile
+        if not done:
+            raise AlertActionError("state", "none of the group's alerts fires")
+    elif grant.kind == "alert":
+        act_by_hand(tx, grant.id, AlertStatus.ACKNOWLEDGED, by=grant.person, note=note, at=utcnow())
+    else:
+        live = request.app.state.iotgw.router
+        runner = live.runners.get("dispatch") if live is not None else None
+        if runner is None:
+            raise DispatchError("this gateway does not run the dispatch consumer")
+        order = tx.get(WorkOrderRow, grant.id)
+        if order is not None and order.assignee != grant.person:
+            raise DispatchError(f"work order {grant.id} is assigned to {order.assignee} now")
+        runner.consumer.act(tx, grant.id, "acknowledge", grant.person, note=note)
