@@ -9,6 +9,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from alerts.notify.receivers import Problems
 from alerts.rules import RuleSet
 from gateway.errors import GatewayError
 
@@ -42,8 +43,14 @@ def load_yaml_model(text: str, path: str, model: type[M], required: str, error: 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = [(_line_of(node, err["loc"]), _where(err["loc"]) + _said(err["msg"])) for err in exc.errors()]
-        raise error(path, problems) from None
+        problems: list[tuple[int | None, str]] = []
+        for err in exc.errors():
+            found = err.get("ctx", {}).get("error")
+            places = found.problems if isinstance(found, Problems) else [((), _said(err["msg"]))]
+            for place, msg in places:  # a whole-file check's problems, each at its own place
+                loc = (*err["loc"], *place)
+                problems.append((_line_of(node, loc), _where(loc) + msg))
+        raise error(path, sorted(problems, key=lambda p: p[0] or 0)) from None
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -60,15 +67,22 @@ def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(str(path), [(None, f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise error(
+            str(path), [(line, f"not UTF-8: byte 0x{exc.object[exc.start]:02x} (save the file as UTF-8)")]
+        ) from None
 
 
 def load_rules(text: str, path: str = "<rules>") -> RuleSet:
     """Parse and validate a rules file; every problem is reported with its line number."""
-    twice = _duplicate_names(text)
+    twice = [*_duplicate_names(text, "rules", "rule name"), *_duplicate_names(text, "receivers", "receiver name")]
     try:
         ruleset = load_yaml_model(text, path, RuleSet, "rules", RulesError)
     except RulesError as exc:  # every problem at once, the duplicates with the rest, by line
-        raise RulesError(path, sorted([*twice, *exc.problems], key=lambda p: p[0] or 0)) from None
+        lines = {line for line, _ in twice}
+        rest = [p for p in exc.problems if not (p[0] in lines and "is used twice" in p[1])]  # (said with its line)
+        raise RulesError(path, sorted([*twice, *rest], key=lambda p: p[0] or 0)) from None
     if twice:
         raise RulesError(path, twice)
     return ruleset
@@ -80,23 +94,25 @@ def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
     return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
 
 
-def _duplicate_names(text: str) -> list[tuple[int | None, str]]:
-    """Each rule name used twice, at the line of its second use."""
+def _duplicate_names(text: str, key: str, what: str) -> list[tuple[int | None, str]]:
+    """Each name in the `key` list used twice, at the line of its second use."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return []  # said by load_yaml_model
-    rules = _child(node, "rules")
+    items = _child(node, key)
     seen: dict[str, int] = {}
     problems: list[tuple[int | None, str]] = []
-    for i, item in enumerate(rules.value if isinstance(rules, yaml.SequenceNode) else []):
+    for i, item in enumerate(items.value if isinstance(items, yaml.SequenceNode) else []):
         name = _child(item, "name")
         if not isinstance(name, yaml.ScalarNode):
             continue
         line = name.start_mark.line + 1
         if name.value in seen:
+            first = seen[name.value]
+            again = "" if line != first else " (a YAML alias of it)"
             problems.append(
-                (line, f"rules.{i}.name: rule name {name.value!r} is used twice (first at line {seen[name.value]})")
+                (line, f"{key}.{i}.name: {what} {name.value!r} is used twice (first at line {first}){again}")
             )
         else:
             seen[name.value] = line

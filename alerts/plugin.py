@@ -146,6 +146,10 @@ class AlertsPlugin(Plugin):
             )  # fmt: skip
             self._notifier_task = asyncio.create_task(self.notifier.run(), name="iotgw-notifier")
             log.info("notifications to %s", ", ".join(names))
+            both = sorted({r.name for r in self.receivers()} & {r.name for r in self.pagers()})
+            if both:  # each delivers its own, but they share their metrics' labels and log lines
+                log.warning("receiver name(s) %s in both the rules file and the roster: rename one to tell them apart",
+                            ", ".join(both))  # fmt: skip
         await self._publish()
 
     async def stop(self) -> None:

@@ -291,6 +291,11 @@ class RuleSet(StrictModel):
                 msg = f"rule name {r.name!r} is used twice"
                 raise ValueError(msg)
             seen.add(r.name)
+        names = [r.name for r in self.receivers]
+        if len(set(names)) != len(names):
+            again = next(n for i, n in enumerate(names) if n in names[:i])
+            msg = f"receiver name {again!r} is used twice"
+            raise ValueError(msg)
         for r in self.rules:
             unknown = [n for n in r.inhibits if n not in seen]
             if unknown:

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from alerts.loading import FileProblemsError, load_yaml_model, read_config_file
-from alerts.notify.receivers import Duration, Receiver, Severity, StrictModel
+from alerts.notify.receivers import Duration, Place, Problems, Receiver, Severity, StrictModel
 from gateway.core.protocol import DeviceType
 
 DEVICE_TYPES = [t.value for t in DeviceType]
@@ -238,34 +238,46 @@ class Roster(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Roster:
-        _unique("technician id", [t.id for t in self.technicians])
-        _unique("receiver name", [r.name for r in self.receivers])
-        _unique("policy name", [p.name for p in self.policies])
+        problems = [
+            *_unique("technician id", "technicians", "id", [t.id for t in self.technicians]),
+            *_unique("receiver name", "receivers", "name", [r.name for r in self.receivers]),
+            *_unique("policy name", "policies", "name", [p.name for p in self.policies]),
+        ]
         receivers = {r.name: r for r in self.receivers}
-        for r in self.receivers:
+        for i, r in enumerate(self.receivers):
             if r.grouped:
                 msg = f"receiver {r.name}: a page is never grouped or delayed (group_by is for the rules' receivers)"
-                raise ValueError(msg)
-        for t in self.technicians:
-            for name in [t.contact, *(c.receiver for c in t.contacts)]:
+                problems.append((("receivers", i, "group_by"), msg))
+            if r.severities is not None:
+                msg = f"receiver {r.name}: severities are for the rules' receivers (a technician's contacts say theirs)"
+                problems.append((("receivers", i, "severities"), msg))
+        for i, t in enumerate(self.technicians):
+            named: list[tuple[Place, str]] = [
+                (("technicians", i, "contacts", j, "receiver"), c.receiver) for j, c in enumerate(t.contacts)
+            ]
+            named = named or [(("technicians", i, "contact"), t.contact)]  # (contact is then the first of them)
+            for place, name in named:
                 receiver = receivers.get(name)
                 if receiver is None:
                     msg = f"technician {t.id}: contact {name!r} is not one of the receivers ({', '.join(receivers)})"
-                    raise ValueError(msg)
-                if receiver.kind in ("alertmanager", "alertmanager-webhook"):
+                    problems.append((place, msg))
+                elif receiver.kind in ("alertmanager", "alertmanager-webhook"):
                     msg = (
                         f"technician {t.id}: an alertmanager receiver pages nobody (webhook, pagerduty, email, apprise)"
                     )
-                    raise ValueError(msg)
+                    problems.append((place, msg))
         roles = {t.role for t in self.technicians}
-        for p in self.policies:  # (a level nobody holds is passed over; a policy with none pages nobody)
+        for i, p in enumerate(self.policies):  # (a level nobody holds is passed over; a policy with none pages nobody)
             if not any(level.role in roles for level in p.levels):
                 wanted = ", ".join(sorted({level.role for level in p.levels}))
-                msg = f"policy {p.name}: nobody in the roster is a {wanted}: it could page nobody"
-                raise ValueError(msg)
+                problems.append(
+                    (("policies", i), f"policy {p.name}: nobody in the roster is a {wanted}: it could page nobody")
+                )
         if not any(p.sites == ["*"] and p.priorities is None for p in self.policies):
             msg = 'the last resort is missing: add a policy with sites ["*"] and no priorities'
-            raise ValueError(msg)
+            problems.append((("policies",), msg))
+        if problems:
+            raise Problems(problems)
         return self
 
     def technician(self, tech_id: str) -> Technician | None:
@@ -277,13 +289,16 @@ class Roster(StrictModel):
         return next(p for p in self.policies if p.applies(site, priority))
 
 
-def _unique(what: str, values: list[str]) -> None:
-    seen: set[str] = set()
-    for v in values:
-        if v in seen:
-            msg = f"{what} {v!r} is used twice"
-            raise ValueError(msg)
-        seen.add(v)
+def _unique(what: str, key: str, field: str, values: list[str]) -> list[tuple[Place, str]]:
+    """Each value used twice, at its second use (`key`.i.`field`)."""
+    first: dict[str, int] = {}
+    problems: list[tuple[Place, str]] = []
+    for i, v in enumerate(values):
+        if v in first:
+            problems.append(((key, i, field), f"{what} {v!r} is used twice (first as {key}.{first[v]})"))
+        else:
+            first[v] = i
+    return problems
 
 
 def load_roster(text: str, path: str = "<roster>") -> Roster:

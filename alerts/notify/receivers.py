@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import httpx
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -51,6 +51,18 @@ class Severity(StrEnum):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+Place = tuple[int | str, ...]  # where in a file: its keys and list indexes from the top (rules.2.name)
+
+
+class Problems(ValueError):  # a ValueError: pydantic reports it with the rest
+    """What a whole-file check found, each at its place in the file, so that each is reported at
+    its own line (alerts/loading.py), all at once."""
+
+    def __init__(self, problems: list[tuple[Place, str]]) -> None:
+        super().__init__("; ".join(msg for _, msg in problems))
+        self.problems = problems
 
 
 # What an e-mail or apprise receiver's subject or body template may name ({field}); one without a

@@ -97,6 +97,46 @@ def test_roster_check_refuses_a_roster_without_people_and_counts_in_words(
     assert "policy default: nobody in the roster is a technician: it could page nobody" in capsys.readouterr().err
 
 
+def test_checks_say_every_problem_of_receivers_at_its_own_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - name: a\n    severity: info\n    summary: s\n    absence: {heartbeat: 1m}\n"
+        "receivers:\n  - &mail {name: ops, kind: log}\n  - {name: ops, kind: log}\n  - *mail\n"
+    )
+    assert main(["rules", "check", str(rules)]) == 1  # one of them would get nothing
+    said = capsys.readouterr().err
+    assert f"{rules}:8: receivers.1.name: receiver name 'ops' is used twice (first at line 7)" in said, said
+    assert "receivers.2.name: receiver name 'ops' is used twice (first at line 7) (a YAML alias of it)" in said
+    roster = tmp_path / "roster.yaml"
+    roster.write_text(
+        "timezone: UTC\nreceivers:\n"
+        "  - {name: pager, kind: log, group_by: [site]}\n"  # 3
+        "  - {name: desk, kind: log, severities: [critical]}\n"  # 4
+        "  - {name: desk, kind: log}\n"  # 5
+        "technicians:\n"
+        "  - {id: sue, name: Sue, role: technician, contact: nobody, shifts: [{start: '00:00', end: '24:00'}]}\n"  # 7
+        "  - {id: abe, name: Abe, role: technician, shifts: [{start: '00:00', end: '24:00'}],\n"
+        "     contacts: [{receiver: pager}, {receiver: sms}]}\n"  # 9
+        "policies:\n  - {name: default, levels: [{role: technician, ack_timeout: 5m}]}\n"
+    )
+    assert main(["roster", "check", str(roster)]) == 1
+    said = capsys.readouterr().err
+    assert [line.split(": ", 2)[:2] for line in said.splitlines()] == [
+        [f"{roster}:3", "receivers.0.group_by"],
+        [f"{roster}:4", "receivers.1.severities"],
+        [f"{roster}:5", "receivers.2.name"],
+        [f"{roster}:7", "technicians.0.contact"],
+        [f"{roster}:9", "technicians.1.contacts.1.receiver"],
+    ], said
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"rules:\n  - name: caf\xe9\n")
+    for kind in ("rules", "roster"):
+        assert main([kind, "check", str(latin1)]) == 1
+        assert capsys.readouterr().err.strip() == f"{latin1}:2: not UTF-8: byte 0xe9 (save the file as UTF-8)"
+
+
 def test_simulate_says_where_it_publishes_and_exits_1_with_the_broker_s_refusal(broker: Mosquitto) -> None:
     url = broker.device_url  # the project's broker: a device without provisioned credentials is refused
     done = subprocess.run(
