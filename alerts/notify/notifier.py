@@ -406,13 +406,14 @@ class Notifier:
         if transient:
             group.attempts += 1
             group.next_at = ds[0].next_at if ds else now + timedelta(seconds=backoff(group.attempts))
-        else:
-            group.attempts, group.next_at = 0, None
-            if not ds:
-                group.sent_at = now  # a repeat that cannot be sent waits for the next one
-        group.last_error = error
-        tx.add(group)
-        return transient
+            group.last_error = error
+            tx.add(group)
+            return True
+        # Failed for good: its alerts stay the group's, listed in its next message or repeat
+        # (a repeat_interval on).
+        self._settle(tx, group, listed, now, sent=False)
+        group.sent_at, group.last_error = now, error
+        return False
 
     @staticmethod
     def _only_acks(tx: Session, ds: list[DeliveryRow]) -> bool:

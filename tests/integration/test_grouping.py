@@ -287,3 +287,38 @@ receivers:
         assert first["key"] == again["key"]
         assert first["key"].startswith(f"iotgw-group-{group.id}-1-")
         assert first["body"] == again["body"]
+
+
+async def test_the_alerts_of_a_message_refused_for_good_are_in_the_groups_next_one(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    with serving(always=400) as hooks:  # refuses the first message for good; takes the next
+        base = f"http://127.0.0.1:{hooks.server_address[1]}"
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f"""{OFFLINE_RULE}
+receivers:
+  - {{name: am, kind: alertmanager-webhook, url: "{base}/am", group_by: [site], group_wait: 0s, group_interval: 1s}}
+""")
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        async with running_gateway(settings) as gw, mqtt_client(broker.url_as("tester"), "pub") as c:
+            await c.publish("devices/el-a/state", state(1), qos=1)
+            await c.publish("devices/el-a/status", _status(False, 2), qos=1)
+
+            async def refused() -> bool:
+                return await _sent_as(gw, "el-a") == {("failed", hooks.requests[0]["key"])} if hooks.requests else False
+
+            await wait_for(refused, what="el-a's message, refused for good")
+            hooks.always = None
+            await c.publish("devices/el-b/state", state(1), qos=1)
+            await c.publish("devices/el-b/status", _status(False, 2), qos=1)
+
+            async def sent() -> bool:
+                return len(hooks.ok()) >= 1 and [g.messages for g in _groups(gw)] == [1]
+
+            await wait_for(sent, what="the group's next message")
+        (message,) = hooks.ok()
+        # el-a is still firing and still the group's: listed with el-b, not left out for good.
+        assert [(a["labels"]["device"], a["status"]) for a in message["body"]["alerts"]] == [
+            ("el-a", "firing"),
+            ("el-b", "firing"),
+        ]
