@@ -11,6 +11,8 @@ import re
 import smtplib
 import ssl
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -209,10 +211,49 @@ def password(receiver: Receiver) -> str | None:
     return None
 
 
-def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float | None]:  # noqa: PLR0911 - one per outcome
+# The recipients that took a message whose other recipients were refused for now (4xx), by its
+# receiver and Message-ID: its retries go to the others only. In memory: after a restart a retry
+# goes to every recipient again, under the same Message-ID (mail clients show one).
+_ACCEPTED: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
+_ACCEPTED_MAX = 10_000
+_accepted_lock = threading.Lock()
+
+
+def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float | None]:
     """Send once: (outcome, error, None), outcome as for HTTP (`alerts.notify.http.post`):
     delivered; transient (a 4xx reply, a server down or slow: retried); rejected (a 5xx reply, a
-    refused login or recipient: final)."""
+    refused login or recipient: final). Every recipient must take it, the worst outcome counts
+    (as for an Alertmanager pair); a retry goes to those that have not."""
+    key = (receiver.name, str(msg["Message-ID"]))
+    with _accepted_lock:
+        done = set(_ACCEPTED.get(key, ()))
+    wanted = [a for a in dict.fromkeys(receiver.to or ()) if a not in done]
+    if not wanted:  # (every one took it already)
+        return "delivered", None, None
+    outcome, error, refused = _send_to(receiver, msg, wanted)
+    with _accepted_lock:
+        if outcome == "transient" and refused is not None:
+            _ACCEPTED[key] = done | (set(wanted) - set(refused))
+            _ACCEPTED.move_to_end(key)
+            while len(_ACCEPTED) > _ACCEPTED_MAX:
+                _ACCEPTED.popitem(last=False)
+        elif outcome != "transient":
+            _ACCEPTED.pop(key, None)
+    return outcome, error, None
+
+
+def _refusals(refused: Mapping[str, tuple[int, bytes]]) -> tuple[str, str]:
+    """The outcome and words of recipients refused: transient if every refusal is (4xx)."""
+    codes = {code for code, _ in refused.values()}
+    words = "; ".join(f"{who}: {code} {_text(reply)}" for who, (code, reply) in refused.items())
+    return ("transient" if all(400 <= c < 500 for c in codes) else "rejected"), f"recipients refused: {words}"[:300]
+
+
+def _send_to(  # noqa: PLR0911 - one per outcome
+    receiver: Receiver, msg: EmailMessage, to: list[str]
+) -> tuple[str, str | None, Mapping[str, Any] | None]:
+    """One SMTP session sending `msg` to `to`: (outcome, error, the recipients refused if the
+    server refused some or all of them)."""
     url = urlsplit(receiver.url if isinstance(receiver.url, str) else "")
     implicit = url.scheme == "smtps"
     try:
@@ -236,15 +277,9 @@ def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float 
                 if not isinstance(smtp.sock, ssl.SSLSocket):
                     return "rejected", "the server offers no STARTTLS: a password is not sent in the clear", None
                 _login(smtp, receiver.username, secret or "")
-            smtp.send_message(msg)
+            refused = smtp.send_message(msg, to_addrs=to)
     except smtplib.SMTPRecipientsRefused as exc:
-        codes = {code for code, _ in exc.recipients.values()}
-        words = "; ".join(f"{who}: {code} {_text(reply)}" for who, (code, reply) in exc.recipients.items())
-        return (
-            ("transient" if all(400 <= c < 500 for c in codes) else "rejected"),
-            f"recipients refused: {words}"[:300],
-            None,
-        )
+        return (*_refusals(exc.recipients), exc.recipients)
     except smtplib.SMTPResponseException as exc:
         outcome = "transient" if 400 <= exc.smtp_code < 500 else "rejected"
         return outcome, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}"[:300], None
@@ -254,6 +289,9 @@ def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float 
         return "rejected", "the username or password is not ASCII: smtplib cannot send it", None
     except (TimeoutError, smtplib.SMTPException, ssl.SSLError, OSError) as exc:
         return "transient", f"{type(exc).__name__}: {exc}"[:300], None
+    if refused:  # the others took it
+        outcome, words = _refusals(refused)
+        return outcome, f"{words}; taken by the others"[:300], refused
     return "delivered", None, None
 
 

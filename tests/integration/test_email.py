@@ -362,3 +362,26 @@ async def test_a_message_that_cannot_be_built_fails_alone(
         ("failed", 0, "its message cannot be built: UnicodeError: a fact no message can carry"),
     ]
     assert smtp.mailbox.messages[0]["Subject"] == "[major] firing: Door jammed on el-y"
+
+
+async def test_each_recipient_gets_it_once_when_the_server_refuses_some(
+    smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every recipient must take it: one refused for now (4xx) makes it a transient failure whose
+    retry goes to that one only; one refused for good (5xx) fails it, saying who."""
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    smtp.mailbox.refuse_rcpt = {"later@example.org": ["450 4.2.1 mailbox busy, try later"]}
+    receiver = _receiver(smtp, to=["ops@example.org", "later@example.org"])
+    msg = _message(receiver)
+    outcome, error, _ = mail.send(receiver, msg)
+    assert outcome == "transient"
+    assert error == "recipients refused: later@example.org: 450 4.2.1 mailbox busy, try later; taken by the others"
+    assert mail.send(receiver, _message(receiver)) == ("delivered", None, None)  # the retry: the same Message-ID
+    assert smtp.mailbox.envelopes == [["ops@example.org"], ["later@example.org"]]  # each once
+    assert [m["To"] for m in smtp.mailbox.messages] == ["ops@example.org, later@example.org"] * 2
+    smtp.mailbox.refuse_rcpt = {"gone@example.org": ["550 5.1.1 no such user"]}
+    receiver = _receiver(smtp, name="ops-mail-2", to=["ops@example.org", "gone@example.org"])
+    outcome, error, _ = mail.send(receiver, _message(receiver))
+    assert outcome == "rejected"
+    assert error == "recipients refused: gone@example.org: 550 5.1.1 no such user; taken by the others"
+    assert smtp.mailbox.envelopes[2:] == [["ops@example.org"]]

@@ -29,6 +29,15 @@ class Mailbox:
     logins: list[str] = field(default_factory=list)
     tls: list[bool] = field(default_factory=list)
     refuse_next: int = 0  # answer this many DATA commands with a 451 first (a server busy for now)
+    refuse_rcpt: dict[str, list[str]] = field(default_factory=dict)  # an address's answers to RCPT, then 250
+    envelopes: list[list[str]] = field(default_factory=list)  # each message's recipients (RCPT TO)
+
+    async def handle_RCPT(self, _server: Any, _session: Any, envelope: Any, address: str, _options: Any) -> str:
+        answers = self.refuse_rcpt.get(address)
+        if answers:
+            return answers[0] if len(answers) == 1 and answers[0].startswith("5") else answers.pop(0)  # (5xx: always)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.refuse_next > 0:
@@ -37,6 +46,7 @@ class Mailbox:
         msg = message_from_bytes(envelope.content, policy=policy.default)
         assert isinstance(msg, EmailMessage)
         self.messages.append(msg)
+        self.envelopes.append(list(envelope.rcpt_tos))
         self.logins.append(str(session.auth_data or ""))
         self.tls.append(server.transport.get_extra_info("ssl_object") is not None)
         return "250 OK"
