@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from alerts.notify.mail import one_line, render, templates
 from alerts.notify.receivers import Receiver
@@ -68,7 +69,7 @@ def send(receiver: Receiver, message: Push) -> tuple[str, str | None, float | No
     if not urls:
         return "transient", "no apprise URL (urls_file is empty)", None
     hub = apprise.Apprise()
-    refused = [i + 1 for i, url in enumerate(urls) if not hub.add(url)]
+    refused = [i + 1 for i, url in enumerate(urls) if not hub.add(_with_timeouts(apprise, url, receiver.timeout_s))]
     if refused:
         return "transient", f"apprise does not take URL {', '.join(map(str, refused))} of the receiver", None
     result = hub.notify(
@@ -81,6 +82,20 @@ def send(receiver: Receiver, message: Push) -> tuple[str, str | None, float | No
     failed = [r.name for r in result.results if not r]
     error = "; ".join(words) or f"apprise could not deliver to {', '.join(failed) or 'its services'}"
     return "transient", error[:300], None
+
+
+def _with_timeouts(apprise: Any, url: str, timeout_s: float) -> Any:  # noqa: ANN401 - apprise's plugin
+    """The service of `url`, waiting `timeout_s` to connect and for each read (apprise's `cto`
+    and `rto`, unless the URL sets them); None if apprise does not take it."""
+    plugin = apprise.Apprise.instantiate(url)
+    if plugin is None:
+        return None
+    given = parse_qs(urlsplit(url).query)
+    if "cto" not in given:
+        plugin.socket_connect_timeout = timeout_s
+    if "rto" not in given:
+        plugin.socket_read_timeout = timeout_s
+    return plugin
 
 
 @functools.cache

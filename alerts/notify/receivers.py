@@ -103,8 +103,12 @@ def _apprise_url(url: str) -> str:
     """`url` if apprise knows the service it names (the error leaves the URL out: it may hold a token)."""
     import apprise  # noqa: PLC0415 - large, and only for files with apprise receivers
 
-    if not apprise.Apprise().add(url):
+    plugin = apprise.Apprise.instantiate(url)
+    if plugin is None:
         msg = f"not a URL apprise takes (scheme {url.partition('://')[0][:20]!r}): see apprise's list of services"
+        raise ValueError(msg)
+    if getattr(plugin, "topics", None) == []:  # ntfy: it would send to nobody, for ever
+        msg = "an ntfy URL names its topic: ntfy://host/topic, ntfys://host/topic or ntfy://topic (on ntfy.sh)"
         raise ValueError(msg)
     return url
 

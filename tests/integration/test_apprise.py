@@ -86,6 +86,20 @@ def test_a_failure_says_what_apprise_said(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
+def test_timeout_s_is_how_long_apprise_waits_for_an_answer() -> None:
+    """apprise's own 4 s would cut off a service that answers in 5 and send it again and again;
+    the receiver's timeout_s is what it waits, longer or shorter."""
+    with serving(delay_s=5) as slow:
+        url = f"json://127.0.0.1:{slow.server_address[1]}/slow"
+        patient = Receiver.model_validate({"name": "c", "kind": "apprise", "urls": [url], "timeout_s": "10s"})
+        assert push.send(patient, push.Push("t", "b", "info"))[0] == "delivered"
+        assert len(slow.requests) == 1
+    with serving(delay_s=3) as slow:
+        url = f"json://127.0.0.1:{slow.server_address[1]}/slow"
+        hasty = Receiver.model_validate({"name": "c", "kind": "apprise", "urls": [url], "timeout_s": 1})
+        assert push.send(hasty, push.Push("t", "b", "info"))[0] == "transient"
+
+
 def test_urls_from_a_file_are_read_at_each_try(tmp_path: Path) -> None:
     secret = tmp_path / "apprise-urls"
     receiver = Receiver.model_validate({"name": "c", "kind": "apprise", "urls_file": str(secret)})
@@ -107,6 +121,8 @@ def test_urls_from_a_file_are_read_at_each_try(tmp_path: Path) -> None:
         ({"kind": "webhook", "url": "http://h/x", "urls": ["json://h/x"]}, "urls: for apprise receivers only"),
         ({"kind": "webhook", "url": "http://h/x", "subject": "{summary}"}, "for email and apprise receivers only"),
         ({"kind": "apprise", "urls": ["json://h/x"], "body": "{nope}"}, "unknown field {nope}"),
+        ({"kind": "apprise", "urls": ["ntfy://127.0.0.1:8080/"]}, "an ntfy URL names its topic"),
+        ({"kind": "apprise", "urls": ["ntfys://"]}, "an ntfy URL names its topic"),
     ],
 )
 def test_a_bad_apprise_receiver_is_refused(raw: dict[str, Any], says: str) -> None:
