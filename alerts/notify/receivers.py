@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import string
-from email.utils import parseaddr
+from email.utils import getaddresses
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -224,6 +224,7 @@ class Receiver(StrictModel):
         return 4 * 3600.0 if self.repeat_interval is None else self.repeat_interval
 
 
+_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")  # local@domain, one of each
 PD_ROUTING_KEY = re.compile(r"[A-Za-z0-9]{32}")  # (fullmatch: no newline after it either)
 
 _NAMES = {"from_": "from", "apprise_urls": "urls"}  # fields by the names the files use
@@ -260,6 +261,9 @@ def _check_email(r: Receiver) -> None:
     except httpx.InvalidURL as exc:
         msg = f"url {r.url!r} is not a URL: {exc}"
         raise ValueError(msg) from exc
+    if any(c.isspace() for c in r.url):
+        msg = f"url {r.url!r}: a URL has no spaces"
+        raise ValueError(msg)
     if parsed.userinfo:
         msg = "no credentials in the url: username, and password_env or password_file (no password in the rules file)"
         raise ValueError(msg)
@@ -269,21 +273,29 @@ def _check_email(r: Receiver) -> None:
     if port is not None and not 0 < port < 65536:
         msg = f"url {r.url!r}: port {port} is not a TCP port"
         raise ValueError(msg)
-    for who in [r.from_, *(r.to or [])]:
-        if who is not None and not who.isprintable():
-            msg = f"{who!r}: an e-mail address is one line of printable characters"
-            raise ValueError(msg)
-        if who is None or "@" not in parseaddr(who)[1]:
-            msg = f"{who!r} is not an e-mail address" if who else "an email receiver needs from and to"
-            raise ValueError(msg)
-    if not r.to:
-        msg = "an email receiver needs to: [addresses]"
-        raise ValueError(msg)
+    _check_addresses(r)
     if (r.password_env or r.password_file) and not r.username:
         msg = "password_env or password_file is for a login: set username too"
         raise ValueError(msg)
     if r.password_env and r.password_file:
         msg = "password_env or password_file, not both"
+        raise ValueError(msg)
+
+
+def _check_addresses(r: Receiver) -> None:
+    for who in [r.from_, *(r.to or [])]:
+        if who is not None and not who.isprintable():
+            msg = f"{who!r}: an e-mail address is one line of printable characters"
+            raise ValueError(msg)
+        if who is None:
+            msg = "an email receiver needs from and to"
+            raise ValueError(msg)
+        found = getaddresses([who])
+        if len(found) != 1 or not _ADDRESS.fullmatch(found[0][1]):
+            msg = f"{who!r} is not one e-mail address (name@domain, or Name <name@domain>; a list item each)"
+            raise ValueError(msg)
+    if not r.to:
+        msg = "an email receiver needs to: [addresses]"
         raise ValueError(msg)
 
 

@@ -283,7 +283,11 @@ def test_a_password_file_is_read_at_each_try(tmp_path: Path) -> None:
         ({"url": "smtp://iotgw:hunter2@mail.example"}, "no credentials in the url"),
         ({"url": "https://mail.example"}, "smtp://host[:port]"),
         ({"to": []}, "needs to"),
-        ({"from": "not an address"}, "not an e-mail address"),
+        ({"from": "not an address"}, "not one e-mail address"),
+        ({"to": ["@example.org"]}, "not one e-mail address"),  # (it went out as RCPT TO:<>)
+        ({"to": ["a@example.org, b@example.org"]}, "a list item each"),
+        ({"from": "iotgw@example.org, evil@x.example"}, "not one e-mail address"),
+        ({"url": "smtp:// mail.example"}, "a URL has no spaces"),
         ({"to": ["ops@example.org\nBcc: evil@x.example"]}, "one line of printable characters"),
         ({"subject": "{colour}"}, "unknown field {colour}"),
         ({"body": "{summary"}, "literal brace"),
