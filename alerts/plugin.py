@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,11 @@ def check_file(kind: str, path: Path) -> int:
         print(exc, file=sys.stderr)  # noqa: T201
         return 1
     print(f"{path}: {summary}")  # noqa: T201
+    receivers = ruleset.receivers if kind == "rules" else roster.receivers
+    for r in receivers:  # (read at each try: it may be there only where the gateway runs)
+        if r.urls_file and not os.access(r.urls_file, os.R_OK):
+            print(f"{path}: note: receiver {r.name}: urls_file {r.urls_file} cannot be read here;"  # noqa: T201
+                  " its messages wait (retried) until it can", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -130,6 +130,13 @@ def test_checks_say_every_problem_of_receivers_at_its_own_line(
         [f"{roster}:7", "technicians.0.contact"],
         [f"{roster}:9", "technicians.1.contacts.1.receiver"],
     ], said
+    secret = tmp_path / "rules-secret.yaml"
+    secret.write_text(
+        "rules:\n  - name: a\n    severity: info\n    summary: s\n    absence: {heartbeat: 1m}\n"
+        f"receivers:\n  - {{name: teams, kind: apprise, urls_file: {tmp_path / 'teams-url'}}}\n"
+    )
+    assert main(["rules", "check", str(secret)]) == 0  # valid: the file may be there only where it runs
+    assert f"note: receiver teams: urls_file {tmp_path / 'teams-url'} cannot be read here" in capsys.readouterr().err
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"rules:\n  - name: caf\xe9\n")
     for kind in ("rules", "roster"):
