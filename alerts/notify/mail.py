@@ -57,10 +57,14 @@ Acknowledge all that fire: {ack_link}
 """
 
 
-def templates(receiver: Receiver, *, grouped: bool = False) -> tuple[str, str]:
-    """The receiver's subject and body templates, or the defaults (a group's, for a group)."""
+def texts(receiver: Receiver, facts: Mapping[str, Any], *, grouped: bool = False) -> tuple[str, str]:
+    """The subject (one line) and body of a message: the receiver's templates, or the defaults
+    (a group's, for a group), filled in; a template whose fields are all empty here (`{note}`
+    on a firing alert) gives the default's text: no message goes out blank."""
     subject, body = (DEFAULT_GROUP_SUBJECT, DEFAULT_GROUP_BODY) if grouped else (DEFAULT_SUBJECT, DEFAULT_BODY)
-    return receiver.subject or subject, receiver.body or body
+    title = one_line(render(receiver.subject or subject, facts)) or one_line(render(subject, facts))
+    text = render(receiver.body or body, facts)
+    return title, text if text.strip() else render(body, facts)
 
 
 def local_time(at: datetime | None, links: Links) -> str | None:
@@ -136,9 +140,7 @@ def message(  # noqa: PLR0913
     `parent` (the first message of its alert, or of its work order and person; None: this is that
     one) as In-Reply-To and References."""
     domain = parseaddr(receiver.from_ or "")[1].rpartition("@")[2] or "iotgw"
-    subject_template, body_template = templates(receiver, grouped=grouped)
-    subject = one_line(render(subject_template, facts))
-    text = render(body_template, facts)
+    subject, text = texts(receiver, facts, grouped=grouped)
     msg = EmailMessage()
     msg["Subject"] = subject[:200]
     msg["From"] = receiver.from_ or ""

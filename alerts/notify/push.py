@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from alerts.notify.mail import one_line, render, templates
+from alerts.notify.mail import texts
 from alerts.notify.receivers import Receiver
 
 
@@ -30,9 +30,8 @@ class Push:
 def push(receiver: Receiver, facts: Mapping[str, Any], *, grouped: bool = False) -> Push:
     """The message of one notification (or group): the receiver's `subject` and `body` templates
     (or the defaults) filled in, and how bad it is."""
-    subject, body = templates(receiver, grouped=grouped)
-    title = one_line(render(subject, facts))
-    return Push(title[:250], render(body, facts), _kind(facts))
+    title, body = texts(receiver, facts, grouped=grouped)
+    return Push(title[:250], body, _kind(facts))
 
 
 def _kind(facts: Mapping[str, Any]) -> str:

@@ -114,11 +114,12 @@ def test_the_groups_message_says_what_its_alerts_share_and_lists_them() -> None:
     lines = facts["alerts"].splitlines()
     assert lines[0] == "- firing · el-0, floor 2 · el-0 (hq) went offline · since 2026-12-02 09:00:00 UTC"
     assert lines[-1].startswith("- resolved · el-3")
-    subject, body = mail.templates(r, grouped=True)
-    assert mail.render(subject, facts) == "[warning] 3 open, 1 resolved: device-offline at site hq\n"
-    text = mail.render(body, facts)
+    subject, text = mail.texts(r, facts, grouped=True)
+    assert subject == "[warning] 3 open, 1 resolved: device-offline at site hq"
     assert "Where: site hq, floor 2\n" in text
     assert "Acknowledge all" not in text  # no link: the line is left out
+    blank = r.model_copy(update={"subject": "{note}", "body": "{by}"})  # nothing to say here
+    assert mail.texts(blank, facts, grouped=True) == (subject, text)  # the defaults, never a blank message
 
 
 def test_a_long_group_is_counted_past_fifty_and_one_alert_reads_as_itself() -> None:
