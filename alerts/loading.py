@@ -46,7 +46,10 @@ def load_yaml_model(text: str, path: str, model: type[M], required: str, error: 
         problems: list[tuple[int | None, str]] = []
         for err in exc.errors():
             found = err.get("ctx", {}).get("error")
-            places = found.problems if isinstance(found, Problems) else [((), _said(err["msg"]))]
+            said = _said(err["msg"])
+            if err["type"] in ("literal_error", "enum") and isinstance(err.get("input"), str | int | float):
+                said = f"{err['input']!r}: {said}"  # (which of several was wrong)
+            places = found.problems if isinstance(found, Problems) else [((), said)]
             for place, msg in places:  # a whole-file check's problems, each at its own place
                 loc = (*err["loc"], *place)
                 problems.append((_line_of(node, loc), _where(loc) + msg))

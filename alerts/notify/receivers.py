@@ -252,7 +252,7 @@ def _check_grouping(r: Receiver) -> None:
 
 
 def _check_email(r: Receiver) -> None:
-    if not isinstance(r.url, str) or not r.url.startswith(("smtp://", "smtps://")):
+    if not isinstance(r.url, str) or not r.url.lower().startswith(("smtp://", "smtps://")):
         msg = "an email receiver needs url smtp://host[:port] (STARTTLS when offered) or smtps://host[:port]"
         raise ValueError(msg)
     try:
@@ -300,7 +300,7 @@ def _check_addresses(r: Receiver) -> None:
 
 
 def _check_url(url: str) -> None:
-    if not url.startswith(("http://", "https://")):
+    if not url.lower().startswith(("http://", "https://")):
         msg = f"url {url!r}: http:// or https:// only"
         raise ValueError(msg)
     try:

@@ -106,6 +106,7 @@ receivers:
     for later in (acked, resolved):
         assert later["In-Reply-To"] == later["References"] == root
         assert later["Message-ID"] not in (root, firing["Message-ID"])
+        assert later["Message-ID"].startswith("<iotgw-alert-")  # its notification's key, prefixed once
     assert len({m["Message-ID"] for m in smtp.mailbox.messages}) == 3
     text = firing.get_body(("plain",)).get_content()
     html = firing.get_body(("html",)).get_content()

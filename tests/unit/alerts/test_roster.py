@@ -188,7 +188,7 @@ def test_a_p1_page_reaches_every_contact_when_none_lists_p1() -> None:
         (("    contacts:\n", "    contact: desk\n    contacts:\n"), "contact or contacts, not both"),
         (
             ("priorities: [P3]}", "priorities: [P4]}"),
-            "<roster>:14: technicians.0.contacts.2.priorities.0: Input should be",
+            "<roster>:14: technicians.0.contacts.2.priorities.0: 'P4': Input should be",
         ),
         (('quiet: [{start: "22:00", end: "07:00"}]', 'quiet: [{start: "22:00", end: "22:00"}]'), "the same time"),
     ],
