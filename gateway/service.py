@@ -99,6 +99,10 @@ class Gateway:
         # Every installed plugin: its routes, metrics and live view; its background work (`run`)
         # only where one of its consumers runs (Plugin.active).
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iotgw-background")
+        if not settings.public_url and settings.http_host in ("0.0.0.0", "::", ""):  # noqa: S104 - what it compares with
+            log.warning("IOTGW_PUBLIC_URL is not set: links in notifications point to http://%s:%s, which no "
+                        "phone can open; set it to the address people reach the gateway at",
+                        settings.http_host, settings.http_port)  # fmt: skip
         host = Host(
             settings=settings,
             store=self.store,

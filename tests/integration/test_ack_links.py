@@ -5,6 +5,7 @@ keys required everywhere else; a changed, foreign or expired link is refused."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -97,3 +98,16 @@ async def _link_in(chat: Hooks) -> str:
     found = re.search(r"Acknowledge: (\S+)", message)
     assert found is not None, message
     return found.group(1)
+
+
+async def test_a_gateway_whose_links_no_phone_could_open_says_so(
+    broker: Mosquitto, settings_for: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.service"):
+        async with running_gateway(settings_for(broker, http_host="0.0.0.0")):  # noqa: S104 - as in the image
+            pass
+        assert "IOTGW_PUBLIC_URL is not set: links in notifications point to http://0.0.0.0:" in caplog.text
+        caplog.clear()
+        async with running_gateway(settings_for(broker, http_host="0.0.0.0", public_url="https://staff.example")):  # noqa: S104
+            pass
+        assert "IOTGW_PUBLIC_URL" not in caplog.text
