@@ -17,6 +17,7 @@ from alerts.dispatch.orders import DispatchError, WorkOrderRow
 from alerts.lifecycle import AlertActionError, act_by_hand
 from alerts.notify.acklinks import Grant, LinkError, verify
 from alerts.notify.groups import FIRING
+from alerts.notify.mail import flat
 from alerts.tables import AlertRow, AlertStatus, NotificationGroupRow
 from gateway.api.deps import changed
 from gateway.core.clock import utcnow
@@ -25,6 +26,7 @@ router = APIRouter(tags=["acknowledge links"])
 
 
 def _page(title: str, text: str, *, status: int = 200, button: str | None = None) -> HTMLResponse:
+    title, text = flat(title), flat(text)  # (a device's words: no control character of theirs)
     form = f'<form method="post"><button type="submit">{html.escape(button)}</button></form>' if button else ""
     body = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -90,7 +92,12 @@ def _firing(tx: Session, grant: Grant) -> list[AlertRow]:
 def _what_group(tx: Session, grant: Grant) -> tuple[str, bool, str]:
     firing = _firing(tx, grant)
     if not firing:
-        return "Alerts of a group", False, "None of the group's alerts fires now: nothing to acknowledge."
+        group = tx.get(NotificationGroupRow, grant.id)
+        ids = group.open if group is not None and group.receiver == grant.person else []
+        by = sorted({a.acked_by or "?" for a in tx.exec(select(AlertRow).where(col(AlertRow.id).in_(ids)))
+                     if a.status == AlertStatus.ACKNOWLEDGED})  # fmt: skip
+        said = f"They are acknowledged, by {', '.join(by)}." if by else "None of them is open now."
+        return "Alerts of a group", False, f"None of the group's alerts fires now: nothing to acknowledge. {said}"
     listed = "; ".join(f"{a.device_id}: {a.summary}" for a in firing[:20]) + ("; ..." if len(firing) > 20 else "")
     return f"{len(firing)} alerts firing", True, listed
 
