@@ -481,9 +481,29 @@ class Notifier:
             d.last_error = f"{d.last_error or 'not delivered'}; retried for {self.max_age_s:g} s"
             tx.add(d)
             self.metrics.notifications_failed.labels(receiver, "expired").inc()
+        grouped = self.receivers.get(receiver)
+        if old and grouped is not None and grouped.grouped:
+            self._keep_in_groups(tx, grouped, old, now)
         if old:
             tx.commit()
             self._quiet.warn(receiver, "%d notifications to %s expired undelivered", len(old), receiver)
+
+    def _keep_in_groups(self, tx: Session, receiver: Receiver, expired: Sequence[DeliveryRow], now: datetime) -> None:
+        """The open alerts of a grouped receiver's expired deliveries stay in their groups, as
+        after a message refused for good: its next message or repeat (a repeat_interval on) lists them."""
+        ids = {d.alert_id for d in expired}
+        alerts = [a for a in tx.exec(select(AlertRow).where(col(AlertRow.id).in_(ids))) if a.status in OPEN]
+        types = self._types(tx, {a.device_id for a in alerts})
+        mine = col(NotificationGroupRow.receiver) == receiver.name
+        existing = {g.key: g for g in tx.exec(select(NotificationGroupRow).where(mine))}
+        for a in alerts:
+            key = groups.key(groups.labels(receiver, a, types.get(a.device_id)))
+            group = existing.setdefault(key, NotificationGroupRow(receiver=receiver.name, key=key))
+            if a.id is not None and a.id not in group.open:
+                group.open = [*group.open, a.id]
+            group.sent_at = group.sent_at or now
+            group.attempts, group.next_at = 0, None
+            tx.add(group)
 
     def release(self) -> None:
         """Give the lease up (a clean stop: another instance may deliver at once)."""

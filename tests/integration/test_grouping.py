@@ -293,25 +293,27 @@ receivers:
         assert first["body"] == again["body"]
 
 
-async def test_the_alerts_of_a_message_refused_for_good_are_in_the_groups_next_one(
-    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+@pytest.mark.parametrize("answer", [400, 503], ids=["refused", "expired"])
+async def test_the_alerts_of_a_message_failed_for_good_are_in_the_groups_next_one(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path, answer: int
 ) -> None:
-    with serving(always=400) as hooks:  # refuses the first message for good; takes the next
+    """Refused (400), or retried past the maximum age (503): the group's next message lists it."""
+    with serving(always=answer) as hooks:  # fails the first message for good; takes the next
         base = f"http://127.0.0.1:{hooks.server_address[1]}"
         rules = tmp_path / "rules.yaml"
         rules.write_text(f"""{OFFLINE_RULE}
 receivers:
   - {{name: am, kind: alertmanager-webhook, url: "{base}/am", group_by: [site], group_wait: 0s, group_interval: 1s}}
 """)
-        settings = settings_for(broker, consumers="alerts", rules_file=str(rules))
+        settings = settings_for(broker, consumers="alerts", rules_file=str(rules), notify_max_age_s=2.0)
         async with running_gateway(settings) as gw, mqtt_client(broker.url_as("tester"), "pub") as c:
             await c.publish("devices/el-a/state", state(1), qos=1)
             await c.publish("devices/el-a/status", _status(False, 2), qos=1)
 
-            async def refused() -> bool:
-                return await _sent_as(gw, "el-a") == {("failed", hooks.requests[0]["key"])} if hooks.requests else False
+            async def failed() -> bool:
+                return bool(hooks.requests) and await _sent_as(gw, "el-a") == {("failed", hooks.requests[0]["key"])}
 
-            await wait_for(refused, what="el-a's message, refused for good")
+            await wait_for(failed, timeout=30, what="el-a's message, failed for good")
             hooks.always = None
             await c.publish("devices/el-b/state", state(1), qos=1)
             await c.publish("devices/el-b/status", _status(False, 2), qos=1)
