@@ -14,6 +14,7 @@ import string
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -213,49 +214,68 @@ def password(receiver: Receiver) -> str | None:
     return None
 
 
-# The recipients that took a message whose other recipients were refused for now (4xx), by its
-# receiver and Message-ID: its retries go to the others only. In memory: after a restart a retry
-# goes to every recipient again, under the same Message-ID (mail clients show one).
-_ACCEPTED: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
-_ACCEPTED_MAX = 10_000
-_accepted_lock = threading.Lock()
+@dataclass(slots=True)
+class _Progress:
+    """A message's recipients that took it, and those refused for good (with the server's words)."""
+
+    took: set[str] = field(default_factory=set)
+    gone: dict[str, str] = field(default_factory=dict)
+
+
+# The progress of messages some of whose recipients were refused for now (4xx), by receiver and
+# Message-ID: their retries go to those alone. In memory: after a restart a retry goes to every
+# recipient again, under the same Message-ID (mail clients show one).
+_PROGRESS: OrderedDict[tuple[str, str], _Progress] = OrderedDict()
+_PROGRESS_MAX = 10_000
+_progress_lock = threading.Lock()
 
 
 def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float | None]:
     """Send once: (outcome, error, None), outcome as for HTTP (`alerts.notify.http.post`):
     delivered; transient (a 4xx reply, a server down or slow: retried); rejected (a 5xx reply, a
-    refused login or recipient: final). Every recipient must take it, the worst outcome counts
-    (as for an Alertmanager pair); a retry goes to those that have not."""
+    refused login or recipient: final). Every recipient must take it: while some are refused for
+    now it is transient, and its retry goes to those alone; then one refused for good makes it
+    rejected, naming who."""
     key = (receiver.name, str(msg["Message-ID"]))
-    with _accepted_lock:
-        done = set(_ACCEPTED.get(key, ()))
-    wanted = [a for a in dict.fromkeys(receiver.to or ()) if a not in done]
-    if not wanted:  # (every one took it already)
-        return "delivered", None, None
-    outcome, error, refused = _send_to(receiver, msg, wanted)
-    with _accepted_lock:
-        if outcome == "transient" and refused is not None:
-            _ACCEPTED[key] = done | (set(wanted) - set(refused))
-            _ACCEPTED.move_to_end(key)
-            while len(_ACCEPTED) > _ACCEPTED_MAX:
-                _ACCEPTED.popitem(last=False)
-        elif outcome != "transient":
-            _ACCEPTED.pop(key, None)
-    return outcome, error, None
+    with _progress_lock:
+        known = _PROGRESS.get(key)
+        progress = _Progress(set(known.took), dict(known.gone)) if known else _Progress()
+    wanted = [a for a in dict.fromkeys(receiver.to or ()) if a not in progress.took and a not in progress.gone]
+    if wanted:
+        outcome, error, refused = _send_to(receiver, msg, wanted)
+        if refused is None and outcome != "delivered":  # the whole session failed
+            if outcome != "transient":
+                _forget(key)
+            return outcome, error, None
+        refused = refused or {}
+        progress.took |= {a for a in wanted if a not in refused}
+        progress.gone |= {a: f"{a}: {code} {_text(reply)}" for a, (code, reply) in refused.items() if code >= 500}
+        later = [f"{a}: {code} {_text(reply)}" for a, (code, reply) in refused.items() if code < 500]
+        if later:
+            with _progress_lock:
+                _PROGRESS[key] = progress
+                _PROGRESS.move_to_end(key)
+                while len(_PROGRESS) > _PROGRESS_MAX:
+                    _PROGRESS.popitem(last=False)
+            gone = f"; for good: {'; '.join(progress.gone.values())}" if progress.gone else ""
+            return "transient", f"recipients refused for now: {'; '.join(later)}{gone}"[:300], None
+    _forget(key)
+    if progress.gone:
+        others = "; taken by the others" if progress.took else ""
+        return "rejected", f"recipients refused: {'; '.join(progress.gone.values())}{others}"[:300], None
+    return "delivered", None, None
 
 
-def _refusals(refused: Mapping[str, tuple[int, bytes]]) -> tuple[str, str]:
-    """The outcome and words of recipients refused: transient if every refusal is (4xx)."""
-    codes = {code for code, _ in refused.values()}
-    words = "; ".join(f"{who}: {code} {_text(reply)}" for who, (code, reply) in refused.items())
-    return ("transient" if all(400 <= c < 500 for c in codes) else "rejected"), f"recipients refused: {words}"[:300]
+def _forget(key: tuple[str, str]) -> None:
+    with _progress_lock:
+        _PROGRESS.pop(key, None)
 
 
 def _send_to(  # noqa: PLR0911 - one per outcome
     receiver: Receiver, msg: EmailMessage, to: list[str]
 ) -> tuple[str, str | None, Mapping[str, Any] | None]:
-    """One SMTP session sending `msg` to `to`: (outcome, error, the recipients refused if the
-    server refused some or all of them)."""
+    """One SMTP session sending `msg` to `to`: (outcome, error, the recipients the server
+    refused, if it refused any: then `send` judges the outcome)."""
     url = urlsplit(receiver.url if isinstance(receiver.url, str) else "")
     implicit = url.scheme == "smtps"
     try:
@@ -280,8 +300,8 @@ def _send_to(  # noqa: PLR0911 - one per outcome
                     return "rejected", "the server offers no STARTTLS: a password is not sent in the clear", None
                 _login(smtp, receiver.username, secret or "")
             refused = smtp.send_message(msg, to_addrs=to)
-    except smtplib.SMTPRecipientsRefused as exc:
-        return (*_refusals(exc.recipients), exc.recipients)
+    except smtplib.SMTPRecipientsRefused as exc:  # every one of them (`send` says what that makes it)
+        return "transient", None, exc.recipients
     except smtplib.SMTPResponseException as exc:
         outcome = "transient" if 400 <= exc.smtp_code < 500 else "rejected"
         return outcome, f"SMTP {exc.smtp_code}: {_text(exc.smtp_error)}"[:300], None
@@ -291,10 +311,7 @@ def _send_to(  # noqa: PLR0911 - one per outcome
         return "rejected", "the username or password is not ASCII: smtplib cannot send it", None
     except (TimeoutError, smtplib.SMTPException, ssl.SSLError, OSError) as exc:
         return "transient", f"{type(exc).__name__}: {exc}"[:300], None
-    if refused:  # the others took it
-        outcome, words = _refusals(refused)
-        return outcome, f"{words}; taken by the others"[:300], refused
-    return "delivered", None, None
+    return "delivered", None, refused or None  # (refused: some of them, the others took it)
 
 
 def _login(smtp: smtplib.SMTP, username: str, secret: str) -> None:

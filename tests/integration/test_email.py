@@ -373,20 +373,35 @@ async def test_each_recipient_gets_it_once_when_the_server_refuses_some(
     smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every recipient must take it: one refused for now (4xx) makes it a transient failure whose
-    retry goes to that one only; one refused for good (5xx) fails it, saying who."""
+    retry goes to that one alone; one refused for good (5xx) fails it, saying who, once those
+    refused for now have it."""
     monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
     smtp.mailbox.refuse_rcpt = {"later@example.org": ["450 4.2.1 mailbox busy, try later"]}
     receiver = _receiver(smtp, to=["ops@example.org", "later@example.org"])
-    msg = _message(receiver)
-    outcome, error, _ = mail.send(receiver, msg)
+    outcome, error, _ = mail.send(receiver, _message(receiver))
     assert outcome == "transient"
-    assert error == "recipients refused: later@example.org: 450 4.2.1 mailbox busy, try later; taken by the others"
+    assert error == "recipients refused for now: later@example.org: 450 4.2.1 mailbox busy, try later"
     assert mail.send(receiver, _message(receiver)) == ("delivered", None, None)  # the retry: the same Message-ID
     assert smtp.mailbox.envelopes == [["ops@example.org"], ["later@example.org"]]  # each once
     assert [m["To"] for m in smtp.mailbox.messages] == ["ops@example.org, later@example.org"] * 2
-    smtp.mailbox.refuse_rcpt = {"gone@example.org": ["550 5.1.1 no such user"]}
-    receiver = _receiver(smtp, name="ops-mail-2", to=["ops@example.org", "gone@example.org"])
+    smtp.mailbox.envelopes.clear()
+    smtp.mailbox.refuse_rcpt = {
+        "later@example.org": ["450 4.2.1 mailbox busy, try later"] * 2,
+        "gone@example.org": ["550 5.1.1 no such user"],
+    }
+    receiver = _receiver(smtp, name="ops-mail-2", to=["ops@example.org", "later@example.org", "gone@example.org"])
+    for _ in range(2):
+        outcome, error, _ = mail.send(receiver, _message(receiver))
+        assert outcome == "transient"  # not final while later@ may still take it
+        assert error == (
+            "recipients refused for now: later@example.org: 450 4.2.1 mailbox busy, try later; "
+            "for good: gone@example.org: 550 5.1.1 no such user"
+        )
     outcome, error, _ = mail.send(receiver, _message(receiver))
     assert outcome == "rejected"
     assert error == "recipients refused: gone@example.org: 550 5.1.1 no such user; taken by the others"
-    assert smtp.mailbox.envelopes[2:] == [["ops@example.org"]]
+    assert smtp.mailbox.envelopes == [["ops@example.org"], ["later@example.org"]]  # each that took it, once
+    alone = _receiver(smtp, name="ops-mail-3", to=["gone@example.org"])
+    assert mail.send(alone, _message(alone))[:2] == (
+        "rejected", "recipients refused: gone@example.org: 550 5.1.1 no such user"
+    )  # fmt: skip
