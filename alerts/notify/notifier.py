@@ -354,7 +354,8 @@ class Notifier:
         else:
             for d in ds:
                 d.attempts += 1
-            result = self._send(receiver, request, key)
+            tries = max((d.attempts for d in ds), default=group.attempts + 1)
+            result = self._send(patient(receiver, tries), request, key)
             if not self._still_delivering(tx, receiver.name):
                 tx.rollback()
                 return True
@@ -661,7 +662,7 @@ class Notifier:
             tx.add(d)
             return False
         d.attempts += 1
-        return self._outcome(tx, [d], receiver, n.key, self._send(receiver, request, n.key), now)
+        return self._outcome(tx, [d], receiver, n.key, self._send(patient(receiver, d.attempts), request, n.key), now)
 
     def _built(
         self, tx: Session, d: DeliveryRow, receiver: Receiver | None, n: NotificationRow | None
@@ -753,6 +754,19 @@ class Notifier:
         d.status, d.delivered_at, d.last_error = "delivered", now, None
         self.metrics.notifications_sent.labels(receiver.name).inc()
         self.metrics.notification_receiver_failing.labels(receiver.name).set(0)
+
+
+PATIENT_MAX_S = 60.0  # the longest a retry to a receiver without an idempotency key waits
+
+
+def patient(receiver: Receiver, attempts: int) -> Receiver:
+    """The receiver as its `attempts`-th try sees it: e-mail and apprise have no idempotency
+    key, so a service slower than `timeout_s` that took the message anyway would get it again
+    at every retry; each retry waits twice as long as the one before (up to PATIENT_MAX_S)."""
+    if receiver.kind not in ("email", "apprise") or attempts <= 1 or receiver.timeout_s >= PATIENT_MAX_S:
+        return receiver
+    longer = min(receiver.timeout_s * 2.0 ** (attempts - 1), PATIENT_MAX_S)
+    return receiver.model_copy(update={"timeout_s": longer})
 
 
 def backoff(attempts: int) -> float:

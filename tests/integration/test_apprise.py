@@ -71,6 +71,36 @@ async def test_an_alert_reaches_chat_and_ntfy_through_apprise_after_a_failure(
     assert "Door jammed on el-a1" in ntfy["message"]
 
 
+async def test_a_service_slower_than_timeout_s_is_given_longer_at_each_retry(
+    broker: Mosquitto, settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """It takes every message and answers after 2.5 s: with timeout_s 1 the tries wait 1, 2 and
+    4 s, so it gets the message three times in all, not once each retry for a day."""
+    with serving(delay_s=2.5) as slow:
+        receivers = f"""
+  - {{name: slow-chat, kind: apprise, urls: ["json://127.0.0.1:{slow.server_address[1]}/chat"], timeout_s: 1}}
+"""
+        settings = settings_for(broker, consumers="alerts", rules_file=str(door_jam_rules(tmp_path, receivers)))
+        async with running_gateway(settings) as gw:
+            async with mqtt_client(broker.url_as("tester"), "el-s1") as c:
+                await c.publish("devices/el-s1/state", state(1), qos=1)
+                await c.publish("devices/el-s1/state", state(2, mode="fault", fault="DOOR_JAM"), qos=1)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+
+                async def delivered() -> bool:
+                    alerts = await alerts_of(gw)
+                    if not alerts:
+                        return False
+                    notes = (await client.get(f"/api/alerts/{alerts[0]['id']}")).json()["notifications"]
+                    return [n["delivery"] for n in notes] == ["delivered"]
+
+                await wait_for(delivered, timeout=60, what="the slow service's answer in time")
+                (alert,) = await alerts_of(gw)
+                (note,) = (await client.get(f"/api/alerts/{alert['id']}")).json()["notifications"]
+        assert note["attempts"] == 3
+        assert len(slow.requests) == 3
+
+
 def test_a_failure_says_what_apprise_said(tmp_path: Path) -> None:
     with serving(always=500) as refusing:
         receiver = Receiver.model_validate(
