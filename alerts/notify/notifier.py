@@ -360,6 +360,9 @@ class Notifier:
                 tx.rollback()
                 return True
         transient = self._group_outcome(tx, receiver, group, ds, [*listed, *held], key, result, now)
+        if isinstance(request, EmailMessage):
+            for d in ds:
+                d.sent_as = str(request["Message-ID"])  # what a mail log knows it by
         tx.commit()
         return transient
 
@@ -662,7 +665,12 @@ class Notifier:
             tx.add(d)
             return False
         d.attempts += 1
-        return self._outcome(tx, [d], receiver, n.key, self._send(patient(receiver, d.attempts), request, n.key), now)
+        transient = self._outcome(
+            tx, [d], receiver, n.key, self._send(patient(receiver, d.attempts), request, n.key), now
+        )
+        if isinstance(request, EmailMessage):
+            d.sent_as = str(request["Message-ID"])  # what a mail log knows it by
+        return transient
 
     def _built(
         self, tx: Session, d: DeliveryRow, receiver: Receiver | None, n: NotificationRow | None

@@ -60,7 +60,7 @@ class DeliveryPublic(BaseModel):
     attempts: int
     last_error: str | None
     delivered_at: datetime | None
-    sent_as: str | None  # the Idempotency-Key of its last try: its own key, or its group message's
+    sent_as: str | None  # its last try's Idempotency-Key (its own key or its group message's), or Message-ID
 
 
 def deliveries_of(tx: Session, *where: ColumnElement[bool]) -> list[DeliveryPublic]:

@@ -90,10 +90,16 @@ receivers:
             await c.publish("devices/el-m1/state", state(3, floor=4), qos=1)
             await caught_up(gw, "el-m1", 3)
 
-        async def three() -> bool:
-            return len(smtp.mailbox.messages) >= 3
+        def deliveries() -> list[DeliveryRow]:
+            with gw.store.session() as tx:
+                return list(tx.exec(select(DeliveryRow)))
+
+        async def three() -> bool:  # (each outcome is committed after the server took it)
+            return len(smtp.mailbox.messages) >= 3 and [d.status for d in deliveries()] == ["delivered"] * 3
 
         await wait_for(three, timeout=30, what="three e-mails")
+        sent_as = {d.sent_as for d in deliveries()}
+    assert sent_as == {m["Message-ID"] for m in smtp.mailbox.messages}  # what the API says each went as
     firing, acked, resolved = smtp.mailbox.messages
     assert smtp.mailbox.tls == [True, True, True]  # STARTTLS before the login, every time
     assert smtp.mailbox.logins == [USER] * 3
