@@ -79,16 +79,25 @@ def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
 
 def load_rules(text: str, path: str = "<rules>") -> RuleSet:
     """Parse and validate a rules file; every problem is reported with its line number."""
-    twice = [*_duplicate_names(text, "rules", "rule name"), *_duplicate_names(text, "receivers", "receiver name")]
+    twice = [*duplicate_names(text, "rules", "rule name"), *duplicate_names(text, "receivers", "receiver name")]
+    return load_checked(text, path, RuleSet, "rules", RulesError, twice)
+
+
+def load_checked(  # noqa: PLR0913, PLR0917 - as load_yaml_model, and the names used twice
+    text: str, path: str, model: type[M], required: str, error: type[FileProblemsError],
+    twice: list[tuple[int | None, str]],
+) -> M:  # fmt: skip
+    """`load_yaml_model`, with the names used twice (`_duplicate_names`) among the problems, in
+    the same run as the rest and at their own lines (the model's own check says them once the
+    fields are valid, less exactly: it is left out)."""
     try:
-        ruleset = load_yaml_model(text, path, RuleSet, "rules", RulesError)
-    except RulesError as exc:  # every problem at once, the duplicates with the rest, by line
-        lines = {line for line, _ in twice}
-        rest = [p for p in exc.problems if not (p[0] in lines and "is used twice" in p[1])]  # (said with its line)
-        raise RulesError(path, sorted([*twice, *rest], key=lambda p: p[0] or 0)) from None
+        loaded = load_yaml_model(text, path, model, required, error)
+    except FileProblemsError as exc:
+        rest = [p for p in exc.problems if "is used twice" not in p[1]]
+        raise error(path, sorted([*twice, *rest], key=lambda p: p[0] or 0)) from None
     if twice:
-        raise RulesError(path, twice)
-    return ruleset
+        raise error(path, twice)
+    return loaded
 
 
 def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -97,29 +106,53 @@ def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
     return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
 
 
-def _duplicate_names(text: str, key: str, what: str) -> list[tuple[int | None, str]]:
-    """Each name in the `key` list used twice, at the line of its second use."""
+def duplicate_names(text: str, key: str, what: str, field: str = "name") -> list[tuple[int | None, str]]:
+    """Each `field` in the `key` list used twice, at the line of its second use: as written, or
+    through a YAML alias (`- *ops`) or merge (`- {<<: *ops}`)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+        lines = _item_lines(text, key)
     except yaml.YAMLError:
         return []  # said by load_yaml_model
-    items = _child(node, key)
+    items = data.get(key) if isinstance(data, dict) else None
     seen: dict[str, int] = {}
     problems: list[tuple[int | None, str]] = []
-    for i, item in enumerate(items.value if isinstance(items, yaml.SequenceNode) else []):
-        name = _child(item, "name")
-        if not isinstance(name, yaml.ScalarNode):
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        name = item.get(field) if isinstance(item, dict) else None
+        if not isinstance(name, str) or i >= len(lines):
             continue
-        line = name.start_mark.line + 1
-        if name.value in seen:
-            first = seen[name.value]
-            again = "" if line != first else " (a YAML alias of it)"
+        if name in seen:
             problems.append(
-                (line, f"{key}.{i}.name: {what} {name.value!r} is used twice (first at line {first}){again}")
+                (lines[i], f"{key}.{i}.{field}: {what} {name!r} is used twice (first at line {seen[name]})")
             )
         else:
-            seen[name.value] = line
+            seen[name] = lines[i]
     return problems
+
+
+def _item_lines(text: str, key: str) -> list[int]:
+    """The line where each item of the top-level `key` list is written (an alias's own line,
+    not its anchor's)."""
+    lines: list[int] = []
+    depth, in_list, expect_key, found = 0, False, True, False
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        starts = isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent)
+        ends = isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent)
+        if in_list and depth == 2 and not ends:  # an item of the list
+            lines.append(event.start_mark.line + 1 if event.start_mark else 0)
+        elif depth == 1 and not ends and not in_list:  # the top-level mapping's keys and values
+            if expect_key:
+                found = isinstance(event, yaml.ScalarEvent) and event.value == key
+            elif found and isinstance(event, yaml.SequenceStartEvent):
+                in_list = True
+            expect_key = not expect_key
+        if starts:
+            depth += 1
+        elif ends:
+            depth -= 1
+            if in_list and depth == 1:
+                return lines
+    return lines
 
 
 def load_rules_file(path: Path) -> RuleSet:

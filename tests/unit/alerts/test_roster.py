@@ -196,3 +196,14 @@ def test_a_p1_page_reaches_every_contact_when_none_lists_p1() -> None:
 def test_bad_contacts_are_refused_with_their_line(change: tuple[str, str], says: str) -> None:
     with pytest.raises(RosterError, match=re.escape(says)):
         load_roster(PREFERENCES.replace(*change))
+
+
+def test_a_name_used_twice_is_said_with_the_other_problems_at_its_line() -> None:
+    text = ROSTER.replace("id: tina", "id: abe").replace("Europe/Berlin", "Mars/Olympus")
+    with pytest.raises(RosterError) as info:
+        load_roster(text, "roster.yaml")
+    said = str(info.value)
+    assert "unknown time zone 'Mars/Olympus'" in said  # a field's problem, and in the same run:
+    first, second = [i for i, row in enumerate(text.splitlines(), 1) if "id: abe" in row]
+    assert f"roster.yaml:{second}: technicians.1.id: technician id 'abe' is used twice (first at line {first})" in said
+    assert said.count("is used twice") == 1, said
