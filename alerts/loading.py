@@ -38,8 +38,14 @@ def load_yaml_model(text: str, path: str, model: type[M], required: str, error: 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise error(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    except RecursionError:
+        raise error(
+            path, [(None, f"nested too deeply (more than {DEEPEST} levels) to be a rules or roster file")]
+        ) from None
     if not isinstance(data, dict) or required not in data:
         raise error(path, [(1, f"the file must be a mapping with a `{required}:` list")])
+    if _depth(node) > DEEPEST:
+        raise error(path, [(None, f"nested too deeply (more than {DEEPEST} levels) to be a rules or roster file")])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -87,17 +93,73 @@ def load_checked(  # noqa: PLR0913, PLR0917 - as load_yaml_model, and the names 
     text: str, path: str, model: type[M], required: str, error: type[FileProblemsError],
     twice: list[tuple[int | None, str]],
 ) -> M:  # fmt: skip
-    """`load_yaml_model`, with the names used twice (`_duplicate_names`) among the problems, in
-    the same run as the rest and at their own lines (the model's own check says them once the
-    fields are valid, less exactly: it is left out)."""
+    """`load_yaml_model`, with the names used twice (`duplicate_names`) and the keys written
+    twice among the problems, in the same run as the rest and at their own lines (the model's
+    own check says the names once the fields are valid, less exactly: it is left out then)."""
+    names = bool(twice)
+    twice = sorted([*duplicate_keys(text), *twice], key=lambda p: p[0] or 0)
     try:
         loaded = load_yaml_model(text, path, model, required, error)
     except FileProblemsError as exc:
-        rest = [p for p in exc.problems if "is used twice" not in p[1]]
+        rest = [p for p in exc.problems if not (names and "is used twice" in p[1])]
         raise error(path, sorted([*twice, *rest], key=lambda p: p[0] or 0)) from None
     if twice:
         raise error(path, twice)
     return loaded
+
+
+DEEPEST = 50  # levels of nesting: a rules or roster file has fewer than 10
+
+
+def _depth(node: yaml.Node | None) -> int:
+    """How deeply `node` nests (without recursion: the file may nest deeply)."""
+    deepest, todo, seen = 0, [(node, 1)], set()
+    while todo:
+        n, depth = todo.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        deepest = max(deepest, depth)
+        if deepest > DEEPEST:
+            return deepest
+        if isinstance(n, yaml.SequenceNode):
+            todo += [(c, depth + 1) for c in n.value]
+        elif isinstance(n, yaml.MappingNode):
+            todo += [(v, depth + 1) for pair in n.value for v in pair]
+    return deepest
+
+
+def duplicate_keys(text: str) -> list[tuple[int | None, str]]:
+    """Each key written twice in one mapping, at its second line (YAML keeps the last: the first
+    would be ignored without a word)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return []  # said by load_yaml_model
+    problems: list[tuple[int | None, str]] = []
+    todo, seen = [root], set()
+    while todo:
+        n = todo.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            todo += n.value
+        elif isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in n.value:
+                todo.append(v)
+                if not isinstance(k, yaml.ScalarNode) or k.value == "<<":
+                    continue
+                line = k.start_mark.line + 1
+                if k.value in first:
+                    msg = (
+                        f"key {k.value!r} is written twice (first at line {first[k.value]}): the first would be ignored"
+                    )
+                    problems.append((line, msg))
+                else:
+                    first[k.value] = line
+    return problems
 
 
 def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -112,7 +174,7 @@ def duplicate_names(text: str, key: str, what: str, field: str = "name") -> list
     try:
         data = yaml.safe_load(text)
         lines = _item_lines(text, key)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return []  # said by load_yaml_model
     items = data.get(key) if isinstance(data, dict) else None
     seen: dict[str, int] = {}
@@ -132,7 +194,7 @@ def duplicate_names(text: str, key: str, what: str, field: str = "name") -> list
 
 def _item_lines(text: str, key: str) -> list[int]:
     """The line where each item of the top-level `key` list is written (an alias's own line,
-    not its anchor's)."""
+    not its anchor's); of its last list where the key is written twice (YAML keeps the last)."""
     lines: list[int] = []
     depth, in_list, expect_key, found = 0, False, True, False
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -143,15 +205,15 @@ def _item_lines(text: str, key: str) -> list[int]:
         elif depth == 1 and not ends and not in_list:  # the top-level mapping's keys and values
             if expect_key:
                 found = isinstance(event, yaml.ScalarEvent) and event.value == key
-            elif found and isinstance(event, yaml.SequenceStartEvent):
-                in_list = True
+            elif found:  # its value: a list, or not (an alias of one: no lines of its own)
+                in_list, lines = isinstance(event, yaml.SequenceStartEvent), []
             expect_key = not expect_key
         if starts:
             depth += 1
         elif ends:
             depth -= 1
             if in_list and depth == 1:
-                return lines
+                in_list = False
     return lines
 
 

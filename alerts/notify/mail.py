@@ -5,6 +5,7 @@ part, threaded per alert (and per work order and person) by `Message-ID`, `In-Re
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import re
@@ -145,7 +146,7 @@ def message(  # noqa: PLR0913
     msg = EmailMessage()
     msg["Subject"] = subject[:200]
     msg["From"] = receiver.from_ or ""
-    msg["To"] = ", ".join(receiver.to or ())
+    msg["To"] = ", ".join(recipients(receiver))
     msg["Date"] = format_datetime(at)
     msg["Message-ID"] = f"<{own}@{domain}>"
     if parent is not None:
@@ -225,7 +226,7 @@ class _Progress:
 # The progress of messages some of whose recipients were refused for now (4xx), by receiver and
 # Message-ID: their retries go to those alone. In memory: after a restart a retry goes to every
 # recipient again, under the same Message-ID (mail clients show one).
-_PROGRESS: OrderedDict[tuple[str, str], _Progress] = OrderedDict()
+_PROGRESS: OrderedDict[tuple[str, str, str], _Progress] = OrderedDict()
 _PROGRESS_MAX = 10_000
 _progress_lock = threading.Lock()
 
@@ -236,11 +237,14 @@ def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float 
     refused login or recipient: final). Every recipient must take it: while some are refused for
     now it is transient, and its retry goes to those alone; then one refused for good makes it
     rejected, naming who."""
-    key = (receiver.name, str(msg["Message-ID"]))
+    # A group's message keeps its Message-ID while what it says changes: what it says is in the key.
+    plain = msg.get_body(("plain",))
+    said = hashlib.sha256(f"{msg['Subject']}\n{plain.get_content() if plain else ''}".encode()).hexdigest()
+    key = (receiver.name, str(msg["Message-ID"]), said)
     with _progress_lock:
         known = _PROGRESS.get(key)
         progress = _Progress(set(known.took), dict(known.gone)) if known else _Progress()
-    wanted = [a for a in dict.fromkeys(receiver.to or ()) if a not in progress.took and a not in progress.gone]
+    wanted = [a for a in recipients(receiver) if a not in progress.took and a not in progress.gone]
     if wanted:
         outcome, error, refused = _send_to(receiver, msg, wanted)
         if refused is None and outcome != "delivered":  # the whole session failed
@@ -266,7 +270,15 @@ def send(receiver: Receiver, msg: EmailMessage) -> tuple[str, str | None, float 
     return "delivered", None, None
 
 
-def _forget(key: tuple[str, str]) -> None:
+def recipients(receiver: Receiver) -> list[str]:
+    """The receiver's `to`, each address once (`ops@x`, `Ops <ops@x>` and `OPS@x` are one)."""
+    seen: dict[str, str] = {}
+    for who in receiver.to or ():
+        seen.setdefault(parseaddr(who)[1].lower() or who, who)
+    return list(seen.values())
+
+
+def _forget(key: tuple[str, str, str]) -> None:
     with _progress_lock:
         _PROGRESS.pop(key, None)
 

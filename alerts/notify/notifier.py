@@ -505,7 +505,7 @@ class Notifier:
             group = existing.setdefault(key, NotificationGroupRow(receiver=receiver.name, key=key))
             if a.id is not None and a.id not in group.open:
                 group.open = [*group.open, a.id]
-            group.sent_at = group.sent_at or now
+            group.sent_at = now  # (its repeat a repeat_interval on, as after a message refused for good)
             group.attempts, group.next_at = 0, None
             tx.add(group)
 

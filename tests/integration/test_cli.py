@@ -141,6 +141,23 @@ def test_checks_say_every_problem_of_receivers_at_its_own_line(
     )
     assert main(["rules", "check", str(secret)]) == 0  # valid: the file may be there only where it runs
     assert f"note: receiver teams: urls_file {tmp_path / 'teams-url'} cannot be read here" in capsys.readouterr().err
+    keys = tmp_path / "keys.yaml"  # YAML keeps the last of a key written twice: the first is said
+    keys.write_text(
+        "rules:\n  - name: a\n    severity: info\n    severity: major\n    summary: s\n"
+        "    absence: {heartbeat: 1m}\nreceivers:\n  - {name: b, kind: log}\n"
+        "receivers:\n  - {name: c, kind: log}\n  - {name: c, kind: log}\n"
+    )
+    assert main(["rules", "check", str(keys)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{keys}:4: key 'severity' is written twice (first at line 3): the first would be ignored",
+        f"{keys}:9: key 'receivers' is written twice (first at line 7): the first would be ignored",
+        f"{keys}:11: receivers.1.name: receiver name 'c' is used twice (first at line 10)",
+    ]
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("rules: " + "[" * 5000 + "]" * 5000 + "\n")
+    for kind in ("rules", "roster"):
+        assert main([kind, "check", str(deep)]) == 1
+        assert "nested too deeply (more than 50 levels)" in capsys.readouterr().err
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"rules:\n  - name: caf\xe9\n")
     for kind in ("rules", "roster"):

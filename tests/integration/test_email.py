@@ -411,3 +411,20 @@ async def test_each_recipient_gets_it_once_when_the_server_refuses_some(
     assert mail.send(alone, _message(alone))[:2] == (
         "rejected", "recipients refused: gone@example.org: 550 5.1.1 no such user"
     )  # fmt: skip
+
+
+async def test_a_retry_that_says_more_goes_to_everyone_and_an_address_once(
+    smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's message keeps its Message-ID while what it says grows (an alert resolved, one
+    joined): a retry that says something new goes to those that took the old words too."""
+    monkeypatch.setenv("IOTGW_TEST_SMTP_PASSWORD", PASSWORD)
+    smtp.mailbox.refuse_rcpt = {"later@example.org": ["450 4.2.1 mailbox busy, try later"]}
+    receiver = _receiver(smtp, to=["ops@example.org", "later@example.org", "Ops <OPS@example.org>"])
+    assert mail.send(receiver, _message(receiver))[0] == "transient"
+    facts = {"summary": "Door jammed on el-1", "status": "resolved", "severity": "major", "site": "hq"}
+    news = mail.message(receiver, facts, "iotgw.alert-1", None, datetime.now(UTC))  # the same Message-ID
+    assert news["Message-ID"] == smtp.mailbox.messages[0]["Message-ID"]
+    assert mail.send(receiver, news) == ("delivered", None, None)
+    assert smtp.mailbox.envelopes == [["ops@example.org"], ["ops@example.org", "later@example.org"]]
+    assert smtp.mailbox.messages[1]["To"] == "ops@example.org, later@example.org"  # OPS@ is ops@
