@@ -3,8 +3,9 @@ problem with its file and line, and a guess where one is close."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -30,8 +31,9 @@ class RulesError(FileProblemsError):
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_yaml_model(text: str, path: str, model: type[M], required: str, error: type[FileProblemsError]) -> M:
-    """Parse YAML and validate it as `model`; every problem is reported with its line number."""
+def _parse(text: str, path: str, error: type[FileProblemsError]) -> tuple[yaml.Node | None, Any]:
+    """The YAML's nodes (for lines) and its data, or `error` saying why it is no YAML to read."""
+    deep = f"nested too deeply (more than {DEEPEST} levels) to be a rules or roster file"
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -39,13 +41,18 @@ def load_yaml_model(text: str, path: str, model: type[M], required: str, error: 
         mark = getattr(exc, "problem_mark", None)
         raise error(path, [(mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
     except RecursionError:
-        raise error(
-            path, [(None, f"nested too deeply (more than {DEEPEST} levels) to be a rules or roster file")]
-        ) from None
+        raise error(path, [(None, deep)]) from None
+    if _depth(node) > DEEPEST:
+        raise error(path, [(None, deep)])
+    return node, data
+
+
+def _validate(  # noqa: PLR0913, PLR0917
+    node: yaml.Node | None, data: object, path: str, model: type[M], required: str, error: type[FileProblemsError]
+) -> M:
+    """`data` as `model`; every problem is reported with its line number."""
     if not isinstance(data, dict) or required not in data:
         raise error(path, [(1, f"the file must be a mapping with a `{required}:` list")])
-    if _depth(node) > DEEPEST:
-        raise error(path, [(None, f"nested too deeply (more than {DEEPEST} levels) to be a rules or roster file")])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -85,26 +92,29 @@ def read_config_file(path: Path, error: type[FileProblemsError]) -> str:
 
 def load_rules(text: str, path: str = "<rules>") -> RuleSet:
     """Parse and validate a rules file; every problem is reported with its line number."""
-    twice = [*duplicate_names(text, "rules", "rule name"), *duplicate_names(text, "receivers", "receiver name")]
-    return load_checked(text, path, RuleSet, "rules", RulesError, twice)
+    names = [("rules", "rule name", "name"), ("receivers", "receiver name", "name")]
+    return load_checked(text, path, RuleSet, "rules", RulesError, names)
 
 
-def load_checked(  # noqa: PLR0913, PLR0917 - as load_yaml_model, and the names used twice
+def load_checked(  # noqa: PLR0913, PLR0917 - the file, what it is, and its lists of named things
     text: str, path: str, model: type[M], required: str, error: type[FileProblemsError],
-    twice: list[tuple[int | None, str]],
+    names: Sequence[tuple[str, str, str]],
 ) -> M:  # fmt: skip
-    """`load_yaml_model`, with the names used twice (`duplicate_names`) and the keys written
-    twice among the problems, in the same run as the rest and at their own lines (the model's
-    own check says the names once the fields are valid, less exactly: it is left out then)."""
-    names = bool(twice)
-    twice = sorted([*duplicate_keys(text), *twice], key=lambda p: p[0] or 0)
+    """Parse and validate a YAML file as `model`, every problem with its line: the keys written
+    twice and the names used twice in its `names` lists ((list, what it names, field)) in the
+    same run as the fields' problems (the model's own check says the names once the fields are
+    valid, less exactly: it is left out then)."""
+    node, data = _parse(text, path, error)
+    lines = _item_lines(text, [key for key, _, _ in names])
+    twice = [p for key, what, field in names for p in duplicate_names(data, lines.get(key, []), key, what, field)]
+    found = sorted([*duplicate_keys(node), *twice], key=lambda p: p[0] or 0)
     try:
-        loaded = load_yaml_model(text, path, model, required, error)
+        loaded = _validate(node, data, path, model, required, error)
     except FileProblemsError as exc:
-        rest = [p for p in exc.problems if not (names and "is used twice" in p[1])]
-        raise error(path, sorted([*twice, *rest], key=lambda p: p[0] or 0)) from None
-    if twice:
-        raise error(path, twice)
+        rest = [p for p in exc.problems if not (twice and "is used twice" in p[1])]
+        raise error(path, sorted([*found, *rest], key=lambda p: p[0] or 0)) from None
+    if found:
+        raise error(path, found)
     return loaded
 
 
@@ -129,13 +139,9 @@ def _depth(node: yaml.Node | None) -> int:
     return deepest
 
 
-def duplicate_keys(text: str) -> list[tuple[int | None, str]]:
+def duplicate_keys(root: yaml.Node | None) -> list[tuple[int | None, str]]:
     """Each key written twice in one mapping, at its second line (YAML keeps the last: the first
     would be ignored without a word)."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, RecursionError):
-        return []  # said by load_yaml_model
     problems: list[tuple[int | None, str]] = []
     todo, seen = [root], set()
     while todo:
@@ -162,20 +168,10 @@ def duplicate_keys(text: str) -> list[tuple[int | None, str]]:
     return problems
 
 
-def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
-
-
-def duplicate_names(text: str, key: str, what: str, field: str = "name") -> list[tuple[int | None, str]]:
-    """Each `field` in the `key` list used twice, at the line of its second use: as written, or
-    through a YAML alias (`- *ops`) or merge (`- {<<: *ops}`)."""
-    try:
-        data = yaml.safe_load(text)
-        lines = _item_lines(text, key)
-    except (yaml.YAMLError, RecursionError):
-        return []  # said by load_yaml_model
+def duplicate_names(data: object, lines: list[int], key: str, what: str, field: str) -> list[tuple[int | None, str]]:
+    """Each `field` in the `key` list of `data` used twice, at the line of its second use
+    (`lines`: where each item is written): as written, or through a YAML alias (`- *ops`) or
+    merge (`- {<<: *ops}`)."""
     items = data.get(key) if isinstance(data, dict) else None
     seen: dict[str, int] = {}
     problems: list[tuple[int | None, str]] = []
@@ -192,28 +188,30 @@ def duplicate_names(text: str, key: str, what: str, field: str = "name") -> list
     return problems
 
 
-def _item_lines(text: str, key: str) -> list[int]:
-    """The line where each item of the top-level `key` list is written (an alias's own line,
-    not its anchor's); of its last list where the key is written twice (YAML keeps the last)."""
-    lines: list[int] = []
-    depth, in_list, expect_key, found = 0, False, True, False
+def _item_lines(text: str, keys: Sequence[str]) -> dict[str, list[int]]:
+    """For each of the top-level `keys` lists, the line where each item is written (an alias's
+    own line, not its anchor's); of its last list where the key is written twice (YAML keeps
+    the last)."""
+    lines: dict[str, list[int]] = {}
+    depth, expect_key, key, current = 0, True, None, None
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         starts = isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent)
         ends = isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent)
-        if in_list and depth == 2 and not ends:  # an item of the list
-            lines.append(event.start_mark.line + 1 if event.start_mark else 0)
-        elif depth == 1 and not ends and not in_list:  # the top-level mapping's keys and values
+        if current is not None and depth == 2 and not ends:  # an item of the list
+            current.append(event.start_mark.line + 1 if event.start_mark else 0)
+        elif depth == 1 and not ends and current is None:  # the top-level mapping's keys and values
             if expect_key:
-                found = isinstance(event, yaml.ScalarEvent) and event.value == key
-            elif found:  # its value: a list, or not (an alias of one: no lines of its own)
-                in_list, lines = isinstance(event, yaml.SequenceStartEvent), []
+                key = event.value if isinstance(event, yaml.ScalarEvent) and event.value in keys else None
+            elif key is not None:  # its value: a list, or not (an alias of one: no lines of its own)
+                lines[key] = []
+                current = lines[key] if isinstance(event, yaml.SequenceStartEvent) else None
             expect_key = not expect_key
         if starts:
             depth += 1
         elif ends:
             depth -= 1
-            if in_list and depth == 1:
-                in_list = False
+            if depth == 1:
+                current = None
     return lines
 
 

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
-from alerts.loading import FileProblemsError, duplicate_names, load_checked, read_config_file
+from alerts.loading import FileProblemsError, load_checked, read_config_file
 from alerts.notify.receivers import Duration, Place, Problems, Receiver, Severity, StrictModel
 from gateway.core.protocol import DeviceType
 
@@ -303,12 +303,9 @@ def _unique(what: str, key: str, field: str, values: list[str]) -> list[tuple[Pl
 
 def load_roster(text: str, path: str = "<roster>") -> Roster:
     """Parse and validate a roster; every problem is reported with its line number."""
-    twice = [
-        *duplicate_names(text, "technicians", "technician id", "id"),
-        *duplicate_names(text, "receivers", "receiver name"),
-        *duplicate_names(text, "policies", "policy name"),
-    ]
-    return load_checked(text, path, Roster, "technicians", RosterError, twice)
+    names = [("technicians", "technician id", "id"), ("receivers", "receiver name", "name"),
+             ("policies", "policy name", "name")]  # fmt: skip
+    return load_checked(text, path, Roster, "technicians", RosterError, names)
 
 
 def load_roster_file(path: Path) -> Roster:
