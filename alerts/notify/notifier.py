@@ -649,7 +649,7 @@ class Notifier:
             return push.push(receiver, facts)
         first = tx.exec(select(func.min(NotificationRow.id)).where(*same)).one()
         root = first is None or first == n.id
-        own = thread if root else n.key if n.key.startswith("iotgw") else f"iotgw.{n.key}"  # (not iotgw.iotgw-)
+        own = thread if root else n.key  # (iotgw-alert-... or iotgw-workorder-...: ours, and unique)
         return mail.message(receiver, facts, own, None if root else thread, datetime.now(UTC))
 
     def _attempt(self, tx: Session, d: DeliveryRow, now: datetime) -> bool:
