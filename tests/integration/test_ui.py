@@ -16,16 +16,18 @@ import httpx
 import pytest
 from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Page, async_playwright, expect
+from sqlmodel import select
 
 from alerts.dispatch.consumer import Dispatch
 from alerts.dispatch.roster import load_roster
+from alerts.tables import AlertRow
 from devices.connect import mqtt_client
 from gateway.cli.broker import Mosquitto
 from gateway.config import Settings
 from gateway.security import create_api_key
 from gateway.service import Gateway
 from tests.support.dispatching import ROSTER, RULES, STUCK, WED_10_BERLIN, Clock, message, publish
-from tests.support.gateway import running_gateway
+from tests.support.gateway import running_gateway, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -446,6 +448,17 @@ async def test_every_view_has_no_serious_accessibility_violation_and_is_captured
     print(f"\nscreenshots: {SCREENS}")  # noqa: T201 - where a reviewer finds them
 
 
+async def _resolved(gw: Gateway, device: str) -> None:
+    """Wait until `device`'s alert has ended."""
+
+    async def ended() -> bool:
+        with gw.store.session() as tx:
+            found = tx.exec(select(AlertRow).where(AlertRow.device_id == device, AlertRow.status == "resolved"))
+            return found.first() is not None
+
+    await wait_for(ended, what=f"{device}'s alert, resolved")
+
+
 async def test_resolved_work_orders_are_found_by_device_and_assignee(
     broker: Mosquitto, ui_settings: Callable[..., Settings], browser: Browser
 ) -> None:
@@ -485,6 +498,7 @@ async def test_resolved_work_orders_are_found_by_device_and_assignee(
 
         # Resolved alerts too, and a time filter: el-31's door works again, so its alert ends.
         await publish(broker, "el-31", message(3, now))
+        await _resolved(gw, "el-31")  # (the search is one request: search once it has ended)
         await form.locator("select[name=kind]").select_option("alerts")
         await expect(form.locator("select[name=assignee]")).to_be_disabled()  # work orders' alone
         await form.locator("input[name=device_id]").fill("el-31")
